@@ -1,0 +1,203 @@
+#include "bridge.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <mlx/ops.h>
+#include <mlx/transforms.h>
+
+#include "storage.h"
+
+namespace mx = mlx::core;
+
+namespace torch_mlx {
+
+void check_dtype(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::kDouble:
+      TORCH_CHECK_TYPE(false,
+                       "mlx does not support dtype torch.float64 (MLX's GPU has no 64-bit "
+                       "floats); use torch.float32, e.g. tensor.float().to('mlx')");
+    case c10::kComplexDouble:
+      TORCH_CHECK_TYPE(false,
+                       "mlx does not support dtype torch.complex128; use torch.complex64, "
+                       "e.g. tensor.to(torch.complex64).to('mlx')");
+    default:
+      (void)to_mlx_dtype(dtype);
+  }
+}
+
+mx::Dtype to_mlx_dtype(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::kFloat: return mx::float32;
+    case c10::kHalf: return mx::float16;
+    case c10::kBFloat16: return mx::bfloat16;
+    case c10::kBool: return mx::bool_;
+    case c10::kByte: return mx::uint8;
+    case c10::kChar: return mx::int8;
+    case c10::kShort: return mx::int16;
+    case c10::kInt: return mx::int32;
+    case c10::kLong: return mx::int64;
+    case c10::kUInt16: return mx::uint16;
+    case c10::kUInt32: return mx::uint32;
+    case c10::kUInt64: return mx::uint64;
+    case c10::kComplexFloat: return mx::complex64;
+    case c10::kDouble:
+    case c10::kComplexDouble:
+      check_dtype(dtype);
+    default:
+      TORCH_CHECK_TYPE(false, "mlx does not support dtype ", c10::toString(dtype),
+                       "; supported: float32, float16, bfloat16, complex64, bool, uint8, int8, "
+                       "int16, int32, int64, uint16, uint32, uint64");
+  }
+}
+
+c10::ScalarType to_torch_dtype(mx::Dtype dtype) {
+  switch (dtype.val()) {
+    case mx::Dtype::Val::float32: return c10::kFloat;
+    case mx::Dtype::Val::float16: return c10::kHalf;
+    case mx::Dtype::Val::bfloat16: return c10::kBFloat16;
+    case mx::Dtype::Val::bool_: return c10::kBool;
+    case mx::Dtype::Val::uint8: return c10::kByte;
+    case mx::Dtype::Val::int8: return c10::kChar;
+    case mx::Dtype::Val::int16: return c10::kShort;
+    case mx::Dtype::Val::int32: return c10::kInt;
+    case mx::Dtype::Val::int64: return c10::kLong;
+    case mx::Dtype::Val::uint16: return c10::kUInt16;
+    case mx::Dtype::Val::uint32: return c10::kUInt32;
+    case mx::Dtype::Val::uint64: return c10::kUInt64;
+    case mx::Dtype::Val::complex64: return c10::kComplexFloat;
+    case mx::Dtype::Val::float64:
+      TORCH_CHECK_TYPE(false,
+                       "mlx: float64 arrays cannot become 'mlx' tensors; cast with "
+                       "a.astype(mx.float32) first");
+  }
+  TORCH_CHECK_TYPE(false, "mlx: unknown MLX dtype");
+}
+
+namespace {
+
+// MLX layout flags for a strided view (all strides non-negative, no zero-sized dims).
+mx::array::Flags layout_flags(const mx::Shape& shape, const mx::Strides& strides,
+                              size_t data_size) {
+  mx::array::Flags flags{};
+  int64_t expected = 1;
+  bool row = true;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+    if (shape[i] == 1) continue;
+    row &= strides[i] == expected;
+    expected *= shape[i];
+  }
+  expected = 1;
+  bool col = true;
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == 1) continue;
+    col &= strides[i] == expected;
+    expected *= shape[i];
+  }
+  // contiguous: the non-broadcast dims form a dense permutation covering data_size elements.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] > 1 && strides[i] > 0) dims.emplace_back(strides[i], shape[i]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;
+  bool dense = true;
+  for (auto& [stride, size] : dims) {
+    dense &= stride == span;
+    span *= size;
+  }
+  flags.row_contiguous = row;
+  flags.col_contiguous = col;
+  flags.contiguous = dense && static_cast<size_t>(span) == data_size;
+  return flags;
+}
+
+}  // namespace
+
+mx::array tensor_to_array(const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "to_mlx: got an undefined tensor");
+  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
+              "to_mlx expects a tensor on device 'mlx', got one on '", t.device(),
+              "'; move it first with t.to('mlx')");
+  mx::Dtype dtype = to_mlx_dtype(t.scalar_type());
+  const int64_t itemsize = t.element_size();
+
+  mx::Shape shape;
+  mx::Strides strides;
+  shape.reserve(t.dim());
+  strides.reserve(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.size(d) <= std::numeric_limits<int32_t>::max(),
+                "to_mlx: dimension ", d, " has size ", t.size(d), ", above MLX's int32 limit");
+    TORCH_CHECK(t.stride(d) >= 0, "to_mlx: negative strides are not supported");
+    shape.push_back(static_cast<int32_t>(t.size(d)));
+    strides.push_back(t.stride(d));
+  }
+
+  const c10::Storage& storage = t.storage();
+  StorageCtx& ctx = storage_ctx(storage);
+  // The array's deleter holds a reference to the torch storage: the bytes stay valid until both
+  // the torch side and every array over them are gone.
+  c10::intrusive_ptr<c10::StorageImpl> keep = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(
+      storage.unsafeGetStorageImpl());
+  mx::allocator::Deleter deleter = [keep](mx::allocator::Buffer) mutable { keep.reset(); };
+
+  size_t data_size = 0;
+  if (t.numel() > 0) {
+    data_size = 1;
+    for (size_t i = 0; i < shape.size(); ++i) data_size += (shape[i] - 1) * strides[i];
+  }
+  mx::array out(std::move(shape), dtype, nullptr, {});
+  auto flags = layout_flags(out.shape(), strides, data_size);
+  int64_t byte_offset = ctx.byte_offset + t.storage_offset() * itemsize;
+  out.set_data(mx::allocator::Data(ctx.buffer, std::move(deleter)), data_size,
+               std::move(strides), flags, byte_offset);
+  out.set_status(mx::array::Status::available);
+  return out;
+}
+
+at::Tensor array_to_tensor(mx::array arr) {
+  auto scalar_type = to_torch_dtype(arr.dtype());
+  mx::eval(arr);
+  arr.wait();
+  const int64_t itemsize = arr.itemsize();
+  bool torch_layout = arr.offset() % itemsize == 0;
+  for (auto s : arr.strides()) torch_layout &= s >= 0;
+  if (!torch_layout) {
+    arr = mx::contiguous(arr);
+    mx::eval(arr);
+    arr.wait();
+  }
+  auto options = at::TensorOptions().dtype(scalar_type).device(c10::DeviceType::PrivateUse1, 0);
+  std::vector<int64_t> sizes(arr.shape().begin(), arr.shape().end());
+  std::vector<int64_t> strides(arr.strides().begin(), arr.strides().end());
+  if (arr.size() == 0 || arr.buffer().ptr() == nullptr) {
+    return at::empty(sizes, options);
+  }
+  // Storage spans the whole buffer from its start, so views keep their offset and strides.
+  size_t nbytes = arr.buffer_size();
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, data_ptr_for_array(arr, 0),
+                       mlx_allocator(), /*resizable=*/true);
+  at::Tensor t = at::empty({0}, options);
+  t.unsafeGetTensorImpl()->set_storage_keep_dtype(std::move(storage));
+  t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, arr.offset() / itemsize);
+  return t;
+}
+
+at::Tensor cpu_alias(const at::Tensor& t) {
+  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
+              "cpu_alias expects an 'mlx' tensor, got one on ", t.device());
+  c10::Storage keep = t.storage();
+  auto options = t.options().device(c10::kCPU);
+  if (!t.storage().data()) {
+    return at::empty_strided(t.sizes(), t.strides(), options);
+  }
+  return at::from_blob(
+      t.data_ptr(), t.sizes(), t.strides(), [keep](void*) mutable { keep = c10::Storage(); },
+      options);
+}
+
+}  // namespace torch_mlx

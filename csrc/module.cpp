@@ -1,0 +1,100 @@
+// torch_mlx._C: the Python face of the C++ runtime. Built with nanobind in MLX's ABI domain so
+// that mx.array arguments and results are mlx.core.array objects.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <ATen/detail/PrivateUse1HooksInterface.h>
+#include <mlx/array.h>
+#include <mlx/memory.h>
+
+#include "bridge.h"
+#include "storage.h"
+#include "torch_python.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace torch_mlx {
+namespace {
+
+const at::Tensor& as_tensor(nb::handle h, const char* what) {
+  if (!is_tensor(h.ptr())) {
+    throw nb::type_error((std::string(what) + ": expected a torch.Tensor").c_str());
+  }
+  return unpack_tensor(h.ptr());
+}
+
+nb::object wrap(at::Tensor t) {
+  return nb::steal(wrap_tensor(std::move(t)));
+}
+
+// Translate c10 errors into the Python exceptions torch itself would raise.
+template <typename F>
+auto translate(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::TypeError& e) {
+    throw nb::type_error(e.what_without_backtrace());
+  } catch (const c10::NotImplementedError& e) {
+    PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+    throw nb::python_error();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+}  // namespace torch_mlx
+
+NB_MODULE(_C, m) {
+  using namespace torch_mlx;
+  // mx.array must be a registered type before it can cross this module's boundary.
+  nb::module_::import_("mlx.core");
+
+  m.def(
+      "to_mlx",
+      [](nb::handle t) { return translate([&] { return tensor_to_array(as_tensor(t, "to_mlx")); }); },
+      nb::arg("tensor"),
+      "An mx.array over the bytes of a tensor on 'mlx' (no copy; views keep offset and strides).");
+
+  m.def(
+      "from_mlx",
+      [](mx::array a) {
+        at::Tensor t;
+        {
+          nb::gil_scoped_release release;
+          t = translate([&] { return array_to_tensor(std::move(a)); });
+        }
+        return wrap(std::move(t));
+      },
+      nb::arg("array"),
+      "A tensor on 'mlx' over the bytes of an mx.array (evaluated first; no copy).");
+
+  m.def(
+      "cpu_alias",
+      [](nb::handle t) { return wrap(translate([&] { return cpu_alias(as_tensor(t, "cpu_alias")); })); },
+      nb::arg("tensor"), "A CPU tensor over the same bytes as an 'mlx' tensor.");
+
+  m.def(
+      "buffer_address",
+      [](nb::handle obj) -> uintptr_t {
+        if (is_tensor(obj.ptr())) {
+          const at::Tensor& t = unpack_tensor(obj.ptr());
+          return translate([&] {
+            return reinterpret_cast<uintptr_t>(storage_ctx(t.storage()).buffer.ptr());
+          });
+        }
+        return reinterpret_cast<uintptr_t>(nb::cast<const mx::array&>(obj).buffer().ptr());
+      },
+      nb::arg("obj"),
+      "Identity of the MLX buffer behind a tensor on 'mlx' or an mx.array (for sharing checks).");
+
+  m.def("default_generator", []() {
+    const auto& gen = at::detail::getPrivateUse1Hooks().getDefaultGenerator(0);
+    return nb::steal(wrap_default_generator(gen));
+  });
+
+  m.def("array_data_address", [](const mx::array& a) {
+    return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());
+  });
+}

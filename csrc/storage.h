@@ -1,0 +1,35 @@
+// The storage of a torch tensor on "mlx" is an MLX buffer. This header names what a storage's
+// DataPtr context holds and the allocator that makes such storages.
+#pragma once
+
+#include <memory>
+
+#include <c10/core/Allocator.h>
+#include <c10/core/Storage.h>
+#include <mlx/allocator.h>
+#include <mlx/array.h>
+
+namespace torch_mlx {
+
+// DataPtr context of every "mlx" storage.
+//  - Storages from the allocator own `buffer` and free it through MLX's allocator.
+//  - Storages from from_mlx() keep the array's data alive through `owner` instead, so the
+//    buffer is freed when the last torch storage and the last mx.array let go of it.
+struct StorageCtx {
+  mlx::core::allocator::Buffer buffer{nullptr};
+  int64_t byte_offset = 0;  // storage data pointer minus buffer.raw_ptr()
+  std::shared_ptr<mlx::core::array::Data> owner;
+};
+
+c10::Allocator* mlx_allocator();
+
+// The MLX context behind an "mlx" storage; throws if the storage was not made by this backend.
+StorageCtx& storage_ctx(const c10::Storage& storage);
+
+// A DataPtr for a storage over an evaluated array's buffer (used by from_mlx).
+c10::DataPtr data_ptr_for_array(const mlx::core::array& arr, int64_t byte_offset);
+
+// Deleter of every storage context made here; identifies "mlx" storages.
+void delete_storage_ctx(void* ctx);
+
+}  // namespace torch_mlx

@@ -1,0 +1,121 @@
+"""``torch.mlx``: the device module of "mlx" (what ``torch.cuda`` is to CUDA).
+
+MLX has one device per process (the GPU on Apple silicon, the CPU elsewhere) and one in-order
+stream; memory figures come from MLX's allocator.
+"""
+import mlx.core as mx
+import torch
+
+from . import _C
+
+_default_generator = None
+
+
+def _generator() -> torch.Generator:
+    global _default_generator
+    if _default_generator is None:
+        _default_generator = _C.default_generator()
+    return _default_generator
+
+
+def is_available() -> bool:
+    return True
+
+
+def is_initialized() -> bool:
+    return True
+
+
+def _lazy_init() -> None:
+    pass
+
+
+def _is_in_bad_fork() -> bool:
+    return False
+
+
+def device_count() -> int:
+    return 1
+
+
+def current_device() -> int:
+    return 0
+
+
+def set_device(device) -> None:
+    index = torch.device(device).index if not isinstance(device, int) else device
+    if index not in (None, 0):
+        raise ValueError(f"mlx has a single device, mlx:0; got {device!r}")
+
+
+def get_device_name(device=None) -> str:
+    return f"MLX ({mx.default_device()})"
+
+
+def synchronize(device=None) -> None:
+    """Wait for work queued on MLX's default stream (eager torch ops have already finished)."""
+    mx.synchronize()
+
+
+def get_amp_supported_dtype():
+    return [torch.float16, torch.bfloat16]
+
+
+# Random state: torch's CPU generator algorithm, placed on device mlx.
+def default_generator() -> torch.Generator:
+    return _generator()
+
+
+def manual_seed(seed: int) -> None:
+    _generator().manual_seed(int(seed))
+
+
+manual_seed_all = manual_seed
+
+
+def seed() -> None:
+    _generator().seed()
+
+
+seed_all = seed
+
+
+def initial_seed() -> int:
+    return _generator().initial_seed()
+
+
+def get_rng_state(device="mlx") -> torch.Tensor:
+    return _generator().get_state()
+
+
+def set_rng_state(new_state: torch.Tensor, device="mlx") -> None:
+    _generator().set_state(new_state)
+
+
+def get_rng_state_all():
+    return [get_rng_state()]
+
+
+def set_rng_state_all(states) -> None:
+    set_rng_state(states[0])
+
+
+# Memory, as MLX's allocator counts it.
+def memory_allocated(device=None) -> int:
+    return mx.get_active_memory()
+
+
+def max_memory_allocated(device=None) -> int:
+    return mx.get_peak_memory()
+
+
+def reset_peak_memory_stats(device=None) -> None:
+    mx.reset_peak_memory()
+
+
+def memory_reserved(device=None) -> int:
+    return mx.get_active_memory() + mx.get_cache_memory()
+
+
+def empty_cache() -> None:
+    mx.clear_cache()

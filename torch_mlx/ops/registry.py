@@ -1,0 +1,315 @@
+"""The aten -> MLX lowering table and the one adapter that turns lowerings into torch kernels.
+
+A lowering is a plain function from MLX arrays (and Python values) to MLX arrays, with the
+argument names of the aten schema. Everything torch-specific happens here, once:
+
+- argument checks, result dtype and shape: torch's own meta kernel for the op runs first, so
+  errors and dtype rules are torch's (the lowering's result is cast to the meta dtype);
+- elementwise type promotion: with ``promote=KIND`` tensor inputs are cast to torch's
+  computation dtype before the lowering sees them;
+- results become "mlx" tensors without copying (unless a lowering hands back an input's buffer:
+  a functional op must return fresh storage);
+- in-place (``op_``) and ``out=`` variants are derived from the functional kernel and write into
+  the existing storage, at O(bytes written).
+
+The compiled path (torch.compile backend "mlx") calls the same ``Lowering.fn``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import mlx.core as mx
+import torch
+from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND as PROMOTE
+from torch._prims_common import can_safe_cast_to, elementwise_dtypes
+from torch.utils._pytree import tree_map
+
+from .. import _C
+
+__all__ = ["PROMOTE", "Lowering", "lowering", "TABLE", "to_mx_dtype", "to_torch_dtype"]
+
+TORCH_TO_MX = {
+    torch.float32: mx.float32,
+    torch.float16: mx.float16,
+    torch.bfloat16: mx.bfloat16,
+    torch.complex64: mx.complex64,
+    torch.bool: mx.bool_,
+    torch.uint8: mx.uint8,
+    torch.int8: mx.int8,
+    torch.int16: mx.int16,
+    torch.int32: mx.int32,
+    torch.int64: mx.int64,
+    torch.uint16: mx.uint16,
+    torch.uint32: mx.uint32,
+    torch.uint64: mx.uint64,
+}
+MX_TO_TORCH = {v: k for k, v in TORCH_TO_MX.items()}
+
+
+def to_mx_dtype(dtype: torch.dtype) -> mx.Dtype:
+    try:
+        return TORCH_TO_MX[dtype]
+    except KeyError:
+        raise TypeError(f"mlx does not support dtype {dtype}; use a 32-bit or smaller dtype "
+                        f"(e.g. torch.float32)") from None
+
+
+def to_torch_dtype(dtype: mx.Dtype) -> torch.dtype:
+    return MX_TO_TORCH[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    name: str  # aten overload, e.g. "add.Tensor"
+    fn: Callable
+    promote: PROMOTE | None  # elementwise type promotion of the tensor/number inputs
+    meta: bool  # run torch's meta kernel first (False for data-dependent output shapes)
+
+
+TABLE: dict[str, Lowering] = {}
+
+
+def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True):
+    """Register ``fn`` as the MLX lowering of the aten overloads ``names``."""
+
+    def register(fn):
+        for name in names:
+            if name in TABLE:
+                raise RuntimeError(f"aten::{name} is lowered twice")
+            TABLE[name] = Lowering(name, fn, promote, meta)
+        return fn
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument conversion
+
+
+def _is_mlx(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "mlx"
+
+
+def _arg_to_mx(x):
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "mlx":
+            return _C.to_mlx(x)
+        if x.dim() == 0 and x.device.type == "cpu":  # CPU scalars mix with device tensors in torch
+            return mx.array(x.item(), dtype=to_mx_dtype(x.dtype))
+        raise RuntimeError(
+            "Expected all tensors to be on the same device, but found at least two devices, "
+            f"mlx:0 and {x.device}!")
+    if isinstance(x, torch.dtype):
+        return to_mx_dtype(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_arg_to_mx(y) for y in x)
+    return x
+
+
+def _arg_to_meta(x):
+    if isinstance(x, torch.Tensor) and x.device.type == "mlx":
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if isinstance(x, torch.device) and x.type == "mlx":
+        return torch.device("meta")
+    if isinstance(x, torch.Generator):
+        return None
+    return x
+
+
+def _promotion_inputs(args):
+    return [a for a in args if isinstance(a, (torch.Tensor, bool, int, float, complex))]
+
+
+def _cast_inputs(args, dtype: torch.dtype):
+    mx_dtype = to_mx_dtype(dtype)
+
+    def cast(a):
+        if isinstance(a, mx.array) and a.dtype != mx_dtype:
+            return a.astype(mx_dtype)
+        return a
+
+    return [cast(a) for a in args]
+
+
+def _buffers(args, kwargs) -> set[int]:
+    found = set()
+
+    def visit(x):
+        if _is_mlx(x) and x.numel() > 0:
+            found.add(_C.buffer_address(x))
+        return x
+
+    tree_map(visit, (args, kwargs))
+    return found
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    return out.copy_(t)
+
+
+def _wrap(result, meta, low: Lowering, inputs: set[int]):
+    if isinstance(result, (tuple, list)):
+        metas = meta if isinstance(meta, (tuple, list)) else [None] * len(result)
+        return type(result)(_wrap(r, m, low, inputs) for r, m in zip(result, metas))
+    if result is None:
+        return None
+    if not isinstance(result, mx.array):
+        result = mx.array(result)
+    if meta is not None:
+        want = to_mx_dtype(meta.dtype)
+        if result.dtype != want:
+            result = result.astype(want)
+        if tuple(result.shape) != tuple(meta.shape):
+            raise AssertionError(
+                f"torch_mlx: the lowering of aten::{low.name} returned shape {tuple(result.shape)}"
+                f", torch expects {tuple(meta.shape)} (a bug in the lowering)")
+    t = _C.from_mlx(result)
+    if inputs and t.numel() > 0 and _C.buffer_address(t) in inputs:
+        t = _fresh(t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+_NO_META: set[str] = set()
+
+
+def _run_meta(op, args, kwargs):
+    name = op._schema.name
+    if name in _NO_META:
+        return None
+    try:
+        margs, mkwargs = tree_map(_arg_to_meta, (args, kwargs))
+        return op(*margs, **mkwargs)
+    except NotImplementedError:
+        _NO_META.add(name)  # no meta kernel: the lowering's own result dtype stands
+        return None
+
+
+def functional_kernel(op, low: Lowering):
+    def kernel(*args, **kwargs):
+        meta = _run_meta(op, args, kwargs) if low.meta else None
+        margs, mkwargs = _arg_to_mx(list(args)), {k: _arg_to_mx(v) for k, v in kwargs.items()}
+        if low.promote is not None:
+            compute_dtype, _ = elementwise_dtypes(*_promotion_inputs(args),
+                                                  type_promotion_kind=low.promote)
+            margs = _cast_inputs(margs, compute_dtype)
+        result = low.fn(*margs, **mkwargs)
+        return _wrap(result, meta, low, _buffers(args, kwargs))
+
+    kernel.__name__ = f"mlx_{low.name.replace('.', '_')}"
+    return kernel
+
+
+def inplace_kernel(op_inplace, functional_op):
+    """``self.op_(...)``: torch's in-place checks, the functional result, then a copy into self."""
+
+    def kernel(self, *args, **kwargs):
+        _run_meta(op_inplace, (self, *args), kwargs)
+        result = functional_op(self, *args, **kwargs)
+        if isinstance(result, (tuple, list)):
+            result = result[0]
+        return self.copy_(result)
+
+    return kernel
+
+
+def out_kernel(op_out, functional_op, out_names: list[str]):
+    """``op(..., out=...)``: the functional result, checked and written into the out tensors."""
+
+    def kernel(*args, **kwargs):
+        outs = [kwargs.pop(n) for n in out_names]
+        result = functional_op(*args, **kwargs)
+        results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+        for out, res in zip(outs, results):
+            if not can_safe_cast_to(cast_from=res.dtype, cast_to=out.dtype):
+                raise RuntimeError(f"result type {_type_name(res.dtype)} can't be cast to the "
+                                   f"desired output type {_type_name(out.dtype)}")
+            torch._refs._maybe_resize_out(out, res.shape)
+            out.copy_(res)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return kernel
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+            torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+            torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+            torch.float64: "Double"}.get(dtype, str(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+
+
+def overload(name: str):
+    base, _, ovl = name.partition(".")
+    return getattr(getattr(torch.ops.aten, base), ovl or "default")
+
+
+def _arg_signature(schema, drop_out: bool):
+    return [(a.name, str(a.type)) for a in schema.arguments
+            if not (drop_out and a.kwarg_only and a.alias_info is not None and a.alias_info.is_write)]
+
+
+def out_names(schema) -> list[str]:
+    return [a.name for a in schema.arguments
+            if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write]
+
+
+def out_variant(op):
+    """The ``out=`` overload of a functional overload: same packet, same non-out arguments."""
+    packet = getattr(torch.ops.aten, op._schema.name.split("::")[1])
+    want = _arg_signature(op._schema, drop_out=False)
+    for name in packet.overloads():
+        cand = getattr(packet, name)
+        if out_names(cand._schema) and _arg_signature(cand._schema, drop_out=True) == want:
+            return cand
+    return None
+
+
+def inplace_variant(op):
+    base = op._schema.name.split("::")[1]
+    packet = getattr(torch.ops.aten, base + "_", None)
+    if packet is None or op._overloadname not in packet.overloads():
+        return None
+    cand = getattr(packet, op._overloadname)
+    if [a.name for a in cand._schema.arguments] != [a.name for a in op._schema.arguments]:
+        return None
+    return cand
+
+
+def _qualname(op) -> str:
+    base = op._schema.name.split("::")[1]
+    return base if op._overloadname == "default" else f"{base}.{op._overloadname}"
+
+
+class Registrar:
+    """Registers kernels for PrivateUse1 and remembers which aten overloads it covered."""
+
+    def __init__(self):
+        self.lib = torch.library.Library("aten", "IMPL")
+        self.covered: set[str] = set()
+
+    def impl(self, name: str, kernel) -> None:
+        self.lib.impl(name, kernel, "PrivateUse1")
+        self.covered.add(name)
+
+    def functional(self, name: str, kernel) -> None:
+        """Register a functional kernel plus the in-place and out= variants derived from it."""
+        op = overload(name)
+        self.impl(name, kernel)
+        inplace = inplace_variant(op)
+        if inplace is not None and _qualname(inplace) not in self.covered | TABLE.keys():
+            self.impl(_qualname(inplace), inplace_kernel(inplace, op))
+        out = out_variant(op)
+        if out is not None and _qualname(out) not in self.covered | TABLE.keys():
+            self.impl(_qualname(out), out_kernel(out, op, out_names(out._schema)))
+
+    def register_table(self) -> None:
+        for name, low in TABLE.items():
+            self.functional(name, functional_kernel(overload(name), low))
