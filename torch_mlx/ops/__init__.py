@@ -1,14 +1,23 @@
 """The aten -> MLX lowering table, one module per op family.
 
-Importing this package registers every lowering in ``registry.TABLE`` for the PrivateUse1
-dispatch key, with in-place and out= variants derived by the adapter in ``registry``.
-To add an op: write its lowering in the family module with ``@lowering("aten_name.overload")``.
+Importing this package registers every lowering in ``registry.TABLE`` (and the few torch-level
+kernels in ``registry.TORCH_KERNELS``) for the PrivateUse1 dispatch key; in-place and out=
+variants are derived by the adapter in ``registry``. To add an op: write its lowering in the
+family module with ``@lowering("aten_name.overload")``.
 """
 from . import registry
-from . import creation, elementwise  # noqa: F401
+from . import (  # noqa: F401  (each module fills the table on import)
+    creation,
+    elementwise,
+    indexing,
+    linalg,
+    nn,
+    random,
+    reduction,
+    shape,
+    sorting,
+)
 
 _registrar = registry.Registrar()
-_registrar.register_table()
-for _name, _kernel in creation.OUT_KERNELS.items():
-    _registrar.impl(_name, _kernel)
+_registrar.register_all()
 covered = _registrar.covered  # every aten overload with a PrivateUse1 kernel from this package

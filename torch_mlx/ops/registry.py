@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_map
 
 from .. import _C
 
-__all__ = ["PROMOTE", "Lowering", "lowering", "TABLE", "to_mx_dtype", "to_torch_dtype"]
+__all__ = ["PROMOTE", "Lowering", "lowering", "torch_kernel", "TABLE", "TORCH_KERNELS",
+           "to_mx_dtype", "to_torch_dtype"]
 
 TORCH_TO_MX = {
     torch.float32: mx.float32,
@@ -78,6 +79,24 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True):
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
             TABLE[name] = Lowering(name, fn, promote, meta)
+        return fn
+
+    return register
+
+
+# Kernels written in torch itself (composites of lowered ops, e.g. an out= overload whose
+# arguments differ from its functional twin). Use sparingly: prefer an MLX lowering.
+TORCH_KERNELS: dict[str, Callable] = {}
+
+
+def torch_kernel(*names: str):
+    """Register ``fn`` (a torch-level function) as the PrivateUse1 kernel of ``names``."""
+
+    def register(fn):
+        for name in names:
+            if name in TABLE or name in TORCH_KERNELS:
+                raise RuntimeError(f"aten::{name} is lowered twice")
+            TORCH_KERNELS[name] = fn
         return fn
 
     return register
@@ -304,12 +323,17 @@ class Registrar:
         op = overload(name)
         self.impl(name, kernel)
         inplace = inplace_variant(op)
-        if inplace is not None and _qualname(inplace) not in self.covered | TABLE.keys():
+        if inplace is not None and not self._taken(_qualname(inplace)):
             self.impl(_qualname(inplace), inplace_kernel(inplace, op))
         out = out_variant(op)
-        if out is not None and _qualname(out) not in self.covered | TABLE.keys():
+        if out is not None and not self._taken(_qualname(out)):
             self.impl(_qualname(out), out_kernel(out, op, out_names(out._schema)))
 
-    def register_table(self) -> None:
+    def _taken(self, name: str) -> bool:
+        return name in self.covered or name in TABLE or name in TORCH_KERNELS
+
+    def register_all(self) -> None:
+        for name, fn in TORCH_KERNELS.items():
+            self.impl(name, fn)
         for name, low in TABLE.items():
             self.functional(name, functional_kernel(overload(name), low))

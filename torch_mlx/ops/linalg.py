@@ -1,0 +1,1 @@
+"""Linear algebra: mm, bmm, addmm, baddbmm, matmul, linear, dot/mv, einsum via decomposition, linalg.*."""

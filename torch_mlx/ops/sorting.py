@@ -1,0 +1,1 @@
+"""Sorting and scans: sort, argsort, topk, cumsum, cumprod, unique."""
