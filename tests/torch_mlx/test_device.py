@@ -1,0 +1,147 @@
+"""Device "mlx": storage, native memory ops, torch.mlx, autoload."""
+import io
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+import torch
+
+import torch_mlx
+
+
+def test_fresh_interpreter_autoloads_the_device():
+    code = ("import torch, sys; x = torch.arange(6., device='mlx').reshape(2, 3); "
+            "print(x.device, x.cpu().tolist(), 'torch_mlx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "mlx:0 [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] True"
+
+
+def test_autoload_can_be_disabled():
+    code = "import torch, sys; print('torch_mlx' in sys.modules)"
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.strip() == "False"
+
+
+def test_autoload_starts_no_mlx_thread_and_allocates_nothing():
+    # vLLM forks worker processes after `import torch`: autoload must leave MLX untouched.
+    code = ("import os; n = len(os.listdir('/proc/self/task')); import torch, mlx.core as mx; "
+            "import torch_mlx; x = torch.empty(0, device='mlx'); "
+            "print(len(os.listdir('/proc/self/task')) - n, mx.get_active_memory())")
+    base = ("import os; n = len(os.listdir('/proc/self/task')); import torch; "
+            "print(len(os.listdir('/proc/self/task')) - n)")
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
+    torch_threads = int(subprocess.run([sys.executable, "-c", base], capture_output=True,
+                                       text=True, check=True, env=env).stdout)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    threads, active = map(int, out.stdout.split())
+    assert threads == torch_threads
+    assert active == 0
+
+
+def test_device_module():
+    assert torch.mlx.is_available() and torch.mlx.device_count() == 1
+    assert torch.mlx.current_device() == 0
+    torch.mlx.set_device(0)
+    with pytest.raises(ValueError):
+        torch.mlx.set_device(1)
+    torch.mlx.synchronize()
+    x = torch.ones(3).mlx()
+    assert x.is_mlx and x.device == torch.device("mlx", 0)
+    assert torch.nn.Linear(2, 2).mlx().weight.is_mlx
+
+
+def test_memory_stats_follow_mlx_allocator():
+    torch.mlx.empty_cache()
+    before = torch.mlx.memory_allocated()
+    x = torch.empty(1 << 20, device="mlx")
+    assert torch.mlx.memory_allocated() >= before + (4 << 20)
+    assert torch.mlx.max_memory_allocated() >= torch.mlx.memory_allocated()
+    del x
+    assert torch.mlx.memory_allocated() == before
+    assert mx.get_active_memory() == before
+
+
+def test_rng_state_api():
+    torch.mlx.manual_seed(123)
+    assert torch.mlx.initial_seed() == 123
+    state = torch.mlx.get_rng_state()
+    torch.mlx.seed()
+    torch.mlx.set_rng_state(state)
+    assert torch.equal(torch.mlx.get_rng_state(), state)
+    torch.manual_seed(7)  # torch.manual_seed seeds every device, mlx included
+    assert torch.mlx.initial_seed() == 7
+    g = torch.Generator(device="mlx")
+    assert g.device.type == "mlx"
+
+
+def test_copies_between_devices():
+    cpu = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    x = cpu.to("mlx")
+    assert torch.equal(x.cpu(), cpu)
+    # non-contiguous and dtype-converting copies, all directions
+    assert torch.equal(x.t().cpu(), cpu.t())
+    assert torch.equal(cpu.t().to("mlx").cpu(), cpu.t())
+    assert torch.equal(x.to(torch.int32).cpu(), cpu.to(torch.int32))
+    y = torch.empty(6, 4, dtype=torch.float16, device="mlx")
+    y.copy_(x.t())
+    assert torch.equal(y.cpu(), cpu.t().half())
+    z = torch.zeros(4, 6, device="mlx")
+    z[1:3, ::2].copy_(x[1:3, ::2])
+    expected = torch.zeros(4, 6)
+    expected[1:3, ::2] = cpu[1:3, ::2]
+    assert torch.equal(z.cpu(), expected)
+
+
+def test_views_resize_set_and_scalars():
+    x = torch.arange(12, dtype=torch.float32, device="mlx")
+    v = x.view(3, 4)
+    assert v.data_ptr() == x.data_ptr() and v[1, 2].item() == 6.0
+    r = x.reshape(2, 6)
+    assert r.data_ptr() == x.data_ptr()
+    s = torch.as_strided(x, (2, 2), (1, 4), 1)
+    assert s.cpu().tolist() == [[1, 5], [2, 6]]
+    x.resize_(20)
+    assert x.shape == (20,) and x[:12].cpu().tolist() == list(range(12))
+    y = torch.empty(0, device="mlx")
+    y.set_(x)
+    assert y.data_ptr() == x.data_ptr()
+    y.set_(x.untyped_storage(), 4, (2, 2), (2, 1))
+    assert y.cpu().tolist() == [[4, 5], [6, 7]]
+    y.set_()
+    assert y.numel() == 0
+    z = torch.zeros(3, device="mlx")
+    z.fill_(2.5)
+    assert z.cpu().tolist() == [2.5] * 3
+    z.zero_()
+    assert z.cpu().tolist() == [0.0] * 3
+    z.fill_(torch.tensor(4.0))
+    assert z.cpu().tolist() == [4.0] * 3
+
+
+def test_repr_and_save_load():
+    x = torch.arange(4, dtype=torch.float32, device="mlx")
+    assert "device='mlx:0'" in repr(x)
+    buf = io.BytesIO()
+    torch.save(x, buf)
+    buf.seek(0)
+    y = torch.load(buf)
+    assert y.device.type == "mlx" and torch.equal(y.cpu(), x.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+def test_unsupported_dtypes_raise_type_error(dtype):
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+        torch.ones(3, dtype=dtype).to("mlx")
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+        torch.empty(3, dtype=dtype, device="mlx")
+
+
+def test_unlowered_op_names_itself_and_the_switch():
+    x = torch.ones(3, device="mlx")
+    torch_mlx.set_fallback(False)
+    with pytest.raises(NotImplementedError, match=r"aten::_fft_r2c.*TORCH_MLX_FALLBACK"):
+        torch.fft.rfft(x)
