@@ -48,6 +48,20 @@ def set_device(device) -> None:
         raise ValueError(f"mlx has a single device, mlx:0; got {device!r}")
 
 
+class device:
+    """Context manager selecting an "mlx" device; there is only mlx:0, so it only validates."""
+
+    def __init__(self, device):
+        if device is not None and not (isinstance(device, int) and device in (0, -1)):
+            set_device(device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def get_device_name(device=None) -> str:
     return f"MLX ({mx.default_device()})"
 
