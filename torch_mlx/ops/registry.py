@@ -110,9 +110,11 @@ def _is_mlx(x) -> bool:
     return isinstance(x, torch.Tensor) and x.device.type == "mlx"
 
 
-def _arg_to_mx(x):
+def _arg_to_mx(x, buffers: list):
+    """An argument as the lowering sees it; records the MLX buffers of "mlx" tensors."""
     if isinstance(x, torch.Tensor):
         if x.device.type == "mlx":
+            buffers.append(_C.buffer_address(x))
             return _C.to_mlx(x)
         if x.dim() == 0 and x.device.type == "cpu":  # CPU scalars mix with device tensors in torch
             return mx.array(x.item(), dtype=to_mx_dtype(x.dtype))
@@ -122,7 +124,7 @@ def _arg_to_mx(x):
     if isinstance(x, torch.dtype):
         return to_mx_dtype(x)
     if isinstance(x, (list, tuple)):
-        return type(x)(_arg_to_mx(y) for y in x)
+        return type(x)(_arg_to_mx(y, buffers) for y in x)
     return x
 
 
@@ -136,10 +138,6 @@ def _arg_to_meta(x):
     return x
 
 
-def _promotion_inputs(args):
-    return [a for a in args if isinstance(a, (torch.Tensor, bool, int, float, complex))]
-
-
 def _cast_inputs(args, dtype: torch.dtype):
     mx_dtype = to_mx_dtype(dtype)
 
@@ -151,73 +149,116 @@ def _cast_inputs(args, dtype: torch.dtype):
     return [cast(a) for a in args]
 
 
-def _buffers(args, kwargs) -> set[int]:
-    found = set()
-
-    def visit(x):
-        if _is_mlx(x) and x.numel() > 0:
-            found.add(_C.buffer_address(x))
-        return x
-
-    tree_map(visit, (args, kwargs))
-    return found
-
-
 def _fresh(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     return out.copy_(t)
 
 
-def _wrap(result, meta, low: Lowering, inputs: set[int]):
+def _wrap(result, spec, low: Lowering, buffers: list):
+    """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype) spec."""
     if isinstance(result, (tuple, list)):
-        metas = meta if isinstance(meta, (tuple, list)) else [None] * len(result)
-        return type(result)(_wrap(r, m, low, inputs) for r, m in zip(result, metas))
+        specs = spec if isinstance(spec, tuple) and spec and isinstance(spec[0], tuple) \
+            else [None] * len(result)
+        return type(result)(_wrap(r, m, low, buffers) for r, m in zip(result, specs))
     if result is None:
         return None
     if not isinstance(result, mx.array):
         result = mx.array(result)
-    if meta is not None:
-        want = to_mx_dtype(meta.dtype)
+    if spec is not None:
+        shape, dtype = spec
+        want = to_mx_dtype(dtype)
         if result.dtype != want:
             result = result.astype(want)
-        if tuple(result.shape) != tuple(meta.shape):
+        if tuple(result.shape) != shape:
             raise AssertionError(
                 f"torch_mlx: the lowering of aten::{low.name} returned shape {tuple(result.shape)}"
-                f", torch expects {tuple(meta.shape)} (a bug in the lowering)")
+                f", torch expects {shape} (a bug in the lowering)")
     t = _C.from_mlx(result)
-    if inputs and t.numel() > 0 and _C.buffer_address(t) in inputs:
+    if buffers and t.numel() > 0 and _C.buffer_address(t) in buffers:
         t = _fresh(t)
     return t
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Torch's meta kernels decide checks, result shapes and dtypes. Running one costs hundreds of
+# microseconds (many are Python refs), so the outcome is cached by the arguments' metadata: meta
+# kernels see no values, so equal (shape, stride, dtype) and equal non-tensor arguments give the
+# same result. Errors are not cached: they are raised again by rerunning the meta kernel.
 
-_NO_META: set[str] = set()
+_META_CACHE: dict = {}
+_META_CACHE_SIZE = 8192
+_NO_META: set = set()
+_UNHASHABLE = object()
 
 
-def _run_meta(op, args, kwargs):
-    name = op._schema.name
-    if name in _NO_META:
-        return None
+def _key_of(x):
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.shape, x.stride(), x.device.type)
+    if isinstance(x, (list, tuple)):
+        return tuple(_key_of(y) for y in x)
+    if isinstance(x, torch.Generator):
+        return torch.Generator
+    if x is None or isinstance(x, (bool, int, float, complex, str, torch.dtype, torch.device,
+                                   torch.layout, torch.memory_format)):
+        return (type(x), x)
+    return _UNHASHABLE
+
+
+def _spec_of(meta_out):
+    if isinstance(meta_out, torch.Tensor):
+        return (tuple(meta_out.shape), meta_out.dtype)
+    if isinstance(meta_out, (tuple, list)):
+        return tuple(_spec_of(m) for m in meta_out)
+    return None
+
+
+def _meta_info(op, args, kwargs, promote):
+    """(result spec, computation dtype) for a call, from the cache or torch's meta kernel."""
+    if op in _NO_META:
+        return None, _compute_dtype(args, promote)
+    key = (op, _key_of(args), _key_of(tuple(kwargs.items())))
+    hashable = _UNHASHABLE not in key[1] and _UNHASHABLE not in key[2]
+    if hashable:
+        try:
+            hit = _META_CACHE.get(key)
+        except TypeError:  # e.g. an unhashable value nested in a list
+            hashable, hit = False, None
+        if hit is not None:
+            return hit
     try:
         margs, mkwargs = tree_map(_arg_to_meta, (args, kwargs))
-        return op(*margs, **mkwargs)
+        spec = _spec_of(op(*margs, **mkwargs))
     except NotImplementedError:
-        _NO_META.add(name)  # no meta kernel: the lowering's own result dtype stands
+        _NO_META.add(op)  # no meta kernel: the lowering's own result dtype stands
+        return None, _compute_dtype(args, promote)
+    info = (spec, _compute_dtype(args, promote))
+    if hashable:
+        if len(_META_CACHE) >= _META_CACHE_SIZE:
+            _META_CACHE.clear()
+        _META_CACHE[key] = info
+    return info
+
+
+def _compute_dtype(args, promote):
+    if promote is None:
         return None
+    inputs = [a for a in args if isinstance(a, (torch.Tensor, bool, int, float, complex))]
+    return elementwise_dtypes(*inputs, type_promotion_kind=promote)[0]
 
 
 def functional_kernel(op, low: Lowering):
     def kernel(*args, **kwargs):
-        meta = _run_meta(op, args, kwargs) if low.meta else None
-        margs, mkwargs = _arg_to_mx(list(args)), {k: _arg_to_mx(v) for k, v in kwargs.items()}
-        if low.promote is not None:
-            compute_dtype, _ = elementwise_dtypes(*_promotion_inputs(args),
-                                                  type_promotion_kind=low.promote)
+        if low.meta:
+            spec, compute_dtype = _meta_info(op, args, kwargs, low.promote)
+        else:
+            spec, compute_dtype = None, _compute_dtype(args, low.promote)
+        buffers = []
+        margs = [_arg_to_mx(a, buffers) for a in args]
+        mkwargs = {k: _arg_to_mx(v, buffers) for k, v in kwargs.items()}
+        if compute_dtype is not None:
             margs = _cast_inputs(margs, compute_dtype)
         result = low.fn(*margs, **mkwargs)
-        return _wrap(result, meta, low, _buffers(args, kwargs))
+        return _wrap(result, spec, low, buffers)
 
     kernel.__name__ = f"mlx_{low.name.replace('.', '_')}"
     return kernel
@@ -227,7 +268,7 @@ def inplace_kernel(op_inplace, functional_op):
     """``self.op_(...)``: torch's in-place checks, the functional result, then a copy into self."""
 
     def kernel(self, *args, **kwargs):
-        _run_meta(op_inplace, (self, *args), kwargs)
+        _meta_info(op_inplace, (self, *args), kwargs, None)  # torch's in-place checks
         result = functional_op(self, *args, **kwargs)
         if isinstance(result, (tuple, list)):
             result = result[0]
