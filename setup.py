@@ -45,5 +45,6 @@ setup(
     entry_points={
         "torch.backends": ["mlx = torch_mlx:_autoload"],
         "vllm.platform_plugins": ["metal = vllm_metal:register"],
+        "torch_dynamo_backends": ["mlx = torch_mlx.compile:mlx_backend"],
     },
 )

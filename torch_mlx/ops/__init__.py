@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (each module fills the table on import)
     reduction,
     shape,
     sorting,
+    views,
 )
 
 _registrar = registry.Registrar()

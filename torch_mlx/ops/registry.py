@@ -66,19 +66,25 @@ class Lowering:
     fn: Callable
     promote: PROMOTE | None  # elementwise type promotion of the tensor/number inputs
     meta: bool  # run torch's meta kernel first (False for data-dependent output shapes)
+    eager: bool = True  # False: compiled graphs only (view ops, which eager runs natively in C++)
 
 
 TABLE: dict[str, Lowering] = {}
 
 
-def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True):
-    """Register ``fn`` as the MLX lowering of the aten overloads ``names``."""
+def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
+             eager: bool = True):
+    """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
+
+    ``eager=False`` keeps the lowering out of eager dispatch: view ops must alias their input's
+    storage in eager mode (done natively in C++), but inside a compiled MLX graph they are
+    ordinary MLX ops."""
 
     def register(fn):
         for name in names:
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TABLE[name] = Lowering(name, fn, promote, meta)
+            TABLE[name] = Lowering(name, fn, promote, meta, eager)
         return fn
 
     return register
@@ -377,4 +383,5 @@ class Registrar:
         for name, fn in TORCH_KERNELS.items():
             self.impl(name, fn)
         for name, low in TABLE.items():
-            self.functional(name, functional_kernel(overload(name), low))
+            if low.eager:
+                self.functional(name, functional_kernel(overload(name), low))

@@ -1,0 +1,225 @@
+"""torch.compile backend "mlx": an FX graph becomes one compiled MLX function.
+
+Dynamo captures the graph; AOTAutograd makes it functional aten (using torch's decompositions
+only for ops that have no lowering); every node is lowered through the same table as eager mode
+(``torch_mlx.ops.registry.TABLE`` -- no op is lowered twice); the resulting Python function over
+``mx.array`` values is wrapped in ``mx.compile`` and called on zero-copy views of the inputs.
+Nodes with no lowering are split out by torch's capability partitioner and run eagerly between
+the MLX pieces.
+
+Shapes: dynamo's symbolic sizes arrive as Python ints; ``mx.compile`` retraces for new input
+shapes or constants, which is cheap next to a dynamo recompile.
+"""
+from __future__ import annotations
+
+import operator
+
+import mlx.core as mx
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._prims_common import elementwise_dtypes
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from . import _C
+from .ops import registry
+
+__all__ = ["mlx_backend", "compile_fx_graph"]
+
+
+# Integer arithmetic on symbolic sizes: plain Python inside the MLX function (mx.compile
+# retraces when the resulting constants change).
+_SIZE_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+             operator.mod, operator.neg, operator.pow, operator.eq, operator.ne, operator.lt,
+             operator.le, operator.gt, operator.ge, operator.getitem}
+
+
+def _size_op(target):
+    if target in _SIZE_OPS:
+        return target
+    if target is torch.ops.aten.sym_size.int:
+        return lambda a, dim: a.shape[dim]
+    if target is torch.ops.aten.sym_numel.default:
+        return lambda a: a.size
+    return None
+
+
+def _lowering_of(target) -> registry.Lowering | None:
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    return registry.TABLE.get(registry._qualname(target))
+
+
+def _meta_val(x):
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+class _Supported(OperatorSupportBase):
+    def is_node_supported(self, submodules, node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return False
+        return _size_op(node.target) is not None or _lowering_of(node.target) is not None
+
+
+def _const_to_mx(x):
+    if isinstance(x, torch.dtype):
+        return registry.to_mx_dtype(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_const_to_mx(y) for y in x)
+    return x
+
+
+class _Step:
+    """One graph node, prepared at compile time: its lowering, where its arguments come from,
+    the dtype its tensor inputs are promoted to and the dtype(s) torch says it returns."""
+
+    def __init__(self, node: fx.Node, low: registry.Lowering):
+        self.node = node
+        self.fn = low.fn
+        self.args = _const_to_mx(node.args)
+        self.kwargs = {k: _const_to_mx(v) for k, v in node.kwargs.items()}
+        self.compute = None
+        if low.promote is not None:
+            inputs = [_meta_val(a) for a in node.args]
+            inputs = [a for a in inputs if isinstance(a, (torch.Tensor, bool, int, float))]
+            self.compute = registry.to_mx_dtype(
+                elementwise_dtypes(*inputs, type_promotion_kind=low.promote)[0])
+        self.out_dtypes = _out_dtypes(node.meta.get("val"))
+
+
+def _out_dtypes(val):
+    if isinstance(val, torch.Tensor):
+        return registry.to_mx_dtype(val.dtype)
+    if isinstance(val, (list, tuple)):
+        return [_out_dtypes(v) for v in val]
+    return None
+
+
+def _cast(result, dtypes):
+    if isinstance(result, mx.array):
+        return result if dtypes is None or result.dtype == dtypes else result.astype(dtypes)
+    if isinstance(result, (list, tuple)) and isinstance(dtypes, list):
+        return type(result)(_cast(r, d) for r, d in zip(result, dtypes))
+    return result
+
+
+class MlxGraph(torch.nn.Module):
+    """A graph whose every node has a lowering, run as one ``mx.compile``d function."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.graph_module = gm
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.steps = []
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and _size_op(node.target) is not None:
+                self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
+            elif node.op == "call_function":
+                self.steps.append(_Step(node, _lowering_of(node.target)))
+            elif node.op in ("call_module", "call_method", "get_attr"):
+                raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")
+        self.compiled = mx.compile(self.run)
+
+    def run(self, *inputs):
+        env = dict(zip(self.placeholders, inputs))
+
+        def value(a):
+            if isinstance(a, fx.Node):
+                return env[a]
+            if isinstance(a, (list, tuple)):
+                return type(a)(value(x) for x in a)
+            return a
+
+        for step in self.steps:
+            if isinstance(step, fx.Node):
+                env[step] = _size_op(step.target)(*value(step.args))
+                continue
+            args = [value(a) for a in step.args]
+            if step.compute is not None:
+                args = [a.astype(step.compute) if isinstance(a, mx.array)
+                        and a.dtype != step.compute else a for a in args]
+            result = step.fn(*args, **{k: value(v) for k, v in step.kwargs.items()})
+            env[step.node] = _cast(result, step.out_dtypes)
+        outs = value(self.output.args[0])
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+    def forward(self, *inputs):
+        buffers = set()
+        mx_inputs = []
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                if t.device.type != "mlx":
+                    raise RuntimeError(f"torch_mlx.compile: graph input on {t.device}; the mlx "
+                                       f"backend runs graphs whose tensors are on 'mlx'")
+                if t.numel():
+                    buffers.add(_C.buffer_address(t))
+                mx_inputs.append(_C.to_mlx(t))
+            else:
+                mx_inputs.append(t)
+        outs = self.compiled(*mx_inputs)
+        mx.eval([o for o in outs if isinstance(o, mx.array)])
+        return [self._to_torch(o, buffers) for o in outs]
+
+    @staticmethod
+    def _to_torch(out, input_buffers):
+        if not isinstance(out, mx.array):
+            return out
+        t = _C.from_mlx(out)
+        # MLX shares buffers between an op's input and output where it can (reshape, copy of a
+        # contiguous array); torch treats graph outputs that are not declared aliases as fresh.
+        if t.numel() and _C.buffer_address(t) in input_buffers:
+            t = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+        return t
+
+
+def compile_fx_graph(gm: fx.GraphModule, example_inputs=None):
+    """Lower an aten-level FX graph: one MLX function if every node has a lowering, otherwise
+    MLX functions for the supported partitions with the rest left to eager dispatch."""
+    support = _Supported()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if all(support.is_node_supported({}, n) for n in calls):  # the common case: one function
+        graph = MlxGraph(gm)
+        return lambda *args: graph(*args)
+    partitioner = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
+    fused = partitioner.fuse_partitions(partitioner.propose_partitions())
+    for name, sub in list(fused.named_children()):
+        if name.startswith("fused_"):
+            setattr(fused, name, _TupleOut(MlxGraph(sub)))
+    return fused
+
+
+class _TupleOut(torch.nn.Module):
+    """Fused partitions return a tuple when they have several outputs, the value when one."""
+
+    def __init__(self, graph: MlxGraph):
+        super().__init__()
+        self.graph = graph
+        out = graph.output.args[0]
+        self.single = not isinstance(out, (list, tuple))
+
+    def forward(self, *inputs):
+        outs = self.graph(*inputs)
+        return outs[0] if self.single else tuple(outs)
+
+
+def _decompositions():
+    """torch's core-aten decompositions, except for ops the table lowers directly."""
+    from torch._decomp import core_aten_decompositions
+
+    table = core_aten_decompositions()
+    return {op: fn for op, fn in table.items()
+            if not (isinstance(op, torch._ops.OpOverload) and _lowering_of(op) is not None)}
+
+
+def mlx_backend(gm: fx.GraphModule, example_inputs):
+    """The ``torch.compile(backend="mlx")`` entry point."""
+    return aot_autograd(fw_compiler=compile_fx_graph, bw_compiler=compile_fx_graph,
+                        decompositions=_decompositions())(gm, example_inputs)
+
+
+# Also reachable lazily through the `torch_dynamo_backends` entry point (setup.py), so
+# torch.compile(backend="mlx") works without importing this module.
+if "mlx" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(mlx_backend, name="mlx")
