@@ -5,10 +5,23 @@ entry point) renames PrivateUse1 to "mlx", loads the C++ runtime (allocator, gua
 ops), installs ``torch.mlx`` and registers the aten -> MLX lowering table. Nothing here starts an
 MLX stream or allocates: that happens on the first use of the device.
 """
-import torch
+
+
+def _autoload():
+    """Entry point of the ``torch.backends`` group: importing this package did the work.
+
+    Defined before ``import torch``: when a program imports torch_mlx first, torch's autoload
+    finds this module half-initialised and calls this function; the import then completes."""
+
+
+import torch  # noqa: E402
 
 if torch._C._get_privateuse1_backend_name() != "mlx":
     torch.utils.rename_privateuse1_backend("mlx")
+
+from . import blas  # noqa: E402
+
+blas.select()  # must precede the first import of mlx.core (see torch_mlx/blas.py)
 
 from . import _C  # noqa: E402  (C++ runtime; imports mlx.core)
 from . import device as _device_module  # noqa: E402
@@ -23,7 +36,3 @@ from .fallback import fallback_enabled, set_fallback  # noqa: E402
 from . import ops  # noqa: E402,F401  (registers the lowerings)
 
 __all__ = ["to_mlx", "from_mlx", "set_fallback", "fallback_enabled"]
-
-
-def _autoload():
-    """Entry point of the ``torch.backends`` group: importing this package did the work."""

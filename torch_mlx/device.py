@@ -66,6 +66,14 @@ def get_device_name(device=None) -> str:
     return f"MLX ({mx.default_device()})"
 
 
+def blas_info() -> dict:
+    """Which BLAS MLX's CPU backend uses (Linux: "openblas" through torch_mlx.blas, or
+    "reference", the netlib BLAS bundled with the mlx-cpu wheel) and why."""
+    from . import blas
+
+    return blas.info()
+
+
 def synchronize(device=None) -> None:
     """Wait for work queued on MLX's default stream (eager torch ops have already finished)."""
     mx.synchronize()

@@ -18,6 +18,12 @@ def test_fresh_interpreter_autoloads_the_device():
     assert out.stdout.strip() == "mlx:0 [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] True"
 
 
+def test_importing_torch_mlx_before_torch_works():
+    code = "import torch_mlx, torch; print(torch.ones(2, device='mlx').cpu().tolist())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[1.0, 1.0]"
+
+
 def test_autoload_can_be_disabled():
     code = "import torch, sys; print('torch_mlx' in sys.modules)"
     env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")

@@ -1,0 +1,130 @@
+"""Give MLX's Linux CPU backend an optimized BLAS without touching torch's.
+
+The mlx-cpu wheel links the reference (netlib) BLAS and LAPACK it bundles as
+``mlx_cpu.libs/libblas-<hash>.so.3.10.0`` and ``liblapack-<hash>.so.3.10.0``: a 4096x4096 float32
+matmul runs at about 3 GFLOP/s. Preloading OpenBLAS globally (LD_PRELOAD) fixes MLX but also
+interposes on torch's own CPU kernels and slows them badly. Instead this module builds two tiny
+*shim* libraries that carry exactly the bundled libraries' sonames and depend on OpenBLAS, and
+loads them with RTLD_LOCAL before ``mlx.core`` is imported: the dynamic loader then satisfies
+libmlx's dependencies with the shims (it matches already loaded objects by soname), libmlx's
+BLAS/LAPACK symbols resolve to OpenBLAS through the shims' own dependency, and nothing enters the
+global symbol scope that torch sees.
+
+``TORCH_MLX_BLAS``: ``auto`` (default: the shims when they were built), ``reference`` (off).
+``python -m torch_mlx.blas --build`` builds the shims (tools/bootstrap.sh runs it).
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+
+logger = logging.getLogger("torch_mlx")
+
+SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_blas")
+OPENBLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+]
+
+_info = {"library": "reference", "path": None, "reason": "not selected yet"}
+
+
+def info() -> dict:
+    """Which BLAS MLX uses in this process, and why."""
+    return dict(_info)
+
+
+def _bundled_libraries() -> list[str]:
+    """File names (= sonames) of the reference BLAS/LAPACK bundled with the mlx-cpu wheel."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    site = os.path.dirname(list(spec.submodule_search_locations)[0])
+    libs = glob.glob(os.path.join(site, "mlx_cpu.libs", "libblas-*.so*"))
+    libs += glob.glob(os.path.join(site, "mlx_cpu.libs", "liblapack-*.so*"))
+    return sorted(os.path.basename(p) for p in libs)
+
+
+def find_openblas() -> str | None:
+    for path in OPENBLAS_CANDIDATES:
+        if os.path.exists(path):
+            return os.path.realpath(path)
+    return None
+
+
+def build_shims(openblas: str, out_dir: str = SHIM_DIR) -> list[str]:
+    """Compile one empty library per bundled BLAS/LAPACK soname, depending on ``openblas``."""
+    os.makedirs(out_dir, exist_ok=True)
+    built = []
+    with tempfile.NamedTemporaryFile("w", suffix=".c", delete=False) as src:
+        src.write("/* torch_mlx BLAS shim: only its soname and its dependency matter. */\n")
+    try:
+        for soname in _bundled_libraries():
+            out = os.path.join(out_dir, soname)
+            subprocess.run(
+                ["cc", "-shared", "-fPIC", "-o", out, src.name, f"-Wl,-soname,{soname}",
+                 "-Wl,--no-as-needed", f"-L{os.path.dirname(openblas)}",
+                 f"-l:{os.path.basename(openblas)}", f"-Wl,-rpath,{os.path.dirname(openblas)}"],
+                check=True)
+            built.append(out)
+    finally:
+        os.unlink(src.name)
+    with open(os.path.join(out_dir, "TARGET"), "w") as f:
+        f.write(openblas + "\n")
+    return built
+
+
+def select() -> dict:
+    """Load the shims before mlx.core is imported, unless disabled or impossible."""
+    choice = os.environ.get("TORCH_MLX_BLAS", "auto").strip().lower()
+    if choice not in ("auto", "reference"):
+        raise ValueError(f"TORCH_MLX_BLAS must be 'auto' or 'reference', got {choice!r}")
+    if not sys.platform.startswith("linux"):
+        _info.update(library="platform", reason="macOS: MLX uses Accelerate / Metal")
+        return info()
+    if choice == "reference":
+        _info.update(reason="TORCH_MLX_BLAS=reference")
+        return info()
+    if "mlx.core" in sys.modules:
+        _info.update(reason="mlx.core was imported before torch_mlx; import torch first")
+        return info()
+    shims = [os.path.join(SHIM_DIR, s) for s in _bundled_libraries()]
+    target_file = os.path.join(SHIM_DIR, "TARGET")
+    if not shims or not all(os.path.exists(s) for s in shims) or not os.path.exists(target_file):
+        _info.update(reason="no BLAS shims built (python -m torch_mlx.blas --build)")
+        return info()
+    target = open(target_file).read().strip()
+    if not os.path.exists(target):
+        _info.update(reason=f"shim target {target} is missing")
+        return info()
+    for shim in shims:
+        ctypes.CDLL(shim, mode=os.RTLD_LOCAL)
+    _info.update(library="openblas", path=target, reason="shims loaded before mlx.core")
+    logger.debug("torch_mlx: MLX uses %s", target)
+    return info()
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] != ["--build"]:
+        print(__doc__)
+        return 2
+    openblas = find_openblas()
+    if openblas is None:
+        print("torch_mlx.blas: no system OpenBLAS found (Debian: apt-get install "
+              "libopenblas0-pthread); MLX keeps its reference BLAS")
+        return 0
+    for path in build_shims(openblas):
+        print(f"torch_mlx.blas: built {path} -> {openblas}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
