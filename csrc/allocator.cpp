@@ -3,6 +3,7 @@
 #include "storage.h"
 
 #include <cstring>
+#include <mutex>
 
 #include <c10/util/Exception.h>
 
@@ -20,12 +21,32 @@ void delete_storage_ctx(void* p) {
 
 namespace {
 
+void (*g_first_use_hook)(int) = nullptr;
+int g_first_use_arg = 0;
+std::once_flag g_first_use;
+
+}  // namespace
+
+void set_first_use_hook(void (*hook)(int), int arg) {
+  g_first_use_hook = hook;
+  g_first_use_arg = arg;
+}
+
+void run_first_use_hook() {
+  std::call_once(g_first_use, [] {
+    if (g_first_use_hook != nullptr) g_first_use_hook(g_first_use_arg);
+  });
+}
+
+namespace {
+
 class MlxAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     auto* ctx = new StorageCtx();
     void* data = nullptr;
     if (nbytes > 0) {
+      run_first_use_hook();
       try {
         ctx->buffer = mx::allocator::allocator().malloc(nbytes);
       } catch (const std::exception& e) {

@@ -161,6 +161,7 @@ mx::array tensor_to_array(const at::Tensor& t) {
 
 at::Tensor array_to_tensor(mx::array arr) {
   auto scalar_type = to_torch_dtype(arr.dtype());
+  run_first_use_hook();
   mx::eval(arr);
   arr.wait();
   const int64_t itemsize = arr.itemsize();

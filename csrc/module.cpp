@@ -94,6 +94,11 @@ NB_MODULE(_C, m) {
     return nb::steal(wrap_default_generator(gen));
   });
 
+  m.def(
+      "_set_first_use_hook",
+      [](uintptr_t fn, int arg) { set_first_use_hook(reinterpret_cast<void (*)(int)>(fn), arg); },
+      "Call the C function at address `fn` with `arg` once, at the device's first real use.");
+
   m.def("array_data_address", [](const mx::array& a) {
     return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());
   });

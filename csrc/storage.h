@@ -32,4 +32,9 @@ c10::DataPtr data_ptr_for_array(const mlx::core::array& arr, int64_t byte_offset
 // Deleter of every storage context made here; identifies "mlx" storages.
 void delete_storage_ctx(void* ctx);
 
+// A function run once, at the first real use of the device (first non-empty allocation or
+// from_mlx), not at import: torch_mlx/blas.py uses it to start OpenBLAS's threads lazily.
+void set_first_use_hook(void (*hook)(int), int arg);
+void run_first_use_hook();
+
 }  // namespace torch_mlx

@@ -24,6 +24,8 @@ from . import blas  # noqa: E402
 blas.select()  # must precede the first import of mlx.core (see torch_mlx/blas.py)
 
 from . import _C  # noqa: E402  (C++ runtime; imports mlx.core)
+
+blas.install_first_use_hook(_C)
 from . import device as _device_module  # noqa: E402
 
 torch._register_device_module("mlx", _device_module)

@@ -10,6 +10,11 @@ libmlx's dependencies with the shims (it matches already loaded objects by sonam
 BLAS/LAPACK symbols resolve to OpenBLAS through the shims' own dependency, and nothing enters the
 global symbol scope that torch sees.
 
+OpenBLAS starts its thread pool when it is loaded, and torch_mlx is loaded by every
+``import torch``: so it is loaded with one thread, and its real thread count
+(``OPENBLAS_NUM_THREADS`` or all cores) is set at the device's first use
+(``_C._set_first_use_hook``).
+
 ``TORCH_MLX_BLAS``: ``auto`` (default: the shims when they were built), ``reference`` (off).
 ``python -m torch_mlx.blas --build`` builds the shims (tools/bootstrap.sh runs it).
 """
@@ -35,6 +40,7 @@ OPENBLAS_CANDIDATES = [
 ]
 
 _info = {"library": "reference", "path": None, "reason": "not selected yet"}
+_threads = {"set_num_threads": None, "count": 0}
 
 
 def info() -> dict:
@@ -105,11 +111,29 @@ def select() -> dict:
     if not os.path.exists(target):
         _info.update(reason=f"shim target {target} is missing")
         return info()
-    for shim in shims:
-        ctypes.CDLL(shim, mode=os.RTLD_LOCAL)
+    wanted = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # no thread pool at import time
+    try:
+        for shim in shims:
+            ctypes.CDLL(shim, mode=os.RTLD_LOCAL)
+    finally:
+        if wanted is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = wanted
+    openblas = ctypes.CDLL(target, mode=os.RTLD_LOCAL)  # the same, already loaded library
+    _threads["set_num_threads"] = ctypes.cast(openblas.openblas_set_num_threads, ctypes.c_void_p)
+    _threads["count"] = int(wanted) if wanted and wanted.isdigit() else (os.cpu_count() or 1)
     _info.update(library="openblas", path=target, reason="shims loaded before mlx.core")
     logger.debug("torch_mlx: MLX uses %s", target)
     return info()
+
+
+def install_first_use_hook(c_module) -> None:
+    """Have the C++ runtime give OpenBLAS its threads at the first use of the device."""
+    if _threads["set_num_threads"] is not None:
+        c_module._set_first_use_hook(_threads["set_num_threads"].value, _threads["count"])
+        _info["threads"] = _threads["count"]
 
 
 def main(argv: list[str]) -> int:
