@@ -1,0 +1,206 @@
+"""Make a small random-initialised checkpoint of a real architecture, with a local tokenizer.
+
+    python tools/make_tiny_model.py ARCH OUT [--seed N]
+
+ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM). OUT receives config.json,
+generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with a chat
+template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizers` on
+text generated here from the seed, and the weights come from transformers' initialisation under
+`torch.manual_seed(seed)`, then rescaled. The same ARCH and seed give the same files, byte for
+byte.
+
+Why rescale: at transformers' default init (std 0.02) a random model's next-token distribution
+is almost flat (top-1 log-probability near log(1/vocab)) and neighbouring logits differ by little
+more than float32 noise, so two correct implementations could disagree on a greedy token. The
+scales below (SCALES) give a mean top-1 log-probability of about -1.3, 25-32 distinct tokens in 32
+greedy steps, and top-1/top-2 gaps that are typically 1e-2 or more. A tied head needs its own
+recipe: with a large embedding the residual stream keeps the input token's embedding and the model
+predicts its own input forever, so the embedding is small, the layers' output projections large
+and the final norm's gain supplies the logit scale.
+"""
+import argparse
+import json
+import os
+import random
+
+import torch
+
+VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Shared sizes: small enough for a 2-core CI machine, large enough to be a real model.
+COMMON = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,  # GQA: 4 query heads per kv head
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+)
+
+# Per architecture: the config class and what differs from COMMON.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("LlamaConfig", dict(rope_theta=10000.0, tie_word_embeddings=False)),
+    "Qwen2ForCausalLM": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
+    "Qwen3ForCausalLM": (
+        "Qwen3Config",
+        dict(head_dim=64, rope_theta=1000000.0, tie_word_embeddings=False),  # q/k RMSNorm
+    ),
+    "MistralForCausalLM": (
+        "MistralConfig",
+        # A window shorter than the long test prompts, so sliding-window attention is exercised.
+        dict(num_hidden_layers=3, num_key_value_heads=1, sliding_window=40,
+             rope_theta=10000.0, tie_word_embeddings=False),  # MQA
+    ),
+    "GemmaForCausalLM": (
+        "GemmaConfig",
+        # (1 + w) RMSNorm, tanh-GELU MLP, sqrt(hidden)-scaled embeddings, tied head.
+        dict(head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh",
+             tie_word_embeddings=True),
+    ),
+    "Phi3ForCausalLM": (
+        "Phi3Config",
+        # Fused qkv_proj and gate_up_proj checkpoints.
+        dict(num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False,
+             pad_token_id=0),
+    ),
+}
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "qui", "zo", "fa",
+              "ber", "ton", "el", "an", "is", "or", "um", "gra", "ple", "sto", "wen", "yi"]
+
+
+def training_text(seed: int, num_sentences: int = 6000) -> list[str]:
+    """Pseudo-language text: a fixed lexicon of invented words, sentences with punctuation and
+    numbers, so BPE learns a few hundred merges and encodes real-looking prompts compactly."""
+    rng = random.Random(seed)
+    lexicon = sorted({"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
+                      for _ in range(900)})
+    lines = []
+    for _ in range(num_sentences):
+        words = [rng.choice(lexicon) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", "?", "!", ","])
+        lines.append(sentence)
+    # Also the English of the tests' prompts and chat roles.
+    lines += ["The quick brown fox jumps over the lazy dog.", "user", "assistant", "system",
+              "Hello, how are you today? Tell me a story about the sea."] * 20
+    return lines
+
+
+def build_tokenizer(seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_text(seed), trainer=trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, out: str) -> None:
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": COMMON["max_position_embeddings"],
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def make_config(arch: str, vocab_size: int, token_ids: dict):
+    import transformers
+
+    class_name, overrides = ARCHITECTURES[arch]
+    kwargs = dict(COMMON, vocab_size=vocab_size, bos_token_id=token_ids["<|bos|>"],
+                  eos_token_id=token_ids["<|eos|>"], pad_token_id=token_ids["<|pad|>"])
+    kwargs.update(overrides)
+    config = getattr(transformers, class_name)(**kwargs)
+    config.architectures = [arch]
+    config.dtype = torch.float32
+    return config
+
+
+# Standard deviations by parameter role, and the final norm's gain (module docstring).
+SCALES = {
+    "untied": dict(embed=0.5, proj=0.05, out_proj=0.05, lm_head=0.2, bias=0.05, final_gain=1.0),
+    "tied": dict(embed=0.02, proj=0.08, out_proj=0.5, lm_head=None, bias=0.05, final_gain=10.0),
+}
+
+
+def _role(name: str) -> str:
+    if "embed_tokens" in name:
+        return "embed"
+    if "lm_head" in name:
+        return "lm_head"
+    if name.endswith(".bias"):
+        return "bias"
+    if "o_proj" in name or "down_proj" in name:
+        return "out_proj"
+    return "proj"
+
+
+@torch.no_grad()
+def rescale_weights(model, generator: torch.Generator) -> None:
+    """Redraw matrices and biases at SCALES; norms keep transformers' init except the final one."""
+    scales = SCALES["tied" if model.config.tie_word_embeddings else "untied"]
+    for name, param in sorted(model.named_parameters()):
+        role = _role(name)
+        if param.dim() < 2 and role != "bias":
+            continue
+        param.copy_(torch.randn(param.shape, generator=generator) * scales[role])
+    norm = model.model.norm.weight
+    # Gemma's RMSNorm multiplies by (1 + w), the others by w.
+    gemma_style = model.config.model_type.startswith("gemma")
+    norm.fill_(scales["final_gain"] - 1.0 if gemma_style else scales["final_gain"])
+
+
+def make_model(arch: str, out: str, seed: int = 0) -> str:
+    import transformers
+
+    os.makedirs(out, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    save_tokenizer(tokenizer, out)
+    config = make_config(arch, tokenizer.get_vocab_size(),
+                         {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS})
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    rescale_weights(model, torch.Generator().manual_seed(seed))
+    model.save_pretrained(out)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("arch", choices=sorted(ARCHITECTURES))
+    parser.add_argument("out")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_model(args.arch, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()
