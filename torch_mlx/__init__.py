@@ -33,6 +33,10 @@ torch.utils.generate_methods_for_privateuse1_backend(
     for_tensor=True, for_module=True, for_storage=True, for_packed_sequence=True
 )
 
+from . import _patches  # noqa: E402
+
+_patches.apply()
+
 from .bridge import from_mlx, to_mlx  # noqa: E402
 from .fallback import fallback_enabled, set_fallback  # noqa: E402
 from . import ops  # noqa: E402,F401  (registers the lowerings)
