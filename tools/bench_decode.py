@@ -1,0 +1,207 @@
+"""Offline decode benchmark: vllm_metal vs mlx-lm on the same ~0.5B Llama weights and BLAS,
+with transformers on torch CPU as a reference line, and the machine's memory-bandwidth bound.
+
+Each engine runs in its own process (one MLX runtime per process). Decode rates are measured as
+(N - 1) extra tokens over the time difference between generating N tokens and 1 token, so
+prefill and start-up costs cancel out.
+
+    python tools/bench_decode.py [--json OUT] [--tokens 32] [--model DIR]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+# About 0.5B parameters, float32 (~2 GB): large enough that reading the weights dominates a step.
+BENCH_CONFIG = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20,
+                    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+                    rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def make_bench_model(out: str) -> str:
+    if os.path.exists(os.path.join(out, "model.safetensors")) or \
+            os.path.exists(os.path.join(out, "model.safetensors.index.json")):
+        return out
+    import torch
+    import transformers
+    from make_tiny_model import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
+
+    os.makedirs(out, exist_ok=True)
+    tokenizer = build_tokenizer(0)
+    save_tokenizer(tokenizer, out)
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = transformers.LlamaConfig(vocab_size=tokenizer.get_vocab_size(),
+                                      bos_token_id=ids["<|bos|>"], eos_token_id=ids["<|eos|>"],
+                                      pad_token_id=ids["<|pad|>"], **BENCH_CONFIG)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(out)
+    return out
+
+
+def run_json(code: str, env=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=dict(os.environ, **(env or {})), timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-4000:])
+    return json.loads(next(l for l in out.stdout.splitlines()[::-1] if l.startswith("{")))
+
+
+VLLM = """
+import json, time
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, max_model_len=1024, max_num_seqs=32, seed=0)
+prompt = {{"prompt_token_ids": list(range(10, 26))}}
+def run(batch, tokens):
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate([prompt] * batch, params, use_tqdm=False)
+    return time.perf_counter() - start
+def decode_rate(batch, n):
+    run(batch, 2)  # warm-up for this batch size
+    t1, tn = run(batch, 1), run(batch, n)
+    return batch * (n - 1) / (tn - t1)
+res = {{"batch1_tok_s": decode_rate(1, {n}), "c8_tok_s": decode_rate(8, {n}),
+        "c32_tok_s": decode_rate(32, {n})}}
+long = {{"prompt_token_ids": [10 + i % 900 for i in range(512)]}}
+llm.generate([long], SamplingParams(max_tokens=1), use_tqdm=False)
+start = time.perf_counter()
+llm.generate([long], SamplingParams(max_tokens=1), use_tqdm=False)
+res["prefill_tok_s"] = 512 / (time.perf_counter() - start)
+print(json.dumps(res))
+"""
+
+MLX_LM = """
+import json, time
+import torch_mlx  # the same BLAS selection as vllm_metal (torch_mlx.blas) before mlx loads
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.generate import batch_generate
+from mlx_lm.sample_utils import make_sampler
+model, tokenizer = load({model!r})
+prompt = list(range(10, 26))
+def single(tokens):
+    start = time.perf_counter()
+    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens,
+                             sampler=make_sampler(0.0)):
+        pass
+    return time.perf_counter() - start
+def batched(batch, tokens):
+    start = time.perf_counter()
+    batch_generate(model, tokenizer, [prompt] * batch, max_tokens=tokens)
+    return time.perf_counter() - start
+single(2)
+t1, tn = single(1), single({n})
+res = {{"batch1_tok_s": ({n} - 1) / (tn - t1)}}
+batched(32, 2)
+t1, tn = batched(32, 1), batched(32, {n})
+res["batch_tok_s"] = 32 * ({n} - 1) / (tn - t1)
+print(json.dumps(res))
+"""
+
+HF = """
+import json, time, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
+ids = torch.arange(10, 26).unsqueeze(0)
+def run(tokens):
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return time.perf_counter() - start
+run(2)
+t1, tn = run(1), run({n})
+print(json.dumps({{"batch1_tok_s": ({n} - 1) / (tn - t1)}}))
+"""
+
+BANDWIDTH = """
+import json, time, torch
+torch.set_num_threads(__import__("os").cpu_count())
+x = torch.ones(2**29)  # 2 GiB of float32
+times = []
+for _ in range(6):
+    start = time.perf_counter()
+    x.sum()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"bandwidth_gb_s": x.numel() * 4 / min(times[1:]) / 1e9}))
+"""
+
+
+def bytes_per_step(model_dir: str, context: int) -> float:
+    """Bytes read per decode step at batch 1: every weight except the input embedding table
+    (only one row is read), plus the KV cache of `context` tokens."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(model_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), "pt") as f:
+                for key in f.keys():
+                    if "embed_tokens" not in key:
+                        t = f.get_slice(key)
+                        n = 1
+                        for s in t.get_shape():
+                            n *= s
+                        total += n * 4
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4 * context
+    return total + kv
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-0.5b"))
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = make_bench_model(args.model)
+    n = args.tokens
+    result = {"model": model}
+    import torch_mlx  # noqa: F401  (for blas_info)
+    import torch
+
+    result["blas"] = torch.mlx.blas_info()
+    for key, code in (("vllm_metal", VLLM), ("mlx_lm", MLX_LM), ("hf_torch_cpu", HF)):
+        start = time.monotonic()
+        try:
+            result[key] = run_json(code.format(model=model, n=n))
+        except Exception as e:  # noqa: BLE001  (reported in the output, not hidden)
+            result[key] = {"error": str(e)[-2000:]}
+        result[key]["wall_s"] = time.monotonic() - start
+    result.update(run_json(BANDWIDTH))
+    per_step = bytes_per_step(model, 16 + n // 2)
+    result["bytes_per_step"] = per_step
+    result["bandwidth_bound_tok_s"] = result["bandwidth_gb_s"] * 1e9 / per_step
+    vm, ml = result["vllm_metal"], result["mlx_lm"]
+    if "batch1_tok_s" in vm and "batch1_tok_s" in ml:
+        result["ratios"] = {
+            "batch1_vs_mlx_lm": vm["batch1_tok_s"] / ml["batch1_tok_s"],
+            "c32_vs_mlx_lm_batch1": vm["c32_tok_s"] / ml["batch1_tok_s"],
+            "c32_vs_mlx_lm_batched": vm["c32_tok_s"] / ml["batch_tok_s"],
+            "batch1_vs_bound": vm["batch1_tok_s"] / result["bandwidth_bound_tok_s"],
+        }
+    print(f"{'engine':14} {'batch1':>8} {'c8':>8} {'c32/batch':>10} {'prefill':>9}  tok/s")
+    for key in ("vllm_metal", "mlx_lm", "hf_torch_cpu"):
+        r = result[key]
+        print(f"{key:14} {r.get('batch1_tok_s', float('nan')):8.2f} "
+              f"{r.get('c8_tok_s', float('nan')):8.2f} "
+              f"{r.get('c32_tok_s', r.get('batch_tok_s', float('nan'))):10.2f} "
+              f"{r.get('prefill_tok_s', float('nan')):9.1f}"
+              + (f"  ERROR {r['error'][-200:]}" if "error" in r else ""))
+    print(f"bandwidth {result['bandwidth_gb_s']:.1f} GB/s -> bound "
+          f"{result['bandwidth_bound_tok_s']:.2f} tok/s at batch 1; BLAS {result['blas']}")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
