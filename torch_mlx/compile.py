@@ -123,6 +123,13 @@ class MlxGraph(torch.nn.Module):
         self.compiled = mx.compile(self.run)
 
     def run(self, *inputs):
+        registry._tracing = True  # run() only executes while mx.compile traces it
+        try:
+            return self._run(inputs)
+        finally:
+            registry._tracing = False
+
+    def _run(self, inputs):
         env = dict(zip(self.placeholders, inputs))
 
         def value(a):

@@ -71,6 +71,15 @@ class Lowering:
 
 TABLE: dict[str, Lowering] = {}
 
+# True while torch_mlx.compile traces a graph into an MLX function. Lowerings must then not
+# evaluate arrays: value-dependent checks (index bounds, ...) run in eager mode only, as torch's
+# own compiled kernels skip host-side checks; data-dependent output shapes cannot be traced.
+_tracing = False
+
+
+def tracing() -> bool:
+    return _tracing
+
 
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
              eager: bool = True):
