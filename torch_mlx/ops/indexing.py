@@ -279,7 +279,40 @@ class _Plan:
         return mx.transpose(vals, perm)
 
 
-@lowering("index.Tensor", meta=False)  # boolean masks make the result shape data dependent
+def _index_list_op(name: str):
+    """Register an MLX lowering whose ``Tensor?[] indices`` may hold CPU tensors.
+
+    torch lets advanced indexing of a device tensor use CPU index tensors (CUDA moves them to
+    the device); the adapter rightly rejects mixed devices for every other op. So the eager
+    kernel is a torch-level one that moves such indices to "mlx" and then runs the lowering
+    through the adapter; the lowering itself is the table entry the compiled path uses."""
+    op = registry.overload(name)
+
+    def register(fn):
+        kernel = None
+
+        def eager(self, indices, *args, **kwargs):
+            nonlocal kernel
+            if kernel is None:
+                kernel = registry.functional_kernel(op, registry.TABLE[name])
+            return kernel(self, _on_device(indices, self.device), *args, **kwargs)
+
+        torch_kernel(name)(eager)  # before the lowering: a name may not be registered twice
+        out = registry.out_variant(op)
+        if out is not None:
+            torch_kernel(registry._qualname(out))(
+                registry.out_kernel(out, op, registry.out_names(out._schema)))
+        return lowering(name, meta=False, eager=False)(fn)
+
+    return register
+
+
+def _on_device(indices, device):
+    return [i.to(device) if isinstance(i, torch.Tensor) and i.device.type == "cpu" else i
+            for i in indices]
+
+
+@_index_list_op("index.Tensor")  # boolean masks make the result shape data dependent
 def index(self, indices):
     if len(indices) > max(self.ndim, 0) and not any(
             i is not None and i.dtype in _MASK_DTYPES for i in indices):
@@ -303,7 +336,7 @@ def _index_put_values(self_dtype, plan: _Plan, values: mx.array) -> mx.array:
     return plan.from_result(vals)  # bshape + rest layout
 
 
-@lowering("index_put", meta=False)
+@_index_list_op("index_put")
 def index_put(self, indices, values, accumulate=False):
     plan = _Plan(self.shape, indices)
     if not plan.dims:  # self[...] = values over every element
@@ -332,6 +365,7 @@ def _index_put_inplace(self, indices, values, accumulate=False, unsafe=False):
         raise IndexError(f"too many indices for tensor of dimension {self.dim()}")
     if self.numel() == 0:
         return self
+    indices = _on_device(indices, self.device)
     plan = _Plan(self.shape, [_mx(i) if i is not None else None for i in indices])
     values = _mx(values)
     strides = self.stride()
