@@ -1,0 +1,1 @@
+"""The MLX paged-attention backend (backend.py), its implementation (impl.py) and kernels (paged.py)."""

@@ -1,0 +1,125 @@
+"""The MLX attention backend: vLLM's AttentionBackend, its per-step metadata and their builder.
+
+The metadata is built once per step and shared by every layer of a KV-cache group. It holds
+host copies of the few per-request integers the Python side needs (query offsets, sequence
+lengths) and zero-copy MLX views of the device tables; masks are built on first use and reused
+by the remaining layers.
+"""
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import mlx.core as mx
+import numpy as np
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from torch_mlx import to_mlx
+
+from ..kernel_overrides import host_view
+from .paged import decode_mask
+
+
+class MLXAttentionBackend(AttentionBackend):
+    # K/V are written by do_kv_cache_update, which vLLM calls before forward.
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
+                                                     torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # the registry's slot for out-of-tree backends
+
+    @staticmethod
+    def get_impl_cls():
+        from .impl import MLXAttentionImpl
+
+        return MLXAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return MLXAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]  # blocks are gathered, any size works
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Token-major blocks first: one token's keys and values for all heads are one
+        # contiguous run, so writing new tokens touches the fewest cache lines. Any layout is
+        # correct: the code reads the logical [blocks, heads, tokens, K|V] view.
+        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class MLXAttentionMetadata:
+    num_actual_tokens: int
+    num_decodes: int  # leading requests with exactly one query token
+    query_start: np.ndarray  # [num_reqs + 1], host
+    seq_lens: np.ndarray  # [num_reqs], host: tokens in the cache after this step's write
+    block_table: mx.array  # [num_reqs, width], zero-copy view of the runner's block table
+    slot_mapping: torch.Tensor  # [num_tokens] on "mlx": cache slot of each new token
+    block_size: int
+    _decode_masks: dict = field(default_factory=dict)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+    def decode_blocks(self) -> int:
+        """Block-table columns that cover the longest decode request."""
+        longest = int(self.seq_lens[: self.num_decodes].max())
+        return -(-longest // self.block_size)
+
+    def decode_mask(self, window: int | None) -> mx.array:
+        """Shared by all layers with the same window."""
+        if window not in self._decode_masks:
+            num_keys = self.decode_blocks() * self.block_size
+            lengths = mx.array(self.seq_lens[: self.num_decodes])
+            self._decode_masks[window] = decode_mask(lengths, num_keys, window)
+        return self._decode_masks[window]
+
+
+class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first: they run as one batched attention call.
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> MLXAttentionMetadata:
+        common = common_attn_metadata
+        num_reqs = common.num_reqs
+        query_start = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        seq_lens = host_view(common.seq_lens[:num_reqs]).astype(np.int64)  # a copy
+        query_lens = np.diff(query_start)
+        not_decode = np.flatnonzero(query_lens != 1)
+        num_decodes = int(not_decode[0]) if len(not_decode) else num_reqs
+        return MLXAttentionMetadata(
+            num_actual_tokens=common.num_actual_tokens,
+            num_decodes=num_decodes,
+            query_start=query_start,
+            seq_lens=seq_lens,
+            block_table=to_mlx(common.block_table_tensor[:num_reqs]),
+            slot_mapping=common.slot_mapping,
+            block_size=self.kv_cache_spec.block_size,
+        )

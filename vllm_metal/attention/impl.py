@@ -1,0 +1,81 @@
+"""MLXAttentionImpl: writes new keys/values into the paged cache, then attends with MLX.
+
+Everything crosses to MLX as zero-copy views (torch_mlx.to_mlx): query, key, value, the cache
+and the block table; the result crosses back with from_mlx and is copied into vLLM's output
+buffer (O(tokens)).
+"""
+import mlx.core as mx
+import torch
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from torch_mlx import from_mlx, to_mlx
+
+from ..ops.cache import write_kv_slots
+from .backend import MLXAttentionMetadata
+from .paged import decode_attention, gather_kv, prefill_attention
+
+
+class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **unsupported) -> None:
+        if alibi_slopes is not None:
+            raise NotImplementedError("ALiBi attention is not supported on mlx")
+        if logits_soft_cap:
+            raise NotImplementedError("attention logit soft-capping is not supported on mlx")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"{attn_type} attention is not supported on mlx")
+        if unsupported:
+            raise NotImplementedError(f"attention options not supported on mlx: {unsupported}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        write_kv_slots(kv_cache, key, value, slot_mapping)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: MLXAttentionMetadata | None,
+                output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported on mlx")
+        if attn_metadata is None:
+            return output  # profiling run: no cache yet
+        num_tokens = attn_metadata.num_actual_tokens
+        result = self._attend(to_mlx(query[:num_tokens]), to_mlx(key[:num_tokens]),
+                              to_mlx(value[:num_tokens]), to_mlx(kv_cache), attn_metadata)
+        output[:num_tokens].copy_(from_mlx(result))
+        return output
+
+    def _attend(self, query: mx.array, key: mx.array, value: mx.array, cache: mx.array,
+                md: MLXAttentionMetadata) -> mx.array:
+        """query [T, Hq, D], key/value [T, H, D] (this step's tokens, already in the cache);
+        returns [T, Hq, Dv] in token order (decodes come first, see the builder)."""
+        outputs = []
+        if md.num_decodes:
+            block_table = md.block_table[: md.num_decodes, : md.decode_blocks()]
+            outputs.append(decode_attention(query[: md.num_decodes], cache, block_table,
+                                            md.decode_mask(self.sliding_window), self.scale,
+                                            self.head_size))
+        for r in range(md.num_decodes, md.num_reqs):
+            start, end = int(md.query_start[r]), int(md.query_start[r + 1])
+            seq_len = int(md.seq_lens[r])
+            if end == start:
+                continue
+            if seq_len == end - start:  # no earlier context: the new tokens are all the keys
+                keys = key[start:end].transpose(1, 0, 2)
+                values = value[start:end].transpose(1, 0, 2)
+            else:  # chunked prefill or a prefix-cache hit: read the context from the cache
+                num_blocks = -(-seq_len // md.block_size)
+                keys, values = gather_kv(cache, md.block_table[r, :num_blocks], self.head_size)
+                keys, values = keys[:, :seq_len], values[:, :seq_len]
+            outputs.append(prefill_attention(query[start:end], keys, values, self.scale,
+                                             self.sliding_window))
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)

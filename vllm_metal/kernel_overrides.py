@@ -1,0 +1,50 @@
+"""Replacements for the Triton kernels vLLM's runner launches on its device tensors.
+
+vLLM's published seam for this is ``Platform.register_triton_kernel_overrides`` with
+``vllm.triton_utils.dispatcher.register_kernels``: the override is called with the kernel's own
+argument names. Only kernels on the plain (no speculative decoding, no context parallelism) path
+are replaced; they compute small integer tables, which is host work under unified memory, done in
+numpy over zero-copy aliases of the "mlx" tensors.
+"""
+import numpy as np
+import torch
+
+from torch_mlx import _C
+
+
+def host_view(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array over ``tensor``'s bytes ("mlx" or CPU), no copy."""
+    if tensor.device.type == "mlx":
+        tensor = _C.cpu_alias(tensor)
+    return tensor.numpy()
+
+
+def compute_slot_mapping(
+    num_tokens, max_num_tokens, query_start_loc_ptr, positions_ptr, block_table_ptr,
+    block_table_stride, slot_mapping_ptr, KV_CACHE_BLOCK_SIZE, TOTAL_CP_WORLD_SIZE,
+    TOTAL_CP_RANK, CP_KV_CACHE_INTERLEAVE_SIZE, PAD_ID, BLOCK_SIZE,
+):
+    """slot[t] = block_table[req(t), pos(t) // block_size] * block_size + pos(t) % block_size,
+    PAD_ID for the tail up to max_num_tokens (vllm.v1.worker.block_table's kernel)."""
+    if TOTAL_CP_WORLD_SIZE != 1:
+        raise NotImplementedError("context parallelism is not supported on mlx")
+    query_start = host_view(query_start_loc_ptr).astype(np.int64)
+    positions = host_view(positions_ptr)[:num_tokens]
+    block_table = host_view(block_table_ptr)
+    requests = np.repeat(np.arange(len(query_start) - 1), np.diff(query_start))
+    block_size = KV_CACHE_BLOCK_SIZE
+    blocks = block_table[requests, positions // block_size].astype(np.int64)
+    out = host_view(slot_mapping_ptr)
+    out[:num_tokens] = blocks * block_size + positions % block_size
+    out[num_tokens:max_num_tokens] = PAD_ID
+
+
+OVERRIDES = {
+    "vllm.v1.worker.block_table.ComputeSlotMappingKernel.kernel": compute_slot_mapping,
+}
+
+
+def register() -> None:
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    register_kernels(OVERRIDES)

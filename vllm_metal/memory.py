@@ -1,0 +1,40 @@
+"""Device memory figures and the KV-cache budget (VLLM_METAL_MEMORY_FRACTION).
+
+Memory is unified: weights, activations and the KV cache all come from MLX's allocator, so MLX's
+own counters (active and peak bytes) measure what this process uses, and the device's total is
+the machine's memory (on Apple silicon, the GPU's recommended working set).
+"""
+import mlx.core as mx
+import psutil
+
+from . import envs
+
+
+def device_total_memory() -> int:
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return psutil.virtual_memory().total  # MLX's CPU backend reports no memory size
+
+
+def kv_cache_budget(*, total: int, peak_in_use: int, needed_for_all_seqs: int,
+                    gpu_memory_utilization: float) -> tuple[int, str]:
+    """Bytes for the KV cache, and a sentence saying how they were chosen.
+
+    ``peak_in_use``: the most memory this process held while profiling a full-size batch
+    (weights, runner buffers, activations). ``needed_for_all_seqs``: KV bytes for max_num_seqs
+    requests of max_model_len tokens. The result may be <= 0 or too small for one request; vLLM
+    then raises its usual error."""
+    fraction = envs.memory_fraction()
+    if fraction is None:
+        cap = int(total * gpu_memory_utilization) - peak_in_use
+        budget = min(needed_for_all_seqs, cap)
+        how = (f"VLLM_METAL_MEMORY_FRACTION=auto: {needed_for_all_seqs} bytes for max_num_seqs "
+               f"full-length requests, capped at gpu_memory_utilization={gpu_memory_utilization} "
+               f"of {total} bytes minus {peak_in_use} in use")
+    else:
+        budget = int(total * fraction) - peak_in_use
+        how = (f"VLLM_METAL_MEMORY_FRACTION={fraction}: {fraction} of {total} bytes minus "
+               f"{peak_in_use} in use")
+    return budget, how

@@ -1,0 +1,175 @@
+"""MetalPlatform: vLLM's view of device "mlx" (torch_mlx's PrivateUse1 backend)."""
+import logging
+import os
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from . import compat, envs
+
+logger = init_logger(__name__)
+
+ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
+WORKER = "vllm_metal.worker.MetalWorker"
+
+
+class MetalPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "mlx"
+    device_type: str = "mlx"
+    dispatch_key: str = "PrivateUse1"
+    dist_backend: str = "gloo"  # one device per process; groups of size 1 need only gloo
+    # torch.compile of small helpers: no inductor for "mlx" (the compiled path is a later issue).
+    simple_compile_backend: str = "eager"
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        import mlx.core as mx
+
+        return f"mlx ({mx.default_device()}, {mx.device_info().get('device_name', 'unknown')})"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        from .memory import device_total_memory
+
+        return device_total_memory()
+
+    @classmethod
+    def get_current_memory_usage(cls, device=None) -> float:
+        import mlx.core as mx
+
+        return float(mx.get_active_memory())
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        torch.mlx.set_device(device)
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        torch.mlx.manual_seed_all(seed)
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.no_grad()
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False  # unified memory: there is nothing to pin
+
+    @classmethod
+    def check_if_supports_dtype(cls, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"{dtype} is not supported on mlx; use float32, float16 or bfloat16")
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        pass  # vllm._C holds CUDA/CPU kernels; none of them runs on "mlx"
+
+    @classmethod
+    def register_triton_kernel_overrides(cls) -> None:
+        from . import kernel_overrides
+
+        kernel_overrides.register()
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        if attn_selector_config.use_mla:
+            raise NotImplementedError("MLA attention is not supported on mlx")
+        if attn_selector_config.use_sparse:
+            raise NotImplementedError("sparse attention is not supported on mlx")
+        if selected_backend is not None and selected_backend.name != "CUSTOM":
+            logger.info("Attention backend %s is not available on mlx; using MLX attention",
+                        selected_backend.name)
+        # vLLM names a layer's backend by enum member; CUSTOM is the member for out-of-tree
+        # backends, bound here to the MLX one.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
+        return ATTENTION_BACKEND
+
+    @classmethod
+    def apply_config_platform_defaults(cls, vllm_config) -> None:
+        # Runs before vLLM derives its defaults from the compilation mode: eager mode makes
+        # vLLM enable all custom ops ("all"), which is how the MLX overrides in vllm_metal.ops
+        # get used.
+        from vllm.config import CompilationMode
+
+        if vllm_config.compilation_config.mode is None:
+            vllm_config.compilation_config.mode = CompilationMode.NONE
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        envs.validate()
+        compat.install()
+        if envs.debug():
+            logging.getLogger("vllm_metal").setLevel(logging.DEBUG)
+        from . import ops  # noqa: F401  (registers the MLX custom-op overrides)
+
+        parallel = vllm_config.parallel_config
+        if parallel.world_size > 1:
+            raise NotImplementedError("mlx has one device: tensor/pipeline parallelism is "
+                                      f"not supported (world size {parallel.world_size})")
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = WORKER
+        parallel.disable_custom_all_reduce = True
+
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size:
+            cache.block_size = envs.block_size()
+
+        compilation = vllm_config.compilation_config
+        if compilation.mode != CompilationMode.NONE:
+            logger.warning("torch.compile mode %s is not supported on mlx yet; running eager",
+                           compilation.mode)
+            compilation.mode = CompilationMode.NONE
+        compilation.cudagraph_mode = CUDAGraphMode.NONE
+        compilation.cudagraph_capture_sizes = []
+        # async scheduling overlaps host work with device streams; MLX eager work is already
+        # finished when each op returns.
+        vllm_config.scheduler_config.async_scheduling = False
+
+        cls._choose_worker_start_method()
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config) -> None:
+        # vLLM would reset an unspecified block size to its own default (16) here; the MLX
+        # backend accepts any size, so VLLM_METAL_BLOCK_SIZE stands.
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size:
+            cache.block_size = envs.block_size()
+
+    @classmethod
+    def _choose_worker_start_method(cls) -> None:
+        """vLLM starts its engine core (and workers) with multiprocessing. MLX starts a thread at
+        its first evaluation, and a child forked after that hangs at its own first evaluation
+        (tests/vllm_metal/test_multiprocess.py), so, as vLLM does for an initialised CUDA, the
+        engine is spawned. A user's explicit VLLM_WORKER_MULTIPROC_METHOD=fork is kept."""
+        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") is None:
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        # vLLM flags VLLM_* variables it does not know; vllm_metal's are read in envs.py.
+        from vllm import envs as vllm_envs
+
+        for name in os.environ:
+            if (name.startswith("VLLM_") and name not in vllm_envs.environment_variables
+                    and name not in envs.VARIABLES):
+                if hard_fail:
+                    raise ValueError(f"Unknown vLLM environment variable detected: {name}")
+                logger.warning("Unknown vLLM environment variable detected: %s", name)
+
+    @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        return True
+
+    @classmethod
+    def check_runner_kv_caches_multi_layer(cls) -> None:
+        pass  # the runner is vLLM's own; it binds caches per layer name

@@ -1,0 +1,84 @@
+"""MetalWorker: vLLM's GPU worker on device "mlx".
+
+The GPU worker's device set-up, memory profiling and warm-up are CUDA-specific; this worker
+replaces those three and keeps the rest (model loading, KV-cache initialisation, execution).
+"""
+from contextlib import nullcontext
+
+import mlx.core as mx
+import torch
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import set_random_seed
+from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
+from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
+from vllm.v1.worker.worker_base import CompilationTimes
+
+from . import compat, envs
+from .memory import device_total_memory, kv_cache_budget
+from .model_runner import MetalModelRunner
+
+logger = init_logger(__name__)
+
+
+class MetalWorker(Worker):
+    def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
+                 is_driver_worker=False):
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method,
+                         is_driver_worker=is_driver_worker)
+        self.parallel_config.disable_custom_all_reduce = True
+
+    def init_device(self) -> None:
+        device = envs.mlx_device()
+        if device is not None:
+            mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        compat.install()
+        self.device = torch.device("mlx:0")
+        init_worker_distributed_environment(self.vllm_config, self.rank,
+                                            self.distributed_init_method, self.local_rank,
+                                            current_platform.dist_backend)
+        set_random_seed(self.model_config.seed)
+        self._init_workspace_and_model_runner()
+
+    def _make_model_runner(self) -> MetalModelRunner:
+        if self.use_v2_model_runner:
+            raise NotImplementedError("vllm_metal runs vLLM's V1 model runner; unset "
+                                      "VLLM_USE_V2_MODEL_RUNNER")
+        return MetalModelRunner(self.vllm_config, self.device)
+
+    def _maybe_get_memory_pool_context(self, tag: str):
+        return nullcontext()  # no CuMem pools: MLX's allocator serves everything
+
+    @torch.inference_mode()
+    def determine_available_memory(self) -> int:
+        explicit = self.cache_config.kv_cache_memory_bytes
+        if explicit is not None:
+            logger.info("KV cache: %d bytes, as set by kv_cache_memory_bytes", explicit)
+            return explicit
+        mx.synchronize()
+        mx.reset_peak_memory()
+        self.model_runner.profile_run()
+        peak = mx.get_peak_memory()
+        mx.clear_cache()
+        specs = self.model_runner.get_kv_cache_spec().values()
+        per_request = max_memory_usage_bytes(self.vllm_config, specs)
+        budget, how = kv_cache_budget(
+            total=device_total_memory(),
+            peak_in_use=peak,
+            needed_for_all_seqs=per_request * self.scheduler_config.max_num_seqs,
+            gpu_memory_utilization=self.cache_config.gpu_memory_utilization,
+        )
+        logger.info("KV cache: %d bytes (%s)", budget, how)
+        return budget
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        # Eager execution: nothing to compile or capture. Reset the seed so profiling's random
+        # draws do not shift the first request's samples.
+        set_random_seed(self.model_config.seed, self.parallel_config.data_parallel_index)
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def sleep(self, level: int = 1) -> None:
+        logger.warning("sleep mode is not supported on mlx; ignored")
+
+    def wake_up(self, tags=None) -> None:
+        logger.warning("sleep mode is not supported on mlx; ignored")
