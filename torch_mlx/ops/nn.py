@@ -1,1 +1,466 @@
-"""Neural-network ops: softmax, log_softmax, layer/rms/group norm, conv, pooling, activations, dropout, scaled_dot_product_attention, losses."""
+"""Neural-network ops: softmax, log_softmax, layer/rms/group norm, conv, pooling, activations, dropout, scaled_dot_product_attention, losses.
+
+Reduced-precision inputs are normalised and reduced in float32, as torch's CPU kernels
+accumulate in float; the adapter casts results back to torch's result dtype.
+"""
+import math
+
+import mlx.core as mx
+import torch
+
+from .registry import lowering, torch_kernel, tracing
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _upcast(x):
+    """float16/bfloat16 -> float32 for accumulation; other dtypes unchanged."""
+    return x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x
+
+
+def _on_vector(fn, x, dim, *rest):
+    """Softmax-like ops treat a 0-d tensor as a one-element vector along dim 0 (or -1)."""
+    if x.ndim == 0:
+        return fn(x[None], 0, *rest)[0]
+    return fn(x, dim, *rest)
+
+
+def _reduce(loss, reduction: int):
+    """torch.nn._reduction: 0 = none, 1 = mean, 2 = sum."""
+    if reduction == 1:
+        return mx.mean(loss)
+    if reduction == 2:
+        return mx.sum(loss)
+    return loss
+
+
+def _reduction_grad(grad_output, numel: int, reduction: int):
+    """The upstream gradient of each element of an elementwise loss."""
+    return grad_output / numel if reduction == 1 else grad_output
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax
+
+
+@lowering("_softmax")
+def softmax(self, dim, half_to_float):
+    return _on_vector(lambda x, d: mx.softmax(_upcast(x), axis=d, precise=True), self, dim)
+
+
+@lowering("_log_softmax")
+def log_softmax(self, dim, half_to_float):
+    def fn(x, d):
+        x = _upcast(x)
+        if x.size == 0:  # MLX's logsumexp rejects empty arrays
+            return x
+        return x - mx.logsumexp(x, axis=d, keepdims=True)
+
+    return _on_vector(fn, self, dim)
+
+
+@lowering("_safe_softmax")
+def safe_softmax(self, dim, dtype=None):
+    """Softmax whose fully masked rows (all -inf) are 0 instead of NaN."""
+    def fn(x, d):
+        x = _upcast(x if dtype is None else x.astype(dtype))
+        masked = mx.all(mx.isneginf(x), axis=d, keepdims=True)
+        return mx.where(masked, 0.0, mx.softmax(x, axis=d, precise=True))
+
+    return _on_vector(fn, self, dim)
+
+
+@lowering("_softmax_backward_data")
+def softmax_backward_data(grad_output, output, dim, input_dtype):
+    def fn(g, d, y):
+        g, y = _upcast(g), _upcast(y)
+        return y * (g - mx.sum(g * y, axis=d, keepdims=True))
+
+    return _on_vector(fn, grad_output, dim, output)
+
+
+@lowering("_log_softmax_backward_data")
+def log_softmax_backward_data(grad_output, output, dim, input_dtype):
+    def fn(g, d, y):
+        g, y = _upcast(g), _upcast(y)
+        return g - mx.exp(y) * mx.sum(g, axis=d, keepdims=True)
+
+    return _on_vector(fn, grad_output, dim, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+@lowering("native_layer_norm")
+def native_layer_norm(input, normalized_shape, weight, bias, eps):
+    """(output, mean, rstd); mean and rstd keep the normalised dims as size 1."""
+    axes = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    x = _upcast(input)
+    mean = mx.mean(x, axis=axes, keepdims=True)
+    rstd = mx.rsqrt(mx.var(x, axis=axes, keepdims=True) + eps)
+    out = (x - mean) * rstd
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out, mean, rstd
+
+
+@lowering("native_layer_norm_backward")
+def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias,
+                               output_mask):
+    axes = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    batch_axes = tuple(range(input.ndim - len(normalized_shape)))
+    g, x = _upcast(grad_out), _upcast(input)
+    xhat = (x - mean) * rstd
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        gw = g if weight is None else g * weight
+        grad_input = rstd * (gw - mx.mean(gw, axis=axes, keepdims=True)
+                             - xhat * mx.mean(gw * xhat, axis=axes, keepdims=True))
+    if output_mask[1] and weight is not None:
+        grad_weight = mx.sum(g * xhat, axis=batch_axes)
+    if output_mask[2] and bias is not None:
+        grad_bias = mx.sum(g, axis=batch_axes)
+    return grad_input, grad_weight, grad_bias
+
+
+@lowering("native_group_norm")
+def native_group_norm(input, weight, bias, N, C, HxW, group, eps):
+    """(output, mean, rstd) with mean and rstd of shape (N, group)."""
+    x = mx.reshape(_upcast(input), (N, group, C // group * HxW))
+    mean = mx.mean(x, axis=-1, keepdims=True)
+    rstd = mx.rsqrt(mx.var(x, axis=-1, keepdims=True) + eps)
+    out = mx.reshape((x - mean) * rstd, (N, C, HxW))
+    if weight is not None:
+        out = out * weight[:, None]
+    if bias is not None:
+        out = out + bias[:, None]
+    return mx.reshape(out, input.shape), mean[..., 0], rstd[..., 0]
+
+
+@lowering("native_group_norm_backward")
+def native_group_norm_backward(grad_out, input, mean, rstd, weight, N, C, HxW, group, output_mask):
+    g = mx.reshape(_upcast(grad_out), (N, C, HxW))
+    grouped = (N, group, C // group * HxW)
+    x = mx.reshape(_upcast(input), grouped)
+    mean, rstd = mean[..., None], rstd[..., None]
+    xhat = mx.reshape((x - mean) * rstd, (N, C, HxW))
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        gw = g if weight is None else g * weight[:, None]
+        gw = mx.reshape(gw, grouped)
+        xg = mx.reshape(xhat, grouped)
+        grad_input = rstd * (gw - mx.mean(gw, axis=-1, keepdims=True)
+                             - xg * mx.mean(gw * xg, axis=-1, keepdims=True))
+        grad_input = mx.reshape(grad_input, input.shape)
+    if output_mask[1]:
+        grad_weight = mx.sum(g * xhat, axis=(0, 2))
+    if output_mask[2]:
+        grad_bias = mx.sum(g, axis=(0, 2))
+    return grad_input, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations and their backward ops (boundary conventions are torch's CPU kernels')
+
+
+def _gelu(x, approximate="none"):
+    if approximate == "tanh":
+        inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1 + mx.tanh(inner))
+    return 0.5 * x * (1 + mx.erf(x * math.sqrt(0.5)))
+
+
+@lowering("gelu")
+def gelu(self, approximate="none"):
+    return _gelu(_upcast(self), approximate)
+
+
+@lowering("gelu_backward")
+def gelu_backward(grad_output, self, approximate="none"):
+    x, g = _upcast(self), _upcast(grad_output)
+    if approximate == "tanh":
+        beta, kappa = math.sqrt(2 / math.pi), 0.044715
+        t = mx.tanh(beta * (x + kappa * x * x * x))
+        dt = (1 - t * t) * beta * (1 + 3 * kappa * x * x)
+        return g * (0.5 * (1 + t) + 0.5 * x * dt)
+    cdf = 0.5 * (1 + mx.erf(x * math.sqrt(0.5)))
+    pdf = mx.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return g * (cdf + x * pdf)
+
+
+@lowering("silu")
+def silu(self):
+    x = _upcast(self)
+    return x * mx.sigmoid(x)
+
+
+@lowering("silu_backward")
+def silu_backward(grad_output, self):
+    x = _upcast(self)
+    s = mx.sigmoid(x)
+    return _upcast(grad_output) * s * (1 + x * (1 - s))
+
+
+@lowering("mish")
+def mish(self):
+    x = _upcast(self)
+    return x * mx.tanh(mx.logaddexp(x, 0.0))
+
+
+@lowering("relu")
+def relu(self):
+    # maximum keeps NaN, as torch's clamp_min does
+    return mx.maximum(self, mx.array(0, self.dtype))
+
+
+@lowering("threshold")
+def threshold(self, threshold, value):
+    return mx.where(self <= threshold, value, self)
+
+
+@lowering("threshold_backward")
+def threshold_backward(grad_output, self, threshold):
+    return mx.where(self <= threshold, 0, grad_output)
+
+
+@lowering("leaky_relu")
+def leaky_relu(self, negative_slope=0.01):
+    return mx.where(self > 0, self, self * negative_slope)
+
+
+@lowering("leaky_relu_backward")
+def leaky_relu_backward(grad_output, self, negative_slope, self_is_result):
+    return mx.where(self > 0, grad_output, grad_output * negative_slope)
+
+
+@lowering("elu")
+def elu(self, alpha=1, scale=1, input_scale=1):
+    x = _upcast(self)
+    return mx.where(x > 0, x * scale, mx.expm1(x * input_scale) * (alpha * scale))
+
+
+@lowering("elu_backward")
+def elu_backward(grad_output, alpha, scale, input_scale, is_result, self_or_result):
+    g, y = _upcast(grad_output), _upcast(self_or_result)
+    if is_result:  # y = alpha * scale * expm1(x * input_scale) where x <= 0
+        negative = g * input_scale * (y + alpha * scale)
+    else:
+        negative = g * input_scale * alpha * scale * mx.exp(y * input_scale)
+    return mx.where(y <= 0, negative, g * scale)
+
+
+@lowering("hardtanh")
+def hardtanh(self, min_val=-1, max_val=1):
+    return mx.minimum(mx.maximum(self, min_val), max_val)
+
+
+@lowering("hardtanh_backward")
+def hardtanh_backward(grad_output, self, min_val, max_val):
+    return mx.where((self <= min_val) | (self >= max_val), 0, grad_output)
+
+
+@lowering("hardsigmoid")
+def hardsigmoid(self):
+    return mx.minimum(mx.maximum(self + 3, 0), 6) / 6
+
+
+@lowering("hardsigmoid_backward")
+def hardsigmoid_backward(grad_output, self):
+    return mx.where((self > -3) & (self < 3), grad_output / 6, 0)
+
+
+@lowering("hardswish")
+def hardswish(self):
+    return self * mx.minimum(mx.maximum(self + 3, 0), 6) / 6
+
+
+@lowering("hardswish_backward")
+def hardswish_backward(grad_output, self):
+    inside = grad_output * (self / 3 + 0.5)
+    return mx.where(self <= -3, 0, mx.where(self < 3, inside, grad_output))
+
+
+@lowering("softplus")
+def softplus(self, beta=1, threshold=20):
+    x = _upcast(self)
+    return mx.where(x * beta > threshold, x, mx.log1p(mx.exp(x * beta)) / beta)
+
+
+@lowering("softplus_backward")
+def softplus_backward(grad_output, self, beta, threshold):
+    x, g = _upcast(self), _upcast(grad_output)
+    z = mx.exp(x * beta)
+    return mx.where(x * beta > threshold, g, g * z / (z + 1))
+
+
+@lowering("log_sigmoid_forward")
+def log_sigmoid_forward(self):
+    """(output, buffer): buffer = exp(-|x|), as torch's CPU kernel saves it."""
+    x = _upcast(self)
+    z = mx.exp(-mx.abs(x))
+    return mx.minimum(x, 0) - mx.log1p(z), z
+
+
+@lowering("log_sigmoid_backward")
+def log_sigmoid_backward(grad_output, self, buffer):
+    x, g = _upcast(self), _upcast(grad_output)
+    z = mx.exp(-mx.abs(x))
+    negative = x < 0
+    return g * (mx.where(negative, 1, 0) - mx.where(negative, 1, -1) * z / (1 + z))
+
+
+@lowering("glu")
+def glu(self, dim=-1):
+    a, b = mx.split(_upcast(self), 2, axis=dim)
+    return a * mx.sigmoid(b)
+
+
+@lowering("glu_backward")
+def glu_backward(grad_output, self, dim):
+    a, b = mx.split(_upcast(self), 2, axis=dim)
+    g = _upcast(grad_output)
+    s = mx.sigmoid(b)
+    return mx.concatenate([g * s, g * a * s * (1 - s)], axis=dim)
+
+
+@lowering("hardshrink")
+def hardshrink(self, lambd=0.5):
+    return mx.where((self >= -lambd) & (self <= lambd), 0, self)
+
+
+@lowering("hardshrink_backward")
+def hardshrink_backward(grad_out, self, lambd):
+    return mx.where((self >= -lambd) & (self <= lambd), 0, grad_out)
+
+
+@lowering("softshrink")
+def softshrink(self, lambd=0.5):
+    return mx.where(self > lambd, self - lambd, mx.where(self < -lambd, self + lambd, 0))
+
+
+@lowering("softshrink_backward")
+def softshrink_backward(grad_output, self, lambd):
+    return mx.where((self >= -lambd) & (self <= lambd), 0, grad_output)
+
+
+@lowering("_prelu_kernel")
+def prelu_kernel(self, weight):
+    return mx.where(self > 0, self, weight * self)
+
+
+@lowering("_prelu_kernel_backward")
+def prelu_kernel_backward(grad_output, self, weight):
+    positive = self > 0
+    return (mx.where(positive, grad_output, weight * grad_output),
+            mx.where(positive, 0, self * grad_output))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+
+
+@torch_kernel("native_dropout")
+def native_dropout(input, p, train):
+    """torch's CPU algorithm: a Bernoulli(1 - p) mask drawn with bernoulli_ from the device
+    generator (so the same seed gives the same mask as on CPU), then input * mask / (1 - p)."""
+    if input.numel() == 0:
+        return input.clone(), torch.empty_like(input, dtype=torch.bool)
+    if train is None or train:
+        keep = 1.0 - p
+        mask = torch.empty_like(input).bernoulli_(keep)
+        scale = 0.0 if keep == 0 else 1.0 / keep
+        return input * mask * scale, mask.bool()
+    return input.clone(), torch.ones_like(input, dtype=torch.bool)
+
+
+@lowering("native_dropout_backward")
+def native_dropout_backward(grad_output, mask, scale):
+    return grad_output * mask * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding (the forward, a gather, is in indexing.py)
+
+
+@lowering("embedding_dense_backward")
+def embedding_dense_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
+    """Rows of grad_output summed into the rows they were gathered from; the padding row gets
+    no gradient; with scale_grad_by_freq each row is divided by its index's count."""
+    idx = mx.reshape(indices, (-1,))
+    grad = mx.reshape(_upcast(grad_output), (idx.size, -1))
+    if padding_idx >= 0:
+        grad = mx.where((idx == padding_idx)[:, None], 0, grad)
+    if scale_grad_by_freq:
+        counts = mx.zeros((num_weights,), mx.float32).at[idx].add(1.0)
+        grad = grad / counts[idx][:, None]
+    return mx.zeros((num_weights, grad.shape[1]), grad.dtype).at[idx].add(grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def _nll_weights(target, weight, ignore_index):
+    """Per-target class weights, 0 where the target is ignore_index."""
+    w = mx.ones(target.shape, mx.float32) if weight is None else mx.take(weight, target)
+    return mx.where(target == ignore_index, 0, w)
+
+
+def _nll_forward(self, target, weight, reduction, ignore_index):
+    """nll_loss over a class axis 1 (or 0 for unbatched input)."""
+    class_axis = 0 if self.ndim == 1 else 1
+    safe = mx.where(target == ignore_index, 0, target)
+    picked = mx.take_along_axis(_upcast(self), mx.expand_dims(safe, class_axis), class_axis)
+    w = _nll_weights(target, weight, ignore_index)
+    loss = -mx.squeeze(picked, class_axis) * w
+    total_weight = mx.sum(w)
+    if reduction == 0:
+        return loss, mx.array(0.0)
+    if reduction == 2:
+        return mx.sum(loss), total_weight
+    return mx.sum(loss) / total_weight, total_weight
+
+
+def _check_targets(target, n_classes, ignore_index):
+    valid = (target == ignore_index) | ((target >= 0) & (target < n_classes))
+    if not mx.all(valid).item():
+        bad = mx.min(mx.where(valid, n_classes, target)).item() if mx.any(target < 0).item() \
+            else mx.max(mx.where(valid, -1, target)).item()
+        raise IndexError(f"Target {bad} is out of bounds.")
+
+
+@lowering("nll_loss_forward", "nll_loss2d_forward")
+def nll_loss_forward(self, target, weight, reduction, ignore_index):
+    if not tracing():  # value-dependent: compiled graphs cannot check
+        _check_targets(target, self.shape[0 if self.ndim == 1 else 1], ignore_index)
+    return _nll_forward(self, target, weight, reduction, ignore_index)
+
+
+@lowering("nll_loss_backward", "nll_loss2d_backward")
+def nll_loss_backward(grad_output, self, target, weight, reduction, ignore_index, total_weight):
+    """d loss / d self: -weight * grad at each target class, 0 elsewhere."""
+    class_axis = 0 if self.ndim == 1 else 1
+    g = _upcast(grad_output)
+    if reduction == 1:
+        g = g / total_weight
+    w = _nll_weights(target, weight, ignore_index) * g
+    classes = mx.arange(self.shape[class_axis])
+    classes = mx.reshape(classes, (-1,) + (1,) * (self.ndim - class_axis - 1))
+    hit = mx.expand_dims(target, class_axis) == classes
+    return mx.where(hit, -mx.expand_dims(w, class_axis), 0)
+
+
+@lowering("mse_loss")
+def mse_loss(self, target, reduction=1):
+    d = _upcast(self) - _upcast(target)
+    return _reduce(d * d, reduction)
+
+
+@lowering("mse_loss_backward")
+def mse_loss_backward(grad_output, self, target, reduction):
+    d = _upcast(self) - _upcast(target)
+    return 2 * d * _reduction_grad(_upcast(grad_output), d.size, reduction)

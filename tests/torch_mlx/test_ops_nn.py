@@ -1,0 +1,149 @@
+"""nn ops on "mlx" beyond OpInfo's forward comparison: backward ops and end-to-end training.
+
+OpInfo's compare-with-CPU checks forward values; here the gradients that torch's autograd
+formulas compute through the backward ops (layer_norm, softmax, gelu, nll_loss, embedding,
+dropout, attention ...) are compared with the CPU's, and small models trained with AdamW must
+give the CPU's losses.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _grads_match(fn, *inputs, rtol=None, atol=None):
+    """fn's outputs and the gradients of its inputs on "mlx" equal the CPU's."""
+    results = []
+    for device in ("cpu", "mlx"):
+        leaves = [x.detach().to(device).requires_grad_(x.is_floating_point()) for x in inputs]
+        out = fn(*leaves)
+        torch.manual_seed(1)
+        cotangent = torch.randn(out.shape).to(device)
+        grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], cotangent)
+        results.append([out.detach().cpu()] + [g.cpu() for g in grads])
+    torch.testing.assert_close(results[1], results[0], rtol=rtol, atol=atol)
+
+
+def test_layer_norm_backward():
+    x, w, b = torch.randn(4, 5, 8), torch.randn(8), torch.randn(8)
+    _grads_match(lambda x, w, b: F.layer_norm(x, (8,), w, b), x, w, b)
+    _grads_match(lambda x: F.layer_norm(x, (5, 8)), x)
+
+
+def test_group_norm_backward():
+    x, w, b = torch.randn(2, 6, 3, 4), torch.randn(6), torch.randn(6)
+    _grads_match(lambda x, w, b: F.group_norm(x, 3, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.gelu(x), lambda x: F.gelu(x, approximate="tanh"), F.silu, F.relu, F.mish,
+    lambda x: F.leaky_relu(x, 0.2), F.elu, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus,
+    F.logsigmoid, lambda x: F.glu(x, -1), lambda x: F.softmax(x, -1),
+    lambda x: F.log_softmax(x, 1), F.hardshrink, F.softshrink,
+])
+def test_activation_backward(fn):
+    x = torch.randn(6, 8) * 3
+    x[0, :4] = torch.tensor([0.0, -3.0, 3.0, 1.0])  # boundaries of the piecewise functions
+    _grads_match(fn, x)
+
+
+def test_nll_loss_backward_with_weights_and_ignore_index():
+    logits, target, weight = torch.randn(7, 5), torch.randint(0, 5, (7,)), torch.rand(5)
+    target[2] = -100
+    for reduction in ("mean", "sum", "none"):
+        _grads_match(lambda x: F.cross_entropy(x, target.to(x.device), weight.to(x.device),
+                                               reduction=reduction), logits)
+    images, pixels = torch.randn(2, 4, 3, 3), torch.randint(0, 4, (2, 3, 3))
+    _grads_match(lambda x: F.cross_entropy(x, pixels.to(x.device)), images)
+
+
+def test_nll_loss_target_out_of_bounds_raises_index_error():
+    with pytest.raises(IndexError):
+        F.nll_loss(torch.randn(3, 4).to("mlx"), torch.tensor([0, 4, 1]).to("mlx"))
+
+
+def test_embedding_backward_padding_and_frequency_scaling():
+    weight, idx = torch.randn(10, 4), torch.tensor([[1, 2, 2], [0, 9, 2]])
+    _grads_match(lambda w: F.embedding(idx.to(w.device), w, padding_idx=2,
+                                       scale_grad_by_freq=True), weight)
+
+
+def test_mse_loss_backward():
+    x, t = torch.randn(4, 3), torch.randn(4, 3)
+    for reduction in ("mean", "sum", "none"):
+        _grads_match(lambda x, t: F.mse_loss(x, t, reduction=reduction), x, t)
+
+
+def test_dropout_mask_follows_the_seed():
+    x = torch.ones(64, 64)
+    torch.manual_seed(7)
+    cpu = F.dropout(x, 0.3)
+    torch.manual_seed(7)
+    mlx = F.dropout(x.to("mlx"), 0.3).cpu()
+    torch.testing.assert_close(mlx, cpu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the same model, data and AdamW steps on the CPU and on "mlx" give the same losses.
+
+
+def _train(model, batches, loss_fn, device, steps=5):
+    model = copy.deepcopy(model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    for step in range(steps):
+        inputs, target = (t.to(device) for t in batches[step % len(batches)])
+        loss = loss_fn(model(inputs), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _same_losses(model, batches, loss_fn):
+    cpu = _train(model, batches, loss_fn, "cpu")
+    mlx = _train(model, batches, loss_fn, "mlx")
+    torch.testing.assert_close(torch.tensor(mlx), torch.tensor(cpu), rtol=1e-4, atol=0)
+
+
+def test_mlp_trains_like_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 32),
+                          nn.SiLU(), nn.Linear(32, 4))
+    batches = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    _same_losses(model, batches, F.cross_entropy)
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self, vocab=32, dim=32, heads=4, layers=2, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        n = tokens.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(n, device=tokens.device)
+        return self.head(self.blocks(self.embed(tokens), mask=causal, is_causal=True))
+
+
+def _lm_loss(logits, tokens):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_transformer_trains_like_cpu(dropout):
+    torch.manual_seed(0)
+    model = _TinyTransformer(dropout=dropout)
+    batches = [(t, t) for t in torch.randint(0, 32, (3, 4, 12))]
+    # the dropout masks are drawn in the same order from the same seed on both devices
+    torch.manual_seed(1)
+    cpu = _train(model, batches, _lm_loss, "cpu")
+    torch.manual_seed(1)
+    mlx = _train(model, batches, _lm_loss, "mlx")
+    torch.testing.assert_close(torch.tensor(mlx), torch.tensor(cpu), rtol=1e-4, atol=0)
