@@ -464,3 +464,240 @@ def mse_loss(self, target, reduction=1):
 def mse_loss_backward(grad_output, self, target, reduction):
     d = _upcast(self) - _upcast(target)
     return 2 * d * _reduction_grad(_upcast(grad_output), d.size, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution. torch is channels-first (N, C, *spatial); MLX's conv_general is channels-last
+# (N, *spatial, C) with weights (C_out, *kernel, C_in / groups).
+
+
+def _channels_last(x):
+    return mx.moveaxis(x, 1, -1)
+
+
+def _channels_first(x):
+    return mx.moveaxis(x, -1, 1)
+
+
+def _conv_general(x, w, groups, **kwargs):
+    """mx.conv_general, with groups done one by one where MLX has no grouped kernel (3-d)."""
+    if groups == 1 or x.ndim < 5:
+        return mx.conv_general(x, w, groups=groups, **kwargs)
+    xs, ws = mx.split(x, groups, axis=-1), mx.split(w, groups, axis=0)
+    return mx.concatenate([mx.conv_general(a, b, **kwargs) for a, b in zip(xs, ws)], axis=-1)
+
+
+def _conv(input, weight, stride, padding, dilation, transposed, output_padding, groups):
+    x = _channels_last(input)
+    if not transposed:
+        y = _conv_general(x, _channels_last(weight), groups, stride=list(stride),
+                          padding=list(padding), kernel_dilation=list(dilation))
+        return _channels_first(y)
+    # A transposed convolution correlates the input, dilated by the stride, with the flipped
+    # kernel: each side padded by the kernel's reach minus `padding` (plus output_padding at the
+    # end). Its weight (C_in, C_out / groups, *k) becomes (C_out, C_in / groups, *k) per group.
+    c_in, c_out_g, *kernel = weight.shape
+    w = mx.reshape(weight, [groups, c_in // groups, c_out_g] + kernel)
+    w = mx.reshape(mx.swapaxes(w, 1, 2), [groups * c_out_g, c_in // groups] + kernel)
+    reach = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    lo = [r - p for r, p in zip(reach, padding)]
+    hi = [r - p + o for r, p, o in zip(reach, padding, output_padding)]
+    y = _conv_general(x, _channels_last(w), groups, stride=1,
+                      padding=([max(p, 0) for p in lo], [max(p, 0) for p in hi]),
+                      kernel_dilation=list(dilation), input_dilation=list(stride), flip=True)
+    # negative padding (padding > the kernel's reach) crops the result instead
+    crop = tuple(slice(max(-a, 0), y.shape[i + 1] - max(-b, 0))
+                 for i, (a, b) in enumerate(zip(lo, hi)))
+    return _channels_first(y[(slice(None),) + crop])
+
+
+@lowering("convolution")
+def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                groups):
+    out = _conv(input, weight, stride, padding, dilation, transposed, output_padding, groups)
+    if bias is not None:
+        out = out + mx.reshape(bias, (-1,) + (1,) * (out.ndim - 2))
+    return out
+
+
+@lowering("convolution_backward")
+def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
+                         transposed, output_padding, groups, output_mask):
+    """Gradients by MLX's vjp of a plain convolution (results not asked for are never
+    evaluated: MLX is lazy). A transposed convolution is the adjoint of the plain one with the
+    same weight, <conv_transpose(x, w), g> = <x, conv(g, w)>: its input gradient is conv(g, w)
+    and its weight gradient the vjp of conv(g, .) with cotangent x."""
+    def conv(x, w):
+        return _conv(x, w, stride, padding, dilation, False, None, groups)
+
+    if transposed:
+        # output_padding may reach past a stride: conv(g, w) then covers positions beyond the
+        # input's, which the adjoint does not include
+        def adjoint(w):
+            return conv(grad_output, w)[tuple(slice(0, n) for n in input.shape)]
+
+        grad_input = adjoint(weight)
+        _, (grad_weight,) = mx.vjp(adjoint, [weight], [input])
+    else:
+        _, (grad_input, grad_weight) = mx.vjp(conv, [input, weight], [grad_output])
+    grad_bias = mx.sum(grad_output, axis=[0] + list(range(2, grad_output.ndim)))
+    return tuple(g if asked else None
+                 for g, asked in zip((grad_input, grad_weight, grad_bias), output_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling over the last n dims ((N, C, *spatial) or unbatched (C, *spatial)).
+
+
+def _pool_params(n, kernel_size, stride, padding, dilation=1):
+    def full(v):
+        return [v] * n if isinstance(v, int) else list(v) * (n if len(v) == 1 else 1)
+
+    kernel = full(kernel_size)
+    return kernel, full(stride) if stride else kernel, full(padding), full(dilation)
+
+
+def _pooled_size(size, k, s, p, d, ceil_mode):
+    """torch's pooling_output_shape: with ceil_mode the last window must start inside the
+    input or its left padding."""
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _windows(x, out, kernel, stride, dilation):
+    """Sliding windows of the last len(kernel) dims: (..., *spatial) -> (..., *out, *kernel),
+    a strided view of x (whose far side is padded to cover the last window)."""
+    n = len(kernel)
+    row_strides = [1]
+    for size in reversed(x.shape[1:]):
+        row_strides.insert(0, row_strides[0] * size)
+    lead, spatial = row_strides[:-n], row_strides[-n:]
+    shape = list(x.shape[:-n]) + list(out) + list(kernel)
+    strides = lead + [t * s for t, s in zip(spatial, stride)] + \
+        [t * d for t, d in zip(spatial, dilation)]
+    return mx.as_strided(x, shape, strides)
+
+
+def _padded_windows(x, n, kernel, stride, padding, dilation, ceil_mode, value):
+    """Windows over x padded with `value`: the padding on the left, and on the right as far as
+    the last window reaches."""
+    spatial = x.shape[-n:]
+    out = [_pooled_size(*a, ceil_mode) for a in zip(spatial, kernel, stride, padding, dilation)]
+    far = [max((o - 1) * s + d * (k - 1) + 1 - size - p, 0)
+           for o, s, d, k, size, p in zip(out, stride, dilation, kernel, spatial, padding)]
+    widths = [(0, 0)] * (x.ndim - n) + list(zip(padding, far))
+    padded = mx.pad(x, widths, constant_values=value)
+    return _windows(padded, out, kernel, stride, dilation), out
+
+
+def _max_pool(self, n, kernel_size, stride, padding, dilation, ceil_mode):
+    """(max, flat index into the input's spatial plane) per window. A NaN wins, and of several
+    NaNs the last, as in torch's CPU kernel (`val > max || isnan(val)`)."""
+    kernel, stride, padding, dilation = _pool_params(n, kernel_size, stride, padding, dilation)
+    geometry = (n, kernel, stride, padding, dilation, ceil_mode)
+    win, out = _padded_windows(self, *geometry, -math.inf)
+    k = math.prod(kernel)
+    win = mx.reshape(win, win.shape[:-n] + (k,))
+    nan = mx.isnan(win)
+    last_nan = k - 1 - mx.argmax(nan[..., ::-1], axis=-1)
+    arg = mx.where(mx.any(nan, axis=-1), last_nan, mx.argmax(win, axis=-1))
+    # the same windows over a plane of flat input indices pick the argmax's index
+    plane = mx.reshape(mx.arange(math.prod(self.shape[-n:])), self.shape[-n:])
+    index_win, _ = _padded_windows(plane, *geometry, -1)
+    index_win = mx.reshape(index_win, tuple(out) + (k,))
+    index = mx.take_along_axis(mx.broadcast_to(index_win, win.shape), arg[..., None], -1)
+    return mx.max(win, axis=-1), index[..., 0]
+
+
+@lowering("max_pool2d_with_indices")
+def max_pool2d_with_indices(self, kernel_size, stride=(), padding=0, dilation=1,
+                            ceil_mode=False):
+    return _max_pool(self, 2, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@lowering("max_pool3d_with_indices")
+def max_pool3d_with_indices(self, kernel_size, stride=(), padding=0, dilation=1,
+                            ceil_mode=False):
+    return _max_pool(self, 3, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _scatter_to_plane(grad_output, self, n, indices):
+    """Each output gradient added at its flat input index (max pooling's backward)."""
+    lead = math.prod(self.shape[:-n])
+    plane = math.prod(self.shape[-n:])
+    rows = mx.arange(lead)[:, None]
+    grad = mx.zeros((lead, plane), grad_output.dtype)
+    grad = grad.at[rows, mx.reshape(indices, (lead, -1))].add(
+        mx.reshape(grad_output, (lead, -1)))
+    return mx.reshape(grad, self.shape)
+
+
+@lowering("max_pool2d_with_indices_backward")
+def max_pool2d_with_indices_backward(grad_output, self, kernel_size, stride, padding, dilation,
+                                     ceil_mode, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 2, indices)
+
+
+@lowering("max_pool3d_with_indices_backward")
+def max_pool3d_with_indices_backward(grad_output, self, kernel_size, stride, padding, dilation,
+                                     ceil_mode, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 3, indices)
+
+
+def _avg_pool(self, n, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override):
+    kernel, stride, padding, _ = _pool_params(n, kernel_size, stride, padding)
+    geometry = (n, kernel, stride, padding, [1] * n, ceil_mode)
+    win, out = _padded_windows(_upcast(self), *geometry, 0)
+    sums = mx.sum(win, axis=tuple(range(-n, 0)))
+    if divisor_override:
+        return sums / divisor_override
+    # torch divides by the window's overlap with the input and its padding (count_include_pad)
+    # or with the input alone; never by the part of a ceil_mode window past the padding
+    divisor = mx.array(1.0)
+    for i, (size, k, s, p) in enumerate(zip(self.shape[-n:], kernel, stride, padding)):
+        start = mx.arange(out[i]) * s  # in padded coordinates
+        if count_include_pad:
+            count = mx.minimum(start + k, size + 2 * p) - start
+        else:
+            count = mx.minimum(start + k, size + p) - mx.maximum(start, p)
+        divisor = divisor * mx.reshape(count, (-1,) + (1,) * (n - 1 - i))
+    return sums / divisor
+
+
+@lowering("avg_pool2d")
+def avg_pool2d(self, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    return _avg_pool(self, 2, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+
+
+@lowering("avg_pool3d")
+def avg_pool3d(self, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    return _avg_pool(self, 3, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+
+
+def _avg_pool_backward(grad_output, self, n, *params):
+    """Average pooling is linear: its backward is MLX's vjp of the same pooling."""
+    if self.size == 0:  # MLX cannot scatter into an empty array
+        return mx.zeros(self.shape, mx.float32)
+    _, (grad,) = mx.vjp(lambda x: _avg_pool(x, n, *params), [self], [_upcast(grad_output)])
+    return grad
+
+
+@lowering("avg_pool2d_backward")
+def avg_pool2d_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override):
+    return _avg_pool_backward(grad_output, _upcast(self), 2, kernel_size, stride, padding,
+                              ceil_mode, count_include_pad, divisor_override)
+
+
+@lowering("avg_pool3d_backward")
+def avg_pool3d_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+                        count_include_pad, divisor_override):
+    return _avg_pool_backward(grad_output, _upcast(self), 3, kernel_size, stride, padding,
+                              ceil_mode, count_include_pad, divisor_override)
