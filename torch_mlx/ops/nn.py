@@ -593,22 +593,31 @@ def _padded_windows(x, n, kernel, stride, padding, dilation, ceil_mode, value):
 
 
 def _max_pool(self, n, kernel_size, stride, padding, dilation, ceil_mode):
-    """(max, flat index into the input's spatial plane) per window. A NaN wins, and of several
-    NaNs the last, as in torch's CPU kernel (`val > max || isnan(val)`)."""
+    """(max, flat index into the input's spatial plane) per window."""
     kernel, stride, padding, dilation = _pool_params(n, kernel_size, stride, padding, dilation)
     geometry = (n, kernel, stride, padding, dilation, ceil_mode)
     win, out = _padded_windows(self, *geometry, -math.inf)
-    k = math.prod(kernel)
+    # the same windows over a plane of flat input indices give each element's index
+    index_win, _ = _padded_windows(_index_plane(self, n), *geometry, -1)
+    return _window_max(win, index_win, n)
+
+
+def _index_plane(x, n):
+    """The flat index of each position of x's last n dims."""
+    return mx.reshape(mx.arange(math.prod(x.shape[-n:])), x.shape[-n:])
+
+
+def _window_max(win, index_win, n):
+    """Max and its input index over windows (..., *out, *kernel). A NaN wins, and of several
+    NaNs the last, as in torch's CPU kernels (`val > max || isnan(val)`)."""
+    k = math.prod(win.shape[-n:])
     win = mx.reshape(win, win.shape[:-n] + (k,))
     nan = mx.isnan(win)
     last_nan = k - 1 - mx.argmax(nan[..., ::-1], axis=-1)
     arg = mx.where(mx.any(nan, axis=-1), last_nan, mx.argmax(win, axis=-1))
-    # the same windows over a plane of flat input indices pick the argmax's index
-    plane = mx.reshape(mx.arange(math.prod(self.shape[-n:])), self.shape[-n:])
-    index_win, _ = _padded_windows(plane, *geometry, -1)
-    index_win = mx.reshape(index_win, tuple(out) + (k,))
-    index = mx.take_along_axis(mx.broadcast_to(index_win, win.shape), arg[..., None], -1)
-    return mx.max(win, axis=-1), index[..., 0]
+    index_win = mx.broadcast_to(mx.reshape(index_win, index_win.shape[:-n] + (k,)), win.shape)
+    index = mx.take_along_axis(index_win, arg[..., None], -1)[..., 0]
+    return mx.max(win, axis=-1), index
 
 
 @lowering("max_pool2d_with_indices")
@@ -701,3 +710,96 @@ def avg_pool3d_backward(grad_output, self, kernel_size, stride, padding, ceil_mo
                         count_include_pad, divisor_override):
     return _avg_pool_backward(grad_output, _upcast(self), 3, kernel_size, stride, padding,
                               ceil_mode, count_include_pad, divisor_override)
+
+
+# Adaptive pooling: output cell i of a dim of size L pools [floor(i L / O), ceil((i + 1) L / O)).
+
+
+def _adaptive_bounds(size, out):
+    i = mx.arange(out)
+    return (i * size) // out, ((i + 1) * size + out - 1) // out
+
+
+def _adaptive_avg_pool(self, output_size):
+    """A mean over each cell is a contraction with an averaging matrix per dim."""
+    x = _upcast(self)
+    n = len(output_size)
+    for i, out in enumerate(output_size):
+        axis = x.ndim - n + i
+        start, end = _adaptive_bounds(x.shape[axis], out)
+        j = mx.arange(x.shape[axis])
+        inside = (j >= start[:, None]) & (j < end[:, None])
+        averaging = mx.where(inside, 1.0 / (end - start)[:, None], 0.0)  # (out, size)
+        x = mx.moveaxis(mx.matmul(averaging, mx.moveaxis(x, axis, -2)), -2, axis)
+    return x
+
+
+@lowering("_adaptive_avg_pool2d")
+def adaptive_avg_pool2d(self, output_size):
+    return _adaptive_avg_pool(self, output_size)
+
+
+@lowering("_adaptive_avg_pool3d")
+def adaptive_avg_pool3d(self, output_size):
+    return _adaptive_avg_pool(self, output_size)
+
+
+def _adaptive_avg_pool_backward(grad_output, self, n):
+    """The pooling is linear: its backward is MLX's vjp of the same pooling."""
+    size = grad_output.shape[-n:]
+    _, (grad,) = mx.vjp(lambda x: _adaptive_avg_pool(x, size), [_upcast(self)],
+                        [_upcast(grad_output)])
+    return grad
+
+
+@lowering("_adaptive_avg_pool2d_backward")
+def adaptive_avg_pool2d_backward(grad_output, self):
+    return _adaptive_avg_pool_backward(grad_output, self, 2)
+
+
+@lowering("_adaptive_avg_pool3d_backward")
+def adaptive_avg_pool3d_backward(grad_output, self):
+    return _adaptive_avg_pool_backward(grad_output, self, 3)
+
+
+def _adaptive_windows(x, output_size):
+    """Cells as equal windows (..., *out, *kmax): a cell narrower than the widest repeats its
+    last element, which changes neither its max nor which element is the first (or last) max."""
+    n = len(output_size)
+    lead = x.ndim - n
+    for i, out in enumerate(output_size):
+        axis = lead + 2 * i  # the dims before have become (out, kmax) pairs
+        size = x.shape[axis]
+        start, end = _adaptive_bounds(size, out)
+        kmax = max(((j + 1) * size + out - 1) // out - (j * size) // out for j in range(out))
+        pos = mx.minimum(start[:, None] + mx.arange(kmax), end[:, None] - 1)
+        x = mx.take(x, mx.reshape(pos, (-1,)), axis=axis)
+        x = mx.reshape(x, x.shape[:axis] + (out, kmax) + x.shape[axis + 1:])
+    order = [lead + 2 * i for i in range(n)] + [lead + 2 * i + 1 for i in range(n)]
+    return mx.transpose(x, list(range(lead)) + order)
+
+
+def _adaptive_max_pool(self, output_size):
+    n = len(output_size)
+    index_win = _adaptive_windows(_index_plane(self, n), output_size)
+    return _window_max(_adaptive_windows(self, output_size), index_win, n)
+
+
+@lowering("adaptive_max_pool2d")
+def adaptive_max_pool2d(self, output_size):
+    return _adaptive_max_pool(self, output_size)
+
+
+@lowering("adaptive_max_pool3d")
+def adaptive_max_pool3d(self, output_size):
+    return _adaptive_max_pool(self, output_size)
+
+
+@lowering("adaptive_max_pool2d_backward")
+def adaptive_max_pool2d_backward(grad_output, self, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 2, indices)
+
+
+@lowering("adaptive_max_pool3d_backward")
+def adaptive_max_pool3d_backward(grad_output, self, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 3, indices)
