@@ -1,22 +1,231 @@
-"""Elementwise ops: unary, binary, comparison, logical and bitwise."""
+"""Elementwise ops: unary, binary, comparison, logical and bitwise.
+
+Each lowering computes what torch's CPU kernel computes. The adapter has already cast tensor
+inputs to torch's computation dtype (``promote=``), so half-precision inputs arrive as float32,
+as in torch's own "opmath" kernels. Where MLX's op means something else than torch's (integer
+pow with negative exponents, shifts past the bit width, fmod, floor division of floats) the
+lowering spells torch's definition out in MLX ops.
+"""
+import math
+
 import mlx.core as mx
 
-from .registry import PROMOTE, lowering
+from .registry import PROMOTE, lowering, tracing
 
-# Floating-point unary functions: integer inputs are computed in the default float dtype.
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+_INT_VIEW = {mx.float32: mx.int32, mx.float16: mx.int16, mx.bfloat16: mx.int16}
+
+
+def _is_float(a) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def _is_int(a) -> bool:
+    return mx.issubdtype(a.dtype, mx.integer)
+
+
+def _is_signed(a) -> bool:
+    return mx.issubdtype(a.dtype, mx.signedinteger)
+
+
+def _signbit(x):
+    """The sign bit, also of -0.0 and of NaNs (read from the bits, not by comparison)."""
+    if x.dtype in _INT_VIEW:
+        return mx.view(x, _INT_VIEW[x.dtype]) < 0
+    if x.dtype == mx.bool_ or mx.issubdtype(x.dtype, mx.unsignedinteger):
+        return mx.zeros(x.shape, mx.bool_)
+    return x < 0
+
+
+def _copysign(magnitude, sign):
+    mag = mx.abs(magnitude)
+    return mx.where(_signbit(sign), -mag, mag)
+
+
+def _check_no_zero_divisor(other):
+    """Integer division by zero raises in torch; the check needs the values, so it runs in eager
+    mode only (a compiled graph cannot evaluate while it traces)."""
+    if tracing():
+        return
+    if isinstance(other, mx.array):
+        if other.dtype == mx.bool_ or _is_int(other):
+            if mx.any(other == 0).item():
+                raise RuntimeError("ZeroDivisionError")
+    elif isinstance(other, (bool, int)) and other == 0:
+        raise RuntimeError("ZeroDivisionError")
+
+
+_TYPE_NAMES = {mx.bool_: "Bool", mx.uint8: "Byte", mx.int8: "Char", mx.int16: "Short",
+               mx.int32: "Int", mx.int64: "Long", mx.float16: "Half", mx.bfloat16: "BFloat16",
+               mx.float32: "Float", mx.uint16: "UInt16", mx.uint32: "UInt32",
+               mx.uint64: "UInt64", mx.complex64: "ComplexFloat"}
+
+
+def _require(x, name: str, *, bool_=True, ints=True, floats=True):
+    """Raise as torch's CPU kernel does for a dtype it has no kernel for (meta kernels do not
+    check dtypes). ``x`` is the computation-dtype operand."""
+    ok = (bool_ if x.dtype == mx.bool_ else ints if _is_int(x) else floats if _is_float(x)
+          else True)
+    if not ok:
+        raise NotImplementedError(f'"{name}" not implemented for \'{_TYPE_NAMES[x.dtype]}\'')
+
+
+def _opmath(x):
+    """Half-precision values computed in float32, as torch's CPU kernels do."""
+    if isinstance(x, mx.array) and x.dtype in (mx.float16, mx.bfloat16):
+        return x.astype(mx.float32)
+    return x
+
+
+def _as_array(x, like):
+    return x if isinstance(x, mx.array) else mx.array(x, dtype=like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unary floating-point functions: integer inputs are computed in the default float dtype.
+
 _FLOAT_UNARY = {
-    "exp": mx.exp, "expm1": mx.expm1, "log": mx.log, "log2": mx.log2, "log10": mx.log10,
+    "expm1": mx.expm1, "log": mx.log, "log2": mx.log2, "log10": mx.log10,
     "log1p": mx.log1p, "sqrt": mx.sqrt, "rsqrt": mx.rsqrt, "sin": mx.sin, "cos": mx.cos,
     "tan": mx.tan, "asin": mx.arcsin, "acos": mx.arccos, "atan": mx.arctan, "sinh": mx.sinh,
     "cosh": mx.cosh, "tanh": mx.tanh, "asinh": mx.arcsinh, "acosh": mx.arccosh,
-    "atanh": mx.arctanh, "sigmoid": mx.sigmoid, "erf": mx.erf, "erfinv": mx.erfinv,
+    "atanh": mx.arctanh, "erfinv": mx.erfinv, "reciprocal": mx.reciprocal,
 }
 for _name, _fn in _FLOAT_UNARY.items():
     lowering(_name, promote=PROMOTE.INT_TO_FLOAT)(lambda self, _fn=_fn: _fn(self))
 
+_LN2_HI = 0.693359375  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bits
+_LN2_LO = -2.12194440e-4
+
+
+def _pow2(k):
+    """2**k for integer-valued float32 k in [-75, 64], built from the exponent bits (exact)."""
+    return mx.view(mx.left_shift(k.astype(mx.int32) + 127, 23), mx.float32)
+
+
+def _exp(x):
+    """exp to float32 precision. MLX's exp is off by up to 4e-6 (relative) for |x| > 10; it is
+    accurate near 0, so reduce first: x = k ln2 + r, |r| <= ln2 / 2, exp(x) = 2**k exp(r), with
+    k ln2 subtracted in two exact-ish parts and 2**k applied in two halves (no overflow of the
+    factor where exp(x) is still finite or subnormal)."""
+    if x.dtype != mx.float32:
+        return mx.exp(x)
+    xc = mx.clip(x, -104.0, 89.0)  # exp is 0 below and inf above in float32
+    k = mx.round(xc * (1 / math.log(2)))
+    r = (xc - k * _LN2_HI) - k * _LN2_LO
+    k1 = mx.floor(k / 2)
+    out = mx.exp(r) * _pow2(k1) * _pow2(k - k1)
+    return mx.where(mx.isnan(x), x, out)
+
+
+@lowering("exp", promote=PROMOTE.INT_TO_FLOAT)
+def exp(self):
+    return _exp(self)
+
+
+@lowering("sigmoid", promote=PROMOTE.INT_TO_FLOAT)
+def sigmoid(self):
+    return 1 / (1 + _exp(-self))  # torch's formula: 0 where exp(-x) overflows
+
+
+# erf(x) = 2/sqrt(pi) * sum_n (-1)^n x^(2n+1) / (n! (2n+1)); twelve terms reach float32
+# precision for |x| < 1, where MLX's erf loses relative accuracy (it returns 0 for 1e-8 and is
+# off by 6e-7 near 1, which 1 - erf(x) would amplify in erfc).
+_ERF_SERIES = [(-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(12)]
+
+
+def _erf(x):
+    x2 = x * x
+    series = _ERF_SERIES[-1]
+    for c in reversed(_ERF_SERIES[:-1]):
+        series = series * x2 + c
+    return mx.where(mx.abs(x) < 1, (2 / math.sqrt(math.pi)) * x * series, mx.erf(x))
+
+
+@lowering("erf", promote=PROMOTE.INT_TO_FLOAT)
+def erf(self):
+    return _erf(self)
+
+
+@lowering("exp2", promote=PROMOTE.INT_TO_FLOAT)
+def exp2(self):
+    return mx.power(mx.array(2.0, self.dtype), self)  # exact at integers, unlike exp(x ln 2)
+
+
+@lowering("deg2rad", promote=PROMOTE.INT_TO_FLOAT)
+def deg2rad(self):
+    return self * (math.pi / 180)
+
+
+@lowering("rad2deg", promote=PROMOTE.INT_TO_FLOAT)
+def rad2deg(self):
+    return self * (180 / math.pi)
+
+
+@lowering("sinc", promote=PROMOTE.INT_TO_FLOAT)
+def sinc(self):
+    x = self * math.pi
+    return mx.where(self == 0, mx.array(1.0, self.dtype), mx.sin(x) / x)
+
+
+@lowering("logit", promote=PROMOTE.INT_TO_FLOAT, opmath=False)
+def logit(self, eps=None):
+    # torch's CPU kernel rounds each step to the input dtype (half stays half)
+    x = self
+    if eps is not None:  # clamp to [eps, 1 - eps]; NaN passes through
+        lo = mx.array(eps, x.dtype)
+        hi = 1 - lo
+        x = mx.where(x < lo, lo, mx.where(x > hi, hi, x))
+    return mx.log(x / (1 - x))
+
+
+def _exp_minus_square(x):
+    """exp(-x*x) without the rounding of x*x: x = hi + lo with hi a multiple of 1/16, so hi*hi
+    is exact (|x| < 16 needs 8 significant bits) and exp takes an exact argument plus a small
+    one."""
+    hi = mx.floor(x * 16) / 16
+    return _exp(-hi * hi) * _exp(-(x - hi) * (x + hi))
+
+
+def _erfc_tail_times_exp(x, terms=40):
+    """erfc(x) * exp(x*x) for x >= 1, by the continued fraction
+    sqrt(pi) erfc(x) e^(x^2) = 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))), evaluated from the
+    tail; 40 terms reach float32 precision from x = 1 on."""
+    t = x
+    for n in range(terms, 0, -1):
+        t = x + (n / 2) / t
+    return 1 / (math.sqrt(math.pi) * t)
+
+
+def _erfc_nonneg_tail(x):
+    """erfc(x) for x >= 1 to full relative precision (1 - erf(x) would cancel)."""
+    safe = mx.clip(x, 1, 20)  # erfc(20) is 0 in float32
+    return mx.where(x > 20, 0, _exp_minus_square(safe) * _erfc_tail_times_exp(safe))
+
+
+@lowering("erfc", promote=PROMOTE.INT_TO_FLOAT)
+def erfc(self):
+    a = mx.abs(self)
+    pos = mx.where(a < 1, 1 - _erf(a), _erfc_nonneg_tail(a))
+    return mx.where(self < 0, 2 - pos, pos)
+
+
+@lowering("special_erfcx", promote=PROMOTE.INT_TO_FLOAT)
+def special_erfcx(self):
+    a = mx.maximum(self, 1)
+    small = _exp(self * self) * (1 - _erf(self))
+    return mx.where(self < 1, small, _erfc_tail_times_exp(a))
+
+
+# ----------------------------------------------------------------------------------------------
+# Unary ops that keep the input dtype
+
 
 @lowering("abs", promote=PROMOTE.DEFAULT)
 def abs_(self):
+    _require(self, "abs_cpu", bool_=False)
     return mx.abs(self)
 
 
@@ -25,33 +234,509 @@ def neg(self):
     return mx.negative(self)
 
 
-@lowering("isnan", promote=PROMOTE.ALWAYS_BOOL)
+@lowering("sign", "sgn", promote=PROMOTE.DEFAULT)
+def sign(self):
+    if self.dtype == mx.bool_:
+        return self
+    if self.dtype == mx.complex64:  # sgn(z) = z / |z|, 0 at 0
+        mag = mx.abs(self)
+        return mx.where(mag == 0, mx.array(0, self.dtype), self / mag)
+    return mx.sign(self)  # sign(NaN) is 0 in both
+
+
+@lowering("signbit")
+def signbit(self):
+    return _signbit(self)
+
+
+def _rounding(name, fn):
+    def rounding(self):
+        _require(self, f"{name}_vml_cpu", bool_=False)
+        return self if _is_int(self) else fn(self)  # integers are already whole
+    return rounding
+
+
+lowering("ceil", promote=PROMOTE.DEFAULT)(_rounding("ceil", mx.ceil))
+lowering("floor", promote=PROMOTE.DEFAULT)(_rounding("floor", mx.floor))
+lowering("trunc", promote=PROMOTE.DEFAULT)(_rounding("trunc", mx.trunc))
+lowering("round", promote=PROMOTE.DEFAULT)(_rounding("round", mx.round))  # half to even, both
+
+
+@lowering("round.decimals", promote=PROMOTE.DEFAULT)
+def round_decimals(self, decimals=0):
+    _require(self, "round_cpu", bool_=False, ints=False)
+    # torch: nearbyint(x * 10^d) / 10^d for d > 0, nearbyint(x / 10^-d) * 10^-d otherwise
+    if decimals > 0:
+        scale = mx.array(10.0 ** decimals, self.dtype)
+        return mx.round(self * scale) / scale
+    scale = mx.array(10.0 ** -decimals, self.dtype)
+    return mx.round(self / scale) * scale
+
+
+@lowering("frac", promote=PROMOTE.DEFAULT)
+def frac(self):
+    _require(self, "frac_cpu", ints=False)
+    return self - mx.trunc(self)
+
+
+@lowering("bitwise_not", promote=PROMOTE.DEFAULT)
+def bitwise_not(self):
+    _require(self, "bitwise_not_cpu", floats=False)
+    return mx.logical_not(self) if self.dtype == mx.bool_ else mx.bitwise_invert(self)
+
+
+@lowering("isnan")
 def isnan(self):
-    return mx.isnan(self)
+    return mx.isnan(self) if _is_float(self) or self.dtype == mx.complex64 else \
+        mx.zeros(self.shape, mx.bool_)
 
 
-@lowering("add.Tensor", promote=PROMOTE.DEFAULT)
+@lowering("isinf")
+def isinf(self):
+    return mx.isinf(self) if _is_float(self) else mx.zeros(self.shape, mx.bool_)
+
+
+@lowering("isposinf")
+def isposinf(self):
+    return mx.isposinf(self) if _is_float(self) else mx.zeros(self.shape, mx.bool_)
+
+
+@lowering("isneginf")
+def isneginf(self):
+    return mx.isneginf(self) if _is_float(self) else mx.zeros(self.shape, mx.bool_)
+
+
+@lowering("nan_to_num")
+def nan_to_num(self, nan=None, posinf=None, neginf=None):
+    if not _is_float(self):
+        return self
+    info = mx.finfo(self.dtype)
+    x = mx.where(mx.isnan(self), mx.array(0.0 if nan is None else nan, self.dtype), self)
+    x = mx.where(mx.isposinf(self), mx.array(info.max if posinf is None else posinf, self.dtype), x)
+    return mx.where(mx.isneginf(self), mx.array(info.min if neginf is None else neginf, self.dtype),
+                    x)
+
+
+@lowering("frexp.Tensor")
+def frexp(self):
+    """x = mantissa * 2**exponent with 0.5 <= |mantissa| < 1, read from the float's bits."""
+    int_dtype = _INT_VIEW[self.dtype]
+    mant_bits = {mx.float32: 23, mx.float16: 10, mx.bfloat16: 7}[self.dtype]
+    exp_mask = {mx.float32: 0xFF, mx.float16: 0x1F, mx.bfloat16: 0xFF}[self.dtype]
+    bias = exp_mask // 2
+    # subnormals: scale into the normal range first, then correct the exponent
+    sub = (mx.abs(self) < 2.0 ** (1 - bias)) & (self != 0)  # below the smallest normal
+    scaled = mx.where(sub, self * mx.array(2.0 ** mant_bits, self.dtype), self)
+    bits = mx.view(scaled, int_dtype).astype(mx.int32)
+    biased = mx.right_shift(bits, mant_bits) & exp_mask
+    exponent = biased - (bias - 1) - mx.where(sub, mant_bits, 0)
+    # mantissa: the same bits with the exponent field set to 2**-1
+    clear = ~(exp_mask << mant_bits)
+    mbits = (bits & clear) | ((bias - 1) << mant_bits)
+    mantissa = mx.view(mbits.astype(int_dtype), self.dtype)
+    special = (self == 0) | mx.isinf(self) | mx.isnan(self)
+    return (mx.where(special, self, mantissa),
+            mx.where(special, 0, exponent).astype(mx.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arithmetic
+
+
+# add/sub: torch's CPU kernels round alpha * other to the tensor dtype before adding, so half
+# inputs are computed in half precision (opmath=False), as are trunc division and logit below.
+@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def add(self, other, alpha=1):
+    if self.dtype == mx.bool_:  # bool + bool stays boolean: a logical or
+        return mx.logical_or(self, mx.logical_and(other, bool(alpha)))
     return mx.add(self, other if alpha == 1 else mx.multiply(other, alpha))
 
 
-@lowering("sub.Tensor", promote=PROMOTE.DEFAULT)
+@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def sub(self, other, alpha=1):
     return mx.subtract(self, other if alpha == 1 else mx.multiply(other, alpha))
 
 
-@lowering("mul.Tensor", promote=PROMOTE.DEFAULT)
+@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+def rsub(self, other, alpha=1):
+    if self.dtype == mx.bool_:
+        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
+                           "If you are trying to invert a mask, use the `~` or "
+                           "`logical_not()` operator instead.")
+    return mx.subtract(other, self if alpha == 1 else mx.multiply(self, alpha))
+
+
+@lowering("mul.Tensor", "mul.Scalar", promote=PROMOTE.DEFAULT)
 def mul(self, other):
+    if self.dtype == mx.bool_:
+        return mx.logical_and(self, other)
     return mx.multiply(self, other)
 
 
-@lowering("div.Tensor", promote=PROMOTE.INT_TO_FLOAT)
+@lowering("div.Tensor", "div.Scalar", promote=PROMOTE.INT_TO_FLOAT)
 def div(self, other):
     return mx.divide(self, other)
 
+
+def _fmod(a, b):
+    """C fmod: the remainder of truncated division, exact. remainder() of nonnegative operands
+    is fmod, and fmod takes the sign of the dividend."""
+    r = mx.remainder(mx.abs(a), mx.abs(b))
+    if _is_float(a):
+        return _copysign(r, a)
+    return mx.where(a < 0, -r, r)
+
+
+def _floor_divide(a, b):
+    if not _is_float(a):
+        _check_no_zero_divisor(b)
+        return mx.floor_divide(a, b)
+    # torch (and Python): the quotient of a - fmod(a, b), rounded to the nearest integer
+    # (exact for quotients up to 2**24), one less when the remainder's sign differs from b's.
+    b = _as_array(b, a)
+    mod = _fmod(a, b)
+    q = (a - mod) / b
+    q = mx.where((mod != 0) & ((b < 0) != (mod < 0)), q - 1, q)
+    fq = mx.floor(q)
+    fq = mx.where(q - fq > 0.5, fq + 1, fq)
+    fq = mx.where(q == 0, _copysign(mx.zeros_like(q), a / b), fq)
+    return mx.where(b == 0, a / b, fq)
+
+
+def _trunc_divide(a, b):
+    if not _is_float(a):
+        _check_no_zero_divisor(b)
+        q = mx.floor_divide(mx.abs(a), mx.abs(b))
+        return mx.where((a < 0) != (b < 0), -q, q)
+    return mx.trunc(a / b)
+
+
+def _div_mode(self, other, rounding_mode=None):
+    if rounding_mode is None:
+        if not _is_float(self):
+            self = self.astype(mx.float32)
+        return mx.divide(self, other)
+    if rounding_mode == "trunc":  # half precision: trunc of the quotient rounded to half
+        _require(self, "div_trunc_cpu", bool_=False)
+        return _trunc_divide(self, other)
+    return _floor_divide(_opmath(self), _opmath(other))  # computed in float32 by torch
+
+
+# The inputs arrive in the result dtype (opmath=False); the modes upcast as torch's kernels do.
+lowering("div.Tensor_mode", "div.Scalar_mode", promote=PROMOTE.DEFAULT, opmath=False)(_div_mode)
+
+
+@lowering("floor_divide", "floor_divide.Scalar", promote=PROMOTE.DEFAULT)
+def floor_divide(self, other):
+    return _floor_divide(self, other)
+
+
+@lowering("remainder.Tensor", "remainder.Scalar", promote=PROMOTE.DEFAULT)
+def remainder(self, other):
+    _require(self, "remainder_cpu", bool_=False)
+    if not _is_float(self):
+        _check_no_zero_divisor(other)
+    return mx.remainder(self, other)  # both floor-mod: the result takes the divisor's sign
+
+
+@lowering("remainder.Scalar_Tensor", promote=PROMOTE.DEFAULT)
+def remainder_scalar_tensor(self, other):
+    return remainder(_as_array(self, other), other)
+
+
+@lowering("fmod.Tensor", "fmod.Scalar", promote=PROMOTE.DEFAULT)
+def fmod(self, other):
+    _require(self, "fmod_cpu", bool_=False)
+    if not _is_float(self):
+        _check_no_zero_divisor(other)
+    return _fmod(self, _as_array(other, self))
+
+
+def _int_pow(base, exp):
+    """torch's integer power: repeated multiplication (wrapping), and for negative exponents
+    1 ** -n = 1, (-1) ** -n = +-1, anything else 0."""
+    if not _is_signed(base):
+        return mx.power(base, exp)
+    p = mx.power(base, mx.maximum(exp, 0))
+    odd = mx.remainder(exp, 2) != 0
+    neg = mx.where(base == 1, 1, mx.where(base == -1, mx.where(odd, -1, 1), 0)).astype(p.dtype)
+    return mx.where(exp < 0, neg, p)
+
+
+def _pow(base, exp):
+    _require(base, "pow", bool_=False)
+    if _is_int(base):
+        return _int_pow(base, _as_array(exp, base))
+    return mx.power(base, exp)
+
+
+@lowering("pow.Tensor_Tensor", promote=PROMOTE.BOOL_TO_LONG)
+def pow_tensor_tensor(self, exponent):
+    return _pow(self, exponent)
+
+
+@lowering("pow.Tensor_Scalar", promote=PROMOTE.BOOL_TO_LONG)
+def pow_tensor_scalar(self, exponent):
+    if _is_int(self) and isinstance(exponent, int) and exponent < 0:
+        raise RuntimeError("Integers to negative integer powers are not allowed.")
+    return _pow(self, exponent)
+
+
+@lowering("pow.Scalar", promote=PROMOTE.BOOL_TO_LONG)
+def pow_scalar(self, exponent):
+    return _pow(_as_array(self, exponent), exponent)
+
+
+@lowering("maximum", promote=PROMOTE.DEFAULT)
+def maximum(self, other):
+    return mx.maximum(self, other)  # NaN propagates, as in torch
+
+
+@lowering("minimum", promote=PROMOTE.DEFAULT)
+def minimum(self, other):
+    return mx.minimum(self, other)
+
+
+@lowering("fmax", promote=PROMOTE.DEFAULT)
+def fmax(self, other):
+    if not _is_float(self):
+        return mx.maximum(self, other)
+    return mx.where(mx.isnan(self), other, mx.where(mx.isnan(other), self, mx.maximum(self, other)))
+
+
+@lowering("fmin", promote=PROMOTE.DEFAULT)
+def fmin(self, other):
+    if not _is_float(self):
+        return mx.minimum(self, other)
+    return mx.where(mx.isnan(self), other, mx.where(mx.isnan(other), self, mx.minimum(self, other)))
+
+
+def _clamp(self, min=None, max=None):
+    # min(max(x, lo), hi): a NaN anywhere propagates; lo > hi gives hi
+    x = self
+    if min is not None:
+        x = mx.maximum(x, min)
+    if max is not None:
+        x = mx.minimum(x, max)
+    return x
+
+
+lowering("clamp", "clamp.Tensor", promote=PROMOTE.DEFAULT)(_clamp)
+
+
+@lowering("clamp_min", "clamp_min.Tensor", promote=PROMOTE.DEFAULT)
+def clamp_min(self, min):
+    return mx.maximum(self, min)
+
+
+@lowering("clamp_max", "clamp_max.Tensor", promote=PROMOTE.DEFAULT)
+def clamp_max(self, max):
+    return mx.minimum(self, max)
+
+
+@lowering("atan2", promote=PROMOTE.INT_TO_FLOAT)
+def atan2(self, other):
+    return mx.arctan2(self, other)
+
+
+@lowering("hypot", promote=PROMOTE.DEFAULT)
+def hypot(self, other):
+    _require(self, "hypot_cpu", bool_=False, ints=False)
+    # max * sqrt(1 + (min/max)^2): no overflow or underflow of the squares
+    a, b = mx.abs(self), mx.abs(other)
+    hi, lo = mx.maximum(a, b), mx.minimum(a, b)
+    r = lo / mx.where(hi == 0, 1, hi)
+    h = hi * mx.sqrt(1 + r * r)
+    return mx.where(mx.isinf(a) | mx.isinf(b), mx.array(math.inf, h.dtype), h)
+
+
+@lowering("copysign.Tensor", "copysign.Scalar", promote=PROMOTE.INT_TO_FLOAT)
+def copysign(self, other):
+    return _copysign(self, _as_array(other, self))
+
+
+@lowering("nextafter", promote=PROMOTE.DEFAULT)
+def nextafter(self, other):
+    """The next representable float after self towards other: one step of the bit pattern."""
+    _require(self, "nextafter_cpu", bool_=False, ints=False)
+    int_dtype = _INT_VIEW[self.dtype]
+    bits = mx.view(self, int_dtype)
+    away = (self < other) == (self > 0)  # moving away from zero increases the magnitude bits
+    stepped = mx.view(mx.where(away, bits + 1, bits - 1).astype(int_dtype), self.dtype)
+    smallest = mx.view(mx.array(1, int_dtype), self.dtype)
+    from_zero = _copysign(mx.broadcast_to(smallest, other.shape), other)
+    out = mx.where(self == 0, from_zero, stepped)
+    out = mx.where(self == other, other, out)
+    return mx.where(mx.isnan(self) | mx.isnan(other), mx.array(math.nan, self.dtype), out)
+
+
+@lowering("ldexp.Tensor", promote=PROMOTE.INT_TO_FLOAT)
+def ldexp(self, other):
+    return self * mx.power(mx.array(2.0, self.dtype), other)
+
+
+@lowering("lerp.Scalar", "lerp.Tensor")  # torch requires one dtype: nothing to promote
+def lerp(self, end, weight):
+    _require(self, "lerp_kernel_scalar" if not isinstance(weight, mx.array) else
+             "lerp_kernel_tensor", bool_=False, ints=False)
+    self, end, weight = _opmath(self), _opmath(end), _opmath(weight)
+    # torch's two-sided formula: exact at weight 0 and weight 1
+    diff = end - self
+    weight = _as_array(weight, self)
+    return mx.where(mx.abs(weight) < 0.5, self + weight * diff, end - diff * (1 - weight))
+
+
+@lowering("addcmul", promote=PROMOTE.DEFAULT)
+def addcmul(self, tensor1, tensor2, value=1):
+    _require(self, "addcmul_cpu_out", bool_=False)
+    return self + value * tensor1 * tensor2
+
+
+@lowering("addcdiv", promote=PROMOTE.DEFAULT)
+def addcdiv(self, tensor1, tensor2, value=1):
+    if not _is_float(tensor1) and not _is_float(tensor2):
+        raise RuntimeError("Integer division with addcdiv is no longer supported, and in a "
+                           "future release addcdiv will perform a true division of tensor1 and "
+                           "tensor2. The historic addcdiv behavior can be implemented as "
+                           "(input + value * torch.trunc(tensor1 / tensor2)).to(input.dtype) "
+                           "for integer inputs and as (input + value * tensor1 / tensor2) for "
+                           "float inputs. The future addcdiv behavior is just the latter "
+                           "implementation: (input + value * tensor1 / tensor2), for all "
+                           "dtypes.")
+    return self + value * tensor1 / tensor2
+
+
+@lowering("logaddexp", promote=PROMOTE.DEFAULT)
+def logaddexp(self, other):
+    _require(self, "logaddexp_cpu", bool_=False, ints=False)
+    hi = mx.maximum(self, other)
+    out = hi + mx.log1p(mx.exp(-mx.abs(self - other)))
+    return mx.where(mx.isinf(self) & (self == other), self, out)
+
+
+@lowering("logaddexp2", promote=PROMOTE.DEFAULT)
+def logaddexp2(self, other):
+    _require(self, "logaddexp2_cpu", bool_=False, ints=False)
+    hi = mx.maximum(self, other)
+    out = hi + mx.log1p(mx.power(mx.array(2.0, hi.dtype), -mx.abs(self - other))) * (1 / math.log(2))
+    return mx.where(mx.isinf(self) & (self == other), self, out)
+
+
+def _xlog(fn):
+    def xlog(self, other):
+        self, other = _as_array(self, other), _as_array(other, self)
+        out = mx.where(self == 0, mx.zeros_like(self), self * fn(other))
+        return mx.where(mx.isnan(other), other, out)
+    return xlog
+
+
+lowering("xlogy.Tensor", "xlogy.Scalar_Other", "xlogy.Scalar_Self",
+         promote=PROMOTE.INT_TO_FLOAT)(_xlog(mx.log))
+lowering("special_xlog1py", "special_xlog1py.other_scalar", "special_xlog1py.self_scalar",
+         promote=PROMOTE.INT_TO_FLOAT)(_xlog(mx.log1p))
+
+
+@lowering("special_entr", promote=PROMOTE.INT_TO_FLOAT)
+def special_entr(self):
+    pos = -self * mx.log(mx.where(self > 0, self, 1))
+    out = mx.where(self > 0, pos, mx.where(self == 0, 0, -math.inf)).astype(self.dtype)
+    return mx.where(mx.isnan(self), self, out)
+
+
+@lowering("heaviside", promote=PROMOTE.DEFAULT)
+def heaviside(self, values):
+    return mx.where(self == 0, values, (self > 0).astype(self.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison and logical ops (inputs compared in their common dtype; results are bool)
 
 _COMPARISONS = {"eq": mx.equal, "ne": mx.not_equal, "lt": mx.less, "le": mx.less_equal,
                 "gt": mx.greater, "ge": mx.greater_equal}
 for _name, _fn in _COMPARISONS.items():
     lowering(f"{_name}.Tensor", f"{_name}.Scalar", promote=PROMOTE.DEFAULT)(
         lambda self, other, _fn=_fn: _fn(self, other))
+
+
+def _truth(x):
+    return x if x.dtype == mx.bool_ else x != 0
+
+
+@lowering("logical_not")
+def logical_not(self):
+    return mx.logical_not(_truth(self))
+
+
+_LOGICAL = {"logical_and": mx.logical_and, "logical_or": mx.logical_or,
+            "logical_xor": mx.not_equal}
+for _name, _fn in _LOGICAL.items():
+    lowering(_name)(lambda self, other, _fn=_fn: _fn(_truth(self), _truth(other)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bitwise ops (integers and bool)
+
+_BITWISE = {"and": (mx.bitwise_and, mx.logical_and), "or": (mx.bitwise_or, mx.logical_or),
+            "xor": (mx.bitwise_xor, mx.not_equal)}
+
+
+def _bitwise(name, int_fn, bool_fn):
+    def bitwise(self, other):
+        self, other = _as_array(self, other), _as_array(other, self)
+        _require(self, f"bitwise_{name}_cpu", floats=False)
+        return bool_fn(self, other) if self.dtype == mx.bool_ else int_fn(self, other)
+    return bitwise
+
+
+for _name, (_int_fn, _bool_fn) in _BITWISE.items():
+    lowering(f"bitwise_{_name}.Tensor", f"bitwise_{_name}.Scalar",
+             f"bitwise_{_name}.Scalar_Tensor", promote=PROMOTE.DEFAULT)(
+        _bitwise(_name, _int_fn, _bool_fn))
+
+
+def _bit_width(dtype) -> int:
+    return dtype.size * 8
+
+
+def _left_shift(a, b):
+    # torch: shifting by a negative amount or by the bit width or more gives 0
+    a, b = _as_array(a, b), _as_array(b, a)
+    _require(a, "lshift_cpu", bool_=False, floats=False)
+    out_of_range = (b < 0) | (b >= _bit_width(a.dtype))
+    shifted = mx.left_shift(a, mx.where(out_of_range, 0, b).astype(a.dtype))
+    return mx.where(out_of_range, mx.zeros_like(shifted), shifted)
+
+
+def _right_shift(a, b):
+    # torch: out-of-range shifts fill with the sign bit (arithmetic shift by width - 1)
+    a, b = _as_array(a, b), _as_array(b, a)
+    _require(a, "rshift_cpu", bool_=False, floats=False)
+    width = _bit_width(a.dtype)
+    b = mx.where((b < 0) | (b >= width), width - 1 if _is_signed(a) else width, b)
+    shifted = mx.right_shift(a, mx.minimum(b, width - 1).astype(a.dtype))
+    return mx.where(b >= width, mx.zeros_like(shifted), shifted)
+
+
+lowering("bitwise_left_shift.Tensor", "bitwise_left_shift.Tensor_Scalar",
+         "bitwise_left_shift.Scalar_Tensor", "__lshift__.Tensor", "__lshift__.Scalar",
+         promote=PROMOTE.DEFAULT)(_left_shift)
+lowering("bitwise_right_shift.Tensor", "bitwise_right_shift.Tensor_Scalar",
+         "bitwise_right_shift.Scalar_Tensor", "__rshift__.Tensor", "__rshift__.Scalar",
+         promote=PROMOTE.DEFAULT)(_right_shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# Copies. In eager mode clone and _to_copy are torch's composites (empty + the native copy,
+# which keeps strides and converts dtypes exactly as the CPU does); in compiled graphs they are
+# MLX ops.
+
+
+@lowering("clone", eager=False)
+def clone(self, memory_format=None):
+    return mx.array(self)
+
+
+@lowering("_to_copy", eager=False)
+def to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
+            memory_format=None):
+    return self.astype(dtype) if dtype is not None else mx.array(self)

@@ -67,6 +67,9 @@ class Lowering:
     promote: PROMOTE | None  # elementwise type promotion of the tensor/number inputs
     meta: bool  # run torch's meta kernel first (False for data-dependent output shapes)
     eager: bool = True  # False: compiled graphs only (view ops, which eager runs natively in C++)
+    # True: half-precision inputs are promoted to float32 (torch's "opmath"). False: inputs are
+    # cast to the result dtype, for ops whose CPU kernels round every step to half precision.
+    opmath: bool = True
 
 
 TABLE: dict[str, Lowering] = {}
@@ -82,7 +85,7 @@ def tracing() -> bool:
 
 
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
-             eager: bool = True):
+             eager: bool = True, opmath: bool = True):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
 
     ``eager=False`` keeps the lowering out of eager dispatch: view ops must alias their input's
@@ -93,7 +96,7 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
         for name in names:
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TABLE[name] = Lowering(name, fn, promote, meta, eager)
+            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath)
         return fn
 
     return register
@@ -227,10 +230,10 @@ def _spec_of(meta_out):
     return None
 
 
-def _meta_info(op, args, kwargs, promote):
+def _meta_info(op, args, kwargs, promote, opmath=True):
     """(result spec, computation dtype) for a call, from the cache or torch's meta kernel."""
     if op in _NO_META:
-        return None, _compute_dtype(args, promote)
+        return None, _compute_dtype(args, promote, opmath)
     key = (op, _key_of(args), _key_of(tuple(kwargs.items())))
     hashable = _UNHASHABLE not in key[1] and _UNHASHABLE not in key[2]
     if hashable:
@@ -245,8 +248,8 @@ def _meta_info(op, args, kwargs, promote):
         spec = _spec_of(op(*margs, **mkwargs))
     except NotImplementedError:
         _NO_META.add(op)  # no meta kernel: the lowering's own result dtype stands
-        return None, _compute_dtype(args, promote)
-    info = (spec, _compute_dtype(args, promote))
+        return None, _compute_dtype(args, promote, opmath)
+    info = (spec, _compute_dtype(args, promote, opmath))
     if hashable:
         if len(_META_CACHE) >= _META_CACHE_SIZE:
             _META_CACHE.clear()
@@ -254,19 +257,19 @@ def _meta_info(op, args, kwargs, promote):
     return info
 
 
-def _compute_dtype(args, promote):
+def _compute_dtype(args, promote, opmath):
     if promote is None:
         return None
     inputs = [a for a in args if isinstance(a, (torch.Tensor, bool, int, float, complex))]
-    return elementwise_dtypes(*inputs, type_promotion_kind=promote)[0]
+    return elementwise_dtypes(*inputs, type_promotion_kind=promote)[0 if opmath else 1]
 
 
 def functional_kernel(op, low: Lowering):
     def kernel(*args, **kwargs):
         if low.meta:
-            spec, compute_dtype = _meta_info(op, args, kwargs, low.promote)
+            spec, compute_dtype = _meta_info(op, args, kwargs, low.promote, low.opmath)
         else:
-            spec, compute_dtype = None, _compute_dtype(args, low.promote)
+            spec, compute_dtype = None, _compute_dtype(args, low.promote, low.opmath)
         buffers = []
         margs = [_arg_to_mx(a, buffers) for a in args]
         mkwargs = {k: _arg_to_mx(v, buffers) for k, v in kwargs.items()}
