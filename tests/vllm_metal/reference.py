@@ -1,0 +1,30 @@
+"""transformers on the CPU in float32: the reference vLLM-on-mlx is compared with."""
+import functools
+
+import torch
+import transformers
+
+
+@functools.lru_cache(maxsize=2)
+def load(model_dir: str):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+@torch.no_grad()
+def greedy(model_dir: str, prompt_ids: list[int], max_tokens: int):
+    """transformers' greedy generation of exactly max_tokens tokens (EOS suppressed, as vLLM's
+    min_tokens does). Returns (token ids, per-step raw logits [max_tokens, vocab])."""
+    _, model = load(model_dir)
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    return tokens, torch.cat(out.logits, dim=0)
+
+
+def tokenize(model_dir: str, prompt: str) -> list[int]:
+    tokenizer, _ = load(model_dir)
+    return tokenizer(prompt).input_ids

@@ -1,0 +1,139 @@
+"""Prefix caching, chunked prefill, logprobs, seeded sampling and the in-place KV-cache write,
+each checked against transformers (CPU, float32) where there is a reference."""
+import gc
+
+import pytest
+import torch
+import vllm
+from vllm import SamplingParams
+
+import reference
+from conftest import PROMPTS, model_maker
+
+MAX_TOKENS = 32
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
+
+
+def assert_greedy_matches(path, outputs):
+    for output in outputs:
+        prompt_ids = list(output.prompt_token_ids)
+        expected, _ = reference.greedy(path, prompt_ids, MAX_TOKENS)
+        assert list(output.outputs[0].token_ids) == expected, f"prompt of {len(prompt_ids)}"
+
+
+@pytest.fixture(scope="module")
+def llama(model_dir):
+    path = model_dir("LlamaForCausalLM")
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   enable_prefix_caching=True)
+    yield path, llm
+    del llm
+    gc.collect()
+
+
+def test_prefix_caching_with_a_shared_prefix(llama):
+    path, llm = llama
+    sentences = model_maker.training_text(0)[3100:]
+    prefix = " ".join(sentences[:7])  # about 90 tokens: five full 16-token blocks
+    prompts = [prefix + " " + " ".join(sentences[10 + i: 11 + 2 * i]) for i in range(8)]
+    first = llm.generate(prompts[:1], GREEDY)  # fills the cache with the prefix
+    outputs = llm.generate(prompts, GREEDY)
+    shared = min(len(reference.tokenize(path, prefix)), len(first[0].prompt_token_ids))
+    for output in outputs:
+        # Every request found the prefix's full blocks in the cache and only computed the rest
+        # (attention over cached context: the chunked path of the MLX backend).
+        assert output.num_cached_tokens >= (shared // 16 - 1) * 16 > 0
+    assert_greedy_matches(path, outputs)
+    again = llm.generate(prompts, GREEDY)  # fully cached prompts, except the last block
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outputs]
+
+
+def test_logprobs_match_transformers_log_softmax(llama):
+    path, llm = llama
+    params = SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0, logprobs=5,
+                            prompt_logprobs=3)
+    for output in llm.generate(PROMPTS[:4], params):
+        prompt_ids = list(output.prompt_token_ids)
+        _, logits = reference.greedy(path, prompt_ids, 8)
+        expected = torch.log_softmax(logits, dim=-1)
+        steps = output.outputs[0].logprobs
+        assert len(steps) == 8
+        for step, top in enumerate(steps):
+            assert len(top) >= 5
+            for token, logprob in top.items():
+                assert abs(logprob.logprob - expected[step, token].item()) < 1e-4
+        _, model = reference.load(path)
+        with torch.no_grad():
+            prompt_logits = model(torch.tensor([prompt_ids])).logits[0]
+        expected_prompt = torch.log_softmax(prompt_logits, dim=-1)
+        assert output.prompt_logprobs[0] is None
+        for position, top in enumerate(output.prompt_logprobs[1:], start=1):
+            for token, logprob in top.items():
+                value = expected_prompt[position - 1, token].item()
+                assert abs(logprob.logprob - value) < 1e-4
+
+
+def test_seeded_sampling_reproduces(llama):
+    _, llm = llama
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1234)
+    first = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    # Same seed in another run, with the batch in the opposite order: same samples.
+    second = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[::-1], params)][::-1]
+    assert first == second
+    other = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=4321)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, other)] != first
+
+
+def _record_cache_writes(worker):
+    from vllm.model_executor.layers.attention import Attention
+
+    worker.cache_writes = []
+    for module in worker.model_runner.model.modules():
+        if isinstance(module, Attention):
+            impl, write = module.impl, module.impl.do_kv_cache_update
+
+            def recorded(layer, key, value, kv_cache, slot_mapping, write=write):
+                worker.cache_writes.append((layer.layer_name, kv_cache.data_ptr(),
+                                            kv_cache.untyped_storage().data_ptr(), key.shape[0]))
+                return write(layer, key, value, kv_cache, slot_mapping)
+
+            impl.do_kv_cache_update = recorded
+    return [(t.data_ptr(), t.untyped_storage().data_ptr()) for t in worker.model_runner.kv_caches]
+
+
+def _cache_writes(worker):
+    return worker.cache_writes
+
+
+def _cache_pointers(worker):
+    return [(t.data_ptr(), t.untyped_storage().data_ptr()) for t in worker.model_runner.kv_caches]
+
+
+def test_kv_cache_is_written_in_place(llama):
+    _, llm = llama
+    before = llm.collective_rpc(_record_cache_writes)[0]
+    llm.generate(PROMPTS, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
+    writes = llm.collective_rpc(_cache_writes)[0]
+    assert llm.collective_rpc(_cache_pointers)[0] == before
+    layers = sorted({name for name, *_ in writes})
+    assert len(layers) == 2  # the tiny Llama's two attention layers
+    for name in layers:
+        steps = [(ptr, storage) for layer, ptr, storage, _ in writes if layer == name]
+        assert len(steps) >= 4  # prefill, then one decode step per further token
+        assert len(set(steps)) == 1, f"{name}: the cache moved between steps"
+    # A decode step writes one slot per running request, not the whole cache.
+    assert min(n for *_, n in writes) <= len(PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_chunked_prefill_matches_transformers(arch, model_dir):
+    # 32 tokens per step: every prompt past 32 tokens is prefilled in chunks, each attending to
+    # the previous chunks through the cache, batched with other requests' decode steps. With
+    # Mistral the chunks also cross its 40-token sliding window.
+    path = model_dir(arch)
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   enable_chunked_prefill=True, max_num_batched_tokens=32)
+    assert max(len(reference.tokenize(path, p)) for p in PROMPTS) > 4 * 32
+    assert_greedy_matches(path, llm.generate(PROMPTS, GREEDY))
+    del llm
+    gc.collect()

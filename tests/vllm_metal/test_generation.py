@@ -1,0 +1,65 @@
+"""vLLM's own model code on device "mlx": greedy output is token-identical to transformers.
+
+Every tiny architecture, eight prompts of different lengths in one batch, 32 greedy tokens each
+(EOS suppressed on both sides: transformers' min_new_tokens, vLLM's min_tokens). This file
+imports vllm only: the platform must come from the vllm.platform_plugins entry point.
+"""
+import gc
+
+import pytest
+import vllm
+from vllm import SamplingParams
+
+import reference
+from conftest import ARCHITECTURES, PROMPTS
+
+MAX_TOKENS = 32
+
+
+def _layer_windows(worker):
+    from vllm.model_executor.layers.attention import Attention
+
+    return sorted({(type(m.impl).__name__, m.impl.sliding_window)
+                   for m in worker.model_runner.model.modules() if isinstance(m, Attention)})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_matches_transformers(arch, model_dir):
+    path = model_dir(arch)
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+    from vllm.platforms import current_platform
+
+    assert type(current_platform).__name__ == "MetalPlatform"
+    assert current_platform.device_type == "mlx"
+    windows = llm.collective_rpc(_layer_windows)[0]
+    expected_window = 40 if arch == "MistralForCausalLM" else None
+    assert windows == [("MLXAttentionImpl", expected_window)]
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
+    outputs = llm.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, outputs):
+        prompt_ids = reference.tokenize(path, prompt)
+        assert list(output.prompt_token_ids) == prompt_ids
+        expected, _ = reference.greedy(path, prompt_ids, MAX_TOKENS)
+        assert list(output.outputs[0].token_ids) == expected, (
+            f"{arch}: prompt of {len(prompt_ids)} tokens")
+    del llm
+    gc.collect()
+
+
+def test_reference_honours_the_sliding_window(model_dir):
+    # The Mistral comparison above only proves sliding-window attention if transformers'
+    # reference itself depends on the window: without it, a long prompt continues differently.
+    import transformers
+
+    path = model_dir("MistralForCausalLM")
+    prompt_ids = reference.tokenize(path, PROMPTS[-1])
+    assert len(prompt_ids) > 2 * 40
+    windowed, _ = reference.greedy(path, prompt_ids, MAX_TOKENS)
+    config = transformers.AutoConfig.from_pretrained(path)
+    config.sliding_window = None
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config).eval()
+    ids = reference.torch.tensor([prompt_ids])
+    full = model.generate(ids, attention_mask=reference.torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
+    assert full[0, len(prompt_ids):].tolist() != windowed
