@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (each module fills the table on import)
     sorting,
     views,
 )
+from . import decompositions  # noqa: F401,E402  (last: torch's decompositions fill the gaps)
 
 _registrar = registry.Registrar()
 _registrar.register_all()

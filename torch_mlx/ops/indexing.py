@@ -257,7 +257,7 @@ class _Plan:
         """``x`` with the indexed dims flattened into dim 0, the others after it."""
         x = mx.transpose(x, self.dims + self.rest) if self.dims != list(range(len(self.dims))) \
             else x
-        return mx.reshape(x, (-1,) + self.rest_shape)
+        return mx.reshape(x, (math.prod(self.shape[d] for d in self.dims),) + self.rest_shape)
 
     def result_shape(self):
         if self.adjacent:
@@ -350,7 +350,7 @@ def index_put(self, indices, values, accumulate=False):
     vals = _index_put_values(self.dtype, plan, values)
     x = plan.front(self)
     lin = mx.reshape(plan.lin(), (-1,))
-    vals = mx.reshape(vals, (-1,) + plan.rest_shape)
+    vals = mx.reshape(vals, (math.prod(plan.bshape),) + plan.rest_shape)
     if accumulate:
         x = x.at[lin].add(vals)
     else:
