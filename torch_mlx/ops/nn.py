@@ -163,6 +163,127 @@ def native_group_norm_backward(grad_out, input, mean, rstd, weight, N, C, HxW, g
     return grad_input, grad_weight, grad_bias
 
 
+# Batch norm. The MLX lowerings are functional; torch's batch norm ops update running_mean and
+# running_var in place, which the torch-level kernels below do with copy_.
+
+
+def _channel_shape(x):
+    """Per-channel vectors broadcast against (N, C, *spatial)."""
+    return (-1,) + (1,) * (x.ndim - 2)
+
+
+def _batch_stats(x):
+    axes = [0] + list(range(2, x.ndim))
+    mean = mx.mean(x, axis=axes)
+    var = mx.var(x, axis=axes)
+    return mean, var, x.size // x.shape[1]
+
+
+def _normalize(x, mean, rstd, weight, bias):
+    out = (x - mx.reshape(mean, _channel_shape(x))) * mx.reshape(rstd, _channel_shape(x))
+    if weight is not None:
+        out = out * mx.reshape(weight, _channel_shape(x))
+    if bias is not None:
+        out = out + mx.reshape(bias, _channel_shape(x))
+    return out
+
+
+@lowering("_native_batch_norm_legit_functional")
+def batch_norm_functional(input, weight, bias, running_mean, running_var, training, momentum,
+                          eps):
+    """(output, save_mean, save_rstd, new running_mean, new running_var). Training normalises
+    with the batch statistics and moves the running ones towards them (the variance unbiased);
+    evaluation normalises with the running statistics."""
+    x = _upcast(input)
+    if not training:
+        rstd = mx.rsqrt(running_var + eps)
+        return _normalize(x, running_mean, rstd, weight, bias), running_mean, rstd, \
+            running_mean, running_var
+    mean, var, n = _batch_stats(x)
+    rstd = mx.rsqrt(var + eps)
+    new_mean = momentum * mean + (1 - momentum) * running_mean
+    new_var = momentum * var * (n / max(n - 1, 1)) + (1 - momentum) * running_var
+    return _normalize(x, mean, rstd, weight, bias), mean, rstd, new_mean, new_var
+
+
+@lowering("_native_batch_norm_legit.no_stats")
+def batch_norm_no_stats(input, weight, bias, training, momentum, eps):
+    x = _upcast(input)
+    mean, var, _ = _batch_stats(x)
+    rstd = mx.rsqrt(var + eps)
+    return _normalize(x, mean, rstd, weight, bias), mean, rstd
+
+
+@lowering("_native_batch_norm_legit_no_training")
+def batch_norm_no_training(input, weight, bias, running_mean, running_var, momentum, eps):
+    rstd = mx.rsqrt(running_var + eps)
+    return _normalize(_upcast(input), running_mean, rstd, weight, bias), running_mean, rstd
+
+
+@torch_kernel("native_batch_norm", "_native_batch_norm_legit")
+def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Like torch's CPU kernel: in training the running statistics (when given) are updated in
+    place; in evaluation the saved mean and rstd are empty."""
+    if running_mean is None or running_var is None:
+        if not training:
+            raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+        return torch.ops.aten._native_batch_norm_legit.no_stats(input, weight, bias, True,
+                                                                momentum, eps)
+    out, mean, rstd, new_mean, new_var = torch.ops.aten._native_batch_norm_legit_functional(
+        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    if not training:
+        return out, mean.new_empty((0,)), rstd.new_empty((0,))
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    return out, mean, rstd
+
+
+@torch_kernel("_batch_norm_with_update")
+def batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps):
+    out, mean, rstd = native_batch_norm(input, weight, bias, running_mean, running_var, True,
+                                        momentum, eps)
+    return out, mean, rstd, torch.empty((0,), dtype=torch.uint8, device=input.device)
+
+
+def _batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
+                         save_invstd, train, eps, output_mask):
+    x, g = _upcast(input), _upcast(grad_out)
+    if train:
+        mean, rstd = save_mean, save_invstd
+    else:
+        mean, rstd = running_mean, mx.rsqrt(running_var + eps)
+    axes = [0] + list(range(2, x.ndim))
+    shape = _channel_shape(x)
+    xhat = (x - mx.reshape(mean, shape)) * mx.reshape(rstd, shape)
+    scale = mx.reshape(rstd if weight is None else rstd * weight, shape)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        if train:
+            grad_input = scale * (g - mx.mean(g, axis=axes, keepdims=True)
+                                  - xhat * mx.mean(g * xhat, axis=axes, keepdims=True))
+        else:
+            grad_input = g * scale
+    if output_mask[1]:
+        grad_weight = mx.sum(g * xhat, axis=axes)
+    if output_mask[2]:
+        grad_bias = mx.sum(g, axis=axes)
+    return grad_input, grad_weight, grad_bias
+
+
+@lowering("native_batch_norm_backward")
+def native_batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
+                               save_invstd, train, eps, output_mask):
+    return _batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
+                                save_invstd, train, eps, output_mask)
+
+
+@lowering("batch_norm_backward")
+def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_var,
+                        update, eps, output_mask, reserve):
+    return _batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
+                                save_var, update, eps, output_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Activations and their backward ops (boundary conventions are torch's CPU kernels')
 
