@@ -924,3 +924,144 @@ def adaptive_max_pool2d_backward(grad_output, self, indices):
 @lowering("adaptive_max_pool3d_backward")
 def adaptive_max_pool3d_backward(grad_output, self, indices):
     return _scatter_to_plane(_upcast(grad_output), self, 3, indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# More losses. reduction: 0 = none, 1 = mean, 2 = sum.
+
+
+@lowering("binary_cross_entropy")
+def binary_cross_entropy(self, target, weight=None, reduction=1):
+    """Each log is clamped at -100, as in torch, so that 0 and 1 give finite losses."""
+    x, t = _upcast(self), _upcast(target)
+    if not tracing() and mx.any((x < 0) | (x > 1)).item():
+        raise RuntimeError("all elements of input should be between 0 and 1")
+    loss = (t - 1) * mx.maximum(mx.log1p(-x), -100) - t * mx.maximum(mx.log(x), -100)
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction)
+
+
+@lowering("binary_cross_entropy_backward")
+def binary_cross_entropy_backward(grad_output, self, target, weight=None, reduction=1):
+    x, t = _upcast(self), _upcast(target)
+    grad = _reduction_grad(_upcast(grad_output), x.size, reduction)
+    grad = grad * (x - t) / mx.maximum((1 - x) * x, 1e-12)
+    return grad if weight is None else grad * weight
+
+
+@lowering("smooth_l1_loss")
+def smooth_l1_loss(self, target, reduction=1, beta=1.0):
+    z = mx.abs(_upcast(self) - _upcast(target))
+    if beta == 0:
+        return _reduce(z, reduction)
+    return _reduce(mx.where(z < beta, 0.5 * z * z / beta, z - 0.5 * beta), reduction)
+
+
+@lowering("smooth_l1_loss_backward")
+def smooth_l1_loss_backward(grad_output, self, target, reduction, beta):
+    d = _upcast(self) - _upcast(target)
+    grad = _reduction_grad(_upcast(grad_output), d.size, reduction)
+    slope = mx.sign(d) if beta == 0 else mx.where(mx.abs(d) < beta, d / beta, mx.sign(d))
+    return slope * grad
+
+
+@lowering("huber_loss")
+def huber_loss(self, target, reduction=1, delta=1.0):
+    z = mx.abs(_upcast(self) - _upcast(target))
+    return _reduce(mx.where(z < delta, 0.5 * z * z, delta * (z - 0.5 * delta)), reduction)
+
+
+@lowering("huber_loss_backward")
+def huber_loss_backward(grad_output, self, target, reduction, delta):
+    d = _upcast(self) - _upcast(target)
+    grad = _reduction_grad(_upcast(grad_output), d.size, reduction)
+    return mx.clip(d, -delta, delta) * grad
+
+
+@lowering("soft_margin_loss")
+def soft_margin_loss(self, target, reduction=1):
+    return _reduce(mx.log1p(mx.exp(-_upcast(target) * _upcast(self))), reduction)
+
+
+@lowering("soft_margin_loss_backward")
+def soft_margin_loss_backward(grad_output, self, target, reduction):
+    x, t = _upcast(self), _upcast(target)
+    z = mx.exp(-t * x)
+    return -t * z / (1 + z) * _reduction_grad(_upcast(grad_output), x.size, reduction)
+
+
+def _multi_margin_terms(self, target, p, margin, weight):
+    """max(0, margin - x[y] + x[j]) ** p for every class j != y, weighted by weight[y]."""
+    x = mx.reshape(_upcast(self), (-1, self.shape[-1] if self.ndim else 1))  # unbatched: 1 row
+    y = mx.reshape(target, (-1, 1))
+    picked = mx.take_along_axis(x, y, axis=1)
+    hinge = mx.maximum(margin - picked + x, 0)
+    terms = hinge if p == 1 else hinge * hinge
+    if weight is not None:
+        terms = terms * mx.take(weight, y)
+    not_target = mx.arange(x.shape[1]) != y
+    return mx.where(not_target, terms, 0), hinge, not_target, x.shape[1]
+
+
+@lowering("multi_margin_loss")
+def multi_margin_loss(self, target, p=1, margin=1, weight=None, reduction=1):
+    terms, _, _, n_classes = _multi_margin_terms(self, target, p, margin, weight)
+    loss = mx.sum(terms, axis=1) / n_classes
+    return _reduce(loss if self.ndim == 2 else mx.reshape(loss, target.shape), reduction)
+
+
+@lowering("multi_margin_loss_backward")
+def multi_margin_loss_backward(grad_output, self, target, p, margin, weight=None, reduction=1):
+    """Each active hinge pushes x[j] up and x[y] down by its slope."""
+    _, hinge, not_target, n_classes = _multi_margin_terms(self, target, p, margin, None)
+    slope = mx.where(not_target & (hinge > 0), 1.0 if p == 1 else 2 * hinge, 0.0)
+    if weight is not None:
+        slope = slope * mx.take(weight, mx.reshape(target, (-1, 1)))
+    y_slope = -mx.sum(slope, axis=1, keepdims=True)
+    grad = mx.where(not_target, slope, y_slope) / n_classes
+    g = _upcast(grad_output)
+    if reduction == 0 and self.ndim == 2:
+        g = g[:, None]
+    elif reduction == 1:
+        g = g / (self.shape[0] if self.ndim == 2 else 1)
+    return mx.reshape(grad * g, self.shape)
+
+
+def _multilabel_active(self, target):
+    """(x, targets, hinge terms (N, K, C) that count, is_target) for multilabel_margin_loss:
+    each row's targets are the class indices before its first -1; every target t and every
+    non-target class j contribute max(0, 1 - x[t] + x[j])."""
+    c = self.shape[-1] if self.ndim else 1
+    x = mx.reshape(_upcast(self), (-1, c))
+    t = mx.reshape(target, (-1, c))
+    valid = mx.cumprod((t >= 0).astype(mx.int32), axis=1).astype(mx.bool_)
+    safe = mx.where(valid, t, 0)
+    is_target = mx.any((safe[:, :, None] == mx.arange(c)) & valid[:, :, None], axis=1)
+    hinge = 1 - mx.take_along_axis(x, safe, axis=1)[:, :, None] + x[:, None, :]
+    counts = valid[:, :, None] & ~is_target[:, None, :]
+    return x, safe, mx.where(counts, hinge, 0), is_target
+
+
+@lowering("multilabel_margin_loss_forward")
+def multilabel_margin_loss_forward(self, target, reduction):
+    x, _, hinge, is_target = _multilabel_active(self, target)
+    loss = mx.sum(mx.maximum(hinge, 0), axis=(1, 2)) / x.shape[1]
+    if self.ndim < 2:
+        loss = mx.reshape(loss, ())
+    return _reduce(loss, reduction), mx.reshape(is_target, target.shape)
+
+
+@lowering("multilabel_margin_loss_backward")
+def multilabel_margin_loss_backward(grad_output, self, target, reduction, is_target):
+    x, safe, hinge, _ = _multilabel_active(self, target)
+    active = (hinge > 0).astype(mx.float32)  # (N, K, C): raises x[j], lowers x[t_k]
+    grad = mx.sum(active, axis=1)
+    rows = mx.arange(x.shape[0])[:, None]
+    grad = grad.at[rows, safe].add(-mx.sum(active, axis=2))
+    g = _upcast(grad_output)
+    if reduction == 0 and self.ndim == 2:
+        g = g[:, None]
+    elif reduction == 1:
+        g = g / x.shape[0]
+    return mx.reshape(grad * g / x.shape[1], self.shape)
