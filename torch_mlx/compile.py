@@ -17,6 +17,7 @@ import operator
 import mlx.core as mx
 import torch
 import torch.fx as fx
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._prims_common import elementwise_dtypes
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
@@ -187,14 +188,13 @@ def compile_fx_graph(gm: fx.GraphModule, example_inputs=None):
     support = _Supported()
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     if all(support.is_node_supported({}, n) for n in calls):  # the common case: one function
-        graph = MlxGraph(gm)
-        return lambda *args: graph(*args)
+        return make_boxed_func(MlxGraph(gm))
     partitioner = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
     fused = partitioner.fuse_partitions(partitioner.propose_partitions())
     for name, sub in list(fused.named_children()):
         if name.startswith("fused_"):
             setattr(fused, name, _TupleOut(MlxGraph(sub)))
-    return fused
+    return make_boxed_func(fused)
 
 
 class _TupleOut(torch.nn.Module):
