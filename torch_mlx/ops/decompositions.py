@@ -10,7 +10,7 @@ PrivateUse1 kernel (a torch-level kernel, like ``@torch_kernel``) when all of th
    the CPU fallback off -- which also checks that every op it decomposes into is lowered.
    Decompositions that draw random numbers differently from the CPU generator, compute in
    float64, or round differently from the CPU kernel beyond the default tolerances are not
-   listed;
+   listed (e.g. tril_indices/triu_indices, whose decompositions take a float64 square root);
 2. no family module covers it: it is not in the lowering table (as a functional op or as the
    in-place / out= variant the adapter derives from one), not a ``@torch_kernel``, and has no
    native C++ kernel;
@@ -38,8 +38,6 @@ EXACT = [
     "isin.Tensor_Scalar_out",
     "isin.Scalar_Tensor_out",
     "narrow_copy.out",  # narrow_copy (out=)
-    "tril_indices",  # tril_indices
-    "triu_indices",  # triu_indices
     "trace",  # trace
     "channel_shuffle",  # nn.functional.channel_shuffle
     "im2col",  # nn.functional.unfold
