@@ -1065,3 +1065,159 @@ def multilabel_margin_loss_backward(grad_output, self, target, reduction, is_tar
     elif reduction == 1:
         g = g / x.shape[0]
     return mx.reshape(grad * g / x.shape[1], self.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Upsampling. Each spatial dim is resampled separately: output position o reads the input at
+# taps idx[o, :] with weights w[o, :] (torch's CPU index/weight rules, in float32 like its
+# kernels). Gathering taps (not a dense matrix product) keeps NaN and inf local as on CPU.
+
+
+def _source_scale(in_size, out_size, align_corners, scale):
+    """torch's area_pixel_compute_scale."""
+    if align_corners:
+        if out_size <= 1:
+            return mx.array(0.0)
+        return mx.array(in_size - 1, mx.float32) / (out_size - 1)
+    if scale is not None and scale > 0:
+        return mx.array(1.0 / scale, mx.float32)
+    return mx.array(in_size, mx.float32) / out_size
+
+
+def _source_index(in_size, out_size, align_corners, scale, clamp_at_zero):
+    s = _source_scale(in_size, out_size, align_corners, scale)
+    dst = mx.arange(out_size, dtype=mx.float32)
+    if align_corners:
+        return s * dst
+    src = s * (dst + 0.5) - 0.5
+    return mx.maximum(src, 0) if clamp_at_zero else src
+
+
+def _guarded(src, in_size):
+    """torch's guard_index_and_lambda: floor index (at most in_size - 1), fraction in [0, 1]."""
+    index = mx.minimum(mx.floor(src), in_size - 1)
+    return index.astype(mx.int32), mx.clip(src - index, 0, 1)
+
+
+def _nearest_taps(in_size, out_size, align_corners, scale, exact=False):
+    if out_size == in_size and not exact:
+        return mx.arange(out_size)[:, None], None
+    s = _source_scale(in_size, out_size, False, scale)
+    dst = mx.arange(out_size, dtype=mx.float32)
+    src = mx.floor((dst + 0.5) * s if exact else dst * s)
+    return mx.minimum(src.astype(mx.int32), in_size - 1)[:, None], None
+
+
+def _linear_taps(in_size, out_size, align_corners, scale):
+    index, frac = _guarded(_source_index(in_size, out_size, align_corners, scale, True), in_size)
+    upper = mx.minimum(index + 1, in_size - 1)
+    return mx.stack([index, upper], axis=1), mx.stack([1 - frac, frac], axis=1)
+
+
+def _cubic_taps(in_size, out_size, align_corners, scale):
+    """Keys' cubic convolution (A = -0.75) over 4 taps, clamped at the borders."""
+    index, t = _guarded(_source_index(in_size, out_size, align_corners, scale, False), in_size)
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = mx.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    taps = mx.clip(index[:, None] - 1 + mx.arange(4), 0, in_size - 1)
+    return taps, weights
+
+
+def _antialias_taps(in_size, out_size, align_corners, scale, filter_fn, interp_size):
+    """torch's antialiased weights: when downsampling, the filter is stretched over `scale`
+    input pixels; each output's weights are normalised to sum to 1."""
+    s = _source_scale(in_size, out_size, align_corners, scale).item()
+    s32 = mx.array(s, mx.float32)
+    support = (interp_size * 0.5) * s if s >= 1.0 else interp_size * 0.5
+    invscale = 1.0 / s if s >= 1.0 else 1.0
+    center = s32 * (mx.arange(out_size, dtype=mx.float32) + 0.5)
+    lo = mx.maximum((center - support + 0.5).astype(mx.int32), 0)  # truncation, as in C
+    hi = mx.minimum((center + support + 0.5).astype(mx.int32), in_size)
+    width = int(mx.max(hi - lo).item()) if out_size else 0
+    j = mx.arange(width)
+    w = filter_fn(((j + lo[:, None]).astype(mx.float32) - center[:, None] + 0.5) * invscale)
+    w = mx.where(j < (hi - lo)[:, None], w, 0)
+    total = mx.sum(w, axis=1, keepdims=True)
+    w = mx.where(total != 0, w / mx.where(total != 0, total, 1), w)
+    return mx.minimum(lo[:, None] + j, in_size - 1), w
+
+
+def _triangle(x):
+    return mx.maximum(1 - mx.abs(x), 0)
+
+
+def _keys_cubic(x, a=-0.5):
+    x = mx.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return mx.where(x < 1, near, mx.where(x < 2, far, 0))
+
+
+_TAPS = {
+    "nearest": _nearest_taps,
+    "nearest_exact": lambda *a: _nearest_taps(*a, exact=True),
+    "linear": _linear_taps,
+    "cubic": _cubic_taps,
+    "linear_aa": lambda *a: _antialias_taps(*a, _triangle, 2),
+    "cubic_aa": lambda *a: _antialias_taps(*a, _keys_cubic, 4),
+}
+
+
+def _upsample(x, mode, output_size, align_corners, scales):
+    n = len(output_size)
+    x = _upcast(x)
+    for i, (out, scale) in enumerate(zip(output_size, scales)):
+        axis = x.ndim - n + i
+        taps, weights = _TAPS[mode](x.shape[axis], out, align_corners, scale)
+        moved = mx.moveaxis(x, axis, -1)
+        picked = mx.take(moved, taps, axis=-1)  # (..., out, taps)
+        y = picked[..., 0] if weights is None else mx.sum(picked * weights, axis=-1)
+        x = mx.moveaxis(y, -1, axis)
+    return x
+
+
+def _register_upsample(name, mode, n, aligned):
+    def split(rest):
+        """(align_corners, scales) from the arguments after output_size (or input_size)."""
+        rest = list(rest)
+        align_corners = rest.pop(0) if aligned else False
+        return align_corners, (rest + [None] * n)[:n]
+
+    @lowering(name)
+    def forward(self, output_size, *rest):
+        align_corners, scales = split(rest)
+        return _upsample(self, mode, output_size, align_corners, scales)
+
+    @lowering(name + "_backward")
+    def backward(grad_output, output_size, input_size, *rest):
+        """Upsampling is linear: its backward is MLX's vjp of the same upsampling."""
+        align_corners, scales = split(rest)
+        if math.prod(input_size) == 0:
+            return mx.zeros(input_size, mx.float32)
+        _, (grad,) = mx.vjp(lambda x: _upsample(x, mode, output_size, align_corners, scales),
+                            [mx.zeros(input_size, mx.float32)], [_upcast(grad_output)])
+        return grad
+
+
+for _name, _mode, _n, _aligned in [
+    ("upsample_nearest1d", "nearest", 1, False),
+    ("upsample_nearest2d", "nearest", 2, False),
+    ("upsample_nearest3d", "nearest", 3, False),
+    ("_upsample_nearest_exact1d", "nearest_exact", 1, False),
+    ("_upsample_nearest_exact2d", "nearest_exact", 2, False),
+    ("_upsample_nearest_exact3d", "nearest_exact", 3, False),
+    ("upsample_linear1d", "linear", 1, True),
+    ("upsample_bilinear2d", "linear", 2, True),
+    ("upsample_trilinear3d", "linear", 3, True),
+    ("upsample_bicubic2d", "cubic", 2, True),
+    ("_upsample_bilinear2d_aa", "linear_aa", 2, True),
+    ("_upsample_bicubic2d_aa", "cubic_aa", 2, True),
+]:
+    _register_upsample(_name, _mode, _n, _aligned)
