@@ -9,7 +9,7 @@ from torch_mlx import from_mlx, to_mlx
 
 
 def silu(a: mx.array) -> mx.array:
-    return a * mx.sigmoid(a)
+    return a / (1.0 + mx.exp(-a))  # torch's formula, so rounding agrees
 
 
 def gelu(a: mx.array, approximate: str) -> mx.array:
@@ -20,9 +20,11 @@ def gelu(a: mx.array, approximate: str) -> mx.array:
 
 
 def gated(x: torch.Tensor, act) -> torch.Tensor:
+    """act(gate) * up, the activation in float32 then rounded, as torch's kernels do."""
     a = to_mlx(x)
     d = a.shape[-1] // 2
-    return from_mlx(act(a[..., :d]) * a[..., d:])
+    gate = act(a[..., :d].astype(mx.float32)).astype(a.dtype)
+    return from_mlx(gate * a[..., d:])
 
 
 @SiluAndMul.register_oot

@@ -1,0 +1,70 @@
+"""KV-cache ops: writes and block copies happen in place and touch only their slots/blocks."""
+import torch
+
+import torch_mlx
+from vllm_metal.ops.cache import copy_blocks, swap_blocks, write_kv_slots, zero_blocks
+
+
+def cache_and_snapshot(num_blocks=8, heads=2, block_size=4, head_size=3, token_major=True):
+    if token_major:  # vLLM's LBNHC layout: physical [B, N, H, C] seen as logical [B, H, N, C]
+        cache = torch.randn(num_blocks, block_size, heads, 2 * head_size).to("mlx").transpose(1, 2)
+    else:
+        cache = torch.randn(num_blocks, heads, block_size, 2 * head_size).to("mlx")
+    return cache, cache.cpu()
+
+
+def test_write_kv_slots_writes_only_the_given_slots_in_place():
+    for token_major in (True, False):
+        cache, before = cache_and_snapshot(token_major=token_major)
+        storage = cache.untyped_storage().data_ptr()
+        key = torch.randn(3, 2, 3)
+        value = torch.randn(3, 2, 3)
+        slots = torch.tensor([5, 30, -1])  # block 1 offset 1, block 7 offset 2, padding
+        write_kv_slots(cache, key.to("mlx"), value.to("mlx"), slots.to("mlx"))
+        assert cache.untyped_storage().data_ptr() == storage
+        after = cache.cpu()
+        expected = before.clone()
+        expected[1, :, 1, :3], expected[1, :, 1, 3:] = key[0], value[0]
+        expected[7, :, 2, :3], expected[7, :, 2, 3:] = key[1], value[1]
+        torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_write_kv_slots_accepts_strided_key_and_value():
+    # vLLM hands attention views split from one fused qkv projection.
+    cache, before = cache_and_snapshot()
+    qkv = torch.randn(2, 4 * 2 * 3).to("mlx")
+    key = qkv[:, 6:12].view(2, 2, 3)
+    value = qkv[:, 12:18].view(2, 2, 3)
+    write_kv_slots(cache, key, value, torch.tensor([0, 9]).to("mlx"))
+    after = cache.cpu()
+    torch.testing.assert_close(after[0, :, 0, :3], key.cpu()[0])
+    torch.testing.assert_close(after[2, :, 1, 3:], value.cpu()[1])
+
+
+def test_copy_zero_and_swap_blocks():
+    cache, before = cache_and_snapshot()
+    other, other_before = cache_and_snapshot()
+    copy_blocks([cache, other], torch.tensor([[1, 4], [2, 6]]).to("mlx"))
+    for c, b in ((cache, before), (other, other_before)):
+        expected = b.clone()
+        expected[4], expected[6] = b[1], b[2]
+        torch.testing.assert_close(c.cpu(), expected, rtol=0, atol=0)
+
+    zero_blocks(cache, [0, 3])
+    assert bool((cache.cpu()[[0, 3]] == 0).all())
+
+    host = torch.zeros(4, *cache.shape[1:])
+    swap_blocks(cache, host, torch.tensor([[4, 1], [6, 3]]))  # offload to the CPU
+    torch.testing.assert_close(host[[1, 3]], cache.cpu()[[4, 6]], rtol=0, atol=0)
+    swap_blocks(host, cache, torch.tensor([[1, 7]]))  # and back
+    torch.testing.assert_close(cache.cpu()[7], host[1], rtol=0, atol=0)
+
+
+def test_write_keeps_the_cache_buffer():
+    # The write goes through a CPU alias of the cache's own bytes: the MLX buffer behind the
+    # cache is the same object before and after (no new array, no copy of the cache).
+    cache, _ = cache_and_snapshot(num_blocks=64)
+    buffer = torch_mlx._C.buffer_address(cache)
+    write_kv_slots(cache, torch.ones(1, 2, 3).to("mlx"), torch.ones(1, 2, 3).to("mlx"),
+                   torch.tensor([17]).to("mlx"))
+    assert torch_mlx._C.buffer_address(cache) == buffer
