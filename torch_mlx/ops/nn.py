@@ -1221,3 +1221,110 @@ for _name, _mode, _n, _aligned in [
     ("_upsample_bicubic2d_aa", "cubic_aa", 2, True),
 ]:
     _register_upsample(_name, _mode, _n, _aligned)
+
+
+# ----------------------------------------------------------------------------------------------
+# grid_sample: interpolation 0 bilinear, 1 nearest, 2 bicubic; padding 0 zeros, 1 border,
+# 2 reflection (torch's GridSampler.h rules). grid[..., 0] indexes the last (W) dim.
+
+
+def _unnormalize(coord, size, align_corners):
+    if align_corners:
+        return (coord + 1) / 2 * (size - 1)
+    return ((coord + 1) * size - 1) / 2
+
+
+def _reflect(coord, twice_low, twice_high):
+    if twice_low == twice_high:
+        return mx.zeros_like(coord)
+    low, span = twice_low / 2, (twice_high - twice_low) / 2
+    coord = mx.abs(coord - low)
+    extra = mx.remainder(coord, span)
+    flips = mx.floor(coord / span)
+    return mx.where(mx.remainder(flips, 2) == 0, extra + low, span - extra + low)
+
+
+def _pad_coordinate(coord, size, padding_mode, align_corners):
+    """Border clamps into the input; reflection mirrors at the borders (pixel centres or
+    edges) and then clamps."""
+    if padding_mode == 2:
+        coord = _reflect(coord, 0, 2 * (size - 1)) if align_corners else \
+            _reflect(coord, -1, 2 * size - 1)
+    if padding_mode in (1, 2):
+        coord = mx.clip(coord, 0, size - 1)
+    return coord
+
+
+def _grid_sample(input, grid, interpolation_mode, padding_mode, align_corners):
+    n = grid.shape[-1]
+    sizes = input.shape[2:]  # (D,) H, W; grid coordinates come as (x, y[, z])
+    x = mx.reshape(_upcast(input), input.shape[:2] + (-1,))
+    coords = [_unnormalize(_upcast(grid[..., n - 1 - d]), sizes[d], align_corners)
+              for d in range(n)]
+    out_shape = grid.shape[:-1]
+
+    def sample(points):
+        """input at integer points (one array per dim), 0 outside the input."""
+        inside = mx.array(True)
+        flat = mx.array(0)
+        for p, size in zip(points, sizes):
+            inside = inside & (p >= 0) & (p < size)
+            flat = flat * size + mx.clip(p, 0, size - 1).astype(mx.int32)
+        flat = mx.stop_gradient(mx.reshape(flat, (flat.shape[0], 1, -1)))
+        picked = mx.take_along_axis(x, flat, axis=2)
+        return mx.where(mx.reshape(inside, (inside.shape[0], 1, -1)), picked, 0)
+
+    def weighted(w):
+        return mx.reshape(w, (w.shape[0], 1, -1))
+
+    if interpolation_mode == 2:  # bicubic: padding applies to each tap, not the coordinate
+        a = -0.75
+        near = lambda t: ((a + 2) * t - (a + 3)) * t * t + 1  # noqa: E731
+        far = lambda t: ((a * t - 5 * a) * t + 8 * a) * t - 4 * a  # noqa: E731
+        base = [mx.floor(c) for c in coords]
+        fracs = [c - b for c, b in zip(coords, base)]
+        coeffs = [[far(t + 1), near(t), near(1 - t), far(2 - t)] for t in fracs]
+        out = 0
+        for taps in _product(range(4), n):
+            points = [_pad_coordinate(b - 1 + k, size, padding_mode, align_corners)
+                      for b, k, size in zip(base, taps, sizes)]
+            w = math.prod(coeffs[d][k] for d, k in enumerate(taps))
+            out = out + sample([mx.floor(p) for p in points]) * weighted(w)
+    else:
+        coords = [_pad_coordinate(c, size, padding_mode, align_corners)
+                  for c, size in zip(coords, sizes)]
+        if interpolation_mode == 1:  # nearest, ties to even as nearbyint
+            out = sample([mx.round(c) for c in coords])
+        else:
+            base = [mx.floor(c) for c in coords]
+            out = 0
+            for corner in _product(range(2), n):
+                w = math.prod(c - b if k else b + 1 - c
+                              for c, b, k in zip(coords, base, corner))
+                out = out + sample([b + k for b, k in zip(base, corner)]) * weighted(w)
+    return mx.reshape(out, input.shape[:2] + out_shape[1:])
+
+
+def _product(values, n):
+    if n == 0:
+        return [()]
+    return [(v,) + rest for v in values for rest in _product(values, n - 1)]
+
+
+@lowering("grid_sampler_2d", "grid_sampler_3d")
+def grid_sampler(input, grid, interpolation_mode, padding_mode, align_corners):
+    return _grid_sample(input, grid, interpolation_mode, padding_mode, align_corners)
+
+
+@lowering("grid_sampler_2d_backward", "grid_sampler_3d_backward")
+def grid_sampler_backward(grad_output, input, grid, interpolation_mode, padding_mode,
+                          align_corners, output_mask):
+    """MLX's vjp of the same sampling (nearest has no gradient with respect to the grid)."""
+    def fn(x, g):
+        return _grid_sample(x, g, interpolation_mode, padding_mode, align_corners)
+
+    _, (grad_input, grad_grid) = mx.vjp(fn, [_upcast(input), _upcast(grid)],
+                                        [_upcast(grad_output)])
+    if interpolation_mode == 1:
+        grad_grid = mx.zeros(grid.shape, mx.float32)
+    return (grad_input if output_mask[0] else None), (grad_grid if output_mask[1] else None)
