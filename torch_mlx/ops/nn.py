@@ -1328,3 +1328,93 @@ def grid_sampler_backward(grad_output, input, grid, interpolation_mode, padding_
     if interpolation_mode == 1:
         grad_grid = mx.zeros(grid.shape, mx.float32)
     return (grad_input if output_mask[0] else None), (grad_grid if output_mask[1] else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# im2col / col2im, channel_shuffle, max_unpool
+
+
+def _im2col(x, kernel_size, dilation, padding, stride):
+    """(N, C, H, W) -> (N, C * kh * kw, L): each sliding block as a column."""
+    win, out = _padded_windows(x, 2, list(kernel_size), list(stride), list(padding),
+                               list(dilation), False, 0)
+    n, c = x.shape[:2]
+    cols = mx.transpose(win, (0, 1, 4, 5, 2, 3))  # (N, C, kh, kw, oh, ow)
+    return mx.reshape(cols, (n, c * math.prod(kernel_size), math.prod(out)))
+
+
+@lowering("im2col")
+def im2col(self, kernel_size, dilation, padding, stride):
+    x = self if self.ndim == 4 else self[None]
+    cols = _im2col(x, kernel_size, dilation, padding, stride)
+    return cols if self.ndim == 4 else cols[0]
+
+
+@lowering("col2im")
+def col2im(self, output_size, kernel_size, dilation, padding, stride):
+    """The adjoint of im2col: each column's entries summed back into the image."""
+    cols = self if self.ndim == 3 else self[None]
+    channels = cols.shape[1] // math.prod(kernel_size)
+    image = mx.zeros((cols.shape[0], channels) + tuple(output_size), cols.dtype)
+    if image.size == 0 or cols.size == 0:  # MLX cannot scatter into or from empty arrays
+        return image if self.ndim == 3 else image[0]
+    _, (out,) = mx.vjp(lambda x: _im2col(x, kernel_size, dilation, padding, stride),
+                       [image], [cols])
+    return out if self.ndim == 3 else out[0]
+
+
+@lowering("channel_shuffle")
+def channel_shuffle(self, groups):
+    n, c = self.shape[:2]
+    x = mx.reshape(self, (n, groups, c // groups) + self.shape[2:])
+    return mx.reshape(mx.swapaxes(x, 1, 2), self.shape)
+
+
+def _max_unpool(self, indices, output_size):
+    """Each value written at its flat index into a zero plane of output_size."""
+    n = len(output_size)
+    lead = self.shape[:-n]
+    plane = math.prod(output_size)
+    rows = math.prod(lead)
+    idx = mx.reshape(indices, (rows, -1))
+    if not tracing() and idx.size and (mx.min(idx).item() < 0 or mx.max(idx).item() >= plane):
+        raise RuntimeError(f"Found an invalid max index: {mx.max(idx).item()} (output volumes "
+                           f"are of size {'x'.join(map(str, output_size))}")
+    out = mx.zeros((rows, plane), self.dtype)
+    out = mx.put_along_axis(out, idx, mx.reshape(self, (rows, -1)), axis=1)
+    return mx.reshape(out, lead + tuple(output_size))
+
+
+@lowering("max_unpool2d")
+def max_unpool2d(self, indices, output_size):
+    return _max_unpool(self, indices, output_size)
+
+
+@lowering("max_unpool3d")
+def max_unpool3d(self, indices, output_size, stride, padding):
+    return _max_unpool(self, indices, output_size)
+
+
+@lowering("embedding_renorm")
+def embedding_renorm(self, indices, max_norm, norm_type):
+    """Rows named by indices whose norm exceeds max_norm are scaled to max_norm (1e-7 keeps
+    the scale below 1, as in torch)."""
+    used = mx.zeros((self.shape[0],), mx.bool_).at[mx.reshape(indices, (-1,))].add(True)
+    norm = _vector_norm(_upcast(self), norm_type, axis=1)
+    scale = mx.where(used & (norm > max_norm), max_norm / (norm + 1e-7), 1.0)
+    return self * scale[:, None]
+
+
+def _vector_norm(x, p, axis):
+    a = mx.abs(x)
+    if p == math.inf:
+        return mx.max(a, axis=axis)
+    if p == -math.inf:
+        return mx.min(a, axis=axis)
+    if p == 0:
+        return mx.sum(a != 0, axis=axis).astype(x.dtype)
+    if p == 1:
+        return mx.sum(a, axis=axis)
+    if p == 2:
+        return mx.sqrt(mx.sum(a * a, axis=axis))
+    return mx.power(mx.sum(mx.power(a, p), axis=axis), 1.0 / p)
