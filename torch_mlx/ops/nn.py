@@ -1331,7 +1331,7 @@ def grid_sampler_backward(grad_output, input, grid, interpolation_mode, padding_
 
 
 # ----------------------------------------------------------------------------------------------
-# im2col / col2im, channel_shuffle, max_unpool
+# im2col / col2im, channel_shuffle, max_unpool (embedding_renorm_ is in indexing.py)
 
 
 def _im2col(x, kernel_size, dilation, padding, stride):
@@ -1393,16 +1393,6 @@ def max_unpool2d(self, indices, output_size):
 @lowering("max_unpool3d")
 def max_unpool3d(self, indices, output_size, stride, padding):
     return _max_unpool(self, indices, output_size)
-
-
-@lowering("embedding_renorm")
-def embedding_renorm(self, indices, max_norm, norm_type):
-    """Rows named by indices whose norm exceeds max_norm are scaled to max_norm (1e-7 keeps
-    the scale below 1, as in torch)."""
-    used = mx.zeros((self.shape[0],), mx.bool_).at[mx.reshape(indices, (-1,))].add(True)
-    norm = _vector_norm(_upcast(self), norm_type, axis=1)
-    scale = mx.where(used & (norm > max_norm), max_norm / (norm + 1e-7), 1.0)
-    return self * scale[:, None]
 
 
 def _vector_norm(x, p, axis):
