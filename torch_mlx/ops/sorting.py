@@ -55,13 +55,50 @@ def sort(self, stable=None, dim=-1, descending=False):
     return mx.take_along_axis(self, idx, axis=d), idx
 
 
+_BITS = {mx.float32: mx.int32, mx.float16: mx.int16, mx.bfloat16: mx.int16}
+
+
+def _order_key(x: mx.array, largest: bool) -> mx.array:
+    """An integer key whose ascending order is torch's order for topk: NaN above +inf (every
+    NaN alike), descending when ``largest``. Floats map to integers through their bits (sign
+    magnitude -> two's complement order), so the selection is exact, with no ties between NaN
+    and infinities. -0.0 and 0.0 get distinct keys; torch treats them as equal values."""
+    if x.dtype == mx.bool_:
+        key = x.astype(mx.int8)
+    elif x.dtype in _BITS:
+        nan = mx.array(math.nan, dtype=x.dtype)
+        bits = mx.view(mx.where(mx.isnan(x), nan, x), _BITS[x.dtype])
+        nbits = 8 * bits.itemsize
+        key = mx.bitwise_xor(bits, mx.bitwise_and(mx.right_shift(bits, nbits - 1),
+                                                  (1 << (nbits - 1)) - 1))
+    else:
+        key = x
+    return mx.bitwise_invert(key) if largest else key
+
+
 @lowering("topk")
 def topk(self, k, dim=-1, largest=True, sorted=True):
+    """O(n) selection (argpartition on an exact order key), then a stable sort of the k
+    candidates by (key, index). Which of several equal values at the k-th place is returned is
+    unspecified, as on the CPU."""
     if self.ndim == 0:
         return mx.array(self), mx.zeros((), dtype=mx.int64)
     d = _dim(dim, self.ndim)
-    idx = _argsort(_sortable(self), d, largest)
-    idx = mx.take(idx, mx.arange(k), axis=d)
+    n = self.shape[d]
+    if k == 0 or n == 0:
+        shape = list(self.shape)
+        shape[d] = k
+        return mx.zeros(shape, dtype=self.dtype), mx.zeros(shape, dtype=mx.int64)
+    key = _order_key(self, largest)
+    if k < n:
+        cand = mx.take(mx.argpartition(key, k - 1, axis=d), mx.arange(k), axis=d)
+        cand = mx.sort(cand, axis=d)  # index order, so the stable sort breaks ties by index
+    else:
+        cand = mx.broadcast_to(mx.reshape(mx.arange(n), [n if i == d else 1
+                                                         for i in range(self.ndim)]),
+                               self.shape)
+    order = mx.argsort(mx.take_along_axis(key, cand, axis=d), axis=d)
+    idx = _i64(mx.take_along_axis(cand, order, axis=d))
     return mx.take_along_axis(self, idx, axis=d), idx
 
 
