@@ -495,3 +495,71 @@ def bincount(self, weights=None, minlength=0):
     size = n if n > minlength else minlength
     add = mx.ones(self.shape, dtype=out_dtype) if weights is None else weights
     return mx.zeros((size,), dtype=out_dtype).at[_i64(self)].add(add)
+
+
+def _linspace(start: float, end: float, steps: int, dtype) -> mx.array:
+    """torch's CPU linspace: the first half counts up from start, the second half down from end
+    (so both ends are exact), with the step in the output dtype."""
+    lo, hi = mx.array(start, dtype=dtype), mx.array(end, dtype=dtype)
+    if steps == 1:
+        return mx.reshape(lo, (1,))
+    step = (hi - lo) / mx.array(steps - 1, dtype=dtype)
+    i = mx.arange(steps)
+    up = lo + step * i.astype(dtype)
+    down = hi - step * (steps - 1 - i).astype(dtype)
+    return mx.where(i < steps // 2, up, down)
+
+
+def _histogram(self, edges: mx.array, weight, density: bool) -> mx.array:
+    """Counts (or summed weights) of ``self``'s elements per bin of the increasing ``edges``:
+    bin i holds edges[i] <= x < edges[i + 1], the last bin also its right edge; elements
+    outside [edges[0], edges[-1]] and NaN are dropped (torch's rule)."""
+    x = mx.reshape(self, (-1,))
+    nb = edges.shape[0] - 1
+    inside = mx.logical_and(x >= edges[0], x <= edges[-1])
+    pos = mx.minimum(_search(edges, x, True) - 1, nb - 1)
+    pos = mx.where(inside, pos, 0)
+    w = mx.ones(x.shape, dtype=self.dtype) if weight is None else \
+        mx.reshape(weight, (-1,)).astype(self.dtype)
+    hist = mx.zeros((nb,), dtype=self.dtype).at[pos].add(mx.where(inside, w, 0))
+    if density:
+        hist = hist / mx.sum(hist) / (edges[1:] - edges[:-1])
+    return hist
+
+
+def _histogram_checks(self, weight):
+    if not mx.issubdtype(self.dtype, mx.floating):
+        raise RuntimeError("torch.histogram: input tensor and bins tensors should have the same "
+                           "dtype, and be floating point")
+    if weight is not None and tuple(weight.shape) != tuple(self.shape):
+        raise RuntimeError("torch.histogram: if weight tensor is provided it should have the "
+                           "same shape as the input tensor excluding its innermost dimension")
+
+
+@lowering("histogram.bin_ct")
+def histogram_bin_ct(self, bins=100, range=None, weight=None, density=False):
+    _histogram_checks(self, weight)
+    if range is not None:
+        left, right = float(range[0]), float(range[1])
+    elif self.size == 0:
+        left, right = 0.0, 1.0
+    else:
+        if registry.tracing():
+            raise RuntimeError("histogram with an inferred range cannot be compiled")
+        left, right = float(mx.min(self).item()), float(mx.max(self).item())
+    if not (math.isfinite(left) and math.isfinite(right)):
+        raise RuntimeError(f"torch.histogram: range of [{left}, {right}] is not finite")
+    if left > right:
+        raise RuntimeError(f"torch.histogram: min should not exceed max, but got min {left} "
+                           f"max {right}")
+    if left == right:
+        left, right = left - 0.5, right + 0.5
+    edges = _linspace(left, right, bins + 1, self.dtype)
+    return _histogram(self, edges, weight, density), edges
+
+
+@lowering("histogram.bins_tensor")
+def histogram_bins_tensor(self, bins, weight=None, density=False):
+    _histogram_checks(self, weight)
+    edges = bins.astype(self.dtype)
+    return _histogram(self, edges, weight, density), mx.array(edges)
