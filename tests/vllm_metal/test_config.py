@@ -1,0 +1,100 @@
+"""Plugin registration, environment variables, platform configuration and bad configurations."""
+import gc
+
+import pytest
+import vllm
+
+import vllm_metal
+from vllm_metal import envs
+
+
+def test_register_names_the_platform_when_mlx_imports():
+    assert vllm_metal.register() == "vllm_metal.platform.MetalPlatform"
+
+
+def test_register_stays_out_when_switched_off(monkeypatch):
+    monkeypatch.setenv("VLLM_METAL_USE_MLX", "0")
+    assert vllm_metal.register() is None
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [e for e in entry_points(group="vllm.platform_plugins") if e.name == "metal"]
+    assert plugin.value == "vllm_metal:register"
+
+
+def test_defaults(monkeypatch):
+    for name in envs.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert envs.use_mlx() is True
+    assert envs.memory_fraction() is None  # auto
+    assert envs.block_size() == 16
+    assert envs.mlx_device() is None
+    assert envs.debug() is False
+    envs.validate()
+
+
+@pytest.mark.parametrize("name,value,parse,expected", [
+    ("VLLM_METAL_MEMORY_FRACTION", "0.25", envs.memory_fraction, 0.25),
+    ("VLLM_METAL_MEMORY_FRACTION", "1", envs.memory_fraction, 1.0),
+    ("VLLM_METAL_MEMORY_FRACTION", "AUTO", envs.memory_fraction, None),
+    ("VLLM_METAL_BLOCK_SIZE", "32", envs.block_size, 32),
+    ("VLLM_MLX_DEVICE", "cpu", envs.mlx_device, "cpu"),
+    ("VLLM_METAL_DEBUG", "1", envs.debug, True),
+])
+def test_valid_values(monkeypatch, name, value, parse, expected):
+    monkeypatch.setenv(name, value)
+    assert parse() == expected
+
+
+@pytest.mark.parametrize("name,value", [
+    ("VLLM_METAL_MEMORY_FRACTION", "1.5"), ("VLLM_METAL_MEMORY_FRACTION", "abc"),
+    ("VLLM_METAL_MEMORY_FRACTION", "0"), ("VLLM_METAL_MEMORY_FRACTION", "nan"),
+    ("VLLM_METAL_BLOCK_SIZE", "0"), ("VLLM_METAL_BLOCK_SIZE", "sixteen"),
+    ("VLLM_MLX_DEVICE", "tpu"), ("VLLM_METAL_USE_MLX", "maybe"), ("VLLM_METAL_DEBUG", "2"),
+])
+def test_invalid_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be .*{value!r}"):
+        envs.validate()
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc"])
+def test_llm_refuses_a_bad_memory_fraction_at_start(monkeypatch, model_dir, value):
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", value)
+    with pytest.raises(ValueError, match="VLLM_METAL_MEMORY_FRACTION must be 'auto' or a "
+                                         r"number in \(0, 1\]"):
+        vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=512)
+
+
+def test_too_small_kv_budget_gives_vllms_error(model_dir):
+    # 64 KiB of cache holds 64 tokens of the tiny Llama (1 KiB per token): not one request of
+    # max_model_len 512. vLLM's own check must explain that, not a crash.
+    with pytest.raises(ValueError, match=r"max seq len \(512\).*larger than the available KV "
+                                         "cache memory"):
+        vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=512,
+                 kv_cache_memory_bytes=64 * 1024)
+    gc.collect()
+
+
+def test_memory_fraction_too_small_for_the_weights_gives_vllms_error(monkeypatch, model_dir):
+    # A fraction of memory below what the weights and activations already use leaves no KV
+    # budget at all: vLLM's "no available memory" error.
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.0000001")
+    with pytest.raises(ValueError, match="No available memory for the cache blocks"):
+        vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=512)
+    gc.collect()
+
+
+def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
+    monkeypatch.setenv("VLLM_METAL_BLOCK_SIZE", "32")
+    llm = vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=512,
+                   max_num_seqs=4)
+    config = llm.llm_engine.vllm_config
+    assert config.cache_config.block_size == 32
+    assert config.parallel_config.worker_cls == "vllm_metal.worker.MetalWorker"
+    assert config.compilation_config.cudagraph_mode.name == "NONE"
+    assert llm.collective_rpc(lambda worker: worker.model_runner.kv_caches[0].shape[2])[0] == 32
+    del llm
+    gc.collect()
