@@ -1,1 +1,251 @@
-"""Reductions: sum, mean, prod, amax/amin, max/min (dim), argmax/argmin, all/any, var/std, norms, logsumexp."""
+"""Reductions: sum, mean, prod, amax/amin, max/min (dim), argmax/argmin, all/any, var/std, norms,
+logsumexp.
+
+torch's meta kernels fix the result dtype and shape; a lowering chooses the accumulation dtype
+as torch's CPU kernels do: integers and bools sum and multiply in int64, half-precision floats
+accumulate in float32 (MLX would accumulate float16 in float16 and overflow).
+"""
+import math
+
+import mlx.core as mx
+
+from .registry import lowering
+
+
+def _axes(dim, ndim: int) -> tuple:
+    """torch's dim argument as MLX axes: None or [] reduces every dimension."""
+    if ndim == 0:
+        return ()
+    if dim is None:
+        return tuple(range(ndim))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not dims:
+        return tuple(range(ndim))
+    return tuple(sorted(d % ndim for d in dims))
+
+
+def _is_float(a) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def _accumulate(x, dtype=None):
+    """``x`` in the dtype torch accumulates a sum or product in."""
+    if dtype is not None:
+        x = x.astype(dtype)
+    if x.dtype in (mx.float16, mx.bfloat16):
+        return x.astype(mx.float32)
+    if x.dtype == mx.bool_ or mx.issubdtype(x.dtype, mx.integer):
+        return x.astype(mx.int64)
+    return x
+
+
+def _count(x, axes) -> int:
+    return math.prod(x.shape[a] for a in axes)
+
+
+@lowering("sum.dim_IntList", "sum")
+def sum_(self, dim=None, keepdim=False, dtype=None):
+    return mx.sum(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+@lowering("nansum")
+def nansum(self, dim=None, keepdim=False, dtype=None):
+    x = _accumulate(self, dtype)
+    if _is_float(x):
+        x = mx.where(mx.isnan(x), 0, x)
+    return mx.sum(x, axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+@lowering("mean.dim", "mean")
+def mean(self, dim=None, keepdim=False, dtype=None):
+    x = _accumulate(self, dtype)
+    axes = _axes(dim, self.ndim)
+    return mx.sum(x, axis=axes, keepdims=keepdim) / _count(x, axes)
+
+
+@lowering("prod.dim_int")
+def prod_dim(self, dim, keepdim=False, dtype=None):
+    return mx.prod(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+@lowering("prod")
+def prod(self, dtype=None):
+    return mx.prod(_accumulate(self, dtype))
+
+
+@lowering("amax")
+def amax(self, dim=(), keepdim=False):
+    return mx.max(self, axis=_axes(dim, self.ndim), keepdims=keepdim)  # NaN propagates
+
+
+@lowering("amin")
+def amin(self, dim=(), keepdim=False):
+    return mx.min(self, axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+def _check_full_reduction(name, x):
+    if x.size == 0:  # torch's meta kernel does not check this
+        raise RuntimeError(f"{name}(): Expected reduction dim to be specified for input.numel() "
+                           f"== 0. Specify the reduction dim with the 'dim' argument.")
+
+
+@lowering("max")
+def max_(self):
+    _check_full_reduction("max", self)
+    return mx.max(self)
+
+
+@lowering("min")
+def min_(self):
+    _check_full_reduction("min", self)
+    return mx.min(self)
+
+
+@lowering("aminmax")
+def aminmax(self, dim=None, keepdim=False):
+    axes = _axes(dim, self.ndim)
+    return (mx.min(self, axis=axes, keepdims=keepdim),
+            mx.max(self, axis=axes, keepdims=keepdim))
+
+
+def _arg(fn, x, dim, keepdim, name):
+    # MLX's argmax/argmin pick the first extreme, and a NaN counts as the extreme, as in torch
+    if x.ndim == 0:
+        return mx.array(0)
+    if dim is None:
+        index = fn(mx.reshape(x, (-1,)))
+        return mx.reshape(index, (1,) * x.ndim) if keepdim else index
+    axis = dim % x.ndim
+    if x.shape[axis] == 0:
+        raise IndexError(f"{name}(): Expected reduction dim {dim} to have non-zero size.")
+    if x.size == 0:  # other dimensions are empty: an empty result
+        shape = list(x.shape)
+        shape[axis:axis + 1] = [1] if keepdim else []
+        return mx.zeros(shape, mx.int64)
+    return fn(x, axis=axis, keepdims=keepdim)
+
+
+@lowering("argmax")
+def argmax(self, dim=None, keepdim=False):
+    return _arg(mx.argmax, self, dim, keepdim, "argmax")
+
+
+@lowering("argmin")
+def argmin(self, dim=None, keepdim=False):
+    return _arg(mx.argmin, self, dim, keepdim, "argmin")
+
+
+@lowering("max.dim")
+def max_dim(self, dim, keepdim=False):
+    indices = _arg(mx.argmax, self, dim, keepdim, "max")
+    return mx.max(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
+
+
+@lowering("min.dim")
+def min_dim(self, dim, keepdim=False):
+    indices = _arg(mx.argmin, self, dim, keepdim, "min")
+    return mx.min(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
+
+
+def _truth(x):
+    return x if x.dtype == mx.bool_ else x != 0  # NaN is true
+
+
+@lowering("all", "all.dim", "all.dims")
+def all_(self, dim=None, keepdim=False):
+    return mx.all(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+@lowering("any", "any.dim", "any.dims")
+def any_(self, dim=None, keepdim=False):
+    return mx.any(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
+
+
+@lowering("count_nonzero.dim_IntList", "count_nonzero")
+def count_nonzero(self, dim=None):
+    return mx.sum(_truth(self).astype(mx.int64), axis=_axes(dim, self.ndim))
+
+
+def _var(x, dim, correction, keepdim):
+    """Two-pass variance: sum((x - mean)^2) / max(0, N - correction); N - correction <= 0 gives
+    inf or NaN, as in torch."""
+    x = _accumulate(x)
+    axes = _axes(dim, x.ndim)
+    n = _count(x, axes)
+    mean = mx.sum(x, axis=axes, keepdims=True) / n
+    centered = x - mean
+    if centered.dtype == mx.complex64:
+        sq = mx.real(centered * mx.conj(centered))
+    else:
+        sq = centered * centered
+    var = mx.sum(sq, axis=axes, keepdims=keepdim) / max(0, n - (1 if correction is None else
+                                                                  correction))
+    return var, mean if keepdim else mx.squeeze(mean, axis=axes)
+
+
+@lowering("var.correction")
+def var(self, dim=None, correction=None, keepdim=False):
+    return _var(self, dim, correction, keepdim)[0]
+
+
+@lowering("std.correction")
+def std(self, dim=None, correction=None, keepdim=False):
+    return mx.sqrt(_var(self, dim, correction, keepdim)[0])
+
+
+@lowering("var_mean.correction")
+def var_mean(self, dim=None, correction=None, keepdim=False):
+    return _var(self, dim, correction, keepdim)
+
+
+@lowering("std_mean.correction")
+def std_mean(self, dim=None, correction=None, keepdim=False):
+    var, mean = _var(self, dim, correction, keepdim)
+    return mx.sqrt(var), mean
+
+
+def _vector_norm(x, ord, dim, keepdim, dtype=None):
+    x = mx.abs(_accumulate(x, dtype))
+    axes = _axes(dim, x.ndim)
+    if ord == math.inf:
+        return mx.max(x, axis=axes, keepdims=keepdim)
+    if ord == -math.inf:
+        return mx.min(x, axis=axes, keepdims=keepdim)
+    if ord == 0:
+        return mx.sum((x != 0).astype(x.dtype), axis=axes, keepdims=keepdim)
+    if ord == 1:
+        return mx.sum(x, axis=axes, keepdims=keepdim)
+    if ord == 2:
+        return mx.sqrt(mx.sum(x * x, axis=axes, keepdims=keepdim))
+    return mx.power(mx.sum(mx.power(x, ord), axis=axes, keepdims=keepdim), 1.0 / ord)
+
+
+@lowering("linalg_vector_norm")
+def linalg_vector_norm(self, ord=2, dim=None, keepdim=False, dtype=None):
+    return _vector_norm(self, ord, dim, keepdim, dtype)
+
+
+@lowering("norm.ScalarOpt_dim", "norm.ScalarOpt_dim_dtype")
+def norm_dim(self, p=2, dim=(), keepdim=False, dtype=None):
+    return _vector_norm(self, 2 if p is None else p, dim, keepdim, dtype)
+
+
+@lowering("norm.Scalar", "norm.ScalarOpt_dtype")
+def norm(self, p=2, dtype=None):
+    return _vector_norm(self, 2 if p is None else p, None, False, dtype)
+
+
+@lowering("logsumexp")
+def logsumexp(self, dim, keepdim=False):
+    # torch's composite: shifted by the maximum, with infinite maxima replaced by 0 (all -inf
+    # gives -inf, any +inf gives +inf); every step rounds to the input dtype, the sum
+    # accumulates in float32
+    x = self if _is_float(self) else self.astype(mx.float32)
+    axes = _axes(dim, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        return mx.log(mx.sum(mx.exp(x), axis=axes, keepdims=keepdim))
+    maxes = mx.max(x, axis=axes, keepdims=True)
+    maxes = mx.where(mx.isinf(maxes), mx.array(0, x.dtype), maxes)
+    total = mx.sum(_accumulate(mx.exp(x - maxes)), axis=axes, keepdims=True).astype(x.dtype)
+    out = mx.log(total) + maxes
+    return out if keepdim else mx.squeeze(out, axis=axes)
