@@ -4,9 +4,10 @@ matmul, linear, einsum, tensordot, inner, outer and kron are CompositeImplicitAu
 decomposes them into the products below before they reach the device.
 """
 import mlx.core as mx
+import torch
 
 from .nn import _gelu
-from .registry import lowering
+from .registry import lowering, tracing
 
 
 def _is_inexact(a) -> bool:
@@ -93,3 +94,275 @@ def addbmm(self, batch1, batch2, beta=1, alpha=1):
 @lowering("addr")
 def addr(self, vec1, vec2, beta=1, alpha=1):
     return _add_scaled(self, mx.multiply(vec1[:, None], vec2[None, :]), beta, alpha)
+
+
+@lowering("trace")
+def trace(self):
+    return mx.sum(mx.diagonal(self))
+
+
+@lowering("linalg_cross")
+def linalg_cross(self, other, dim=-1):
+    shape = mx.broadcast_shapes(self.shape, other.shape)
+    return mx.linalg.cross(mx.broadcast_to(self, shape), mx.broadcast_to(other, shape), axis=dim,
+                           stream=mx.cpu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix decompositions. MLX's linalg routines run on the CPU stream only (LAPACK: the same
+# factorizations as torch's CPU kernels). MLX raises (or crashes, for empty matrices) where
+# LAPACK reports a singular or indefinite matrix; torch's *_ex ops instead return an info code
+# and whatever LAPACK produced, so singular batch entries are replaced before MLX sees them and
+# their results are NaN. Pivots are LAPACK's: 1-based int32 row swaps.
+
+_CPU = mx.cpu
+
+
+def _eye_like(a):
+    return mx.broadcast_to(mx.eye(a.shape[-1], dtype=a.dtype), a.shape)
+
+
+def _batch_broadcast(a, b):
+    """Broadcast the batch dims of a matrix a and a matrix b."""
+    batch = mx.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return mx.broadcast_to(a, batch + a.shape[-2:]), mx.broadcast_to(b, batch + b.shape[-2:])
+
+
+def _first_failure(bad):
+    """LAPACK's info: the 1-based index of the first failing pivot along the last axis, 0 if
+    none fails."""
+    if bad.shape[-1] == 0:
+        return mx.zeros(bad.shape[:-1], mx.int32)
+    first = mx.argmax(bad, axis=-1).astype(mx.int32) + 1
+    return mx.where(mx.any(bad, axis=-1), first, 0)
+
+
+def _lu_factor(a):
+    """(LU, 0-based pivots, info) of square or rectangular matrices (getrf)."""
+    if a.size == 0:
+        k = min(a.shape[-2:])
+        return a, mx.zeros(a.shape[:-2] + (k,), mx.int32), mx.zeros(a.shape[:-2], mx.int32)
+    lu, piv = mx.linalg.lu_factor(a, stream=_CPU)
+    info = _first_failure(mx.diagonal(lu, axis1=-2, axis2=-1) == 0)
+    return lu, piv.astype(mx.int32), info
+
+
+def _permutation(piv, m):
+    """Row order of P^T A from LAPACK's sequential swaps (row i <-> row piv[i])."""
+    perm = mx.broadcast_to(mx.arange(m), piv.shape[:-1] + (m,))
+    rows = mx.arange(m)
+    for i in range(piv.shape[-1]):
+        j = piv[..., i:i + 1]
+        at_i = mx.take_along_axis(perm, mx.broadcast_to(mx.array([i]), j.shape), -1)
+        at_j = mx.take_along_axis(perm, j, -1)
+        perm = mx.where(rows == i, at_j, mx.where(rows == j, at_i, perm))
+    return perm
+
+
+def _unit_lower(lu):
+    k = min(lu.shape[-2:])
+    lower = mx.tril(lu[..., :, :k], -1)
+    return lower + mx.eye(lu.shape[-2], k, dtype=lu.dtype)
+
+
+def _solve_triangular(a, b, upper, unit=False):
+    """a x = b for triangular a (only its `upper` or lower triangle is read). A zero on the
+    diagonal gives NaN (LAPACK would return inf/NaN; MLX raises)."""
+    if a.size == 0 or b.size == 0:
+        return mx.zeros(mx.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:], b.dtype)
+    a, b = _batch_broadcast(a, b)
+    if unit:
+        a = mx.where(mx.eye(a.shape[-1], dtype=mx.bool_), 1, a)
+    singular = mx.any(mx.diagonal(a, axis1=-2, axis2=-1) == 0, axis=-1)[..., None, None]
+    x = mx.linalg.solve_triangular(mx.where(singular, _eye_like(a), a), b, upper=upper,
+                                   stream=_CPU)
+    return mx.where(singular, mx.nan, x)
+
+
+def _lu_solve(lu, piv, b, adjoint=False):
+    """A x = b (or A^H x = b) from A's LU factors, P^T A = L U: getrs."""
+    perm = _permutation(piv, lu.shape[-1])
+    lower, upper = _unit_lower(lu), mx.triu(lu)
+    if adjoint:  # A^H = U^H L^H P^T, so x = P L^-H U^-H b
+        y = _solve_triangular(mx.swapaxes(upper, -1, -2), b, upper=False)
+        z = _solve_triangular(mx.swapaxes(lower, -1, -2), y, upper=True, unit=True)
+        return _take_rows(z, mx.argsort(perm, axis=-1))
+    y = _solve_triangular(lower, _take_rows(b, perm), upper=False, unit=True)
+    return _solve_triangular(upper, y, upper=True)
+
+
+def _take_rows(b, perm):
+    """b's rows in the order perm (batch dims broadcast)."""
+    batch = mx.broadcast_shapes(b.shape[:-2], perm.shape[:-1])
+    b = mx.broadcast_to(b, batch + b.shape[-2:])
+    index = mx.broadcast_to(perm[..., None], batch + (perm.shape[-1], b.shape[-1]))
+    return mx.take_along_axis(b, index, -2)
+
+
+@lowering("linalg_lu_factor_ex")
+def linalg_lu_factor_ex(A, pivot=True, check_errors=False):
+    if not pivot:
+        raise RuntimeError("linalg.lu_factor: LU without pivoting is not implemented on the CPU")
+    lu, piv, info = _lu_factor(A)
+    _check_info(info, "torch.linalg.lu_factor_ex", check_errors)
+    return lu, piv + 1, info
+
+
+def _check_info(info, api, check_errors):
+    if check_errors and not tracing() and info.size and mx.any(info != 0).item():
+        raise torch.linalg.LinAlgError(f"{api}: The factorization could not be completed "
+                                       "because the input is not invertible.")
+
+
+@lowering("lu_unpack")
+def lu_unpack(LU_data, LU_pivots, unpack_data=True, unpack_pivots=True):
+    """(P, L, U) with A = P L U."""
+    m, n = LU_data.shape[-2:]
+    k = min(m, n)
+    P = L = U = None
+    if unpack_data:
+        L = _unit_lower(LU_data)
+        U = mx.triu(LU_data[..., :k, :])
+    if unpack_pivots:
+        perm = _permutation(LU_pivots.astype(mx.int32) - 1, m)
+        # P^T A = rows of A in the order perm, so P[perm[i], i] = 1
+        P = (perm[..., None, :] == mx.arange(m)[:, None]).astype(LU_data.dtype)
+    empty = mx.zeros((0,), LU_data.dtype)
+    return (P if P is not None else empty, L if L is not None else empty,
+            U if U is not None else empty)
+
+
+@lowering("linalg_lu")
+def linalg_lu(A, pivot=True):
+    if not pivot:
+        raise RuntimeError("linalg.lu: LU without pivoting is not implemented on the CPU")
+    lu, piv, _ = _lu_factor(A)
+    return lu_unpack(lu, piv + 1)
+
+
+@lowering("linalg_lu_solve")
+def linalg_lu_solve(LU, pivots, B, left=True, adjoint=False):
+    piv = pivots.astype(mx.int32) - 1
+    if left:
+        return _lu_solve(LU, piv, B, adjoint)
+    # X A = B  <=>  A^H X^H = B^H
+    xh = _lu_solve(LU, piv, mx.swapaxes(B, -1, -2), not adjoint)
+    return mx.swapaxes(xh, -1, -2)
+
+
+def _solve_rhs_is_vector(A, B):
+    return B.ndim == 1 or (B.ndim == A.ndim - 1 and B.shape == A.shape[:-1])
+
+
+@lowering("_linalg_solve_ex")
+def linalg_solve_ex(A, B, left=True, check_errors=False):
+    """(result, LU, pivots, info): getrf, then getrs (for left=False, of A^T)."""
+    if not left:
+        A = mx.swapaxes(A, -1, -2)
+    lu, piv, info = _lu_factor(A)
+    _check_info(info, "torch.linalg.solve_ex", check_errors)
+    vector = _solve_rhs_is_vector(A, B)
+    rhs = B[..., None] if vector else (B if left else mx.swapaxes(B, -1, -2))
+    x = _lu_solve(lu, piv, rhs)
+    x = x[..., 0] if vector else (x if left else mx.swapaxes(x, -1, -2))
+    return x, lu, piv + 1, info
+
+
+@lowering("linalg_inv_ex")
+def linalg_inv_ex(A, check_errors=False):
+    lu, piv, info = _lu_factor(A)
+    _check_info(info, "torch.linalg.inv_ex", check_errors)
+    if A.size == 0:
+        return A, info
+    return _lu_solve(lu, piv, _eye_like(A)), info
+
+
+def _det_from_lu(lu, piv):
+    """(sign of the row permutation, diagonal of U)."""
+    swaps = mx.sum(piv != mx.arange(piv.shape[-1]), axis=-1)
+    return 1 - 2 * (swaps % 2), mx.diagonal(lu, axis1=-2, axis2=-1)
+
+
+@lowering("_linalg_det")
+def linalg_det(A):
+    lu, piv, _ = _lu_factor(A)
+    sign, diag = _det_from_lu(lu, piv)
+    return sign * mx.prod(diag, axis=-1), lu, piv + 1
+
+
+@lowering("_linalg_slogdet")
+def linalg_slogdet(A):
+    lu, piv, _ = _lu_factor(A)
+    sign, diag = _det_from_lu(lu, piv)
+    sign = sign * mx.prod(mx.sign(diag), axis=-1)
+    return sign, mx.sum(mx.log(mx.abs(diag)), axis=-1), lu, piv + 1
+
+
+# Cholesky: LAPACK's potrf stops at the first non-positive pivot, leaving it unrooted on the
+# diagonal, so info is the first diagonal entry that is not > 0.
+
+
+def _cholesky(A, upper):
+    if A.size == 0:
+        return A, mx.zeros(A.shape[:-2], mx.int32)
+    factor = mx.linalg.cholesky(A, upper=upper, stream=_CPU)
+    info = _first_failure(~(mx.diagonal(factor, axis1=-2, axis2=-1) > 0))
+    return factor, info
+
+
+def _check_positive_definite(info, api):
+    if not tracing() and info.size and mx.any(info != 0).item():
+        order = mx.max(info).item()
+        raise torch.linalg.LinAlgError(
+            f"{api}: The factorization could not be completed because the input is not "
+            f"positive-definite (the leading minor of order {order} is not positive-definite).")
+
+
+@lowering("linalg_cholesky_ex")
+def linalg_cholesky_ex(self, upper=False, check_errors=False):
+    factor, info = _cholesky(self, upper)
+    if check_errors:
+        _check_positive_definite(info, "linalg.cholesky_ex")
+    return factor, info
+
+
+@lowering("cholesky")
+def cholesky(self, upper=False):
+    factor, info = _cholesky(self, upper)
+    _check_positive_definite(info, "cholesky")
+    return factor
+
+
+@lowering("cholesky_inverse")
+def cholesky_inverse(self, upper=False):
+    """(L L^H)^-1 (or (U^H U)^-1) from the factor."""
+    if self.size == 0:
+        return self
+    return mx.linalg.cholesky_inv(self, upper=upper, stream=_CPU)
+
+
+@lowering("_cholesky_solve_helper")
+def cholesky_solve_helper(self, A, upper):
+    """Solve L L^H X = B (or U^H U X = B) with two triangular solves."""
+    lower = mx.swapaxes(A, -1, -2) if upper else A
+    y = _solve_triangular(lower, self, upper=False)
+    return _solve_triangular(mx.swapaxes(lower, -1, -2), y, upper=True)
+
+
+@lowering("linalg_solve_triangular")
+def linalg_solve_triangular(self, B, upper, left=True, unitriangular=False):
+    if left:
+        return _solve_triangular(self, B, upper, unitriangular)
+    # X A = B  <=>  A^T X^T = B^T
+    xt = _solve_triangular(mx.swapaxes(self, -1, -2), mx.swapaxes(B, -1, -2), not upper,
+                           unitriangular)
+    return mx.swapaxes(xt, -1, -2)
+
+
+@lowering("triangular_solve")
+def triangular_solve(self, A, upper=True, transpose=False, unitriangular=False):
+    """(solution of A X = B, or A^T X = B, and a copy of A broadcast to the batch)."""
+    coefficient = mx.swapaxes(A, -1, -2) if transpose else A
+    solution = _solve_triangular(coefficient, self, upper != transpose, unitriangular)
+    batch = solution.shape[:-2]
+    return solution, mx.array(mx.broadcast_to(A, batch + A.shape[-2:]))
