@@ -84,8 +84,8 @@ class _Step:
         if low.promote is not None:
             inputs = [_meta_val(a) for a in node.args]
             inputs = [a for a in inputs if isinstance(a, (torch.Tensor, bool, int, float))]
-            self.compute = registry.to_mx_dtype(
-                elementwise_dtypes(*inputs, type_promotion_kind=low.promote)[0])
+            dtypes = elementwise_dtypes(*inputs, type_promotion_kind=low.promote)
+            self.compute = registry.to_mx_dtype(dtypes[0 if low.opmath else 1])
         self.out_dtypes = _out_dtypes(node.meta.get("val"))
 
 
