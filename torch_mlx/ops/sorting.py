@@ -12,6 +12,7 @@ Ops whose output length depends on the data (unique*, bincount) are registered w
 """
 from __future__ import annotations
 
+import builtins
 import math
 
 import mlx.core as mx
@@ -510,21 +511,36 @@ def _linspace(start: float, end: float, steps: int, dtype) -> mx.array:
     return mx.where(i < steps // 2, up, down)
 
 
-def _histogram(self, edges: mx.array, weight, density: bool) -> mx.array:
-    """Counts (or summed weights) of ``self``'s elements per bin of the increasing ``edges``:
-    bin i holds edges[i] <= x < edges[i + 1], the last bin also its right edge; elements
-    outside [edges[0], edges[-1]] and NaN are dropped (torch's rule)."""
-    x = mx.reshape(self, (-1,))
-    nb = edges.shape[0] - 1
-    inside = mx.logical_and(x >= edges[0], x <= edges[-1])
-    pos = mx.minimum(_search(edges, x, True) - 1, nb - 1)
-    pos = mx.where(inside, pos, 0)
-    w = mx.ones(x.shape, dtype=self.dtype) if weight is None else \
-        mx.reshape(weight, (-1,)).astype(self.dtype)
-    hist = mx.zeros((nb,), dtype=self.dtype).at[pos].add(mx.where(inside, w, 0))
+def _histogramdd(points: mx.array, edges: list, weight, density: bool) -> mx.array:
+    """Counts (or summed weights) of the rows of ``points`` (M, D) per D-dimensional bin of the
+    increasing per-dimension ``edges``: bin i of a dimension holds edges[i] <= x < edges[i + 1],
+    its last bin also the right edge; a point outside the edges or with a NaN coordinate is
+    dropped (torch's rule)."""
+    dtype = points.dtype
+    shape = [e.shape[0] - 1 for e in edges]
+    flat = mx.zeros((points.shape[0],), dtype=mx.int64)
+    inside = mx.ones((points.shape[0],), dtype=mx.bool_)
+    for d, e in enumerate(edges):
+        x = points[:, d]
+        inside = mx.logical_and(inside, mx.logical_and(x >= e[0], x <= e[-1]))
+        pos = mx.clip(_search(e, x, True) - 1, 0, shape[d] - 1)
+        flat = flat * shape[d] + pos
+    w = mx.ones((points.shape[0],), dtype=dtype) if weight is None else \
+        mx.reshape(weight, (-1,)).astype(dtype)
+    hist = mx.zeros((math.prod(shape),), dtype=dtype).at[mx.where(inside, flat, 0)].add(
+        mx.where(inside, w, mx.zeros((), dtype)))
+    hist = mx.reshape(hist, shape)
     if density:
-        hist = hist / mx.sum(hist) / (edges[1:] - edges[:-1])
+        hist = hist / mx.sum(hist)
+        for d, e in enumerate(edges):
+            view = [1] * len(edges)
+            view[d] = shape[d]
+            hist = hist / mx.reshape(e[1:] - e[:-1], view)
     return hist
+
+
+def _histogram(self, edges: mx.array, weight, density: bool) -> mx.array:
+    return _histogramdd(mx.reshape(self, (-1, 1)), [edges], weight, density)
 
 
 def _histogram_checks(self, weight):
@@ -536,24 +552,37 @@ def _histogram_checks(self, weight):
                            "same shape as the input tensor excluding its innermost dimension")
 
 
+def _outer_edges(points: mx.array, range_, what: str) -> list[tuple[float, float]]:
+    """torch's select_outer_bin_edges: the given range, (0, 1) for no points, else each
+    dimension's min and max; an empty range widens by 0.5 each way."""
+    dims = points.shape[1]
+    if range_ is not None:
+        pairs = [(float(range_[2 * d]), float(range_[2 * d + 1])) for d in builtins.range(dims)]
+    elif points.shape[0] == 0:
+        pairs = [(0.0, 1.0)] * dims
+    else:
+        if registry.tracing():
+            raise RuntimeError(f"{what} with an inferred range cannot be compiled")
+        lo, hi = mx.min(points, axis=0), mx.max(points, axis=0)
+        mx.eval(lo, hi)
+        pairs = list(zip(lo.tolist(), hi.tolist()))
+    out = []
+    for d, (left, right) in enumerate(pairs):
+        if not (math.isfinite(left) and math.isfinite(right)):
+            raise RuntimeError(f"{what}: dimension {d}'s range [{left}, {right}] is not finite"
+                               if dims > 1 or what.endswith("dd") else
+                               f"{what}: range of [{left}, {right}] is not finite")
+        if left > right:
+            raise RuntimeError(f"{what}: min should not exceed max, but got min {left} max "
+                               f"{right}")
+        out.append((left - 0.5, right + 0.5) if left == right else (left, right))
+    return out
+
+
 @lowering("histogram.bin_ct")
 def histogram_bin_ct(self, bins=100, range=None, weight=None, density=False):
     _histogram_checks(self, weight)
-    if range is not None:
-        left, right = float(range[0]), float(range[1])
-    elif self.size == 0:
-        left, right = 0.0, 1.0
-    else:
-        if registry.tracing():
-            raise RuntimeError("histogram with an inferred range cannot be compiled")
-        left, right = float(mx.min(self).item()), float(mx.max(self).item())
-    if not (math.isfinite(left) and math.isfinite(right)):
-        raise RuntimeError(f"torch.histogram: range of [{left}, {right}] is not finite")
-    if left > right:
-        raise RuntimeError(f"torch.histogram: min should not exceed max, but got min {left} "
-                           f"max {right}")
-    if left == right:
-        left, right = left - 0.5, right + 0.5
+    [(left, right)] = _outer_edges(mx.reshape(self, (-1, 1)), range, "torch.histogram")
     edges = _linspace(left, right, bins + 1, self.dtype)
     return _histogram(self, edges, weight, density), edges
 
@@ -563,3 +592,28 @@ def histogram_bins_tensor(self, bins, weight=None, density=False):
     _histogram_checks(self, weight)
     edges = bins.astype(self.dtype)
     return _histogram(self, edges, weight, density), mx.array(edges)
+
+
+def _points(self) -> mx.array:
+    return mx.reshape(self, (-1, self.shape[-1]))
+
+
+def _bin_edges(self, bins, range_):
+    pts = _points(self)
+    pairs = _outer_edges(pts, range_, "torch.histogramdd")
+    return [_linspace(lo, hi, n + 1, self.dtype) for (lo, hi), n in zip(pairs, bins)]
+
+
+@lowering("_histogramdd_bin_edges")
+def histogramdd_bin_edges(self, bins, range=None, weight=None, density=False):
+    return _bin_edges(self, bins, range)
+
+
+@lowering("_histogramdd_from_bin_cts")
+def histogramdd_from_bin_cts(self, bins, range=None, weight=None, density=False):
+    return _histogramdd(_points(self), _bin_edges(self, bins, range), weight, density)
+
+
+@lowering("_histogramdd_from_bin_tensors")
+def histogramdd_from_bin_tensors(self, bins, weight=None, density=False):
+    return _histogramdd(_points(self), [b.astype(self.dtype) for b in bins], weight, density)
