@@ -366,3 +366,209 @@ def triangular_solve(self, A, upper=True, transpose=False, unitriangular=False):
     solution = _solve_triangular(coefficient, self, upper != transpose, unitriangular)
     batch = solution.shape[:-2]
     return solution, mx.array(mx.broadcast_to(A, batch + A.shape[-2:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# SVD and eigendecompositions (LAPACK through MLX; singular vectors and eigenvectors are unique
+# only up to sign or phase, which torch leaves unspecified too).
+
+
+def _empty():
+    return mx.zeros((0,), mx.float32)
+
+
+def _eye(rows, cols, batch):
+    return mx.broadcast_to(mx.eye(rows, cols), batch + (rows, cols))
+
+
+@lowering("_linalg_svd")
+def linalg_svd(A, full_matrices=False, compute_uv=True, driver=None):
+    """(U, S, Vh); U and Vh are empty when compute_uv is False."""
+    batch, (m, n) = A.shape[:-2], A.shape[-2:]
+    k = min(m, n)
+    if A.size == 0:  # MLX's LAPACK calls reject empty matrices; torch gives identities
+        s = mx.zeros(batch + (k,), A.dtype)
+        if not compute_uv:
+            return _empty(), s, _empty()
+        return (_eye(m, m if full_matrices else k, batch), s,
+                _eye(n if full_matrices else k, n, batch))
+    if not compute_uv:
+        return _empty(), mx.linalg.svd(A, compute_uv=False, stream=_CPU), _empty()
+    u, s, vh = mx.linalg.svd(A, stream=_CPU)  # always the full U and Vh
+    if not full_matrices:
+        u, vh = u[..., :, :k], vh[..., :k, :]
+    return u, s, vh
+
+
+@lowering("_linalg_eigh")
+def linalg_eigh(A, UPLO="L", compute_v=True):
+    """(eigenvalues ascending, eigenvectors); eigenvectors empty when compute_v is False.
+    Only the UPLO triangle of A is read."""
+    if A.size == 0:
+        return mx.zeros(A.shape[:-1], A.dtype), (A if compute_v else _empty())
+    if not compute_v:
+        return mx.linalg.eigvalsh(A, UPLO=UPLO, stream=_CPU), _empty()
+    return mx.linalg.eigh(A, UPLO=UPLO, stream=_CPU)
+
+
+# MLX hands LAPACK's geev its row-major buffer, which LAPACK reads as the transpose: mx eig(X)
+# runs geev on X^T and returns eigenvalues in X^T's order. torch runs geev on A, so the
+# eigenvalues are computed as MLX's eig(A^T) to come out in torch's order. The right
+# eigenvectors Y of A^T are the left eigenvectors of A (Y^T A = W Y^T), so A's right
+# eigenvectors are the columns of Y^-T, normalised as geev does: unit norm, largest component
+# real.
+
+
+@lowering("linalg_eig")
+def linalg_eig(self):
+    if self.size == 0:
+        return (mx.zeros(self.shape[:-1], mx.complex64), mx.zeros(self.shape, mx.complex64))
+    w, y = mx.linalg.eig(mx.swapaxes(self, -1, -2), stream=_CPU)
+    v = _complex_inverse(mx.swapaxes(y, -1, -2))
+    v = v / mx.sqrt(mx.sum(mx.abs(v) ** 2, axis=-2, keepdims=True))
+    largest = mx.take_along_axis(v, mx.argmax(mx.abs(v), axis=-2)[..., None, :], axis=-2)
+    v = v * mx.conj(largest / mx.abs(largest))
+    # a real eigenvalue has a real eigenvector: drop the inversion's rounding residue
+    real = (mx.imag(w) == 0)[..., None, :]
+    return w, mx.where(real, mx.real(v).astype(mx.complex64), v)
+
+
+def _complex_inverse(m):
+    """The inverse of a complex matrix through its real embedding [[X, -Y], [Y, X]] (MLX's
+    LAPACK routines take real matrices only)."""
+    n = m.shape[-1]
+    x, y = mx.real(m), mx.imag(m)
+    embedded = mx.concatenate([mx.concatenate([x, -y], axis=-1),
+                               mx.concatenate([y, x], axis=-1)], axis=-2)
+    inverse = mx.linalg.inv(embedded, stream=_CPU)
+    return inverse[..., :n, :n] + 1j * inverse[..., n:, :n]
+
+
+@lowering("_linalg_eigvals")
+def linalg_eigvals(self):
+    if self.size == 0:
+        return mx.zeros(self.shape[:-1], mx.complex64)
+    return mx.linalg.eigvals(mx.swapaxes(self, -1, -2), stream=_CPU)
+
+
+# ----------------------------------------------------------------------------------------------
+# QR. Reduced QR is MLX's (LAPACK geqrf + orgqr). The ops that expose Householder reflectors
+# (geqrf, householder_product, ormqr) and the complete Q of a tall matrix, which MLX does not
+# provide, build them here with LAPACK's conventions (dlarfg: beta = -sign(alpha) ||x||,
+# tau = (beta - alpha) / beta, v[0] = 1), so they agree with torch's CPU results.
+
+
+def _reflector(x):
+    """(v, tau, beta) with (I - tau v v^T) x = beta e_1, for the vectors x (..., l)."""
+    alpha, rest = x[..., 0], x[..., 1:]
+    rest_norm = mx.sqrt(mx.sum(rest * rest, axis=-1))
+    norm = mx.sqrt(alpha * alpha + rest_norm * rest_norm)
+    beta = mx.where(alpha >= 0, -norm, norm)
+    trivial = rest_norm == 0  # already a multiple of e_1: H = I
+    tau = mx.where(trivial, 0, (beta - alpha) / mx.where(trivial, 1, beta))
+    scale = mx.where(trivial, 0, 1 / mx.where(trivial, 1, alpha - beta))
+    v = mx.concatenate([mx.ones_like(alpha)[..., None], rest * scale[..., None]], axis=-1)
+    return v, tau, mx.where(trivial, alpha, beta)
+
+
+def _reflect_left(c, v, tau):
+    """(I - tau v v^T) c for matrices c (..., l, p) and vectors v (..., l)."""
+    w = mx.sum(v[..., :, None] * c, axis=-2, keepdims=True)
+    return c - tau[..., None, None] * v[..., :, None] * w
+
+
+def _reflect_right(c, v, tau):
+    """c (I - tau v v^T) for matrices c (..., p, l)."""
+    w = mx.sum(c * v[..., None, :], axis=-1, keepdims=True)
+    return c - tau[..., None, None] * w * v[..., None, :]
+
+
+def _geqrf(a):
+    """(R with the reflectors below its diagonal, tau), as LAPACK's geqrf."""
+    m, n = a.shape[-2:]
+    taus = []
+    for j in range(min(m, n)):
+        v, tau, beta = _reflector(a[..., j:, j])
+        if j + 1 < n:
+            a[..., j:, j + 1:] = _reflect_left(a[..., j:, j + 1:], v, tau)
+        a[..., j:, j] = mx.concatenate([beta[..., None], v[..., 1:]], axis=-1)
+        taus.append(tau)
+    tau = mx.stack(taus, axis=-1) if taus else mx.zeros(a.shape[:-2] + (0,), a.dtype)
+    return a, tau
+
+
+def _reflector_vector(a, i):
+    """The i-th reflector stored below the diagonal of a, with its implicit leading 1."""
+    below = a[..., i + 1:, i]
+    return mx.concatenate([mx.ones(a.shape[:-2] + (1,), a.dtype), below], axis=-1)
+
+
+def _apply_q(a, tau, c, left=True, transpose=False):
+    """Q c, Q^T c, c Q or c Q^T for Q = H_1 ... H_k given by geqrf's (a, tau)."""
+    k = tau.shape[-1]
+    order = range(k) if left == transpose else reversed(range(k))
+    for i in order:
+        v, t = _reflector_vector(a, i), tau[..., i]
+        if left:
+            c[..., i:, :] = _reflect_left(c[..., i:, :], v, t)
+        else:
+            c[..., :, i:] = _reflect_right(c[..., :, i:], v, t)
+    return c
+
+
+@lowering("geqrf")
+def geqrf(self):
+    return _geqrf(mx.array(self))
+
+
+@lowering("linalg_householder_product")
+def linalg_householder_product(input, tau):
+    """The first n columns of H_1 ... H_k (LAPACK's orgqr)."""
+    m, n = input.shape[-2:]
+    batch = mx.broadcast_shapes(input.shape[:-2], tau.shape[:-1])
+    eye = mx.array(_eye(m, n, batch))
+    return _apply_q(mx.broadcast_to(input, batch + (m, n)), tau, eye)
+
+
+@lowering("ormqr")
+def ormqr(self, input2, input3, left=True, transpose=False):
+    return _apply_q(self, input2, mx.array(input3), left, transpose)
+
+
+@lowering("linalg_qr")
+def linalg_qr(A, mode="reduced"):
+    """(Q, R); Q is empty for mode "r"."""
+    batch, (m, n) = A.shape[:-2], A.shape[-2:]
+    if mode == "complete" and m > n:  # Q is m x m: orgqr over all m columns
+        a, tau = _geqrf(mx.array(A))
+        return _apply_q(a, tau, mx.array(_eye(m, m, batch))), mx.triu(a)
+    if A.size == 0:
+        k = m if mode == "complete" else min(m, n)
+        q = _empty() if mode == "r" else _eye(m, k, batch)
+        return q, mx.zeros(batch + (k, n), A.dtype)
+    q, r = mx.linalg.qr(A, stream=_CPU)
+    return (_empty() if mode == "r" else q), r
+
+
+@lowering("linalg_pinv.atol_rtol_tensor")
+def linalg_pinv(self, atol=None, rtol=None, hermitian=False):
+    """Moore-Penrose inverse as torch computes it: singular values (or |eigenvalues| when
+    hermitian) at most max(atol, rtol * largest) are dropped. Without tolerances rtol is
+    eps * max(m, n); with only atol > 0 it is 0. (torch's own composite builds these defaults
+    as float64 tensors on the device, which "mlx" has no storage for.)"""
+    m, n = self.shape[-2:]
+    if rtol is None:
+        default = mx.finfo(mx.float32).eps * max(m, n)
+        rtol = default if atol is None else mx.where(atol > 0, 0.0, default)
+    atol = 0.0 if atol is None else atol
+    if self.size == 0:
+        return mx.zeros(self.shape[:-2] + (n, m), self.dtype)
+    if hermitian:
+        s, u = mx.linalg.eigh(self, stream=_CPU)
+        largest = mx.max(mx.abs(s), axis=-1, keepdims=True)
+        keep = mx.abs(s) > mx.maximum(atol, rtol * largest)
+        return mx.matmul(u * mx.where(keep, 1 / s, 0)[..., None, :], mx.swapaxes(u, -1, -2))
+    u, s, vh = linalg_svd(self)
+    keep = s > mx.maximum(atol, rtol * s[..., :1])
+    return mx.matmul(mx.swapaxes(vh, -1, -2) * mx.where(keep, 1 / s, 0)[..., None, :],
+                     mx.swapaxes(u, -1, -2))
