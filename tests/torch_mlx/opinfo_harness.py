@@ -1,0 +1,377 @@
+"""Compare an OpInfo's samples on "mlx" with the same samples on the CPU.
+
+Shared by tests/torch_mlx/test_opinfo.py (one pytest test per op and dtype) and
+tools/conformance.py (the in-process sweep), so both count the same way.
+
+How a sample is compared (the mirror image of test_ops.py's test_compare_cpu):
+- samples come from ``op.sample_inputs("cpu", dtype)``; each tensor is copied to "mlx" with the
+  same storage size, strides and offset (views, expanded and non-contiguous inputs stay so), and
+  ``device="cpu"`` arguments become "mlx". Generating on the CPU keeps the instrument independent
+  of the device's own random and factory ops;
+- the op runs on both; the "mlx" outputs must be "mlx" tensors, are copied to the CPU with the
+  native copy (no lowering involved) and compared with torch's ``TestCase.assertEqual`` at the
+  default tolerances of the dtype (no op-specific overrides);
+- when the CPU raises for a sample, "mlx" must raise the same exception type;
+- a sample with no tensor and no device argument (``torch.arange(2)``) runs on "mlx" under
+  ``torch.device("mlx")``, the way such a call is placed on a device;
+- a sample that needs float64 or complex128 (an argument, or the CPU's result) can only raise
+  on "mlx", which has no storage for them: when it raises the TypeError naming the dtype it is
+  counted apart ("unsupported_dtype"), neither passing nor failing;
+- ops whose values are random or uninitialised (``NOT_VALUE_COMPARABLE``) are compared on
+  structure, shape and dtype only.
+The CPU fallback is switched off while comparing: an op without a lowering must fail here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+import warnings
+
+import torch
+import torch_mlx
+from torch.testing._internal.common_methods_invocations import op_db
+from torch.testing._internal.common_utils import TestCase
+
+from expected_failures import EXPECTED_FAILURES, NOT_VALUE_COMPARABLE
+
+DEVICE = "mlx"
+
+# What a sample can come to. Only "pass" passes.
+PASS = "pass"
+MISMATCH = "mismatch"  # ran, gave different numbers / shapes / dtypes than the CPU
+NOT_IMPLEMENTED = "not_implemented"  # NotImplementedError: an aten op without a lowering
+ERROR = "error"  # any other exception on "mlx" where the CPU succeeded (or a different one)
+FAILURE_KINDS = (MISMATCH, ERROR, NOT_IMPLEMENTED)
+UNSUPPORTED_DTYPE = "unsupported_dtype"  # needs float64/complex128: TypeError by design
+UNSUPPORTED_DTYPES = (torch.float64, torch.complex128)
+
+_MISSING_OP = re.compile(r"(aten::[\w.]+) has no MLX lowering")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def ops_for_dtype(dtype: torch.dtype, names=None) -> list:
+    """op_db entries (by full name, variants included) that support ``dtype`` on the CPU."""
+    ops = [op for op in op_db if dtype in op.supported_dtypes("cpu")]
+    if names is not None:
+        wanted = set(names)
+        unknown = wanted - {op.full_name for op in op_db}
+        if unknown:
+            raise ValueError(f"not OpInfo names in op_db: {sorted(unknown)}")
+        ops = [op for op in ops if op.full_name in wanted]
+    return ops
+
+
+def without_decorators(op):
+    """A copy of ``op`` without its skips, xfails and tolerance overrides.
+
+    Those decorators target torch's own CPU/CUDA test classes; a plain decorator among them
+    (e.g. precisionOverride) would apply to every test of the op, including ours, and silently
+    loosen or skip it. Expected outcomes for "mlx" come from expected_failures.py alone."""
+    bare = copy.copy(op)
+    bare.decorators = ()
+    return bare
+
+
+# ----------------------------------------------------------------------------------------------
+# Moving samples and results
+
+
+def _to_mlx_same_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on "mlx" with the same storage extent, sizes, strides and storage offset."""
+    if t.layout != torch.strided:
+        raise TypeError(f"sample has a {t.layout} tensor; only strided tensors can move to mlx")
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    storage = t.untyped_storage()
+    flat = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),),
+                                              (1,))
+    moved = flat.to(DEVICE).as_strided(t.size(), t.stride(), t.storage_offset())
+    return moved.requires_grad_(t.requires_grad) if t.is_leaf else moved
+
+
+def _is_cpu_device(x) -> bool:
+    if isinstance(x, torch.device):
+        return x.type == "cpu"
+    return isinstance(x, str) and x in ("cpu", "cpu:0")
+
+
+def sample_to_mlx(value):
+    """A sample's input/args/kwargs with tensors on "mlx" and CPU device arguments made "mlx"."""
+    if isinstance(value, torch.Tensor):
+        return _to_mlx_same_layout(value)
+    if _is_cpu_device(value):
+        return torch.device(DEVICE) if isinstance(value, torch.device) else DEVICE
+    if isinstance(value, list):
+        return [sample_to_mlx(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(sample_to_mlx(v) for v in value)
+    if isinstance(value, dict):
+        return {k: sample_to_mlx(v) for k, v in value.items()}
+    return value
+
+
+def _leaves(value):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _names_a_device(value) -> bool:
+    """Does a sample carry a tensor or a device argument (else it is a bare factory call)?"""
+    return any(isinstance(v, (torch.Tensor, torch.device)) or _is_cpu_device(v)
+               for v in _leaves(value))
+
+
+def _unsupported_dtype_in(*values) -> torch.dtype | None:
+    for v in _leaves(values):
+        dtype = v.dtype if isinstance(v, torch.Tensor) else v
+        if isinstance(dtype, torch.dtype) and dtype in UNSUPPORTED_DTYPES:
+            return dtype
+    return None
+
+
+def _results_to_cpu(value):
+    """"mlx" results copied to the CPU; a result tensor on another device is an error."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != DEVICE:
+            raise AssertionError(f"the op returned a tensor on {value.device}, not on {DEVICE}")
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        items = [_results_to_cpu(v) for v in value]
+        if hasattr(value, "_fields"):  # collections.namedtuple takes the items one by one
+            return type(value)(*items)
+        return type(value)(items)  # list, tuple, torch.return_types (structseq)
+    if isinstance(value, dict):
+        return {k: _results_to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _structure(value):
+    """Type, shape and dtype of every tensor in a result: what random ops are compared on."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_structure(v) for v in value))
+    return (type(value).__name__,)
+
+
+class _Comparer(TestCase):
+    """torch's TestCase.assertEqual, outside a test: default tolerances for the dtype."""
+
+    def runTest(self):  # unittest requires a test method to instantiate the case
+        pass
+
+
+_COMPARER = _Comparer()
+
+
+# ----------------------------------------------------------------------------------------------
+# One sample, one op
+
+
+@dataclasses.dataclass
+class SampleResult:
+    status: str
+    message: str = ""
+    missing_op: str | None = None  # the aten op named by a NotImplementedError
+
+
+@contextlib.contextmanager
+def no_fallback():
+    """An op without a lowering must fail the comparison, not run on the CPU."""
+    was = torch_mlx.fallback_enabled()
+    torch_mlx.set_fallback(False)
+    try:
+        yield
+    finally:
+        torch_mlx.set_fallback(was)
+
+
+def _exception_result(exc: BaseException) -> SampleResult:
+    message = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, NotImplementedError):
+        found = _MISSING_OP.search(str(exc))
+        if found:  # the rest of the message is the same advice for every op
+            return SampleResult(NOT_IMPLEMENTED, f"no MLX lowering for {found.group(1)}",
+                                found.group(1))
+        return SampleResult(NOT_IMPLEMENTED, message)
+    return SampleResult(ERROR, message)
+
+
+def _dtype_or_exception_result(exc: BaseException, unsupported) -> SampleResult:
+    """The designed TypeError for a sample that needs float64/complex128, else a failure."""
+    if unsupported is not None and isinstance(exc, TypeError) \
+            and str(unsupported).removeprefix("torch.") in str(exc):
+        return SampleResult(UNSUPPORTED_DTYPE, f"{type(exc).__name__}: {exc}")
+    return _exception_result(exc)
+
+
+def run_sample(op, sample) -> SampleResult:
+    """Run one CPU sample on "mlx" and on the CPU and compare (see the module docstring)."""
+    value_comparable = value_comparable_sample(op.full_name, sample)
+    cpu_args = (sample.input, sample.args, sample.kwargs)
+    unsupported = _unsupported_dtype_in(cpu_args)
+    # a bare factory call is placed on "mlx" the way users do it: torch.device("mlx") as context
+    placement = contextlib.nullcontext() if _names_a_device(cpu_args) else torch.device(DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mlx_args = sample_to_mlx(cpu_args)
+        except Exception as exc:  # e.g. a sparse input, or a dtype mlx has no storage for
+            return _dtype_or_exception_result(exc, unsupported)
+        try:  # the CPU run may mutate the CPU sample: the "mlx" copy was taken first
+            expected = sample.output_process_fn_grad(
+                op(sample.input, *sample.args, **sample.kwargs))
+            cpu_error = None
+            unsupported = unsupported or _unsupported_dtype_in(expected)
+        except Exception as exc:
+            cpu_error = exc
+        try:
+            with no_fallback(), placement:
+                mlx_input, mlx_pos, mlx_kw = mlx_args
+                actual = _results_to_cpu(
+                    sample.output_process_fn_grad(op(mlx_input, *mlx_pos, **mlx_kw)))
+        except Exception as exc:
+            if cpu_error is not None and type(exc) is type(cpu_error):
+                return SampleResult(PASS)
+            result = _dtype_or_exception_result(exc, unsupported)
+            if cpu_error is not None and result.status == ERROR:
+                result.message = (f"CPU raised {type(cpu_error).__name__}, mlx raised "
+                                  + result.message)
+            return result
+    if cpu_error is not None:
+        return SampleResult(ERROR, f"CPU raised {type(cpu_error).__name__}: {cpu_error}; "
+                                   "mlx raised nothing")
+    try:
+        if value_comparable:
+            _COMPARER.assertEqual(actual, expected)
+        else:
+            _COMPARER.assertEqual(_structure(actual), _structure(expected))
+    except AssertionError as exc:
+        return SampleResult(MISMATCH, f"{exc}")
+    return SampleResult(PASS)
+
+
+def value_comparable_sample(op_name: str, sample) -> bool:
+    entry = NOT_VALUE_COMPARABLE.get(op_name)
+    if entry is None:
+        return True
+    _reason, applies = entry
+    return not applies(sample)
+
+
+def samples_of(op, dtype: torch.dtype) -> list:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(op.sample_inputs("cpu", dtype))
+
+
+@dataclasses.dataclass
+class OpReport:
+    """Every sample of one op at one dtype."""
+    name: str
+    dtype: str
+    counts: dict  # status -> number of samples
+    first_message: dict  # failure kind -> first message seen
+    missing_ops: list  # aten ops named by NotImplementedErrors, in order of first appearance
+    value_compared: bool = True  # False for NOT_VALUE_COMPARABLE ops (structure only)
+
+    @property
+    def samples(self) -> int:
+        """Samples that count: all but those needing a dtype mlx rejects by design."""
+        return sum(n for status, n in self.counts.items() if status != UNSUPPORTED_DTYPE)
+
+    @property
+    def passed(self) -> bool:
+        return self.samples > 0 and self.counts.get(PASS, 0) == self.samples
+
+    @property
+    def status(self) -> str:
+        """pass, or the most serious failure kind seen: mismatch > error > not_implemented;
+        no_samples / unsupported_dtype when no sample counts."""
+        if self.samples == 0:
+            return UNSUPPORTED_DTYPE if self.counts.get(UNSUPPORTED_DTYPE) else "no_samples"
+        for kind in FAILURE_KINDS:
+            if self.counts.get(kind):
+                return kind
+        return PASS
+
+    def describe(self) -> str:
+        parts = [f"{self.name} [{self.dtype}]: {self.counts.get(PASS, 0)}/{self.samples} "
+                 "samples pass"]
+        if self.counts.get(UNSUPPORTED_DTYPE):
+            parts.append(f"{self.counts[UNSUPPORTED_DTYPE]} more need float64/complex128 and "
+                         "raise the designed TypeError")
+        for kind in FAILURE_KINDS:
+            if self.counts.get(kind):
+                parts.append(f"{self.counts[kind]} {kind}; first: "
+                             f"{_shorten(self.first_message[kind])}")
+        if self.missing_ops:
+            parts.append("missing lowerings: " + ", ".join(self.missing_ops))
+        return "\n  ".join(parts)
+
+
+def _shorten(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def new_report(op, dtype: torch.dtype) -> OpReport:
+    return OpReport(op.full_name, dtype_name(dtype), {}, {}, [],
+                    value_compared=op.full_name not in NOT_VALUE_COMPARABLE)
+
+
+def record(report: OpReport, result: SampleResult) -> None:
+    report.counts[result.status] = report.counts.get(result.status, 0) + 1
+    if result.status in FAILURE_KINDS:
+        report.first_message.setdefault(result.status, _shorten(result.message, 2000))
+    if result.missing_op and result.missing_op not in report.missing_ops:
+        report.missing_ops.append(result.missing_op)
+
+
+def compare_op(op, dtype: torch.dtype) -> OpReport:
+    """Run every sample of ``op`` at ``dtype``; never raises for a failing sample."""
+    report = new_report(op, dtype)
+    for sample in samples_of(op, dtype):
+        record(report, run_sample(op, sample))
+    return report
+
+
+def expected_failure_reason(op_name: str, dtype: torch.dtype) -> str | None:
+    return EXPECTED_FAILURES.get((op_name, dtype_name(dtype)))
+
+
+def mlx_kernel_kind(aten_name: str) -> str | None:
+    """How an aten overload ("add.Tensor", "mm") runs on "mlx": "mlx" (a lowering or native
+    kernel for PrivateUse1), "composite" (torch's CompositeExplicit/ImplicitAutograd kernel,
+    built on other ops), or None (it would reach the fallback: NotImplementedError)."""
+    qualified = f"aten::{aten_name}"
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    if has(qualified, "PrivateUse1"):
+        return "mlx"
+    if has(qualified, "CompositeExplicitAutograd") or has(qualified, "CompositeImplicitAutograd"):
+        return "composite"
+    if has(qualified, "CompositeExplicitAutogradNonFunctional"):
+        # the functional form of a structured op: its kernel just calls the out= overload
+        base = aten_name.split(".")[0]
+        packet = getattr(torch.ops.aten, base)
+        out = next((o for o in packet.overloads() if o == "out" or o.endswith("_out")), None)
+        return "composite" if out and mlx_kernel_kind(f"{base}.{out}") else None
+    return None
