@@ -229,6 +229,9 @@ def view_as_real(self):
 
 @torch_kernel("view_as_complex")
 def view_as_complex(self):
+    if self.dtype == torch.float16:  # torch gives complex32, which mlx cannot hold
+        raise TypeError("mlx does not support dtype torch.complex32 (view_as_complex of a "
+                        "float16 tensor); use float32, which gives complex64")
     if self.dtype != torch.float32:
         raise RuntimeError(f"view_as_complex is only supported for float and double tensors, "
                            f"but got a tensor of scalar type: {self.dtype}")
