@@ -104,6 +104,22 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
                        "the mode it returns; mlx returns the last (values equal)",
     ("mode", "bool"): "3000-element sample: CPU's unstable sort decides which occurrence of "
                       "the mode it returns; mlx returns the last (values equal)",
+    ("sort", "float16"): "stable=False over an 8000-element half tensor full of ties: CPU's "
+                         "unstable order among equal values differs from the stable one",
+    ("argsort", "float16"): "stable=False over an 8000-element half tensor full of ties: CPU's "
+                            "unstable order among equal values differs from the stable one",
+    ("sort", "bfloat16"): "stable=False over an 8000-element bfloat16 tensor full of ties: "
+                          "CPU's unstable order among equal values differs from the stable one",
+    ("argsort", "bfloat16"): "stable=False over an 8000-element bfloat16 tensor full of ties: "
+                             "CPU's unstable order among equal values differs from the stable one",
+    ("topk", "bfloat16"): "ties among bfloat16 values: CPU's partial sort returns an "
+                          "unspecified index among equal values (values equal)",
+    ("mode", "float16"): "3000-element sample: CPU's unstable sort decides which occurrence of "
+                         "the mode it returns; mlx returns the last (values equal)",
+    ("mode", "bfloat16"): "3000-element sample: CPU's unstable sort decides which occurrence of "
+                          "the mode it returns; mlx returns the last (values equal)",
+    ("view_as_complex", "float16"): "the CPU result is complex32, a dtype mlx does not have "
+                                    "(TypeError by design)",
     ("bincount", "int64"): "integer weights give a float64 result on the CPU; mlx has no float64 "
                            "and raises TypeError by design",
 }
