@@ -110,8 +110,11 @@ def logspace(start, end, steps, base=10.0, dtype=None, layout=None, device=None,
     else:
         lo, hi = float(_to_integral(start, dtype)), float(_to_integral(end, dtype))
     i = np.arange(steps, dtype=np.int64)
-    step = (hi - lo) / (steps - 1) if steps > 1 else 0.0
-    exponent = np.where(i < steps // 2, lo + step * i, hi - step * (steps - 1 - i))
+    if steps == 1:
+        exponent = np.array([lo])
+    else:
+        step = (hi - lo) / (steps - 1)
+        exponent = np.where(i < steps // 2, lo + step * i, hi - step * (steps - 1 - i))
     values = np.power(float(base), exponent)
     if not _is_float_dtype(dtype):
         return mx.array(np.trunc(values).astype(np.int64))

@@ -279,7 +279,7 @@ def frac(self):
     return self - mx.trunc(self)
 
 
-@lowering("bitwise_not", promote=PROMOTE.DEFAULT)
+@lowering("bitwise_not", promote=PROMOTE.DEFAULT, opmath=False)
 def bitwise_not(self):
     _require(self, "bitwise_not_cpu", floats=False)
     return mx.logical_not(self) if self.dtype == mx.bool_ else mx.bitwise_invert(self)
@@ -343,21 +343,22 @@ def frexp(self):
 # Arithmetic
 
 
-# add/sub: torch's CPU kernels round alpha * other to the tensor dtype before adding, so half
-# inputs are computed in half precision (opmath=False), as are trunc division and logit below.
-@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+# add/sub compute self + alpha * other in float32 for half inputs, as torch's vectorised CPU loop
+# does (its scalar tail loop, used for tensors shorter than a SIMD vector, rounds alpha * other
+# to half first; 1-ulp differences there).
+@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT)
 def add(self, other, alpha=1):
     if self.dtype == mx.bool_:  # bool + bool stays boolean: a logical or
         return mx.logical_or(self, mx.logical_and(other, bool(alpha)))
     return mx.add(self, other if alpha == 1 else mx.multiply(other, alpha))
 
 
-@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT)
 def sub(self, other, alpha=1):
     return mx.subtract(self, other if alpha == 1 else mx.multiply(other, alpha))
 
 
-@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT)
 def rsub(self, other, alpha=1):
     if self.dtype == mx.bool_:
         raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
@@ -555,7 +556,7 @@ def copysign(self, other):
     return _copysign(self, _as_array(other, self))
 
 
-@lowering("nextafter", promote=PROMOTE.DEFAULT)
+@lowering("nextafter", promote=PROMOTE.DEFAULT, opmath=False)  # bit steps of the dtype itself
 def nextafter(self, other):
     """The next representable float after self towards other: one step of the bit pattern."""
     _require(self, "nextafter_cpu", bool_=False, ints=False)
@@ -690,7 +691,7 @@ def _bitwise(name, int_fn, bool_fn):
 
 for _name, (_int_fn, _bool_fn) in _BITWISE.items():
     lowering(f"bitwise_{_name}.Tensor", f"bitwise_{_name}.Scalar",
-             f"bitwise_{_name}.Scalar_Tensor", promote=PROMOTE.DEFAULT)(
+             f"bitwise_{_name}.Scalar_Tensor", promote=PROMOTE.DEFAULT, opmath=False)(
         _bitwise(_name, _int_fn, _bool_fn))
 
 
@@ -719,10 +720,10 @@ def _right_shift(a, b):
 
 lowering("bitwise_left_shift.Tensor", "bitwise_left_shift.Tensor_Scalar",
          "bitwise_left_shift.Scalar_Tensor", "__lshift__.Tensor", "__lshift__.Scalar",
-         promote=PROMOTE.DEFAULT)(_left_shift)
+         promote=PROMOTE.DEFAULT, opmath=False)(_left_shift)
 lowering("bitwise_right_shift.Tensor", "bitwise_right_shift.Tensor_Scalar",
          "bitwise_right_shift.Scalar_Tensor", "__rshift__.Tensor", "__rshift__.Scalar",
-         promote=PROMOTE.DEFAULT)(_right_shift)
+         promote=PROMOTE.DEFAULT, opmath=False)(_right_shift)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -351,14 +351,19 @@ def out_variant(op):
 
 
 def inplace_variant(op):
+    """The in-place overload of a functional overload: same arguments (names and types), in the
+    ``op_`` packet; the same overload name first (pow.Tensor_Scalar's twin is pow_.Scalar)."""
     base = op._schema.name.split("::")[1]
     packet = getattr(torch.ops.aten, base + "_", None)
-    if packet is None or op._overloadname not in packet.overloads():
+    if packet is None:
         return None
-    cand = getattr(packet, op._overloadname)
-    if [a.name for a in cand._schema.arguments] != [a.name for a in op._schema.arguments]:
-        return None
-    return cand
+    want = _arg_signature(op._schema, drop_out=False)
+    names = sorted(packet.overloads(), key=lambda n: n != op._overloadname)
+    for name in names:
+        cand = getattr(packet, name)
+        if _arg_signature(cand._schema, drop_out=False) == want:
+            return cand
+    return None
 
 
 def _qualname(op) -> str:

@@ -1,0 +1,210 @@
+"""Elementwise ops on "mlx" beyond OpInfo's samples: IEEE edge values, integer semantics that MLX
+defines differently from torch, accuracy where MLX's own functions fall short, CPU dtype errors,
+and in-place / out= writes into the existing storage."""
+import math
+
+import pytest
+import torch
+
+import torch_mlx  # noqa: F401
+
+INF, NAN = math.inf, math.nan
+EDGES = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1.5, 2.5, -2.5, 7.0, -7.0, 1e-30, -1e-30, 1e-45,
+         3e-39, 1e30, -1e30, 3.4e38, INF, -INF, NAN, 0.1, 0.999, 1e-8, 88.5, -88.5, 49.0, 100.0]
+
+
+def _same(fn, *args, exact=False):
+    expected = fn(*args)
+    got = fn(*[a.to("mlx") if isinstance(a, torch.Tensor) else a for a in args])
+    got = tuple(g.cpu() for g in got) if isinstance(got, tuple) else got.cpu()
+    if exact:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def _grid(values, dtype=torch.float32):
+    x = torch.tensor(values, dtype=dtype)
+    return x.repeat_interleave(len(values)), x.repeat(len(values))
+
+
+@pytest.mark.parametrize("name", [
+    "abs", "neg", "sign", "sgn", "signbit", "ceil", "floor", "trunc", "round", "frac", "exp",
+    "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sin", "cos", "tan",
+    "asin", "acos", "atan", "sinh", "cosh", "tanh", "asinh", "acosh", "atanh", "sigmoid", "erf",
+    "erfc", "erfinv", "reciprocal", "deg2rad", "rad2deg", "sinc", "logit", "isnan", "isinf",
+    "isposinf", "isneginf", "isfinite", "nan_to_num", "frexp", "special.erfcx", "special.entr",
+    "logical_not",
+])
+def test_unary_on_ieee_edge_values(name):
+    fn = eval(f"torch.{name}")
+    _same(fn, torch.tensor(EDGES))
+
+
+@pytest.mark.parametrize("name", [
+    "add", "sub", "mul", "div", "floor_divide", "fmod", "pow", "maximum", "minimum", "fmax",
+    "fmin", "atan2", "hypot", "copysign", "nextafter", "ldexp", "logaddexp", "logaddexp2",
+    "xlogy", "special.xlog1py", "heaviside", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
+    "logical_or", "logical_xor",
+])
+def test_binary_on_ieee_edge_values(name):
+    # fmod: pairs whose quotient overflows are left out; the CPU's vectorised fmod computes
+    # a - trunc(a / b) * b and gives NaN there, where mlx gives the exact (C fmod) remainder,
+    # which test_fmod_is_exact_for_large_quotients checks against the CPU's scalar kernel
+    fn = eval(f"torch.{name}")
+    values = [v for v in EDGES if v not in (1e-45, 3e-39, 1e-30, -1e-30, 3.4e38)] \
+        if name == "fmod" else EDGES
+    _same(fn, *_grid(values))
+
+
+@pytest.mark.parametrize("mode", ["floor", "trunc"])
+def test_div_rounding_modes_on_edge_values(mode):
+    a, b = _grid([v for v in EDGES if v not in (1e-45, 3e-39)])
+    _same(lambda x, y: torch.div(x, y, rounding_mode=mode), a, b)
+
+
+def test_float_floor_division_is_pythons():
+    # 1 // 0.1 is 9 in Python and torch (the quotient of 1 - fmod(1, 0.1)), not floor(1 / 0.1)
+    _same(torch.floor_divide, torch.tensor([1.0, -1.0, 7.5, 0.3]), torch.tensor([0.1, 0.1, 0.5, 0.1]),
+          exact=True)
+
+
+def test_fmod_is_exact_for_large_quotients():
+    # a 0-dim divisor takes the CPU's scalar std::fmod path
+    for a, b in [(1e30, 0.7), (-3e20, 1.3), (123456.789, 1e-3), (3.4e38, 0.1)]:
+        _same(torch.fmod, torch.tensor(a), torch.tensor(b), exact=True)
+
+
+INTS = [0, 1, -1, 2, -2, 3, 5, 7, -7, 31, 32, 63, 64, 65, -65, 100, -100, 2**31 - 1, -2**31 + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "maximum", "minimum", "bitwise_and",
+                                  "bitwise_or", "bitwise_xor", "bitwise_left_shift",
+                                  "bitwise_right_shift", "eq", "lt", "logical_xor"])
+def test_integer_binary_ops(dtype, name):
+    a, b = _grid(INTS, torch.int64)
+    _same(eval(f"torch.{name}"), a.to(dtype), b.to(dtype), exact=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("fn", [
+    torch.floor_divide, torch.remainder, torch.fmod,
+    lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    lambda a, b: torch.div(a, b, rounding_mode="trunc"), torch.div,
+])
+def test_integer_division_signs(dtype, fn):
+    a, b = _grid([v for v in INTS if abs(v) < 2**7 or dtype in (torch.int64, torch.int32)],
+                 torch.int64)
+    b[b == 0] = 3
+    _same(fn, a.to(dtype), b.to(dtype), exact=True)
+
+
+@pytest.mark.parametrize("fn", [torch.floor_divide, torch.remainder, torch.fmod,
+                                lambda a, b: torch.div(a, b, rounding_mode="trunc")])
+def test_integer_division_by_zero_raises(fn):
+    a, b = torch.tensor([4, 5]), torch.tensor([1, 0])
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fn(a, b)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fn(a.to("mlx"), b.to("mlx"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8])
+def test_integer_pow_negative_exponents_and_wrapping(dtype):
+    base = torch.tensor([1, -1, -1, 2, 0, 3, -3, 7], dtype=dtype)
+    exponent = torch.tensor([-3, -3, -2, -1, 5, 40, 41, 3], dtype=dtype)
+    _same(torch.pow, base, exponent, exact=True)
+    with pytest.raises(RuntimeError, match="negative integer powers"):
+        base.to("mlx") ** -2
+
+
+def test_shifts_past_the_bit_width():
+    a = torch.tensor([1, -8, 5, -1, 200], dtype=torch.int32)
+    for shift in ([40, 40, -1, 31, 32], [32, 33, 0, 1, 64]):
+        b = torch.tensor(shift, dtype=torch.int32)
+        _same(torch.bitwise_left_shift, a, b, exact=True)
+        _same(torch.bitwise_right_shift, a, b, exact=True)
+    u = torch.tensor([1, 200, 255], dtype=torch.uint8)
+    _same(torch.bitwise_left_shift, u, torch.tensor([9, 1, 8], dtype=torch.uint8), exact=True)
+    _same(torch.bitwise_right_shift, u, torch.tensor([9, 1, 8], dtype=torch.uint8), exact=True)
+
+
+def test_exp_and_erf_accurate_where_mlx_is_not():
+    # MLX's exp is off by ~4e-6 (relative) beyond |x| = 10 and its erf returns 0 for tiny x
+    big = torch.linspace(-87.0, 88.0, 2001)
+    _same(torch.exp, big)
+    _same(torch.sigmoid, big)
+    tiny = torch.logspace(-30, 0, 301)
+    _same(torch.erf, tiny)
+    _same(torch.erf, -tiny)
+    _same(torch.erfc, torch.linspace(-5.0, 9.0, 1401))
+    _same(torch.special.erfcx, torch.linspace(-6.0, 30.0, 721))
+
+
+def test_frexp_and_nextafter_on_subnormals():
+    x = torch.tensor([1e-45, 3e-39, -1e-40, 1.1754944e-38, 6.0, -0.0])
+    _same(torch.frexp, x, exact=True)
+    _same(torch.nextafter, x, torch.tensor([0.0, 1.0, -1.0, 0.0, INF, 1.0]), exact=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        h = torch.tensor([1e-7, 6.0, -3.5, 65504.0]).to(dtype)
+        _same(torch.frexp, h, exact=True)
+        _same(torch.nextafter, h, torch.zeros(4, dtype=dtype), exact=True)
+
+
+def test_half_precision_rounds_like_the_cpu():
+    # trunc division and logit round every step to half on the CPU; add with alpha computes in
+    # float32 in the CPU's vectorised loop (256 elements: no scalar tail, which rounds
+    # alpha * other to half first)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        a = (torch.randn(256, generator=g) * 4).to(dtype)
+        b = (torch.randn(256, generator=g) / 8).to(dtype)
+        _same(lambda x, y: torch.add(x, y, alpha=-3.125), a, b, exact=True)
+        _same(lambda x, y: torch.div(x, y, rounding_mode="trunc"), a, b, exact=True)
+        _same(torch.logit, torch.rand(256, generator=g).to(dtype), exact=True)
+
+
+@pytest.mark.parametrize("fn, dtype", [
+    (torch.abs, torch.bool), (torch.ceil, torch.bool), (torch.frac, torch.int64),
+    (torch.hypot, torch.int32), (torch.logaddexp, torch.int64), (torch.nextafter, torch.int64),
+    (torch.bitwise_not, torch.float32), (torch.bitwise_and, torch.float32),
+    (torch.bitwise_left_shift, torch.float16), (lambda a, b: torch.lerp(a, b, 0.5), torch.int64),
+])
+def test_dtypes_without_a_cpu_kernel_raise_like_the_cpu(fn, dtype):
+    a = torch.ones(3, dtype=dtype)
+    args = (a,) if fn in (torch.abs, torch.ceil, torch.frac, torch.bitwise_not) else (a, a)
+    with pytest.raises(NotImplementedError) as cpu_error:
+        fn(*args)
+    with pytest.raises(NotImplementedError) as mlx_error:
+        fn(*[x.to("mlx") for x in args])
+    assert str(mlx_error.value) == str(cpu_error.value)
+
+
+@pytest.mark.parametrize("write", [
+    lambda t: t.exp_(), lambda t: t.add_(2.5), lambda t: t.clamp_(-0.5, 0.5),
+    lambda t: t.pow_(2), lambda t: torch.atan2(t, t.flip(-1), out=t),
+    lambda t: torch.sqrt(t.abs(), out=t), lambda t: t.copysign_(-1.0),
+])
+def test_inplace_and_out_keep_the_storage(write):
+    cpu = torch.randn(5, 6)
+    dev = cpu.to("mlx")
+    view = dev[1:4, ::2]  # a strided view: writes must land in the base's storage
+    ptr = dev.data_ptr()
+    write(cpu[1:4, ::2])
+    result = write(view)
+    assert dev.data_ptr() == ptr and result.data_ptr() == view.data_ptr()
+    torch.testing.assert_close(dev.cpu(), cpu)
+
+
+def test_out_with_wrong_dtype_raises_like_cpu():
+    with pytest.raises(RuntimeError, match="can't be cast"):
+        torch.exp(torch.ones(3, device="mlx"), out=torch.empty(3, dtype=torch.int64, device="mlx"))
+
+
+def test_python_scalars_keep_tensor_dtype():
+    for dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int32):
+        t = torch.arange(6, dtype=dtype)
+        _same(lambda x: x * 3 + 2, t, exact=True)
+        _same(lambda x: x * 2.5, t, exact=True)
+        _same(lambda x: (x > 2.5) | (x == 1), t, exact=True)
