@@ -3,6 +3,8 @@
 matmul, linear, einsum, tensordot, inner, outer and kron are CompositeImplicitAutograd: torch
 decomposes them into the products below before they reach the device.
 """
+import math
+
 import mlx.core as mx
 import torch
 
@@ -572,3 +574,85 @@ def linalg_pinv(self, atol=None, rtol=None, hermitian=False):
     keep = s > mx.maximum(atol, rtol * s[..., :1])
     return mx.matmul(mx.swapaxes(vh, -1, -2) * mx.where(keep, 1 / s, 0)[..., None, :],
                      mx.swapaxes(u, -1, -2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances: cdist (x1 rows against x2 rows) and pdist (pairs i < j of one set of rows).
+
+
+def _p_norm(diff, p, axis=-1):
+    """The p-norm of differences, with torch's p = 0 (count of nonzeros) and p = inf."""
+    a = mx.abs(diff)
+    if p == 0:
+        return mx.sum(a != 0, axis=axis).astype(diff.dtype)
+    if p == math.inf:
+        return mx.max(a, axis=axis)
+    if p == 1:
+        return mx.sum(a, axis=axis)
+    if p == 2:
+        return mx.sqrt(mx.sum(a * a, axis=axis))
+    return mx.power(mx.sum(mx.power(a, p), axis=axis), 1.0 / p)
+
+
+def _p_norm_grad(diff, dist, grad, p):
+    """d dist / d diff times grad (torch's Distance backward, 0 where dist is 0)."""
+    dist, grad = dist[..., None], grad[..., None]
+    if p == 0:
+        return mx.zeros_like(diff)
+    if p == 1:
+        return grad * mx.sign(diff)
+    if p == math.inf:
+        return grad * mx.sign(diff) * (mx.abs(diff) == dist)
+    safe = mx.where(dist == 0, 1, dist)
+    if p == 2:
+        out = grad * diff / safe
+    elif p < 2:
+        out = mx.sign(diff) * mx.power(mx.abs(diff), p - 1) * grad / mx.power(safe, p - 1)
+        if p < 1:
+            out = mx.where(diff == 0, 0, out)
+    else:
+        out = diff * mx.power(mx.abs(diff), p - 2) * grad / mx.power(safe, p - 1)
+    return mx.where(dist == 0, 0, out)
+
+
+def _pairwise_diff(x1, x2):
+    """(..., P, R, M) differences of every x1 row and x2 row, batch dims broadcast."""
+    return mx.expand_dims(x1, -2) - mx.expand_dims(x2, -3)
+
+
+@lowering("_cdist_forward")
+def cdist_forward(x1, x2, p, compute_mode):
+    """The direct distances (torch's cdist routes the matrix-product form of p = 2 through
+    _euclidean_dist instead)."""
+    return _p_norm(_pairwise_diff(x1, x2), p)
+
+
+@lowering("_cdist_backward")
+def cdist_backward(grad, x1, x2, p, cdist):
+    """The gradient for x1 expanded to the broadcast batch (autograd reduces it), or zeros of
+    x1's shape when there is nothing to differentiate, as torch's kernel returns."""
+    if grad.size == 0 or x1.size == 0:
+        return mx.zeros(x1.shape, x1.dtype)
+    diff = _pairwise_diff(x1, x2)
+    return mx.sum(_p_norm_grad(diff, cdist, grad, p), axis=-2)
+
+
+def _pairs(n):
+    """Row indices (i, j), i < j, in torch's pdist order."""
+    i = [a for a in range(n) for _ in range(a + 1, n)]
+    j = [b for a in range(n) for b in range(a + 1, n)]
+    return mx.array(i, mx.int32), mx.array(j, mx.int32)
+
+
+@lowering("_pdist_forward")
+def pdist_forward(self, p=2.0):
+    i, j = _pairs(self.shape[0])
+    return _p_norm(mx.take(self, i, axis=0) - mx.take(self, j, axis=0), p)
+
+
+@lowering("_pdist_backward")
+def pdist_backward(grad, self, p, pdist):
+    i, j = _pairs(self.shape[0])
+    pair_grad = _p_norm_grad(mx.take(self, i, axis=0) - mx.take(self, j, axis=0), pdist, grad, p)
+    out = mx.zeros(self.shape, pair_grad.dtype)
+    return out.at[i].add(pair_grad).at[j].add(-pair_grad)

@@ -1393,18 +1393,3 @@ def max_unpool2d(self, indices, output_size):
 @lowering("max_unpool3d")
 def max_unpool3d(self, indices, output_size, stride, padding):
     return _max_unpool(self, indices, output_size)
-
-
-def _vector_norm(x, p, axis):
-    a = mx.abs(x)
-    if p == math.inf:
-        return mx.max(a, axis=axis)
-    if p == -math.inf:
-        return mx.min(a, axis=axis)
-    if p == 0:
-        return mx.sum(a != 0, axis=axis).astype(x.dtype)
-    if p == 1:
-        return mx.sum(a, axis=axis)
-    if p == 2:
-        return mx.sqrt(mx.sum(a * a, axis=axis))
-    return mx.power(mx.sum(mx.power(a, p), axis=axis), 1.0 / p)
