@@ -210,9 +210,8 @@ def _expand_indices(shape, indices) -> list:
                     raise IndexError(f"The shape of the mask {list(idx.shape)} at index {j} does "
                                      f"not match the shape of the indexed tensor {list(shape)} "
                                      f"at index {pos + j}")
-            if idx.ndim == 0:  # a 0-d mask adds a dimension of size 0 or 1
-                out.append(("scalar_mask", bool(idx.item())))
-                continue
+            if idx.ndim == 0:  # as in ATen, a 0-d mask names no dimension (Python indexing
+                continue       # turns x[True] into an unsqueeze before it reaches aten)
             coords = _nonzero(idx)
             out.extend(coords[:, j] for j in range(idx.ndim))
         elif idx.dtype in _INDEX_DTYPES:
@@ -233,9 +232,6 @@ class _Plan:
     def __init__(self, shape, indices):
         shape = tuple(shape)
         indices = _expand_indices(shape, indices)
-        if any(isinstance(i, tuple) for i in indices):
-            # A 0-d mask indexes a new unit dimension; torch does this by unsqueezing self.
-            raise NotImplementedError("0-d boolean index")
         self.shape = shape
         self.dims = [d for d, i in enumerate(indices) if i is not None]
         self.rest = [d for d in range(len(shape)) if d not in self.dims]
@@ -331,12 +327,16 @@ def index(self, indices):
     return plan.to_result(mx.reshape(out, plan.bshape + plan.rest_shape))
 
 
-def _index_put_values(self_dtype, plan: _Plan, values: mx.array) -> mx.array:
+def _check_put_dtype(self_dtype, values: mx.array) -> None:
     if values.dtype != self_dtype:
         raise RuntimeError(
             "Index put requires the source and destination dtypes match, got "
             f"{_TYPE_NAMES.get(self_dtype, self_dtype)} for the destination and "
             f"{_TYPE_NAMES.get(values.dtype, values.dtype)} for the source.")
+
+
+def _index_put_values(self_dtype, plan: _Plan, values: mx.array) -> mx.array:
+    _check_put_dtype(self_dtype, values)
     vals = _broadcast_values(values, plan.result_shape())
     return plan.from_result(vals)  # bshape + rest layout
 
@@ -345,7 +345,8 @@ def _index_put_values(self_dtype, plan: _Plan, values: mx.array) -> mx.array:
 def index_put(self, indices, values, accumulate=False):
     plan = _Plan(self.shape, indices)
     if not plan.dims:  # self[...] = values over every element
-        vals = _broadcast_values(values.astype(self.dtype), self.shape)
+        _check_put_dtype(self.dtype, values)
+        vals = _broadcast_values(values, self.shape)
         return mx.add(self, vals) if accumulate else mx.array(vals)
     vals = _index_put_values(self.dtype, plan, values)
     x = plan.front(self)
@@ -375,6 +376,7 @@ def _index_put_inplace(self, indices, values, accumulate=False, unsafe=False):
     values = _mx(values)
     strides = self.stride()
     if not plan.dims:
+        _check_put_dtype(to_mx_dtype(self.dtype), values)
         offsets = _grid(self.shape, strides)
         vals = _broadcast_values(values, self.shape)
     else:
