@@ -208,3 +208,51 @@ def test_python_scalars_keep_tensor_dtype():
         _same(lambda x: x * 3 + 2, t, exact=True)
         _same(lambda x: x * 2.5, t, exact=True)
         _same(lambda x: (x > 2.5) | (x == 1), t, exact=True)
+
+
+SPECIAL_EDGES = [0.0, -0.0, 1.0, 2.0, -1.0, -2.0, -2.5, 1e-30, -1e-30, 1e30, -1e30, 3.4e38, INF,
+                 -INF, NAN, 1e-45, 0.5]
+
+
+@pytest.mark.parametrize("fn", [
+    torch.lgamma, torch.digamma, lambda t: torch.polygamma(1, t), lambda t: torch.polygamma(3, t),
+    torch.i0, torch.special.i0e, torch.special.i1, torch.special.i1e, torch.special.log_ndtr,
+    torch.angle,
+])
+def test_special_functions_over_wide_ranges(fn):
+    for x in (torch.tensor(SPECIAL_EDGES), torch.linspace(-100, 100, 40001)):
+        _same(fn, x)
+
+
+def test_ndtri_keeps_relative_precision_in_the_tails():
+    _same(torch.special.ndtri, torch.logspace(-44, -0.31, 5000))
+    _same(torch.special.ndtri, 1 - torch.logspace(-7, -0.31, 5000))
+    _same(torch.special.ndtri, torch.tensor([0.0, 1.0, -0.1, 1.1, 0.5, NAN, 1e-45]))
+
+
+def test_hurwitz_zeta_domain_and_negative_q():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 8, (4000,), generator=g).float()
+    q = torch.rand(4000, generator=g) * 20 - 10
+    _same(torch.special.zeta, x, q)
+    _same(torch.special.zeta, torch.rand(4000, generator=g) * 10 + 1, q)
+    x, q = torch.tensor([1.0, 0.5, 2.0, 2.0, 3.0, 2.0, INF, 2.0, -3.0]), \
+        torch.tensor([1.0, 1.0, 0.0, -1.0, -2.5, -3.5, 2.0, INF, -4.0])
+    _same(torch.special.zeta, x, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_gcd_lcm_including_wrapping(dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-10**6, 10**6, (5000,), generator=g)
+    b = torch.randint(-10**6, 10**6, (5000,), generator=g)
+    b[:100], a[50:150] = 0, 0
+    _same(torch.gcd, a.to(dtype), b.to(dtype), exact=True)
+    _same(torch.lcm, a.to(dtype), b.to(dtype), exact=True)
+
+
+def test_equal():
+    a = torch.tensor([1.0, 2.0, NAN])
+    for b in (a.clone(), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])):
+        assert torch.equal(a.to("mlx"), b.to("mlx")) == torch.equal(a, b)
+    assert torch.equal(a[:2].to("mlx"), torch.tensor([1, 2], device="mlx"))

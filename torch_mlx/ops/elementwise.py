@@ -9,8 +9,9 @@ lowering spells torch's definition out in MLX ops.
 import math
 
 import mlx.core as mx
+import torch
 
-from .registry import PROMOTE, lowering, tracing
+from .registry import PROMOTE, lowering, torch_kernel, tracing
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -382,10 +383,10 @@ def div(self, other):
 def _fmod(a, b):
     """C fmod: the remainder of truncated division, exact. remainder() of nonnegative operands
     is fmod, and fmod takes the sign of the dividend."""
-    r = mx.remainder(mx.abs(a), mx.abs(b))
     if _is_float(a):
-        return _copysign(r, a)
-    return mx.where(a < 0, -r, r)
+        return _copysign(mx.remainder(mx.abs(a), mx.abs(b)), a)
+    r = mx.remainder(a, b)  # integers: from the floor remainder (|INT_MIN| is not representable)
+    return mx.where((r != 0) & ((r < 0) != (a < 0)), r - b, r)
 
 
 def _floor_divide(a, b):
@@ -650,6 +651,261 @@ def heaviside(self, values):
 
 
 # ----------------------------------------------------------------------------------------------
+# Special functions, from their series, recurrences, reflection formulas and asymptotic
+# expansions (the coefficients are Bernoulli numbers and binomial terms, written as such).
+
+
+def _where_nan(x, out):
+    return mx.where(mx.isnan(x), x, out)
+
+
+def _sin_pi(x):
+    """sin(pi x) without the rounding of pi x for large |x| (exactly 0 at integers)."""
+    return mx.sin(math.pi * (x - mx.round(x))) * mx.where(mx.remainder(mx.round(x), 2) == 0, 1, -1)
+
+
+def _lgamma_positive(x):
+    """lgamma for x > 0: the recurrence lgamma(x) = lgamma(x + n) - log(x (x+1) ... (x+n-1))
+    up to x + n >= 8, then Stirling's series with the Bernoulli terms B2k / (2k (2k-1) z^(2k-1))."""
+    z, prod = x, mx.ones_like(x)
+    for _ in range(8):
+        small = z < 8
+        prod = mx.where(small, prod * z, prod)
+        z = mx.where(small, z + 1, z)
+    iz = 1 / z
+    iz2 = iz * iz
+    series = iz * (1 / 12 - iz2 * (1 / 360 - iz2 * (1 / 1260 - iz2 * (1 / 1680))))
+    return (z - 0.5) * mx.log(z) - z + 0.5 * math.log(2 * math.pi) + series - mx.log(prod)
+
+
+@lowering("lgamma", promote=PROMOTE.INT_TO_FLOAT)
+def lgamma(self):
+    x = self
+    positive = _lgamma_positive(mx.where(x > 0, x, 1 - x))
+    # reflection: lgamma(x) = log(pi / |sin(pi x)|) - lgamma(1 - x); inf at 0 and negative integers
+    reflected = mx.log(math.pi / mx.abs(_sin_pi(x))) - positive
+    out = mx.where(x > 0, positive, reflected)
+    return _where_nan(x, mx.where(mx.isinf(x) | (x == 0), math.inf, out))
+
+
+def _digamma_positive(x):
+    """digamma for x > 0: digamma(x) = digamma(x + n) - sum 1 / (x + k) up to x + n >= 10, then
+    log z - 1/(2z) - sum B2k / (2k z^(2k))."""
+    z, acc = x, mx.zeros_like(x)
+    for _ in range(10):
+        small = z < 10
+        acc = mx.where(small, acc - 1 / z, acc)
+        z = mx.where(small, z + 1, z)
+    iz2 = 1 / (z * z)
+    series = iz2 * (1 / 12 - iz2 * (1 / 120 - iz2 * (1 / 252 - iz2 * (1 / 240 - iz2 / 132))))
+    return acc + mx.log(z) - 0.5 / z - series
+
+
+def _digamma(x):
+    positive = _digamma_positive(mx.where(x > 0, x, 1 - x))
+    # reflection for x < 0: digamma(x) = digamma(1 - x) - pi / tan(pi x); NaN at the poles
+    r = x - mx.round(x)  # exact, |r| <= 1/2: tan(pi r) = tan(pi x) without rounding pi x
+    reflected = positive - math.pi / mx.tan(math.pi * r)
+    out = mx.where(x > 0, positive, mx.where(r == 0, math.nan, reflected))
+    zero = _copysign(mx.full(x.shape, math.inf, x.dtype), -x)  # -inf at +0, +inf at -0
+    return _where_nan(x, mx.where(x == 0, zero, out))
+
+
+@lowering("digamma", promote=PROMOTE.INT_TO_FLOAT)
+def digamma(self):
+    return _digamma(self)
+
+
+def _trigamma(x):
+    """psi'(x) = psi'(x + 6) + sum 1 / (x + k)^2, then 1/z + 1/(2z^2) + sum B2k / z^(2k+1);
+    below 1/2 the reflection psi'(x) = pi^2 / sin^2(pi x) - psi'(1 - x), with sin(pi x) computed
+    as torch does (so poles give large finite values where pi x rounds)."""
+    reflect = x < 0.5
+    z = mx.where(reflect, 1 - x, x)
+    acc = mx.zeros_like(x)
+    for _ in range(6):
+        acc = acc + 1 / (z * z)
+        z = z + 1
+    izz = 1 / (z * z)
+    acc = acc + (1 + 1 / (2 * z) + izz * (1 / 6 - izz * (1 / 30 - izz * (1 / 42)))) / z
+    sin = mx.sin(mx.array(math.pi, x.dtype) * x)
+    return mx.where(reflect, (math.pi * math.pi) / (sin * sin) - acc, acc)
+
+
+# Euler-Maclaurin for the Hurwitz zeta function: B2j / (2j)! for j = 1..7
+_EM_COEFFS = [1 / 12, -1 / 720, 1 / 30240, -1 / 1209600, 1 / 47900160,
+              -691 / 1307674368000, 1 / 74724249600]
+
+
+def _hurwitz(x, q):
+    """sum_k (q + k)^-x for q > 0: ten terms summed directly, the tail by Euler-Maclaurin."""
+    s = mx.zeros(mx.broadcast_shapes(x.shape, q.shape), x.dtype)
+    a = q
+    for _ in range(10):
+        s = s + mx.power(a, -x)
+        a = a + 1
+    s = s + mx.power(a, 1 - x) / (x - 1) + 0.5 * mx.power(a, -x)
+    rising = x  # x (x+1) ... (x+2j-2)
+    apow = mx.power(a, -x - 1)
+    for j, c in enumerate(_EM_COEFFS):
+        s = s + c * rising * apow
+        rising = rising * (x + 2 * j + 1) * (x + 2 * j + 2)
+        apow = apow / (a * a)
+    return s
+
+
+def _zeta(x, q):
+    """Hurwitz zeta(x, q). For q < 0 (x an integer), with q = f - m, 0 < f < 1, g = 1 - f:
+    zeta(x, q) = zeta(x, f) + sum_(i=1..m) (f - i)^-x
+               = f^-x + (-g)^-x + zeta(x, f + 1) + (-1)^x (zeta(x, g + 1) - zeta(x, m + g)),
+    the two terms nearest the pole added first (they nearly cancel). Poles and domain as torch:
+    x == 1 -> inf, x < 1 -> NaN, q a nonpositive integer -> inf, q <= 0 with x not an integer
+    -> NaN, q = +inf -> NaN."""
+    floor_q = mx.floor(q)
+    f = q - floor_q
+    g = (floor_q + 1) - q  # 1 - f, exact where f is near 1 (q just below an integer)
+    f_safe, g_safe = mx.where(f == 0, 0.5, f), mx.where(f == 0, 0.5, g)
+    positive = _hurwitz(x, mx.where(q > 0, q, 1))
+    sign = mx.where(mx.remainder(x, 2) == 0, 1, -1)
+    m = mx.maximum(-floor_q, 1)
+    negative = (mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)) + _hurwitz(x, f_safe + 1) \
+        + sign * (_hurwitz(x, g_safe + 1) - _hurwitz(x, m + g_safe))
+    out = mx.where(q < 0, negative, positive)
+    nonpositive = q <= 0
+    out = mx.where(nonpositive & (q == floor_q), math.inf, out)
+    out = mx.where((nonpositive & (x != mx.floor(x))) | mx.isposinf(q), math.nan, out)
+    out = mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))  # checked first by torch
+    return _where_nan(x, _where_nan(q, out))
+
+
+lowering("special_zeta", "special_zeta.self_scalar", "special_zeta.other_scalar",
+         promote=PROMOTE.INT_TO_FLOAT)(
+    lambda self, other: _zeta(*mx.broadcast_arrays(_as_array(self, other), _as_array(other, self))))
+
+
+@lowering("polygamma", promote=PROMOTE.INT_TO_FLOAT)
+def polygamma(n, self):
+    if n == 0:
+        return _digamma(self)
+    if n == 1:
+        return _trigamma(self)
+    # psi^(n)(x) = (-1)^(n+1) n! zeta(n + 1, x)
+    order = mx.full(self.shape, n + 1, self.dtype)
+    return (1 if n % 2 else -1) * math.factorial(n) * _zeta(order, self)
+
+
+def _bessel_i(x, nu, scaled):
+    """I_nu(x) (nu = 0, 1), or e^-|x| I_nu(x) when ``scaled``: the power series
+    (|x|/2)^nu sum_k (x^2/4)^k / (k! (k+nu)!) below |x| = 15, above it the asymptotic expansion
+    e^|x| / sqrt(2 pi |x|) sum_k prod_(j<=k) -(4 nu^2 - (2j-1)^2) / (8 j |x|)."""
+    a = mx.abs(x)
+    y = a * a / 4
+    term = mx.ones_like(a) if nu == 0 else a / 2
+    series = term
+    for k in range(1, 30):
+        term = term * y / (k * (k + nu))
+        series = series + term
+    big = mx.maximum(a, 15)
+    term = mx.ones_like(a)
+    asymptotic = term
+    for k in range(1, 12):
+        term = term * -(4 * nu * nu - (2 * k - 1) ** 2) / (8 * k * big)
+        asymptotic = asymptotic + term
+    if scaled:
+        series = series * _exp(-a)
+        asymptotic = asymptotic / (math.sqrt(2 * math.pi) * mx.sqrt(big))
+    else:  # inf where e^|x| overflows, as torch's exp(x) * (...) form gives
+        asymptotic = _exp(big) * (asymptotic / (math.sqrt(2 * math.pi) * mx.sqrt(big)))
+    out = mx.where(a < 15, series, asymptotic)
+    out = out if nu == 0 else mx.where(x < 0, -out, out)
+    return _where_nan(x, mx.where(mx.isinf(x), _bessel_limit(x, nu, scaled), out))
+
+
+def _bessel_limit(x, nu, scaled):
+    # torch: 0 for the scaled functions, NaN (e^inf times 0) for I0 and I1
+    return mx.zeros_like(x) if scaled else mx.full(x.shape, math.nan, x.dtype)
+
+
+lowering("i0", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 0, False))
+lowering("special_i0e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 0, True))
+lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, False))
+lowering("special_i1e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, True))
+
+
+def _log_ndtr(x):
+    # log Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2: below -1 as -t^2 + log(erfcx(t) / 2) with
+    # t = -x / sqrt 2 (no underflow), above as log1p(-erfc(x / sqrt 2) / 2)
+    t = x * (1 / math.sqrt(2))
+    lower = mx.log(special_erfcx(-mx.minimum(t, 0)) / 2) - t * t
+    upper = mx.log1p(-erfc(mx.maximum(t, -1)) / 2)
+    return mx.where(x < -1, lower, upper)
+
+
+@lowering("special_log_ndtr", promote=PROMOTE.INT_TO_FLOAT)
+def special_log_ndtr(self):
+    return _log_ndtr(self)
+
+
+@lowering("special_ndtri", promote=PROMOTE.INT_TO_FLOAT)
+def special_ndtri(self):
+    """The inverse of Phi: x with Phi(x) = p, solved in the lower half (p <= 1/2, using
+    ndtri(p) = -ndtri(1 - p) above) by Newton steps on log Phi(x) = log p, which keep full
+    relative precision in the tail. Start: sqrt(2) erfinv(2p - 1) in the middle, the
+    asymptotic inversion of Phi(x) ~ phi(x) / |x| in the tail."""
+    p = mx.minimum(self, 1 - self)
+    safe = mx.clip(p, 1e-45, 0.5)  # p = 0 is handled below
+    t = -2 * mx.log(safe)
+    tail = -mx.sqrt(t - mx.log(2 * math.pi * t))
+    middle = math.sqrt(2) * mx.erfinv(2 * mx.maximum(safe, 1e-2) - 1)
+    x = mx.where(safe < 1e-2, tail, middle)
+    log_p = mx.log(safe)
+    for _ in range(4):
+        z = -x * (1 / math.sqrt(2))  # >= 0 in the lower half
+        phi_ratio = special_erfcx(mx.maximum(z, 0)) * math.sqrt(math.pi / 2)  # Phi / phi
+        x = mx.minimum(x - (_log_ndtr(x) - log_p) * phi_ratio, 0)
+    x = mx.where(self > 0.5, -x, x)
+    x = mx.where(self == 0, -math.inf, mx.where(self == 1, math.inf, x))
+    return mx.where((self < 0) | (self > 1) | mx.isnan(self), math.nan, x)
+
+
+@lowering("angle", promote=PROMOTE.INT_TO_FLOAT)
+def angle(self):
+    if self.dtype == mx.complex64:
+        return mx.arctan2(mx.imag(self), mx.real(self))
+    return _where_nan(self, mx.where(self < 0, math.pi, 0).astype(self.dtype))
+
+
+def _gcd(a, b):
+    """torch's Euclid: |a|, |b| in the tensor dtype (|INT_MIN| stays negative, as in C), then
+    a, b = b % a, a with C's truncated remainder until a is 0, all elements at once: in eager
+    mode until every remainder is 0, in a compiled graph for the dtype's worst case
+    (consecutive Fibonacci numbers)."""
+    a, b = mx.abs(a), mx.abs(b)
+    steps = {1: 12, 2: 24, 4: 47, 8: 93}[a.dtype.size]
+    for _ in range(steps):
+        if not tracing() and not mx.any(a != 0).item():
+            break
+        nonzero = a != 0
+        a, b = mx.where(nonzero, _fmod(b, mx.where(nonzero, a, 1)), a), mx.where(nonzero, a, b)
+    return b
+
+
+@lowering("gcd", promote=PROMOTE.DEFAULT)
+def gcd(self, other):
+    _require(self, "gcd_cpu", bool_=False, floats=False)
+    return _gcd(self, other)
+
+
+@lowering("lcm", promote=PROMOTE.DEFAULT)
+def lcm(self, other):
+    _require(self, "lcm_cpu", bool_=False, floats=False)
+    g = _gcd(self, other)
+    if self.dtype.size < 4:  # |a / g * b| is computed in int, as C++ does, then narrowed
+        self, other, g = self.astype(mx.int32), other.astype(mx.int32), g.astype(mx.int32)
+    return mx.where(g == 0, 0, mx.abs(mx.floor_divide(self, mx.where(g == 0, 1, g)) * other))
+
+
+# ----------------------------------------------------------------------------------------------
 # Comparison and logical ops (inputs compared in their common dtype; results are bool)
 
 _COMPARISONS = {"eq": mx.equal, "ne": mx.not_equal, "lt": mx.less, "le": mx.less_equal,
@@ -661,6 +917,12 @@ for _name, _fn in _COMPARISONS.items():
 
 def _truth(x):
     return x if x.dtype == mx.bool_ else x != 0
+
+
+@torch_kernel("equal")
+def equal(self, other):
+    """torch.equal returns a Python bool: same shape and every element equal (NaN is not)."""
+    return self.shape == other.shape and bool(torch.eq(self, other).all())
 
 
 @lowering("logical_not")
