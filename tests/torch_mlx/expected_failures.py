@@ -120,6 +120,4 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
                           "the mode it returns; mlx returns the last (values equal)",
     ("view_as_complex", "float16"): "the CPU result is complex32, a dtype mlx does not have "
                                     "(TypeError by design)",
-    ("bincount", "int64"): "integer weights give a float64 result on the CPU; mlx has no float64 "
-                           "and raises TypeError by design",
 }

@@ -433,7 +433,7 @@ def _source_nd(x: mx.array, ndim: int) -> mx.array:
     return mx.reshape(x, (1,) * max(ndim, 1)) if x.ndim == 0 else x
 
 
-def _index_copy_args(self, dim, index, source, name):
+def _index_copy_args(self, dim, index, name):
     dim = _dim(dim, self.ndim)
     idx = _index_1d(index, name)
     size = self.shape[dim] if self.ndim else 1
@@ -442,7 +442,7 @@ def _index_copy_args(self, dim, index, source, name):
 
 @lowering("index_copy")
 def index_copy(self, dim, index, source):
-    dim, idx, size = _index_copy_args(self, dim, index, source, "index_copy")
+    dim, idx, size = _index_copy_args(self, dim, index, "index_copy")
     idx = _wrap_checked(idx, size, dim, negative=False,
                         msg="index_copy_(): index {i} is out of bounds for dimension "
                             f"{dim} with size {size}")
@@ -455,7 +455,7 @@ def index_copy(self, dim, index, source):
 
 @lowering("index_add")
 def index_add(self, dim, index, source, alpha=1):
-    dim, idx, size = _index_copy_args(self, dim, index, source, "index_add")
+    dim, idx, size = _index_copy_args(self, dim, index, "index_add")
     idx = _wrap_checked(idx, size, dim, negative=False, exc=RuntimeError)
     src = _source_nd(source, 1).astype(self.dtype)
     if alpha != 1:
@@ -783,7 +783,7 @@ def _scatter_offsets(self: torch.Tensor, dim: int, idx: mx.array) -> mx.array:
     return _grid(idx.shape, others) + idx * strides[dim]
 
 
-def _scatter_inplace(op, self, dim, index, src, reduce=None, include_self=True, **kw):
+def _scatter_inplace(self, dim, index, src, reduce=None, include_self=True):
     _check_writable(self)
     if index.numel() == 0:
         return self
@@ -799,38 +799,38 @@ def _scatter_inplace(op, self, dim, index, src, reduce=None, include_self=True, 
 @torch_kernel("scatter_.src")
 def scatter__src(self, dim, index, src):
     _check(torch.ops.aten.scatter_.src, self, dim, index, src)
-    return _scatter_inplace(None, self, dim, index, src)
+    return _scatter_inplace(self, dim, index, src)
 
 
 @torch_kernel("scatter_.value")
 def scatter__value(self, dim, index, value):
     _check(torch.ops.aten.scatter_.value, self, dim, index, value)
-    return _scatter_inplace(None, self, dim, index, value)
+    return _scatter_inplace(self, dim, index, value)
 
 
 @torch_kernel("scatter_.reduce")
 def scatter__reduce(self, dim, index, src, *, reduce):
     _check(torch.ops.aten.scatter_.reduce, self, dim, index, src, reduce=reduce)
-    return _scatter_inplace(None, self, dim, index, src, _SCATTER_REDUCE[reduce])
+    return _scatter_inplace(self, dim, index, src, _SCATTER_REDUCE[reduce])
 
 
 @torch_kernel("scatter_.value_reduce")
 def scatter__value_reduce(self, dim, index, value, *, reduce):
     _check(torch.ops.aten.scatter_.value_reduce, self, dim, index, value, reduce=reduce)
-    return _scatter_inplace(None, self, dim, index, value, _SCATTER_REDUCE[reduce])
+    return _scatter_inplace(self, dim, index, value, _SCATTER_REDUCE[reduce])
 
 
 @torch_kernel("scatter_add_")
 def scatter_add_(self, dim, index, src):
     _check(torch.ops.aten.scatter_add_.default, self, dim, index, src)
-    return _scatter_inplace(None, self, dim, index, src, "sum")
+    return _scatter_inplace(self, dim, index, src, "sum")
 
 
 @torch_kernel("scatter_reduce_.two")
 def scatter_reduce_(self, dim, index, src, reduce, *, include_self=True):
     _check(torch.ops.aten.scatter_reduce_.two, self, dim, index, src, reduce,
            include_self=include_self)
-    return _scatter_inplace(None, self, dim, index, src, reduce, include_self)
+    return _scatter_inplace(self, dim, index, src, reduce, include_self)
 
 
 # ----------------------------------------------------------------------------------------------

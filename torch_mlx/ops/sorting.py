@@ -17,6 +17,7 @@ import math
 
 import mlx.core as mx
 import numpy as np
+import torch
 
 from . import registry
 from .registry import lowering, to_mx_dtype, to_torch_dtype
@@ -407,8 +408,7 @@ def _search(boundaries: mx.array, values: mx.array, right: bool) -> mx.array:
 
 
 def _common(a: mx.array, b: mx.array):
-    dtype = to_mx_dtype(__import__("torch").promote_types(to_torch_dtype(a.dtype),
-                                                          to_torch_dtype(b.dtype)))
+    dtype = to_mx_dtype(torch.promote_types(to_torch_dtype(a.dtype), to_torch_dtype(b.dtype)))
     return a.astype(dtype), b.astype(dtype)
 
 
