@@ -44,7 +44,8 @@ async def one_request(client, model, prompt, max_tokens):
     return {"tokens": len(stamps), "ttft": ttft, "itl": itl}
 
 
-async def run_level(client, model, concurrency, max_tokens):
+async def run_level(make_client, model, concurrency, max_tokens):
+    client = make_client()  # one client per event loop: httpx pools are bound to their loop
     n = max(2 * concurrency, 8)
     queue = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     results = []
@@ -66,9 +67,9 @@ async def run_level(client, model, concurrency, max_tokens):
             "itl_p99_ms": 1e3 * percentile(itls, 99) if itls else None}
 
 
-def bench(client, model, levels, max_tokens):
-    asyncio.run(run_level(client, model, 1, 4))  # warm-up
-    return [asyncio.run(run_level(client, model, c, max_tokens)) for c in levels]
+def bench(make_client, model, levels, max_tokens):
+    asyncio.run(run_level(make_client, model, 1, 4))  # warm-up
+    return [asyncio.run(run_level(make_client, model, c, max_tokens)) for c in levels]
 
 
 class MlxLmServer:
@@ -109,9 +110,9 @@ def main():
     levels = [int(x) for x in args.levels.split(",")]
     result = {"model": model, "max_tokens": args.max_tokens}
     with Server(model, name="m", extra_args=("--max-num-seqs", str(max(levels)))) as srv:
-        result["vllm_metal"] = bench(srv.async_client(), "m", levels, args.max_tokens)
+        result["vllm_metal"] = bench(srv.async_client, "m", levels, args.max_tokens)
     with MlxLmServer(model) as srv:
-        result["mlx_lm"] = bench(srv.async_client(), model, levels, args.max_tokens)
+        result["mlx_lm"] = bench(srv.async_client, model, levels, args.max_tokens)
     print(f"{'server':10} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
           f"{'ITL p50':>8} {'p99':>7}  (ms)")
     for name in ("vllm_metal", "mlx_lm"):
