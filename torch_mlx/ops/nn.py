@@ -732,6 +732,8 @@ def _window_max(win, index_win, n):
     """Max and its input index over windows (..., *out, *kernel). A NaN wins, and of several
     NaNs the last, as in torch's CPU kernels (`val > max || isnan(val)`)."""
     k = math.prod(win.shape[-n:])
+    if win.size == 0:  # MLX cannot reduce empty arrays
+        return mx.zeros(win.shape[:-n], win.dtype), mx.zeros(win.shape[:-n], mx.int32)
     win = mx.reshape(win, win.shape[:-n] + (k,))
     nan = mx.isnan(win)
     last_nan = k - 1 - mx.argmax(nan[..., ::-1], axis=-1)
@@ -757,10 +759,13 @@ def _scatter_to_plane(grad_output, self, n, indices):
     """Each output gradient added at its flat input index (max pooling's backward)."""
     lead = math.prod(self.shape[:-n])
     plane = math.prod(self.shape[-n:])
-    rows = mx.arange(lead)[:, None]
     grad = mx.zeros((lead, plane), grad_output.dtype)
-    grad = grad.at[rows, mx.reshape(indices, (lead, -1))].add(
-        mx.reshape(grad_output, (lead, -1)))
+    if grad.size == 0 or indices.size == 0:  # MLX cannot scatter into or from empty arrays
+        return mx.reshape(grad, self.shape)
+    per_row = math.prod(indices.shape[-n:])
+    rows = mx.arange(lead)[:, None]
+    grad = grad.at[rows, mx.reshape(indices, (lead, per_row))].add(
+        mx.reshape(grad_output, (lead, per_row)))
     return mx.reshape(grad, self.shape)
 
 
@@ -1393,3 +1398,62 @@ def max_unpool2d(self, indices, output_size):
 @lowering("max_unpool3d")
 def max_unpool3d(self, indices, output_size, stride, padding):
     return _max_unpool(self, indices, output_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fractional max pooling: windows of a fixed size start at pseudo-random but given offsets
+# (random_samples in [0, 1), one per batch entry, channel and dim: (w, h) in 2-d, (t, h, w) in
+# 3-d, as torch's CPU kernels read them).
+
+
+def _fractional_starts(samples, in_size, out_size, pool):
+    """torch's generate_intervals, in float32: start_i = int((i + u) a) - int(u a) with
+    a = (in - pool) / (out - 1), and the last window flush with the end."""
+    alpha = mx.array(in_size - pool, mx.float32) / max(out_size - 1, 1)
+    i = mx.arange(out_size - 1, dtype=mx.float32)
+    u = samples[..., None]
+    starts = ((i + u) * alpha).astype(mx.int32) - (u * alpha).astype(mx.int32)
+    last = mx.full(samples.shape + (1,), in_size - pool, mx.int32)
+    return mx.concatenate([starts, last], axis=-1)
+
+
+def _fractional_max_pool(self, kernel_size, output_size, random_samples, sample_of_dim):
+    n = len(output_size)
+    x = self if self.ndim == n + 2 else self[None]
+    samples = random_samples.astype(mx.float32)
+    index_plane = mx.broadcast_to(_index_plane(x, n), x.shape)
+    win, index_win = x, index_plane
+    for d in range(n):
+        axis = 2 + 2 * d  # the dims before have become (out, kernel) pairs
+        starts = _fractional_starts(samples[..., sample_of_dim[d]], x.shape[2 + d],
+                                    output_size[d], kernel_size[d])
+        pos = starts[..., :, None] + mx.arange(kernel_size[d])  # (N, C, out, k)
+        taps = output_size[d] * kernel_size[d]
+        flat = mx.reshape(pos, pos.shape[:2] + (1,) * (2 * d) + (taps,) + (1,) * (n - d - 1))
+        pick = lambda t: mx.take_along_axis(t, flat, axis=axis)  # noqa: E731
+        win, index_win = pick(win), pick(index_win)
+        split = win.shape[:axis] + (output_size[d], kernel_size[d]) + win.shape[axis + 1:]
+        win, index_win = mx.reshape(win, split), mx.reshape(index_win, split)
+    order = [0, 1] + [2 + 2 * d for d in range(n)] + [3 + 2 * d for d in range(n)]
+    out, index = _window_max(mx.transpose(win, order), mx.transpose(index_win, order), n)
+    return (out, index) if self.ndim == n + 2 else (out[0], index[0])
+
+
+@lowering("fractional_max_pool2d")
+def fractional_max_pool2d(self, kernel_size, output_size, random_samples):
+    return _fractional_max_pool(self, kernel_size, output_size, random_samples, (1, 0))
+
+
+@lowering("fractional_max_pool3d")
+def fractional_max_pool3d(self, kernel_size, output_size, random_samples):
+    return _fractional_max_pool(self, kernel_size, output_size, random_samples, (0, 1, 2))
+
+
+@lowering("fractional_max_pool2d_backward")
+def fractional_max_pool2d_backward(grad_output, self, kernel_size, output_size, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 2, indices)
+
+
+@lowering("fractional_max_pool3d_backward")
+def fractional_max_pool3d_backward(grad_output, self, kernel_size, output_size, indices):
+    return _scatter_to_plane(_upcast(grad_output), self, 3, indices)
