@@ -8,6 +8,7 @@ import math
 import mlx.core as mx
 import torch
 
+from .random import _alias, _cpu_generator
 from .registry import lowering, torch_kernel, tracing
 
 # ----------------------------------------------------------------------------------------------
@@ -466,6 +467,18 @@ def softshrink(self, lambd=0.5):
 @lowering("softshrink_backward")
 def softshrink_backward(grad_output, self, lambd):
     return mx.where((self >= -lambd) & (self <= lambd), 0, grad_output)
+
+
+@torch_kernel("rrelu_with_noise")
+def rrelu_with_noise(self, noise, lower=0.125, upper=1 / 3, training=False, generator=None):
+    """Random negative slopes, drawn as on the CPU: torch's CPU kernel runs on zero-copy CPU
+    aliases with a CPU generator carrying the device generator's state (the scheme of
+    random.py), so a seed gives the CPU's slopes; `noise` is written in place through its
+    alias."""
+    with _cpu_generator(generator) as cpu_generator:
+        out = torch.ops.aten.rrelu_with_noise(_alias(self), _alias(noise), lower, upper,
+                                              training, cpu_generator)
+    return out.to(self.device)
 
 
 @lowering("_prelu_kernel")
