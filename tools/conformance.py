@@ -59,9 +59,11 @@ def _worker(conn, dtype_name: str, names: list[str]) -> None:
             samples = []
             harness.record(report, harness.SampleResult(
                 harness.ERROR, f"making the samples failed: {type(exc).__name__}: {exc}"))
-        for index, sample in enumerate(samples):
+        for index, (sample, keep_on_cpu) in enumerate(samples):
             conn.send(("sample", name, index))
-            harness.record(report, harness.run_sample(op, sample))
+            result = harness.run_sample(op, sample, keep_on_cpu)
+            harness.record(report, result)
+            conn.send(("sample_done", name, result.status))
         conn.send(("op_done", name, {
             "status": report.status,
             "counts": report.counts,
@@ -91,6 +93,7 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
         proc.start()
         child.close()
         current, sample_index, started = None, -1, time.perf_counter()
+        done_so_far = collections.Counter()  # statuses of the current op's finished samples
         deadline = STARTUP_TIMEOUT_S
         while True:
             if not parent.poll(deadline):
@@ -107,8 +110,11 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
             deadline = timeout_s
             if msg[0] == "op_start":
                 current, sample_index, started = msg[1], -1, time.perf_counter()
+                done_so_far.clear()
             elif msg[0] == "sample":
                 sample_index = msg[2]
+            elif msg[0] == "sample_done":
+                done_so_far[msg[2]] += 1
             elif msg[0] == "op_done":
                 results[msg[1]] = msg[2]
                 progress(msg[1], msg[2])
@@ -124,7 +130,7 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
                   else f"the process died (exit code {proc.exitcode}) in sample {sample_index}")
         results[current] = {
             "status": failure,
-            "counts": {failure: 1, "pass": max(sample_index, 0)},
+            "counts": dict(done_so_far + collections.Counter({failure: 1})),
             "first_error": {failure: detail},
             "missing_ops": [],
             "value_compared": True,

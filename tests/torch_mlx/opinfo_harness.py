@@ -4,19 +4,21 @@ Shared by tests/torch_mlx/test_opinfo.py (one pytest test per op and dtype) and
 tools/conformance.py (the in-process sweep), so both count the same way.
 
 How a sample is compared (the mirror image of test_ops.py's test_compare_cpu):
-- samples come from ``op.sample_inputs("cpu", dtype)``; each tensor is copied to "mlx" with the
-  same storage size, strides and offset (views, expanded and non-contiguous inputs stay so), and
-  ``device="cpu"`` arguments become "mlx". Generating on the CPU keeps the instrument independent
-  of the device's own random and factory ops;
+- samples come from ``op.sample_inputs("cpu", dtype)`` (seeded); each tensor is copied to "mlx"
+  with the same storage size, strides and offset (views, expanded and non-contiguous inputs stay
+  so), and ``device="cpu"`` arguments become "mlx". Generating on the CPU keeps the instrument
+  independent of the device's own random and factory ops. A tensor that the sample generator
+  puts on the CPU whatever the device (tensor_split's indices, CPU index tensors of
+  __getitem__ / index_put: found by generating the samples for "meta" too) stays on the CPU;
 - the op runs on both; the "mlx" outputs must be "mlx" tensors, are copied to the CPU with the
   native copy (no lowering involved) and compared with torch's ``TestCase.assertEqual`` at the
   default tolerances of the dtype (no op-specific overrides);
 - when the CPU raises for a sample, "mlx" must raise the same exception type;
 - a sample with no tensor and no device argument (``torch.arange(2)``) runs on "mlx" under
   ``torch.device("mlx")``, the way such a call is placed on a device;
-- a sample that needs float64 or complex128 (an argument, or the CPU's result) can only raise
-  on "mlx", which has no storage for them: when it raises the TypeError naming the dtype it is
-  counted apart ("unsupported_dtype"), neither passing nor failing;
+- a sample that needs float64, complex128 or complex32 (an argument, or the CPU's result) can
+  only raise on "mlx", which has no storage for them: when it raises the TypeError naming the
+  dtype it is counted apart ("unsupported_dtype"), neither passing nor failing;
 - ops whose values are random or uninitialised (``NOT_VALUE_COMPARABLE``) are compared on
   structure, shape and dtype only.
 The CPU fallback is switched off while comparing: an op without a lowering must fail here.
@@ -44,8 +46,11 @@ MISMATCH = "mismatch"  # ran, gave different numbers / shapes / dtypes than the 
 NOT_IMPLEMENTED = "not_implemented"  # NotImplementedError: an aten op without a lowering
 ERROR = "error"  # any other exception on "mlx" where the CPU succeeded (or a different one)
 FAILURE_KINDS = (MISMATCH, ERROR, NOT_IMPLEMENTED)
-UNSUPPORTED_DTYPE = "unsupported_dtype"  # needs float64/complex128: TypeError by design
-UNSUPPORTED_DTYPES = (torch.float64, torch.complex128)
+UNSUPPORTED_DTYPE = "unsupported_dtype"  # needs a dtype mlx has no storage for: TypeError by design
+# dtypes with no MLX storage -> the names a TypeError may call them by (torch's and c10's)
+UNSUPPORTED_DTYPES = {torch.float64: ("float64", "Double"),
+                      torch.complex128: ("complex128", "ComplexDouble"),
+                      torch.complex32: ("complex32", "ComplexHalf")}
 
 _MISSING_OP = re.compile(r"(aten::[\w.]+) has no MLX lowering")
 
@@ -88,8 +93,8 @@ def without_decorators(op):
 # Moving samples and results
 
 
-def _to_mlx_same_layout(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on "mlx" with the same storage extent, sizes, strides and storage offset."""
+def _copy_same_layout(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with the same storage extent, sizes, strides and offset."""
     if t.layout != torch.strided:
         raise TypeError(f"sample has a {t.layout} tensor; only strided tensors can move to mlx")
     if t.is_conj() or t.is_neg():
@@ -97,7 +102,8 @@ def _to_mlx_same_layout(t: torch.Tensor) -> torch.Tensor:
     storage = t.untyped_storage()
     flat = torch.empty(0, dtype=t.dtype).set_(storage, 0, (storage.nbytes() // t.element_size(),),
                                               (1,))
-    moved = flat.to(DEVICE).as_strided(t.size(), t.stride(), t.storage_offset())
+    flat = flat.to(device) if device != "cpu" else flat.clone()
+    moved = flat.as_strided(t.size(), t.stride(), t.storage_offset())
     return moved.requires_grad_(t.requires_grad) if t.is_leaf else moved
 
 
@@ -107,19 +113,38 @@ def _is_cpu_device(x) -> bool:
     return isinstance(x, str) and x in ("cpu", "cpu:0")
 
 
-def sample_to_mlx(value):
-    """A sample's input/args/kwargs with tensors on "mlx" and CPU device arguments made "mlx"."""
-    if isinstance(value, torch.Tensor):
-        return _to_mlx_same_layout(value)
-    if _is_cpu_device(value):
-        return torch.device(DEVICE) if isinstance(value, torch.device) else DEVICE
-    if isinstance(value, list):
-        return [sample_to_mlx(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(sample_to_mlx(v) for v in value)
-    if isinstance(value, dict):
-        return {k: sample_to_mlx(v) for k, v in value.items()}
-    return value
+def sample_to_mlx(value, keep_on_cpu=None):
+    """A sample's input/args/kwargs with tensors copied to "mlx" and CPU device arguments made
+    "mlx". ``keep_on_cpu``: one flag per leaf (in ``_leaves`` order) for tensors that stay on
+    the CPU (copied there, since the CPU run may write into the originals)."""
+    flags = iter(keep_on_cpu) if keep_on_cpu is not None else None
+
+    def move(v):
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        pinned = next(flags) if flags is not None else False
+        if isinstance(v, torch.Tensor):
+            return _copy_same_layout(v, "cpu" if pinned else DEVICE)
+        if _is_cpu_device(v):
+            return torch.device(DEVICE) if isinstance(v, torch.device) else DEVICE
+        return v
+
+    return move(value)
+
+
+def _cpu_pinned_leaves(cpu_sample, meta_sample):
+    """Per leaf of a CPU sample: is it a tensor that its twin made for "meta" left on the CPU?
+    None when the twins differ in structure (then every tensor moves)."""
+    cpu = list(_leaves((cpu_sample.input, cpu_sample.args, cpu_sample.kwargs)))
+    meta = list(_leaves((meta_sample.input, meta_sample.args, meta_sample.kwargs)))
+    if len(cpu) != len(meta) or any(isinstance(c, torch.Tensor) != isinstance(m, torch.Tensor)
+                                    for c, m in zip(cpu, meta)):
+        return None
+    return tuple(isinstance(m, torch.Tensor) and m.device.type == "cpu" for m in meta)
 
 
 def _leaves(value):
@@ -218,12 +243,12 @@ def _exception_result(exc: BaseException) -> SampleResult:
 def _dtype_or_exception_result(exc: BaseException, unsupported) -> SampleResult:
     """The designed TypeError for a sample that needs float64/complex128, else a failure."""
     if unsupported is not None and isinstance(exc, TypeError) \
-            and str(unsupported).removeprefix("torch.") in str(exc):
+            and any(name in str(exc) for name in UNSUPPORTED_DTYPES[unsupported]):
         return SampleResult(UNSUPPORTED_DTYPE, f"{type(exc).__name__}: {exc}")
     return _exception_result(exc)
 
 
-def run_sample(op, sample) -> SampleResult:
+def run_sample(op, sample, keep_on_cpu=None) -> SampleResult:
     """Run one CPU sample on "mlx" and on the CPU and compare (see the module docstring)."""
     value_comparable = value_comparable_sample(op.full_name, sample)
     cpu_args = (sample.input, sample.args, sample.kwargs)
@@ -233,9 +258,10 @@ def run_sample(op, sample) -> SampleResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            mlx_args = sample_to_mlx(cpu_args)
+            mlx_args = sample_to_mlx(cpu_args, keep_on_cpu)
         except Exception as exc:  # e.g. a sparse input, or a dtype mlx has no storage for
             return _dtype_or_exception_result(exc, unsupported)
+        pristine = _map_tensors(cpu_args, lambda t: _copy_same_layout(t, "cpu"))
         try:  # the CPU run may mutate the CPU sample: the "mlx" copy was taken first
             expected = sample.output_process_fn_grad(
                 op(sample.input, *sample.args, **sample.kwargs))
@@ -265,8 +291,46 @@ def run_sample(op, sample) -> SampleResult:
         else:
             _COMPARER.assertEqual(_structure(actual), _structure(expected))
     except AssertionError as exc:
-        return SampleResult(MISMATCH, f"{exc}")
+        note = _float64_note(op, sample, pristine, actual, expected) if value_comparable else ""
+        return SampleResult(MISMATCH, f"{exc}{note}")
     return SampleResult(PASS)
+
+
+def _map_tensors(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _float64_note(op, sample, pristine, actual, expected) -> str:
+    """For a mismatch: how far each side is from the op run in float64 on the CPU. Two results
+    that are equally far from it differ by rounding (summation order), not by a bug."""
+    def widen(t):
+        return t.double() if t.is_floating_point() else t
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = _map_tensors(pristine, widen)
+            reference = sample.output_process_fn_grad(op(args[0], *args[1], **args[2]))
+    except Exception:  # no float64 kernel, or a float64 input the op rejects: no note
+        return ""
+    err_mlx = err_cpu = 0.0
+    for a, e, r in zip(*(list(t for t in _leaves(x) if isinstance(t, torch.Tensor))
+                         for x in (actual, expected, reference))):
+        if not (a.is_floating_point() and a.shape == e.shape == r.shape):
+            continue
+        r = r.double()
+        finite = torch.isfinite(r) & torch.isfinite(a) & torch.isfinite(e)
+        if finite.any():
+            err_mlx = max(err_mlx, (a.double() - r)[finite].abs().max().item())
+            err_cpu = max(err_cpu, (e.double() - r)[finite].abs().max().item())
+    return (f" | against the op in float64 on the CPU: max |mlx - f64| = {err_mlx:.3g}, "
+            f"max |cpu - f64| = {err_cpu:.3g}")
 
 
 def value_comparable_sample(op_name: str, sample) -> bool:
@@ -277,10 +341,28 @@ def value_comparable_sample(op_name: str, sample) -> bool:
     return not applies(sample)
 
 
+SAMPLE_SEED = 0
+
+
 def samples_of(op, dtype: torch.dtype) -> list:
+    """The op's samples at ``dtype``, the same in every run and whatever ran before (the sweep,
+    one pytest test, or another order): sample values are drawn from torch's global RNG.
+
+    Returns (sample, keep_on_cpu) pairs; keep_on_cpu (see sample_to_mlx) comes from the same
+    samples made for "meta", a non-CPU device: tensors the generator still put on the CPU are
+    meant to be there. None: every tensor moves to "mlx"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return list(op.sample_inputs("cpu", dtype))
+        torch.manual_seed(SAMPLE_SEED)
+        samples = list(op.sample_inputs("cpu", dtype))
+        try:
+            torch.manual_seed(SAMPLE_SEED)
+            twins = list(op.sample_inputs("meta", dtype))
+        except Exception:  # a generator that needs data (e.g. .item()): no twins, all move
+            twins = []
+    if len(twins) != len(samples):
+        return [(sample, None) for sample in samples]
+    return [(sample, _cpu_pinned_leaves(sample, twin)) for sample, twin in zip(samples, twins)]
 
 
 @dataclasses.dataclass
@@ -317,8 +399,8 @@ class OpReport:
         parts = [f"{self.name} [{self.dtype}]: {self.counts.get(PASS, 0)}/{self.samples} "
                  "samples pass"]
         if self.counts.get(UNSUPPORTED_DTYPE):
-            parts.append(f"{self.counts[UNSUPPORTED_DTYPE]} more need float64/complex128 and "
-                         "raise the designed TypeError")
+            parts.append(f"{self.counts[UNSUPPORTED_DTYPE]} more need a dtype without MLX "
+                         "storage and raise the designed TypeError")
         for kind in FAILURE_KINDS:
             if self.counts.get(kind):
                 parts.append(f"{self.counts[kind]} {kind}; first: "
@@ -349,8 +431,8 @@ def record(report: OpReport, result: SampleResult) -> None:
 def compare_op(op, dtype: torch.dtype) -> OpReport:
     """Run every sample of ``op`` at ``dtype``; never raises for a failing sample."""
     report = new_report(op, dtype)
-    for sample in samples_of(op, dtype):
-        record(report, run_sample(op, sample))
+    for sample, keep_on_cpu in samples_of(op, dtype):
+        record(report, run_sample(op, sample, keep_on_cpu))
     return report
 
 
