@@ -68,12 +68,23 @@ def _linspace_float(start, end, steps, dtype):
 
 
 def _to_integral(value, dtype) -> int:
-    """A Scalar converted to an integral dtype as torch does: truncated, range-checked."""
-    v = int(value)
+    """A Scalar converted to an integral dtype as torch's checked conversion does: a float must
+    lie in the dtype's range and is truncated; an integer may also be negative down to -max
+    for an unsigned dtype, and wraps."""
     info = mx.iinfo(dtype)
-    if not info.min <= v <= info.max:
+    low = -info.max if info.min == 0 and isinstance(value, int) else info.min
+    if not low <= value <= info.max:
         raise RuntimeError(f"value cannot be converted to type {dtype} without overflow")
-    return v
+    return int(value) % (info.max + 1) if info.min == 0 else int(value)
+
+
+def _checked(value, dtype):
+    """``value`` as torch's fill_ converts a Scalar: range-checked (finite floats too)."""
+    if not _is_float_dtype(dtype):
+        return _to_integral(value, dtype)
+    if math.isfinite(value) and abs(value) > mx.finfo(dtype).max:
+        raise RuntimeError(f"value cannot be converted to type {dtype} without overflow")
+    return value
 
 
 def _linspace_int(start, end, steps, dtype):
@@ -89,8 +100,8 @@ def _linspace_int(start, end, steps, dtype):
 @lowering("linspace")
 def linspace(start, end, steps, dtype=None, layout=None, device=None, pin_memory=None):
     dtype = _dtype_or_default(dtype)
-    if steps == 1:
-        return mx.full([1], start, dtype=dtype)
+    if steps == 1:  # torch fills with start (a checked conversion)
+        return mx.full([1], _checked(start, dtype), dtype=dtype)
     if _is_float_dtype(dtype):
         return _linspace_float(start, end, steps, dtype)
     return _linspace_int(start, end, steps, dtype)
@@ -102,6 +113,8 @@ def logspace(start, end, steps, base=10.0, dtype=None, layout=None, device=None,
     """base ** linspace(start, end) in double precision, as torch's CPU kernel (start and end
     first rounded to the result dtype)."""
     dtype = _dtype_or_default(dtype)
+    if steps == 1:  # torch fills with base ** start (a checked conversion)
+        return mx.full([1], _checked(float(np.power(float(base), float(start))), dtype), dtype)
     if _is_float_dtype(dtype):
         rounded = np.array([start, end], dtype=np.float32).astype(np.float64)
         if dtype != mx.float32:
@@ -110,11 +123,8 @@ def logspace(start, end, steps, base=10.0, dtype=None, layout=None, device=None,
     else:
         lo, hi = float(_to_integral(start, dtype)), float(_to_integral(end, dtype))
     i = np.arange(steps, dtype=np.int64)
-    if steps == 1:
-        exponent = np.array([lo])
-    else:
-        step = (hi - lo) / (steps - 1)
-        exponent = np.where(i < steps // 2, lo + step * i, hi - step * (steps - 1 - i))
+    step = (hi - lo) / (steps - 1) if steps > 1 else 0.0
+    exponent = np.where(i < steps // 2, lo + step * i, hi - step * (steps - 1 - i))
     values = np.power(float(base), exponent)
     if not _is_float_dtype(dtype):
         return mx.array(np.trunc(values).astype(np.int64))
