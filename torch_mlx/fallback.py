@@ -83,7 +83,7 @@ def run_on_cpu(op, args, kwargs):
 def _fallback_kernel(op, *args, **kwargs):
     if _enabled:
         return run_on_cpu(op, args, kwargs)
-    raise unsupported(f"aten::{op._schema.name.split('::')[-1]}"
+    raise unsupported(op._schema.name  # with its namespace: aten::, vllm::, a user library's
                       + (f".{op._overloadname}" if op._overloadname != "default" else ""))
 
 

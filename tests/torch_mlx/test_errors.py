@@ -66,6 +66,15 @@ def test_unlowered_op_raises_not_implemented_error_naming_op_and_switch():
     assert "TORCH_MLX_FALLBACK" in message
 
 
+def test_unlowered_custom_op_error_names_its_own_namespace():
+    # e.g. a vLLM custom op without an mlx kernel must not be reported as an aten op
+    lib = torch.library.Library("mlx_errors_test", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CPU")
+    with pytest.raises(NotImplementedError, match="mlx_errors_test::twice"):
+        torch.ops.mlx_errors_test.twice(torch.ones(2).to("mlx"))
+
+
 _FALLBACK_SCRIPT = """
 import warnings, torch, torch_mlx
 {enable}
