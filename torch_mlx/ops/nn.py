@@ -1470,3 +1470,118 @@ def fractional_max_pool2d_backward(grad_output, self, kernel_size, output_size, 
 @lowering("fractional_max_pool3d_backward")
 def fractional_max_pool3d_backward(grad_output, self, kernel_size, output_size, indices):
     return _scatter_to_plane(_upcast(grad_output), self, 3, indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# CTC loss: torch's CPU alpha/beta recursions over the extended target (blank, l1, blank, l2,
+# ..., blank), vectorised over the batch and the extended positions s.
+
+_NEG_INF = -math.inf
+
+
+def _log_sum3(a, b, c):
+    """log(e^a + e^b + e^c) with torch's guard: all -inf gives -inf."""
+    m = mx.maximum(mx.maximum(a, b), c)
+    m = mx.where(m == _NEG_INF, 0, m)
+    return mx.log(mx.exp(a - m) + mx.exp(b - m) + mx.exp(c - m)) + m
+
+
+def _shift(x, k, fill=_NEG_INF):
+    """x[..., s - k] (k > 0) or x[..., s + |k|] (k < 0) along the last axis, `fill` outside."""
+    pad = mx.full(x.shape[:-1] + (abs(k),), fill, x.dtype)
+    if k > 0:
+        return mx.concatenate([pad, x[..., :-k]], axis=-1)
+    return mx.concatenate([x[..., -k:], pad], axis=-1)
+
+
+def _ctc_setup(log_probs, targets, input_lengths, target_lengths, blank):
+    """(log probs of each extended label (T, N, L), extended labels (N, L), where s may skip
+    from s - 2, which s are inside each target, input and target lengths as arrays)."""
+    n = log_probs.shape[1]
+    tl = [int(v) for v in (target_lengths.tolist() if isinstance(target_lengths, mx.array)
+                           else target_lengths)]
+    il = [int(v) for v in (input_lengths.tolist() if isinstance(input_lengths, mx.array)
+                           else input_lengths)]
+    s_max = max(tl, default=0)
+    if targets.ndim == 1:  # concatenated targets
+        starts = [sum(tl[:i]) for i in range(n)]
+        index = mx.array([[starts[i] + min(j, max(tl[i] - 1, 0)) for j in range(s_max)]
+                          for i in range(n)], mx.int32).reshape(n, s_max)
+        labels = mx.take(targets, index) if targets.size else mx.zeros((n, s_max), mx.int32)
+    else:
+        labels = targets[:, :s_max]
+    ext = mx.full((n, 2 * s_max + 1), blank, mx.int32)
+    ext[:, 1::2] = labels.astype(mx.int32)
+    lp = _upcast(log_probs)
+    lp_ext = mx.take_along_axis(lp, mx.broadcast_to(ext[None], (lp.shape[0],) + ext.shape), 2)
+    skip = (ext != _shift(ext, 2, blank)) & (mx.arange(ext.shape[1]) >= 2)
+    tl_a, il_a = mx.array(tl, mx.int32), mx.array(il, mx.int32)
+    inside = mx.arange(ext.shape[1]) < (2 * tl_a + 1)[:, None]
+    return lp, lp_ext, ext, skip, inside, il_a, tl_a
+
+
+def _ctc_alpha(lp_ext, skip, inside, tl):
+    s = mx.arange(lp_ext.shape[2])
+    first = (s == 0) | ((s == 1) & (tl[:, None] > 0))
+    alpha = mx.where(first, lp_ext[0], _NEG_INF)
+    alphas = [alpha]
+    for t in range(1, lp_ext.shape[0]):
+        prev = alphas[-1]
+        alpha = _log_sum3(prev, _shift(prev, 1), mx.where(skip, _shift(prev, 2), _NEG_INF))
+        alphas.append(mx.where(inside, alpha + lp_ext[t], _NEG_INF))
+    return mx.stack(alphas, axis=1)  # (N, T, L)
+
+
+def _ctc_nll(log_alpha, il, tl):
+    last = mx.take_along_axis(log_alpha, mx.maximum(il - 1, 0)[:, None, None], 1)[:, 0]
+    l1 = mx.take_along_axis(last, (2 * tl)[:, None], 1)[:, 0]
+    l2 = mx.where(tl > 0, mx.take_along_axis(last, mx.maximum(2 * tl - 1, 0)[:, None], 1)[:, 0],
+                  _NEG_INF)
+    m = mx.maximum(l1, l2)
+    m = mx.where(m == _NEG_INF, 0, m)
+    return -(mx.log(mx.exp(l1 - m) + mx.exp(l2 - m)) + m)
+
+
+@lowering("_ctc_loss", "_ctc_loss.Tensor")
+def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
+    """(negative log likelihood per batch entry, log_alpha (N, T, 2 max_target + 1))."""
+    _, lp_ext, _, skip, inside, il, tl = _ctc_setup(log_probs, targets, input_lengths,
+                                                    target_lengths, blank)
+    log_alpha = _ctc_alpha(lp_ext, skip, inside, tl)
+    return _ctc_nll(log_alpha, il, tl), log_alpha
+
+
+@lowering("_ctc_loss_backward", "_ctc_loss_backward.Tensor")
+def ctc_loss_backward(grad, log_probs, targets, input_lengths, target_lengths,
+                      neg_log_likelihood, log_alpha, blank, zero_infinity=False):
+    """torch's CPU gradient: (exp(lp) - exp(log(sum of alpha beta over the positions of each
+    label) + nll - lp)) * grad for t < input length, 0 after; with zero_infinity, 0 where the
+    likelihood is 0."""
+    lp, lp_ext, ext, skip, inside, il, tl = _ctc_setup(log_probs, targets, input_lengths,
+                                                       target_lengths, blank)
+    steps, _, width = lp_ext.shape
+    s = mx.arange(width)
+    last_two = inside & ((s == 2 * tl[:, None]) | ((s == 2 * tl[:, None] - 1) & (tl[:, None] > 0)))
+    skip_back = _shift(skip, -2, False)  # s + 2 may skip back to s
+    betas = [None] * steps
+    beta = mx.full(lp_ext.shape[1:], _NEG_INF, mx.float32)
+    for t in reversed(range(steps)):
+        start = mx.where(last_two, lp_ext[t], _NEG_INF)
+        step = _log_sum3(beta, _shift(beta, -1), mx.where(skip_back, _shift(beta, -2), _NEG_INF))
+        step = mx.where(inside, step + lp_ext[t], _NEG_INF)
+        beta = mx.where((t == il - 1)[:, None], start, mx.where((t < il - 1)[:, None], step,
+                                                                  _NEG_INF))
+        betas[t] = beta
+    log_beta = mx.stack(betas, axis=0)  # (T, N, L)
+    occupancy = mx.swapaxes(log_alpha, 0, 1) + log_beta  # (T, N, L)
+    per_label = mx.full(lp.shape, _NEG_INF, mx.float32)
+    classes = mx.arange(lp.shape[2])
+    for k in range(width):  # log-add each position's occupancy into its label
+        hit = (ext[:, k][:, None] == classes)[None]  # (1, N, C)
+        per_label = mx.where(hit, mx.logaddexp(per_label, occupancy[:, :, k:k + 1]), per_label)
+    nll = neg_log_likelihood[None, :, None]
+    g = (mx.exp(lp) - mx.exp(per_label + nll - lp)) * _upcast(grad)[None, :, None]
+    live = mx.arange(steps)[:, None, None] < il[None, :, None]
+    if zero_infinity:
+        live = live & (nll != math.inf)
+    return mx.where(live, g, 0)
