@@ -57,6 +57,7 @@ async def run_level(make_client, model, concurrency, max_tokens):
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
+    await client.close()
     ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
     itls = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
