@@ -36,14 +36,17 @@ def eye(n, m=None, dtype=None, layout=None, device=None, pin_memory=None):
 
 @lowering("arange.start_step")
 def arange(start, end, step=1, dtype=None, layout=None, device=None, pin_memory=None):
-    """start + step * i, i < ceil((end - start) / step) (the meta kernel checks the arguments)."""
+    """start + step * i as torch's CPU kernel computes it: in the accumulation type (int64 for
+    integral dtypes, which truncates float arguments; double for float32, float32 for half)."""
     if dtype is None:
         floats = any(isinstance(v, float) for v in (start, end, step))
         dtype = to_mx_dtype(torch.get_default_dtype()) if floats else mx.int64
+    if not _is_float_dtype(dtype):
+        start, end, step = int(start), int(end), int(step)
+    # torch's length: ceil((end - start) / step) in double (int64 operands for int64)
     n = max(0, math.ceil((end - start) / step))
     if not _is_float_dtype(dtype):
-        return mx.arange(n, dtype=mx.int64) * int(step) + int(start)
-    # torch accumulates in double for float32 and in float32 for half precision
+        return mx.arange(n, dtype=mx.int64) * step + start
     return mx.arange(n, dtype=mx.float32) * step + start
 
 
