@@ -147,12 +147,17 @@ class MetalPlatform(Platform):
 
     @classmethod
     def _choose_worker_start_method(cls) -> None:
-        """vLLM starts its engine core (and workers) with multiprocessing. MLX starts a thread at
-        its first evaluation, and a child forked after that hangs at its own first evaluation
-        (tests/vllm_metal/test_multiprocess.py), so, as vLLM does for an initialised CUDA, the
-        engine is spawned. A user's explicit VLLM_WORKER_MULTIPROC_METHOD=fork is kept."""
-        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") is None:
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        """vLLM starts its engine core (and workers) with multiprocessing, by default by fork.
+        MLX starts a thread at its first evaluation, and a child forked after that hangs at its
+        own first evaluation (tests/vllm_metal/test_multiprocess.py). So, as vLLM does once CUDA
+        is initialised, the processes are spawned when this process has used MLX, whatever the
+        user asked for; otherwise vLLM's choice (fork unless set) stands: it starts faster and
+        needs no ``if __name__ == "__main__"`` guard."""
+        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn" or not _mlx_in_use():
+            return
+        logger.warning("MLX has been used in this process, so a forked vLLM process would hang "
+                       "at its first MLX evaluation: setting VLLM_WORKER_MULTIPROC_METHOD=spawn")
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
     @classmethod
     def validate_environ(cls, hard_fail: bool) -> None:
@@ -173,3 +178,12 @@ class MetalPlatform(Platform):
     @classmethod
     def check_runner_kv_caches_multi_layer(cls) -> None:
         pass  # the runner is vLLM's own; it binds caches per layer name
+
+
+def _mlx_in_use() -> bool:
+    """Whether MLX has evaluated anything in this process. Every evaluation allocates its
+    output through MLX's allocator before MLX's thread can exist, so untouched counters mean no
+    thread; creating arrays or "mlx" tensors without evaluating counts too (conservatively)."""
+    import mlx.core as mx
+
+    return mx.get_peak_memory() > 0 or mx.get_active_memory() > 0 or mx.get_cache_memory() > 0
