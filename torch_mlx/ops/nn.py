@@ -1585,3 +1585,99 @@ def ctc_loss_backward(grad, log_probs, targets, input_lengths, target_lengths,
     if zero_infinity:
         live = live & (nll != math.inf)
     return mx.where(live, g, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding_bag: bag b sums (mode 0), averages (1) or takes the max (2) of the weight rows
+# indices[offsets[b]:offsets[b + 1]]; indices equal to padding_idx take no part. The auxiliary
+# outputs follow the meta kernel's shapes (offset2bag: the bag of each index, bag_size: each
+# bag's count, max_indices: the weight row behind each max, -1 for an empty bag) and feed the
+# backward ops below.
+
+
+def _bag_of_each_index(offsets, n, bags):
+    starts = mx.zeros((n + 1,), mx.int32).at[offsets[:bags]].add(1)
+    return mx.cumsum(starts, axis=0)[:n] - 1
+
+
+@lowering("_embedding_bag", "_embedding_bag_forward_only")
+def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    n, dim = indices.shape[0], weight.shape[1]
+    bags = offsets.shape[0] - (1 if include_last_offset else 0)
+    bag = _bag_of_each_index(offsets, n, bags)
+    # With include_last_offset, torch's CPU kernels leave the indices from the final offset on
+    # out of sum and mean bags (offset2bag says `bags` for them) but keep them in the last
+    # bag of a max
+    if include_last_offset and mode != 2:
+        in_bag = mx.arange(n) < offsets[-1]
+    else:
+        in_bag = mx.ones((n,), mx.bool_)
+    offset2bag = mx.where(in_bag, bag, bags)
+    used = in_bag & (indices != padding_idx) if padding_idx >= 0 else in_bag
+    rows = mx.take(_upcast(weight), indices, axis=0)
+    # bag_size has one entry per offset (the include_last_offset one stays 0)
+    bag_size = mx.zeros((offsets.shape[0],), mx.int32).at[bag].add(used.astype(mx.int32))
+    empty = mx.zeros((0,), mx.int32)
+    if mode == 2:
+        rows = mx.where(used[:, None], rows, -math.inf)
+        best = mx.full((bags, dim), -math.inf, rows.dtype).at[bag].maximum(rows)
+        position = mx.where(rows == best[bag], mx.arange(n)[:, None], n)
+        first = mx.full((bags, dim), n, mx.int32).at[bag].minimum(position)
+        max_indices = mx.where(first < n, mx.take(indices, mx.minimum(first, n - 1)), -1) \
+            if n else mx.full((bags, dim), -1, mx.int32)
+        out = mx.where((bag_size[:bags] > 0)[:, None], best, 0)
+        return out, offset2bag, bag_size, max_indices
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights[:, None]
+    out = mx.zeros((bags, dim), rows.dtype).at[bag].add(mx.where(used[:, None], rows, 0))
+    if mode == 1:
+        out = out / mx.maximum(bag_size[:bags], 1)[:, None]
+    return out, offset2bag, bag_size, empty
+
+
+@lowering("_embedding_bag_backward")
+def embedding_bag_backward(grad, indices, offsets, offset2bag, bag_size, maximum_indices,
+                           num_weights, scale_grad_by_freq, mode, sparse, per_sample_weights,
+                           padding_idx=-1):
+    if sparse:
+        raise NotImplementedError("embedding_bag(sparse=True): mlx has no sparse gradients")
+    return embedding_bag_dense_backward(grad, indices, offset2bag, bag_size, maximum_indices,
+                                        num_weights, scale_grad_by_freq, mode,
+                                        per_sample_weights, padding_idx)
+
+
+@lowering("_embedding_bag_dense_backward")
+def embedding_bag_dense_backward(grad, indices, offset2bag, bag_size, maximum_indices,
+                                 num_weights, scale_grad_by_freq, mode, per_sample_weights,
+                                 padding_idx=-1):
+    g = _upcast(grad)
+    out = mx.zeros((num_weights, g.shape[1]), g.dtype)
+    if mode == 2:  # each max's gradient goes to the weight row it came from
+        valid = maximum_indices >= 0
+        cols = mx.broadcast_to(mx.arange(g.shape[1]), g.shape)
+        return out.at[mx.where(valid, maximum_indices, 0), cols].add(mx.where(valid, g, 0))
+    in_bag = offset2bag < g.shape[0]  # indices past include_last_offset's end have no bag
+    rows = mx.where(in_bag[:, None], mx.take(g, mx.minimum(offset2bag, g.shape[0] - 1), axis=0), 0)
+    if mode == 1:
+        rows = rows / mx.maximum(mx.take(bag_size, offset2bag), 1)[:, None]
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights[:, None]
+    if padding_idx >= 0:
+        rows = mx.where((indices == padding_idx)[:, None], 0, rows)
+    if scale_grad_by_freq:
+        counts = mx.zeros((num_weights,), mx.float32).at[indices].add(1.0)
+        rows = rows / mx.take(counts, indices)[:, None]
+    return out.at[indices].add(rows)
+
+
+@lowering("_embedding_bag_per_sample_weights_backward")
+def embedding_bag_per_sample_weights_backward(grad, weight, indices, offsets, offset2bag, mode,
+                                              padding_idx=-1):
+    """d out / d per_sample_weights[i] = <grad of i's bag, weight row of i> (sum mode)."""
+    g = _upcast(grad)
+    in_bag = offset2bag < g.shape[0]
+    dots = mx.sum(mx.take(g, mx.minimum(offset2bag, g.shape[0] - 1), axis=0) *
+                  mx.take(_upcast(weight), indices, axis=0), axis=1)
+    dots = mx.where(in_bag, dots, 0)
+    return dots if padding_idx < 0 else mx.where(indices == padding_idx, 0, dots)
