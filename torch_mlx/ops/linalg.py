@@ -672,3 +672,66 @@ def pdist_backward(grad, self, p, pdist):
     pair_grad = _p_norm_grad(mx.take(self, i, axis=0) - mx.take(self, j, axis=0), pdist, grad, p)
     out = mx.zeros(self.shape, pair_grad.dtype)
     return out.at[i].add(pair_grad).at[j].add(-pair_grad)
+
+
+@lowering("linalg_matrix_exp")
+def linalg_matrix_exp(self):
+    """Scaling and squaring: exp(A) = exp(A / 2^s)^(2^s) with ||A / 2^s||_1 <= 1/2 and a
+    degree-18 Taylor polynomial, evaluated in float64 on the CPU stream and rounded once, so
+    the result is as accurate as float32 can hold (torch's float32 kernel is within a few ulp
+    of it)."""
+    if self.size == 0:
+        return self
+    a = self.astype(mx.float64, stream=_CPU)
+    norm = mx.max(mx.sum(mx.abs(a, stream=_CPU), axis=-2, stream=_CPU), axis=-1, stream=_CPU)
+    squarings = mx.maximum(mx.ceil(mx.log2(norm / 0.5, stream=_CPU), stream=_CPU), 0,
+                           stream=_CPU)
+    steps = int(mx.max(squarings).item()) if mx.all(mx.isfinite(squarings)).item() else 0
+    scaled = a / mx.power(2.0, squarings, stream=_CPU)[..., None, None]
+    eye = mx.broadcast_to(mx.eye(a.shape[-1], dtype=mx.float64), a.shape)
+    result, term = eye, eye
+    for k in range(1, 19):
+        term = mx.matmul(term, scaled, stream=_CPU) / k
+        result = result + term
+    for i in range(steps):  # each matrix is squared as many times as it was halved
+        squared = mx.matmul(result, result, stream=_CPU)
+        result = mx.where((i < squarings)[..., None, None], squared, result)
+    return result.astype(self.dtype, stream=_CPU)
+
+
+@lowering("linalg_lstsq", meta=False)
+def linalg_lstsq(self, b, rcond=None, driver=None):
+    """(solution, residuals, rank, singular_values) as torch's CPU drivers report them: the
+    minimum-norm least-squares solution, singular values below rcond * largest treated as 0;
+    rank for gelsy/gelsd/gelss (default gelsy), singular values for gelsd/gelss, residuals
+    |A x - b|^2 per column when m > n (gels always, gelsd/gelss when every matrix has full
+    rank, gelsy never)."""
+    driver = driver or "gelsy"
+    m, n = self.shape[-2:]
+    vector = b.ndim == self.ndim - 1
+    rhs = b[..., None] if vector else b
+    a, rhs = _batch_broadcast(self, rhs)
+    batch = a.shape[:-2]
+    rcond = mx.finfo(mx.float32).eps * max(m, n) if rcond is None or rcond < 0 else rcond
+    if a.size == 0 or rhs.size == 0:
+        x = mx.zeros(batch + (n, rhs.shape[-1]), a.dtype)
+        s = mx.zeros(batch + (min(m, n),), a.dtype)
+        rank = mx.zeros(batch, mx.int64)
+    else:
+        u, s, vh = linalg_svd(a)
+        keep = s > rcond * s[..., :1]
+        inverse_s = mx.where(keep, 1 / mx.where(keep, s, 1), 0)
+        coefficients = mx.matmul(mx.swapaxes(u, -1, -2), rhs) * inverse_s[..., :, None]
+        x = mx.matmul(mx.swapaxes(vh, -1, -2), coefficients)
+        rank = mx.sum(keep, axis=-1).astype(mx.int64)
+    empty = mx.zeros((0,), a.dtype)
+    residuals = empty
+    full_rank = driver == "gels" or (driver in ("gelsd", "gelss") and a.size > 0
+                                     and mx.all(rank == n).item())
+    if m > n and driver != "gelsy" and full_rank:
+        r = mx.matmul(a, x) - rhs
+        residuals = mx.sum(r * r, axis=-2)
+        residuals = residuals[..., 0] if vector else residuals
+    return (x[..., 0] if vector else x, residuals,
+            rank if driver != "gels" else mx.zeros((0,), mx.int64),
+            s if driver in ("gelsd", "gelss") else empty)
