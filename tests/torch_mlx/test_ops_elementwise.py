@@ -65,8 +65,8 @@ def test_div_rounding_modes_on_edge_values(mode):
 
 def test_float_floor_division_is_pythons():
     # 1 // 0.1 is 9 in Python and torch (the quotient of 1 - fmod(1, 0.1)), not floor(1 / 0.1)
-    _same(torch.floor_divide, torch.tensor([1.0, -1.0, 7.5, 0.3]), torch.tensor([0.1, 0.1, 0.5, 0.1]),
-          exact=True)
+    _same(torch.floor_divide, torch.tensor([1.0, -1.0, 7.5, 0.3]),
+          torch.tensor([0.1, 0.1, 0.5, 0.1]), exact=True)
 
 
 def test_fmod_is_exact_for_large_quotients():

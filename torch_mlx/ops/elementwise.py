@@ -1,10 +1,14 @@
-"""Elementwise ops: unary, binary, comparison, logical and bitwise.
+"""Elementwise ops: unary, binary, comparison, logical and bitwise, and the special functions.
 
 Each lowering computes what torch's CPU kernel computes. The adapter has already cast tensor
 inputs to torch's computation dtype (``promote=``), so half-precision inputs arrive as float32,
-as in torch's own "opmath" kernels. Where MLX's op means something else than torch's (integer
-pow with negative exponents, shifts past the bit width, fmod, floor division of floats) the
-lowering spells torch's definition out in MLX ops.
+as in torch's own "opmath" kernels; ``opmath=False`` marks the few ops whose CPU kernels round
+every step to half precision instead (trunc division, logit) or work on the dtype's bits.
+Where MLX's op means something else than torch's (integer pow with negative exponents, shifts
+past the bit width, fmod, floor division of floats, gcd) the lowering spells torch's definition
+out in MLX ops, and where MLX's function is less accurate than float32 allows (exp beyond
+|x| = 10, erf near 0) it is computed from an accurate core. Dtypes the CPU has no kernel for
+raise the CPU's NotImplementedError (meta kernels do not check dtypes).
 """
 import math
 
@@ -381,8 +385,8 @@ def div(self, other):
 
 
 def _fmod(a, b):
-    """C fmod: the remainder of truncated division, exact. remainder() of nonnegative operands
-    is fmod, and fmod takes the sign of the dividend."""
+    """C's fmod / %: the remainder of truncated division (exact), with the dividend's sign.
+    Floats: remainder() of the magnitudes is fmod; integers: the floor remainder, corrected."""
     if _is_float(a):
         return _copysign(mx.remainder(mx.abs(a), mx.abs(b)), a)
     r = mx.remainder(a, b)  # integers: from the floor remainder (|INT_MIN| is not representable)
@@ -620,7 +624,8 @@ def logaddexp(self, other):
 def logaddexp2(self, other):
     _require(self, "logaddexp2_cpu", bool_=False, ints=False)
     hi = mx.maximum(self, other)
-    out = hi + mx.log1p(mx.power(mx.array(2.0, hi.dtype), -mx.abs(self - other))) * (1 / math.log(2))
+    lo_term = mx.power(mx.array(2.0, hi.dtype), -mx.abs(self - other))
+    out = hi + mx.log1p(lo_term) * (1 / math.log(2))
     return mx.where(mx.isinf(self) & (self == other), self, out)
 
 
