@@ -1,20 +1,15 @@
 """Shared fixtures: tiny checkpoints made by tools/make_tiny_model.py, prompts, vLLM settings.
 
 Models are made once per session under pytest's temporary directory (a few seconds each; same
-seed, same bytes). vLLM runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) except in
-test_multiprocess.py, which exercises the default engine process.
+seed, same bytes). Modules that build engines with vllm.LLM use ``in_process_engine`` (engine in
+this process: faster to start); test_multiprocess.py exercises the default engine process.
 """
 import importlib.util
-import os
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-# The in-process engine is faster to start; test_multiprocess.py covers the engine process.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
 
 def _load_model_maker():
     spec = importlib.util.spec_from_file_location("make_tiny_model",
@@ -48,3 +43,12 @@ def model_dir(tmp_path_factory):
         return made[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def in_process_engine():
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 for one module (not the session: other modules start
+    servers and scripts that must see the user's default)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield

@@ -7,6 +7,8 @@ import vllm
 import vllm_metal
 from vllm_metal import envs
 
+pytestmark = pytest.mark.usefixtures("in_process_engine")
+
 
 def test_register_names_the_platform_when_mlx_imports():
     assert vllm_metal.register() == "vllm_metal.platform.MetalPlatform"

@@ -13,6 +13,8 @@ from conftest import PROMPTS, model_maker
 MAX_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
 
+pytestmark = pytest.mark.usefixtures("in_process_engine")
+
 
 def assert_greedy_matches(path, outputs):
     for output in outputs:
@@ -22,7 +24,7 @@ def assert_greedy_matches(path, outputs):
 
 
 @pytest.fixture(scope="module")
-def llama(model_dir):
+def llama(in_process_engine, model_dir):
     path = model_dir("LlamaForCausalLM")
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
                    enable_prefix_caching=True)

@@ -15,6 +15,8 @@ from conftest import ARCHITECTURES, PROMPTS
 
 MAX_TOKENS = 32
 
+pytestmark = pytest.mark.usefixtures("in_process_engine")
+
 
 def _layer_windows(worker):
     from vllm.model_executor.layers.attention import Attention
