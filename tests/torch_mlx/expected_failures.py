@@ -87,6 +87,9 @@ NOT_VALUE_COMPARABLE = {
     "new_empty_strided": (_UNINITIALISED, _always),
 }
 
+_SUMMATION_ORDER = ("float32 summation order: {what}; against the op in float64, max error "
+                    "{mlx} on mlx vs {cpu} on the CPU (outputs up to {size})")
+
 # (OpInfo full name, dtype name) -> reason
 EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     # Sorting family (torch_mlx/ops/sorting.py). Ties: the values agree, but the CPU kernels
@@ -118,6 +121,21 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
                          "the mode it returns; mlx returns the last (values equal)",
     ("mode", "bfloat16"): "3000-element sample: CPU's unstable sort decides which occurrence of "
                           "the mode it returns; mlx returns the last (values equal)",
-    ("view_as_complex", "float16"): "the CPU result is complex32, a dtype mlx does not have "
-                                    "(TypeError by design)",
+    # Summation order (float32): mismatches whose "mlx" error against the op computed in float64
+    # on the CPU is of the same size as the CPU's own error are rounding, not bugs: MLX and the
+    # CPU sum long products in different orders, and float32's default tolerance (rtol 1.3e-6,
+    # atol 1e-5) is tighter than two orders agree. Figures: the harness's float64 note for the
+    # worst sample (tools/conformance.py prints it with each mismatch).
+    ("nn.functional.conv3d", "float32"): _SUMMATION_ORDER.format(
+        what="MLX's convolution accumulates in another order than the CPU's", mlx="9.0e-5",
+        cpu="6.6e-5", size="443"),
+    ("nn.functional.conv_transpose3d", "float32"): _SUMMATION_ORDER.format(
+        what="MLX's transposed convolution accumulates in another order than the CPU's",
+        mlx="1.4e-4", cpu="9.9e-5", size="890"),
+    ("nn.functional.multi_head_attention_forward", "float32"): _SUMMATION_ORDER.format(
+        what="its projections and attention are matmuls summed in MLX's order", mlx="7.5e-5",
+        cpu="4.7e-5", size="800"),
+    ("nn.functional.scaled_dot_product_attention", "float32"): _SUMMATION_ORDER.format(
+        what="the CPU's flash-attention kernel accumulates blockwise, MLX does not",
+        mlx="1.7e-5", cpu="3.4e-6 to 1.7e-5", size="9"),
 }
