@@ -47,6 +47,8 @@ if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" 2>/de
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace >/dev/null)
 fi
 # Register the package and its entry points (torch.backends autoload, vllm.platform_plugins).
-if ! "$PY" -c "import importlib.metadata as m; m.distribution('torch-mlx')" 2>/dev/null; then
+# (Checked by import: an editable install made before a package existed does not map it.)
+if ! (cd / && TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" -c "import torch_mlx, vllm_metal" 2>/dev/null) \
+   || ! "$PY" -c "import importlib.metadata as m; m.distribution('torch-mlx')" 2>/dev/null; then
   (cd "$ROOT" && TORCH_MLX_SKIP_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/dev/null)
 fi
