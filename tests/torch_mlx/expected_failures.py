@@ -138,4 +138,14 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     ("nn.functional.scaled_dot_product_attention", "float32"): _SUMMATION_ORDER.format(
         what="the CPU's flash-attention kernel accumulates blockwise, MLX does not",
         mlx="1.7e-5", cpu="3.4e-6 to 1.7e-5", size="9"),
+    # Elementwise family (torch_mlx/ops/elementwise.py). add/sub with alpha != 1 in float16:
+    # torch's CPU kernel computes self + alpha * other in float32 in its vectorised loop (as mlx
+    # does) but rounds alpha * other to half first in its scalar tail loop, which handles the
+    # last (numel mod SIMD width) elements; the 25-element OpInfo sample is all tail.
+    ("add", "float16"): "alpha=-3.125 on a 25-element sample: the CPU's scalar tail loop rounds "
+                        "alpha * other to half before adding, its vectorised loop and mlx add in "
+                        "float32 (1-ulp differences; a 256-element tensor matches exactly)",
+    ("sub", "float16"): "alpha=-3.125 on a 25-element sample: the CPU's scalar tail loop rounds "
+                        "alpha * other to half before subtracting, its vectorised loop and mlx "
+                        "compute in float32 (1-ulp differences; a 256-element tensor matches)",
 }
