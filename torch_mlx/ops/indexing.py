@@ -419,6 +419,9 @@ def _along(shape, strides, dim: int, index: mx.array) -> mx.array:
 
 @lowering("index_select")
 def index_select(self, dim, index):
+    # CPU's kernel checks the index dtype; the meta kernel does not.
+    if index.dtype not in (mx.int32, mx.int64):
+        raise RuntimeError("index_select(): Expected dtype int32 or int64 for index")
     dim = _dim(dim, self.ndim)
     size = self.shape[dim] if self.ndim else 1
     idx = _wrap_checked(mx.reshape(index, (-1,)), size, dim, negative=False,
