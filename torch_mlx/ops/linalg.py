@@ -9,7 +9,7 @@ import mlx.core as mx
 import torch
 
 from .nn import _gelu
-from .registry import lowering, tracing
+from .registry import lowering, torch_kernel, tracing
 
 
 def _is_inexact(a) -> bool:
@@ -274,15 +274,15 @@ def _solve_rhs_is_vector(A, B):
 
 @lowering("_linalg_solve_ex")
 def linalg_solve_ex(A, B, left=True, check_errors=False):
-    """(result, LU, pivots, info): getrf, then getrs (for left=False, of A^T)."""
-    if not left:
-        A = mx.swapaxes(A, -1, -2)
+    """(result, LU, pivots, info): getrf of A, then getrs (of A^T for X A = B)."""
     lu, piv, info = _lu_factor(A)
     _check_info(info, "torch.linalg.solve_ex", check_errors)
-    vector = _solve_rhs_is_vector(A, B)
-    rhs = B[..., None] if vector else (B if left else mx.swapaxes(B, -1, -2))
-    x = _lu_solve(lu, piv, rhs)
-    x = x[..., 0] if vector else (x if left else mx.swapaxes(x, -1, -2))
+    if _solve_rhs_is_vector(A, B):
+        x = _lu_solve(lu, piv, B[..., None])[..., 0]
+    elif left:
+        x = _lu_solve(lu, piv, B)
+    else:  # X A = B  <=>  A^T X^T = B^T
+        x = mx.swapaxes(_lu_solve(lu, piv, mx.swapaxes(B, -1, -2), adjoint=True), -1, -2)
     return x, lu, piv + 1, info
 
 
@@ -295,25 +295,36 @@ def linalg_inv_ex(A, check_errors=False):
     return _lu_solve(lu, piv, _eye_like(A)), info
 
 
-def _det_from_lu(lu, piv):
-    """(sign of the row permutation, diagonal of U)."""
-    swaps = mx.sum(piv != mx.arange(piv.shape[-1]), axis=-1)
-    return 1 - 2 * (swaps % 2), mx.diagonal(lu, axis1=-2, axis2=-1)
+# det and slogdet. torch's CPU kernels factor A^T when A is row-major contiguous and real (LAPACK
+# then reads it without a copy; det(A^T) = det(A)) and A otherwise, and their backward solves
+# with the LU accordingly. Which one is decided by the tensor's strides, which a lowering does
+# not see, so these are torch-level kernels over linalg_lu_factor_ex.
 
 
-@lowering("_linalg_det")
+def _lu_of_det_input(A):
+    transpose = A.is_contiguous() and not A.is_complex()
+    return torch.ops.aten.linalg_lu_factor_ex(A.mT if transpose else A)[:2]
+
+
+def _permutation_sign(pivots):
+    rows = torch.arange(1, pivots.shape[-1] + 1, device=pivots.device, dtype=pivots.dtype)
+    swaps = (pivots != rows).sum(-1)
+    return 1 - 2 * (swaps % 2).to(torch.float32)
+
+
+@torch_kernel("_linalg_det")
 def linalg_det(A):
-    lu, piv, _ = _lu_factor(A)
-    sign, diag = _det_from_lu(lu, piv)
-    return sign * mx.prod(diag, axis=-1), lu, piv + 1
+    LU, pivots = _lu_of_det_input(A)
+    det = _permutation_sign(pivots) * LU.diagonal(dim1=-2, dim2=-1).prod(-1)
+    return det.to(A.dtype), LU, pivots
 
 
-@lowering("_linalg_slogdet")
+@torch_kernel("_linalg_slogdet")
 def linalg_slogdet(A):
-    lu, piv, _ = _lu_factor(A)
-    sign, diag = _det_from_lu(lu, piv)
-    sign = sign * mx.prod(mx.sign(diag), axis=-1)
-    return sign, mx.sum(mx.log(mx.abs(diag)), axis=-1), lu, piv + 1
+    LU, pivots = _lu_of_det_input(A)
+    diag = LU.diagonal(dim1=-2, dim2=-1)
+    sign = (_permutation_sign(pivots) * diag.sign().prod(-1)).to(A.dtype)
+    return sign, diag.abs().log().sum(-1), LU, pivots
 
 
 # Cholesky: LAPACK's potrf stops at the first non-positive pivot, leaving it unrooted on the

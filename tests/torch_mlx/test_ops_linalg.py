@@ -1,0 +1,113 @@
+"""linalg on "mlx" beyond OpInfo's forward comparison: LAPACK error reporting (info codes and
+LinAlgError for singular or indefinite inputs, where MLX itself would raise or crash), empty
+matrices, integer products, gradients, and the CPU's exact small-bmm rounding."""
+import pytest
+import torch
+
+
+def _mlx(*tensors):
+    return [t.to("mlx") for t in tensors]
+
+
+def test_singular_matrix_info_codes_match_cpu():
+    a = torch.tensor([[[1.0, 2.0], [2.0, 4.0]], [[2.0, 1.0], [1.0, 3.0]]])
+    for fn in (torch.linalg.inv_ex, torch.linalg.lu_factor_ex):
+        cpu, mlx = fn(a), fn(a.to("mlx"))
+        torch.testing.assert_close(mlx[-1].cpu(), cpu[-1])
+    # the invertible matrix of the batch still gets its inverse
+    torch.testing.assert_close(torch.linalg.inv_ex(a.to("mlx")).inverse[1].cpu(),
+                               torch.linalg.inv(a[1]))
+
+
+def test_singular_matrix_raises_like_cpu():
+    a = torch.tensor([[1.0, 2.0], [2.0, 4.0]]).to("mlx")
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.inv(a)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.solve(a, torch.ones(2).to("mlx"))
+
+
+def test_cholesky_of_indefinite_matrix():
+    a = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    torch.testing.assert_close(torch.linalg.cholesky_ex(a.to("mlx")).info.cpu(),
+                               torch.linalg.cholesky_ex(a).info)
+    with pytest.raises(torch.linalg.LinAlgError, match="order 2"):
+        torch.linalg.cholesky(a.to("mlx"))
+
+
+@pytest.mark.parametrize("fn", [
+    torch.linalg.inv, torch.linalg.det, torch.linalg.cholesky, torch.linalg.eigh,
+    torch.linalg.svd, torch.linalg.qr, lambda a: torch.linalg.solve(a, a),
+    torch.linalg.matrix_exp, torch.linalg.lu_factor,
+])
+def test_empty_matrices(fn):
+    """MLX's LAPACK wrappers abort the process on 0 x 0 inputs; these must return as on CPU."""
+    a = torch.zeros(3, 0, 0)
+    cpu, mlx = fn(a), fn(a.to("mlx"))
+    cpu = cpu if isinstance(cpu, tuple) else (cpu,)
+    mlx = mlx if isinstance(mlx, tuple) else (mlx,)
+    for c, m in zip(cpu, mlx):
+        assert m.shape == c.shape and m.dtype == c.dtype
+
+
+def test_integer_matmul_is_exact():
+    a = torch.randint(-1000, 1000, (3, 4, 5))
+    b = torch.randint(-1000, 1000, (3, 5, 2))
+    assert torch.equal(torch.bmm(*_mlx(a, b)).cpu(), torch.bmm(a, b))
+    assert torch.equal(torch.mm(*_mlx(a[0], b[0])).cpu(), torch.mm(a[0], b[0]))
+    assert torch.equal(torch.mv(*_mlx(a[0], b[0, :, 0])).cpu(), torch.mv(a[0], b[0, :, 0]))
+
+
+def test_small_bmm_rounds_as_cpu():
+    """Below 400 multiply-adds per batch entry torch's CPU bmm sums sequentially over k."""
+    torch.manual_seed(0)
+    a, b = torch.randn(25, 1, 10) * 8, torch.randn(25, 10, 5) * 8
+    assert torch.equal(torch.bmm(*_mlx(a, b)).cpu(), torch.bmm(a, b))
+    c = torch.randn(25, 1, 5)
+    assert torch.equal(torch.baddbmm(*_mlx(c, a, b), beta=0.5, alpha=2).cpu(),
+                       torch.baddbmm(c, a, b, beta=0.5, alpha=2))
+
+
+def test_addmm_beta_zero_ignores_nan():
+    c = torch.full((2, 2), float("nan"))
+    a, b = torch.randn(2, 3), torch.randn(3, 2)
+    torch.testing.assert_close(torch.addmm(*_mlx(c, a, b), beta=0).cpu(), a @ b)
+
+
+def test_eig_order_and_vectors_match_cpu():
+    torch.manual_seed(0)
+    a = torch.randn(4, 6, 6)
+    w, v = torch.linalg.eig(a.to("mlx"))
+    cw, cv = torch.linalg.eig(a)
+    torch.testing.assert_close(w.cpu(), cw)
+    torch.testing.assert_close(v.abs().cpu(), cv.abs())
+
+
+def test_complete_qr_of_tall_matrix():
+    torch.manual_seed(0)
+    a = torch.randn(2, 6, 3)
+    q, r = torch.linalg.qr(a.to("mlx"), mode="complete")
+    cq, cr = torch.linalg.qr(a, mode="complete")
+    torch.testing.assert_close(q.cpu(), cq)
+    torch.testing.assert_close(r.cpu(), cr)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda a, b: torch.linalg.solve(a, b), lambda a, b: torch.linalg.inv(a) @ b,
+    lambda a, b: torch.linalg.solve(a, b.mT, left=False),
+    lambda a, b: torch.linalg.det(a).sum() * b,
+    lambda a, b: torch.linalg.det(a.mT).sum() * b,  # a column-major input: the LU of A itself
+    lambda a, b: torch.linalg.slogdet(a).logabsdet.sum() * b,
+    lambda a, b: torch.linalg.cholesky(a @ a.mT) @ b,
+    lambda a, b: torch.cdist(a, b.mT), lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b),
+])
+def test_gradients_match_cpu(fn):
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 4) + 4 * torch.eye(4)
+    b = torch.randn(3, 4, 2)
+    grads = []
+    for device in ("cpu", "mlx"):
+        x, y = (t.to(device).requires_grad_() for t in (a, b))
+        out = fn(x, y)
+        grads.append([g.cpu() for g in torch.autograd.grad(out, (x, y), torch.ones_like(out))])
+    torch.testing.assert_close(grads[1], grads[0])
