@@ -148,4 +148,26 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     ("sub", "float16"): "alpha=-3.125 on a 25-element sample: the CPU's scalar tail loop rounds "
                         "alpha * other to half before subtracting, its vectorised loop and mlx "
                         "compute in float32 (1-ulp differences; a 256-element tensor matches)",
+    # Linear algebra and nn families (torch_mlx/ops/linalg.py, nn.py).
+    ("matrix_exp", "float32"): (
+        "float32 rounding of the CPU kernel: its Taylor/squaring steps lose up to 0.05 on "
+        "entries of 9.3e4; mlx evaluates in float64 and rounds once (max error 0.0018 against "
+        "the op in float64), so small entries differ by more than the default tolerance"),
+    ("pinverse", "float32"): (
+        "torch's C++ composite (linalg_pinv(rcond)) allocates its float64 tolerance tensor on "
+        "the input's device; mlx has no float64 storage by design (TypeError)"),
+    ("linalg.pinv", "float32"): (
+        "samples with float atol/rtol: torch's C++ composite (linalg_pinv.atol_rtol_float) "
+        "allocates float64 tolerance tensors on the device; mlx has no float64 by design (the "
+        "tensor-tolerance samples pass)"),
+    ("linalg.matrix_rank", "float32"): (
+        "torch's C++ composites (linalg_matrix_rank overloads, CompositeImplicitAutograd) "
+        "allocate float64 tolerance tensors on the device; mlx has no float64 by design"),
+    ("linalg.matrix_rank.hermitian", "float32"): (
+        "torch's C++ composite allocates float64 tolerance tensors on the device; mlx has no "
+        "float64 by design"),
+    ("nn.functional.batch_norm", "float32"): (
+        "the two empty-input samples: torch's C++ batch_norm composite allocates the saved "
+        "statistics in the accumulate type of a non-CUDA device, float64, on the device; mlx "
+        "has no float64 by design (the other samples pass)"),
 }
