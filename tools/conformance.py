@@ -25,8 +25,10 @@ import collections
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +42,13 @@ STARTUP_TIMEOUT_S = 600  # importing torch and op_db in a fresh child on a busy 
 # The child: runs ops, reports every sample's start and every op's result over a pipe
 
 
-def _worker(conn, dtype_name: str, names: list[str]) -> None:
+def _worker(conn, dtype_name: str, names: list[str], stack_file: str) -> None:
+    import faulthandler
     import warnings
 
+    # On a hang the parent sends SIGABRT: every thread's Python stack lands in stack_file (and a
+    # native crash leaves its stack there too).
+    faulthandler.enable(open(stack_file, "w"), all_threads=True)
     warnings.simplefilter("ignore")
     import opinfo_harness as harness
 
@@ -87,9 +93,11 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with us
     results: dict[str, dict] = {}
     remaining = list(names)
+    stack_file = tempfile.NamedTemporaryFile(prefix="conformance-stack-", delete=False).name
     while remaining:
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(child, dtype_name, remaining), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, dtype_name, remaining, stack_file),
+                           daemon=True)
         proc.start()
         child.close()
         current, sample_index, started = None, -1, time.perf_counter()
@@ -97,8 +105,11 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
         deadline = STARTUP_TIMEOUT_S
         while True:
             if not parent.poll(deadline):
-                proc.kill()
-                proc.join()
+                os.kill(proc.pid, signal.SIGABRT)  # faulthandler writes the stacks, then dies
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
                 failure = TIMEOUT
                 break
             try:
@@ -131,14 +142,28 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
         results[current] = {
             "status": failure,
             "counts": dict(done_so_far + collections.Counter({failure: 1})),
-            "first_error": {failure: detail},
+            "first_error": {failure: detail + _stack_tail(stack_file)},
             "missing_ops": [],
             "value_compared": True,
             "seconds": round(time.perf_counter() - started, 3),
         }
         progress(current, results[current])
         remaining = remaining[remaining.index(current) + 1:]
+    os.unlink(stack_file)
     return results
+
+
+def _stack_tail(path: str, lines: int = 12) -> str:
+    """The innermost frames faulthandler wrote for the thread that was running the sample."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    current = text.split("Current thread")[-1].splitlines()[:lines]
+    return " | stack: " + " / ".join(line.strip() for line in current if line.strip())
 
 
 # ----------------------------------------------------------------------------------------------
