@@ -256,3 +256,34 @@ def test_equal():
     for b in (a.clone(), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])):
         assert torch.equal(a.to("mlx"), b.to("mlx")) == torch.equal(a, b)
     assert torch.equal(a[:2].to("mlx"), torch.tensor([1, 2], device="mlx"))
+
+
+# no NaN x: several of torch's CPU polynomial kernels return an uninitialised value for it
+# (mlx returns NaN)
+POLY_X = [-8.5, -3.0, -1.0, -0.999, -0.7, -0.5, -0.2, 0.0, 0.2, 0.5, 0.7, 0.999, 1.0, 1.5, 3.0,
+          8.5, INF, -INF]
+POLY_N = [-3.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.7, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 9.9, 12.0,
+          20.0, 31.0, NAN]
+
+
+@pytest.mark.parametrize("name", [
+    f"{shift}chebyshev_polynomial_{kind}" for shift in ("", "shifted_") for kind in "tuvw"
+] + ["hermite_polynomial_h", "hermite_polynomial_he", "laguerre_polynomial_l",
+     "legendre_polynomial_p"])
+def test_orthogonal_polynomials(name):
+    # degrees are truncated (NaN and negative give 0), the ends +-1 are exact, recurrences use
+    # fused multiply-adds as torch's compiled kernels do
+    x = torch.tensor(POLY_X).repeat_interleave(len(POLY_N))
+    n = torch.tensor(POLY_N).repeat(len(POLY_X))
+    fn = getattr(torch.special, name)
+    _same(fn, torch.cat([x, (x + 1) / 2]), torch.cat([n, n]))
+    _same(lambda a: fn(a, 5), torch.tensor(POLY_X))
+    _same(lambda b: fn(0.3, b), torch.tensor(POLY_N))
+
+
+@pytest.mark.parametrize("fn", [torch.special.modified_bessel_i0,
+                                torch.special.modified_bessel_i1,
+                                torch.special.spherical_bessel_j0])
+def test_modified_bessel_and_spherical_j0(fn):
+    _same(fn, torch.linspace(-100, 100, 20001))
+    _same(fn, torch.tensor([0.0, -0.0, 1e-3, 0.49, 0.5, 100.0, -100.0, INF, -INF, NAN]))

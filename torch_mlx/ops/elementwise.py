@@ -837,6 +837,129 @@ lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self
 lowering("special_i1e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, True))
 
 
+# Orthogonal polynomials of integer degree n (torch truncates n toward zero; n < 0 gives 0) by
+# their three-term recurrences, evaluated as torch's kernels evaluate them. The number of steps
+# is the largest degree present, known only from the values: eager mode reads it, a compiled
+# graph cannot.
+
+
+def _degree(n):
+    if not _is_float(n):
+        return n.astype(mx.float32)
+    return mx.where(mx.isnan(n), -1, mx.trunc(n))  # NaN converts to a negative integer
+
+
+def _max_degree(d, name) -> int:
+    if tracing():
+        raise NotImplementedError(f"{name}: the recurrence length is the largest degree in n, "
+                                  f"a value; it cannot be traced into a compiled graph")
+    return int(mx.max(d).item()) if d.size else 0
+
+
+def _recurrence(d, p0, p1, step, max_degree):
+    """P_d for P_0 = p0, P_1 = p1, P_(k+1) = step(k, P_k, P_(k-1)); 0 where d < 0."""
+    p, q = mx.broadcast_arrays(p0, p1)
+    out = mx.where(d == 0, p, q)
+    for k in range(1, max_degree):
+        p, q = q, step(k, q, p)
+        out = mx.where(d == k + 1, q, out)
+    return mx.where(d < 0, 0, out)
+
+
+def _fma(a, b, c):
+    """a * b + c rounded once, as the fused multiply-add torch's compiled recurrences use:
+    a * b split exactly into P + E (Dekker's product of 12-bit halves), then P + c with its
+    rounding error recovered (Knuth's two-sum). Huge operands, whose halves would overflow,
+    fall back to the twice-rounded a * b + c."""
+    def split(v):
+        t = v * 4097.0
+        hi = t - (t - v)
+        return hi, v - hi
+    (ah, al), (bh, bl) = split(a), split(b)
+    product = a * b
+    error = ((ah * bh - product) + ah * bl + al * bh) + al * bl
+    total = product + c
+    back = total - product
+    sum_error = (product - (total - back)) + (c - back)
+    fused = total + (sum_error + error)
+    small = (mx.abs(a) < 1e30) & (mx.abs(b) < 1e30) & mx.isfinite(fused)
+    return mx.where(small, fused, total)
+
+
+def _parity(d):
+    return mx.where(mx.remainder(d, 2) == 0, 1, -1)
+
+
+def _polynomial(name, fn):
+    """A lowering for the Tensor-Tensor, Scalar-Tensor and Tensor-Scalar overloads."""
+    def lowered(x, n):
+        x, n = _as_array(x, n), _as_array(n, x)
+        x, d = mx.broadcast_arrays(x, _degree(n))
+        return fn(x, d, _max_degree(d, name))
+    lowering(f"special_{name}", f"special_{name}.x_scalar", f"special_{name}.n_scalar",
+             promote=PROMOTE.INT_TO_FLOAT)(lowered)
+
+
+def _chebyshev(kind, shifted):
+    """Chebyshev polynomials T, U, V, W of t = x (or t = 2x - 1, shifted): t + t times the last
+    minus the one before, started from 1 and T: t, U: 2t, V: 2t - 1, W: 2t + 1. For |t| < 1
+    and large n torch uses the trigonometric forms, e.g. T_n(cos a) = cos(n a)."""
+    def fn(x, d, max_degree):
+        t = x + x - 1 if shifted else x
+        first = {"t": t, "u": t + t, "v": t + t - 1, "w": t + t + 1}[kind]
+        out = _recurrence(d, mx.ones_like(t), first, lambda k, q, p: _fma(t + t, q, -p),
+                          max_degree)
+        a = mx.arccos(mx.clip(t, -1, 1))
+        trig = {"t": lambda: mx.cos(d * a),
+                "u": lambda: mx.sin((d + 1) * a) / mx.sin(a),
+                "v": lambda: mx.cos((d + 0.5) * a) / mx.cos(a / 2),
+                "w": lambda: mx.sin((d + 0.5) * a) / mx.sin(a / 2)}[kind]()
+        threshold = {"t": 6, "u": 8, "v": 8, "w": 8} if not shifted else \
+            {"t": 6, "u": 6, "v": 6, "w": 4}
+        out = mx.where((d > threshold[kind]) & (mx.abs(t) < 1), trig, out)
+        # the ends t = 1 and t = -1, exactly
+        at_one = {"t": mx.ones_like(t), "u": d + 1, "v": mx.ones_like(t), "w": d + d + 1}[kind]
+        at_minus_one = {"t": _parity(d), "u": _parity(d) * (d + 1),
+                        "v": _parity(d) * (d + d + 1), "w": _parity(d)}[kind]
+        out = mx.where(t == 1, at_one, mx.where(t == -1, at_minus_one, out))
+        return mx.where(d < 0, 0, out)
+    return fn
+
+
+for _kind in "tuvw":
+    _polynomial(f"chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=False))
+    _polynomial(f"shifted_chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=True))
+
+_polynomial("hermite_polynomial_h", lambda x, d, m: _recurrence(
+    d, mx.ones_like(x), x + x, lambda k, q, p: _fma(x + x, q, -(2 * k) * p), m))
+_polynomial("hermite_polynomial_he", lambda x, d, m: _recurrence(
+    d, mx.ones_like(x), x, lambda k, q, p: _fma(x, q, -k * p), m))
+_polynomial("laguerre_polynomial_l", lambda x, d, m: mx.where((x == 0) & (d >= 0), 1, _recurrence(
+    d, mx.ones_like(x), 1 - x, lambda k, q, p: _fma(k + k + (1 - x), q, -k * p) / (k + 1), m)))
+_polynomial("legendre_polynomial_p", lambda x, d, m: mx.where(
+    (mx.abs(x) == 1) & (d >= 0), mx.where(x > 0, 1, _parity(d)), _recurrence(
+        d, mx.ones_like(x), x, lambda k, q, p: _fma((k + k + 1) * x, q, -k * p) / (k + 1), m)))
+
+
+lowering("special_modified_bessel_i0", promote=PROMOTE.INT_TO_FLOAT)(
+    lambda self: _bessel_i(self, 0, False))
+lowering("special_modified_bessel_i1", promote=PROMOTE.INT_TO_FLOAT)(
+    lambda self: _bessel_i(self, 1, False))
+
+# sin(x)/x = sum_k (-1)^k x^(2k) / (2k+1)!, by its series below |x| = 1/2 (as torch)
+_SINC_SERIES = [(-1) ** k / math.factorial(2 * k + 1) for k in range(7)]
+
+
+@lowering("special_spherical_bessel_j0", promote=PROMOTE.INT_TO_FLOAT)
+def special_spherical_bessel_j0(self):
+    x2 = self * self
+    series = _SINC_SERIES[-1]
+    for c in reversed(_SINC_SERIES[:-1]):
+        series = series * x2 + c
+    out = mx.where(mx.abs(self) < 0.5, series, mx.sin(self) / self)
+    return mx.where(mx.isinf(self), 0, out)
+
+
 def _log_ndtr(x):
     # log Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2: below -1 as -t^2 + log(erfcx(t) / 2) with
     # t = -x / sqrt 2 (no underflow), above as log1p(-erfc(x / sqrt 2) / 2)
