@@ -287,3 +287,13 @@ def test_orthogonal_polynomials(name):
 def test_modified_bessel_and_spherical_j0(fn):
     _same(fn, torch.linspace(-100, 100, 20001))
     _same(fn, torch.tensor([0.0, -0.0, 1e-3, 0.49, 0.5, 100.0, -100.0, INF, -INF, NAN]))
+
+
+@pytest.mark.parametrize("fn", [torch.special.modified_bessel_k0,
+                                torch.special.modified_bessel_k1,
+                                torch.special.scaled_modified_bessel_k0,
+                                torch.special.scaled_modified_bessel_k1])
+def test_modified_bessel_second_kind(fn):
+    # series below 1/2, trapezoidal integral above; both sides of the switch and the tails
+    _same(fn, torch.cat([torch.logspace(-30, 2.1, 3000), torch.linspace(0.01, 100, 3000)]))
+    _same(fn, torch.tensor([0.0, -0.0, -1.0, 0.4999, 0.5, 0.5001, 1e30, INF, -INF, NAN]))
