@@ -297,3 +297,20 @@ def test_modified_bessel_second_kind(fn):
     # series below 1/2, trapezoidal integral above; both sides of the switch and the tails
     _same(fn, torch.cat([torch.logspace(-30, 2.1, 3000), torch.linspace(0.01, 100, 3000)]))
     _same(fn, torch.tensor([0.0, -0.0, -1.0, 0.4999, 0.5, 0.5001, 1e30, INF, -INF, NAN]))
+
+
+@pytest.mark.parametrize("fn", [torch.special.bessel_j0, torch.special.bessel_j1,
+                                torch.special.bessel_y0, torch.special.bessel_y1])
+def test_bessel_first_and_second_kind(fn):
+    # trapezoidal integrals (Neumann series for Y) up to 25, Hankel's expansion above
+    _same(fn, torch.cat([torch.linspace(-30, 30, 6001), torch.logspace(-30, 0.5, 500),
+                         torch.linspace(20, 200, 3000)]))
+    _same(fn, torch.tensor([0.0, -0.0, -1.0, 1e-30, 2.0, 24.9, 25.0, 25.1, 100.0, INF, -INF,
+                            NAN]))
+
+
+def test_bessel_j0_is_accurate_where_the_cpu_is_not():
+    # the CPU's float kernel rounds x - pi/4 for large x; mlx forms the phase from cos x, sin x
+    x = torch.tensor([1e4, 1e6, 3e7])
+    torch.testing.assert_close(torch.special.bessel_j0(x.to("mlx")).cpu().double(),
+                               torch.special.bessel_j0(x.double()), rtol=1e-4, atol=1e-7)

@@ -1024,6 +1024,124 @@ lowering("special_scaled_modified_bessel_k1", promote=PROMOTE.INT_TO_FLOAT)(
     lambda self: _bessel_k(self, 1, True))
 
 
+# Bessel functions of the first kind J0, J1. Up to |x| = 25 the integral
+# J_n(x) = (1/2pi) int_0^2pi cos(n t - x sin t) dt by the trapezoidal rule on 64 points (exact
+# for a periodic integrand up to J_64(25) ~ 1e-19, i.e. to rounding); above, Hankel's
+# expansion sqrt(2/(pi x)) (P cos(x - phase) - Q sin(x - phase)), with cos(x - phase) formed
+# from cos x and sin x (exact arguments) rather than from the rounded x - phase.
+_J_POINTS = 64
+_J_NODES = [(2 * math.pi * j / _J_POINTS, 0.5 if j in (0, _J_POINTS // 2) else 1.0)
+            for j in range(_J_POINTS // 2 + 1)]
+
+
+def _bessel_j_integral(x, nu):
+    total = mx.zeros_like(x)
+    for t, weight in _J_NODES:
+        phase = x * math.sin(t)
+        term = mx.cos(phase) if nu == 0 else \
+            math.cos(t) * mx.cos(phase) + math.sin(t) * mx.sin(phase)
+        total = total + weight * term
+    return total * (2 / _J_POINTS)
+
+
+def _hankel_pq(x, nu, terms=10):
+    """P and Q of Hankel's expansion: a_k = prod_(j<=k) (4 nu^2 - (2j-1)^2) / (8 j), P the
+    alternating sum of a_2k / x^2k, Q of a_(2k+1) / x^(2k+1)."""
+    p, q = mx.ones_like(x), mx.zeros_like(x)
+    a = mx.ones_like(x)
+    for k in range(1, 2 * terms):
+        a = a * (4 * nu * nu - (2 * k - 1) ** 2) / (8 * k * x)
+        sign = 1 if (k // 2) % 2 == 0 else -1
+        if k % 2:
+            q = q + sign * a
+        else:
+            p = p + sign * a
+    return p, q
+
+
+def _bessel_j(x, nu):
+    a = mx.abs(x)
+    big = mx.maximum(a, 25)
+    p, q = _hankel_pq(big, nu)
+    c, s = mx.cos(big), mx.sin(big)
+    # x - pi/4 (nu = 0) and x - 3pi/4 (nu = 1)
+    cos_phase = (c + s) / math.sqrt(2) if nu == 0 else (s - c) / math.sqrt(2)
+    sin_phase = (s - c) / math.sqrt(2) if nu == 0 else -(s + c) / math.sqrt(2)
+    hankel = mx.sqrt(2 / (math.pi * big)) * (p * cos_phase - q * sin_phase)
+    out = mx.where(a <= 25, _bessel_j_integral(mx.minimum(a, 25), nu), hankel)
+    if nu == 1:
+        out = mx.where(x < 0, -out, out)  # odd
+    return mx.where(mx.isinf(x), math.nan, out)
+
+
+lowering("special_bessel_j0", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_j(self, 0))
+lowering("special_bessel_j1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_j(self, 1))
+
+
+# Bessel functions of the second kind Y0, Y1 up to x = 25, from Neumann's series
+#   Y0 = (2/pi)(log(x/2) + gamma) J0 - (4/pi) sum_k (-1)^k J_2k / k,
+#   Y1 = -Y0' = -(2/(pi x)) J0 + (2/pi)(log(x/2) + gamma) J1
+#        + (2/pi) sum_k (-1)^k (J_(2k-1) - J_(2k+1)) / k,
+# where every J_m is the same trapezoidal sum (1/M) sum_j cos(m t_j - x sin t_j) over 256
+# points: each series is one fixed combination of cos(x sin t_j) and sin(x sin t_j) (weights
+# computed here in double). Above 25, Hankel's expansion.
+_Y_POINTS = 256
+_Y_TERMS = 60
+
+
+def _y_weights():
+    nodes = []
+    for j in range(_Y_POINTS // 2 + 1):
+        t = 2 * math.pi * j / _Y_POINTS
+        w = (1.0 if j in (0, _Y_POINTS // 2) else 2.0) / _Y_POINTS
+        y0c = y0s = y1c = y1s = 0.0
+        for k in range(1, _Y_TERMS + 1):
+            sign = (-1) ** k / k
+            y0c += sign * math.cos(2 * k * t)
+            y0s += sign * math.sin(2 * k * t)
+            y1c += sign * (math.cos((2 * k - 1) * t) - math.cos((2 * k + 1) * t))
+            y1s += sign * (math.sin((2 * k - 1) * t) - math.sin((2 * k + 1) * t))
+        nodes.append((math.sin(t), w, w * math.cos(t), w * math.sin(t),
+                      w * y0c, w * y0s, w * y1c, w * y1s))
+    return nodes
+
+
+_Y_NODES = _y_weights()
+
+
+def _bessel_y_neumann(x, nu):
+    j0 = j1 = series = mx.zeros_like(x)
+    for s, w, w_cos, w_sin, y0c, y0s, y1c, y1s in _Y_NODES:
+        c, sn = mx.cos(x * s), mx.sin(x * s)
+        j0 = j0 + w * c
+        if nu == 0:
+            series = series + (y0c * c + y0s * sn)
+        else:
+            j1 = j1 + (w_cos * c + w_sin * sn)
+            series = series + (y1c * c + y1s * sn)
+    log_term = (2 / math.pi) * (mx.log(x / 2) + 0.5772156649015329)
+    if nu == 0:
+        return log_term * j0 - (4 / math.pi) * series
+    return -(2 / math.pi) * j0 / x + log_term * j1 + (2 / math.pi) * series
+
+
+def _bessel_y(x, nu):
+    big = mx.maximum(x, 25)
+    p, q = _hankel_pq(big, nu)
+    c, s = mx.cos(big), mx.sin(big)
+    cos_phase = (c + s) / math.sqrt(2) if nu == 0 else (s - c) / math.sqrt(2)
+    sin_phase = (s - c) / math.sqrt(2) if nu == 0 else -(s + c) / math.sqrt(2)
+    hankel = mx.sqrt(2 / (math.pi * big)) * (p * sin_phase + q * cos_phase)
+    small = mx.clip(x, 1e-38, 25)
+    out = mx.where(x <= 25, _bessel_y_neumann(small, nu), hankel)
+    out = mx.where(x == 0, -math.inf, mx.where(x < 0, math.nan, out))
+    return mx.where(mx.isinf(x), math.nan, out)
+
+
+lowering("special_bessel_y0", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_y(self, 0))
+lowering("special_bessel_y1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_y(self, 1))
+
+
 def _log_ndtr(x):
     # log Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2: below -1 as -t^2 + log(erfcx(t) / 2) with
     # t = -x / sqrt 2 (no underflow), above as log1p(-erfc(x / sqrt 2) / 2)
