@@ -319,7 +319,7 @@ def _float64_note(op, sample, pristine, actual, expected) -> str:
             reference = sample.output_process_fn_grad(op(args[0], *args[1], **args[2]))
     except Exception:  # no float64 kernel, or a float64 input the op rejects: no note
         return ""
-    err_mlx = err_cpu = 0.0
+    err_mlx = err_cpu = None
     for a, e, r in zip(*(list(t for t in _leaves(x) if isinstance(t, torch.Tensor))
                          for x in (actual, expected, reference))):
         if not (a.is_floating_point() and a.shape == e.shape == r.shape):
@@ -327,8 +327,10 @@ def _float64_note(op, sample, pristine, actual, expected) -> str:
         r = r.double()
         finite = torch.isfinite(r) & torch.isfinite(a) & torch.isfinite(e)
         if finite.any():
-            err_mlx = max(err_mlx, (a.double() - r)[finite].abs().max().item())
-            err_cpu = max(err_cpu, (e.double() - r)[finite].abs().max().item())
+            err_mlx = max(err_mlx or 0.0, (a.double() - r)[finite].abs().max().item())
+            err_cpu = max(err_cpu or 0.0, (e.double() - r)[finite].abs().max().item())
+    if err_mlx is None:  # no floating-point result to measure (indices, integers)
+        return ""
     return (f" | against the op in float64 on the CPU: max |mlx - f64| = {err_mlx:.3g}, "
             f"max |cpu - f64| = {err_cpu:.3g}")
 
