@@ -85,6 +85,77 @@ def test_dropout_mask_follows_the_seed():
     torch.testing.assert_close(mlx, cpu)
 
 
+@pytest.mark.parametrize("fn", [
+    lambda x, w: F.conv2d(x, w, padding=1, stride=2),
+    lambda x, w: F.conv2d(x, w[:, :2], groups=2, dilation=2),
+    lambda x, w: F.conv_transpose2d(x, w, stride=2, padding=1, output_padding=1),
+    lambda x, w: F.conv1d(x.flatten(2), w.flatten(2), stride=3),
+])
+def test_convolution_backward(fn):
+    torch.manual_seed(0)
+    _grads_match(fn, torch.randn(2, 4, 7, 6), torch.randn(4, 4, 3, 3))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    lambda x: F.adaptive_avg_pool2d(x, (3, 4)), lambda x: F.adaptive_max_pool2d(x, (4, 3)),
+    lambda x: F.interpolate(x, scale_factor=1.7, mode="bilinear"),
+    lambda x: F.interpolate(x, size=(5, 4), mode="bicubic", align_corners=True),
+    lambda x: F.interpolate(x, size=(14, 3), mode="nearest"),
+    lambda x: F.unfold(x, 3, padding=1, stride=2),
+])
+def test_pooling_and_resampling_backward(fn):
+    torch.manual_seed(0)
+    _grads_match(fn, torch.randn(2, 3, 9, 7))
+
+
+def test_grid_sample_backward():
+    torch.manual_seed(0)
+    x, grid = torch.randn(2, 3, 5, 6), torch.rand(2, 4, 3, 2) * 2 - 1
+    for mode in ("bilinear", "nearest"):
+        _grads_match(lambda x, g: F.grid_sample(x, g, mode=mode, align_corners=False), x, grid)
+
+
+def test_batch_norm_updates_running_stats_like_cpu():
+    torch.manual_seed(0)
+    cpu = nn.BatchNorm2d(3, momentum=0.3)
+    mlx = copy.deepcopy(cpu).to("mlx")
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        torch.testing.assert_close(mlx(x.to("mlx")).cpu(), cpu(x))
+    torch.testing.assert_close(mlx.running_mean.cpu(), cpu.running_mean)
+    torch.testing.assert_close(mlx.running_var.cpu(), cpu.running_var)
+    cpu.eval(), mlx.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(mlx(x.to("mlx")).cpu(), cpu(x))
+    _grads_match(lambda x, w: F.batch_norm(x, None, None, w, training=True),
+                 torch.randn(4, 3, 5), torch.randn(3))
+
+
+def test_ctc_loss_and_its_gradient():
+    torch.manual_seed(0)
+    log_probs = torch.randn(12, 3, 6).log_softmax(2)
+    targets, target_lengths = torch.randint(1, 6, (3, 5)), torch.tensor([5, 3, 0])
+    input_lengths = torch.tensor([12, 10, 7])
+    for reduction in ("mean", "none"):
+        _grads_match(lambda lp: F.ctc_loss(lp, targets.to(lp.device),
+                                           input_lengths.to(lp.device),
+                                           target_lengths.to(lp.device), reduction=reduction),
+                     log_probs)
+
+
+def test_embedding_bag_gradients():
+    torch.manual_seed(0)
+    weight, idx = torch.randn(10, 4), torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+    offsets, per_sample = torch.tensor([0, 3, 3, 6]), torch.rand(8)
+    for mode in ("sum", "mean", "max"):
+        _grads_match(lambda w: F.embedding_bag(idx.to(w.device), w, offsets.to(w.device),
+                                               mode=mode, padding_idx=4), weight)
+    _grads_match(lambda w, p: F.embedding_bag(idx.to(w.device), w, offsets.to(w.device),
+                                              mode="sum", per_sample_weights=p), weight, per_sample)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training: the same model, data and AdamW steps on the CPU and on "mlx" give the same losses.
 
