@@ -99,7 +99,8 @@ def test_complete_qr_of_tall_matrix():
     lambda a, b: torch.linalg.det(a.mT).sum() * b,  # a column-major input: the LU of A itself
     lambda a, b: torch.linalg.slogdet(a).logabsdet.sum() * b,
     lambda a, b: torch.linalg.cholesky(a @ a.mT) @ b,
-    lambda a, b: torch.cdist(a, b.mT), lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b),
+    lambda a, b: torch.cdist(a, b.mT),
+    lambda a, b: torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b),
 ])
 def test_gradients_match_cpu(fn):
     torch.manual_seed(0)
