@@ -34,7 +34,7 @@ import warnings
 import torch
 import torch_mlx
 from torch.testing._internal.common_methods_invocations import op_db
-from torch.testing._internal.common_utils import TestCase
+from torch.testing._internal.common_utils import TestCase, set_rng_seed
 
 from expected_failures import EXPECTED_FAILURES, NOT_VALUE_COMPARABLE
 
@@ -348,18 +348,20 @@ SAMPLE_SEED = 0
 
 def samples_of(op, dtype: torch.dtype) -> list:
     """The op's samples at ``dtype``, the same in every run and whatever ran before (the sweep,
-    one pytest test, or another order): sample values are drawn from torch's global RNG.
+    one pytest test, or another order): generators draw from torch's, Python's and NumPy's
+    global RNGs, all three seeded here once. (op_db would otherwise reseed before each sample
+    with a hash of the running test's name, so pytest and the sweep would see other values.)
 
     Returns (sample, keep_on_cpu) pairs; keep_on_cpu (see sample_to_mlx) comes from the same
     samples made for "meta", a non-CPU device: tensors the generator still put on the CPU are
     meant to be there. None: every tensor moves to "mlx"."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(SAMPLE_SEED)
-        samples = list(op.sample_inputs("cpu", dtype))
+        set_rng_seed(SAMPLE_SEED)
+        samples = list(op.sample_inputs("cpu", dtype, set_seed=False))
         try:
-            torch.manual_seed(SAMPLE_SEED)
-            twins = list(op.sample_inputs("meta", dtype))
+            set_rng_seed(SAMPLE_SEED)
+            twins = list(op.sample_inputs("meta", dtype, set_seed=False))
         except Exception:  # a generator that needs data (e.g. .item()): no twins, all move
             twins = []
     if len(twins) != len(samples):
