@@ -24,6 +24,18 @@ def _matmul(a, b):
     return mx.sum(mx.expand_dims(a, -1) * mx.expand_dims(b, -3), axis=-2)
 
 
+def _addmm(self, a, b, beta, alpha):
+    """``beta * self + alpha * (a @ b)``. For floating types MLX's fused addmm scales and adds
+    in the product's accumulator and rounds once, as torch's CPU gemm does (a separate
+    multiply and add would round a half-precision product twice). With beta == 0 torch
+    ignores ``self``, so NaN and inf in it do not propagate."""
+    if not _is_inexact(a):
+        return _add_scaled(self, _matmul(a, b), beta, alpha)
+    if beta == 0:
+        self = mx.zeros((), a.dtype)
+    return mx.addmm(self, a, b, alpha=alpha, beta=beta)
+
+
 def _add_scaled(self, product, beta, alpha):
     """``beta * self + alpha * product``. With beta == 0 torch ignores ``self`` entirely, so
     NaN and inf in it do not propagate."""
@@ -44,15 +56,20 @@ def _bmm(a, b):
     multiply-adds per batch entry as a plain sequential sum over k (in float for half types);
     doing the same reproduces its rounding exactly, where a BLAS kernel's blocked sums differ
     in the last bits. Larger products go to BLAS on both sides."""
+    if not _is_small_bmm(a, b):
+        return _matmul(a, b)
     n, k = a.shape[-2:]
     p = b.shape[-1]
-    if not _is_inexact(a) or mx.issubdtype(a.dtype, mx.complexfloating) or n * k * p >= 400:
-        return _matmul(a, b)
     a, b = a.astype(mx.float32), b.astype(mx.float32)
     total = mx.zeros(mx.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (n, p), mx.float32)
     for i in range(k):
         total = total + a[..., :, i:i + 1] * b[..., i:i + 1, :]
     return total
+
+
+def _is_small_bmm(a, b):
+    real = _is_inexact(a) and not mx.issubdtype(a.dtype, mx.complexfloating)
+    return real and a.shape[-2] * a.shape[-1] * b.shape[-1] < 400
 
 
 @lowering("bmm")
@@ -80,7 +97,7 @@ def vdot(self, other):
 
 @lowering("addmm")
 def addmm(self, mat1, mat2, beta=1, alpha=1):
-    return _add_scaled(self, _matmul(mat1, mat2), beta, alpha)
+    return _addmm(self, mat1, mat2, beta, alpha)
 
 
 @lowering("_addmm_activation")
@@ -92,12 +109,14 @@ def addmm_activation(self, mat1, mat2, beta=1, alpha=1, use_gelu=False):
 
 @lowering("addmv")
 def addmv(self, mat, vec, beta=1, alpha=1):
-    return _add_scaled(self, mv(mat, vec), beta, alpha)
+    return _addmm(self[..., None], mat, vec[:, None], beta, alpha)[:, 0]
 
 
 @lowering("baddbmm")
 def baddbmm(self, batch1, batch2, beta=1, alpha=1):
-    return _add_scaled(self, _bmm(batch1, batch2), beta, alpha)
+    if _is_small_bmm(batch1, batch2):  # the CPU's sequential kernel, scaled in float
+        return _add_scaled(self.astype(mx.float32), _bmm(batch1, batch2), beta, alpha)
+    return _addmm(self, batch1, batch2, beta, alpha)
 
 
 @lowering("addbmm")
@@ -106,7 +125,7 @@ def addbmm(self, batch1, batch2, beta=1, alpha=1):
     b, n, m = batch1.shape
     lhs = mx.reshape(mx.transpose(batch1, (1, 0, 2)), (n, b * m))
     rhs = mx.reshape(batch2, (b * m, batch2.shape[2]))
-    return _add_scaled(self, _matmul(lhs, rhs), beta, alpha)
+    return _addmm(self, lhs, rhs, beta, alpha)
 
 
 @lowering("addr")

@@ -101,7 +101,7 @@ def native_layer_norm(input, normalized_shape, weight, bias, eps):
     x = _upcast(input)
     mean = mx.mean(x, axis=axes, keepdims=True)
     rstd = mx.rsqrt(mx.var(x, axis=axes, keepdims=True) + eps)
-    out = (x - mean) * rstd
+    out = x * rstd - mean * rstd  # torch's CPU kernel: x * scale + bias, then the affine map
     if weight is not None:
         out = out * weight
     if bias is not None:
@@ -134,11 +134,16 @@ def native_group_norm(input, weight, bias, N, C, HxW, group, eps):
     x = mx.reshape(_upcast(input), (N, group, C // group * HxW))
     mean = mx.mean(x, axis=-1, keepdims=True)
     rstd = mx.rsqrt(mx.var(x, axis=-1, keepdims=True) + eps)
-    out = mx.reshape((x - mean) * rstd, (N, C, HxW))
+    # torch's CPU kernel: per channel, scale = rstd * weight and bias = beta - scale * mean
+    per_channel = (N, C, 1)
+    scale = mx.reshape(mx.repeat(rstd, C // group, axis=1), per_channel)
+    shift = mx.reshape(mx.repeat(mean, C // group, axis=1), per_channel)
     if weight is not None:
-        out = out * weight[:, None]
+        scale = scale * weight[:, None]
+    shift = -scale * shift
     if bias is not None:
-        out = out + bias[:, None]
+        shift = shift + bias[:, None]
+    out = mx.reshape(x, (N, C, HxW)) * scale + shift
     return mx.reshape(out, input.shape), mean[..., 0], rstd[..., 0]
 
 
@@ -181,12 +186,11 @@ def _batch_stats(x):
 
 
 def _normalize(x, mean, rstd, weight, bias):
-    out = (x - mx.reshape(mean, _channel_shape(x))) * mx.reshape(rstd, _channel_shape(x))
-    if weight is not None:
-        out = out * mx.reshape(weight, _channel_shape(x))
-    if bias is not None:
-        out = out + mx.reshape(bias, _channel_shape(x))
-    return out
+    """torch's CPU form: x * alpha + beta with alpha = rstd * weight, beta = bias - mean * alpha
+    per channel."""
+    alpha = rstd if weight is None else rstd * weight
+    beta = -mean * alpha if bias is None else bias - mean * alpha
+    return x * mx.reshape(alpha, _channel_shape(x)) + mx.reshape(beta, _channel_shape(x))
 
 
 @lowering("_native_batch_norm_legit_functional")
@@ -995,18 +999,6 @@ def huber_loss_backward(grad_output, self, target, reduction, delta):
     d = _upcast(self) - _upcast(target)
     grad = _reduction_grad(_upcast(grad_output), d.size, reduction)
     return mx.clip(d, -delta, delta) * grad
-
-
-@lowering("soft_margin_loss")
-def soft_margin_loss(self, target, reduction=1):
-    return _reduce(mx.log1p(mx.exp(-_upcast(target) * _upcast(self))), reduction)
-
-
-@lowering("soft_margin_loss_backward")
-def soft_margin_loss_backward(grad_output, self, target, reduction):
-    x, t = _upcast(self), _upcast(target)
-    z = mx.exp(-t * x)
-    return -t * z / (1 + z) * _reduction_grad(_upcast(grad_output), x.size, reduction)
 
 
 def _multi_margin_terms(self, target, p, margin, weight):
