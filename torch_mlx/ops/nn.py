@@ -53,10 +53,12 @@ def softmax(self, dim, half_to_float):
 @lowering("_log_softmax")
 def log_softmax(self, dim, half_to_float):
     def fn(x, d):
+        """(x - max) - log(sum(exp(x - max))), in the order of torch's CPU kernel."""
         x = _upcast(x)
-        if x.size == 0:  # MLX's logsumexp rejects empty arrays
+        if x.size == 0:  # MLX cannot reduce empty arrays
             return x
-        return x - mx.logsumexp(x, axis=d, keepdims=True)
+        shifted = x - mx.max(x, axis=d, keepdims=True)
+        return shifted - mx.log(mx.sum(mx.exp(shifted), axis=d, keepdims=True))
 
     return _on_vector(fn, self, dim)
 
