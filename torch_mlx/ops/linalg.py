@@ -1,4 +1,6 @@
-"""Linear algebra: mm, bmm, addmm, baddbmm, matmul, linear, dot/mv, einsum via decomposition, linalg.*.
+"""Linear algebra: products (mm, bmm, addmm, baddbmm, addbmm, mv, addmv, dot, vdot, addr),
+trace, cross, distances (cdist, pdist), decompositions and solvers (LU, Cholesky, QR and
+Householder, SVD, eigh, eig, triangular, least squares, pinv, matrix_exp).
 
 matmul, linear, einsum, tensordot, inner, outer and kron are CompositeImplicitAutograd: torch
 decomposes them into the products below before they reach the device.

@@ -1,7 +1,15 @@
-"""Neural-network ops: softmax, log_softmax, layer/rms/group norm, conv, pooling, activations, dropout, scaled_dot_product_attention, losses.
+"""Neural-network ops and their backward ops: softmax family, batch/layer/group norm,
+activations, dropout, convolution, pooling, upsampling, grid sampling, embedding backward and
+embedding_bag, im2col/col2im, losses (nll, ctc, mse, bce, margin ...).
 
 Reduced-precision inputs are normalised and reduced in float32, as torch's CPU kernels
-accumulate in float; the adapter casts results back to torch's result dtype.
+accumulate in float; the adapter casts results back to torch's result dtype. Backward ops of
+linear maps (convolution, pooling, resampling) are MLX's vjp of the forward lowering.
+
+Not here because they never reach the device: scaled_dot_product_attention, rms_norm,
+layer_norm, group_norm, cross_entropy, l1/kl/... losses are CompositeImplicitAutograd and
+decompose into the ops below (attention into bmm and _softmax: torch only routes PrivateUse1 to
+a fused attention op through a C++ dispatch stub).
 """
 import math
 
