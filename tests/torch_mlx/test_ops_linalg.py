@@ -112,3 +112,18 @@ def test_gradients_match_cpu(fn):
         out = fn(x, y)
         grads.append([g.cpu() for g in torch.autograd.grad(out, (x, y), torch.ones_like(out))])
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_ldl_of_indefinite_matrices_pivots_as_lapack():
+    """OpInfo's samples are positive definite; indefinite ones take 2x2 pivots and swaps."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 7, 7)
+    a = a + a.mT
+    a[::2, 0, 0] = 0  # forces an interchange or a 2x2 block at the first step
+    cpu, mlx = torch.linalg.ldl_factor_ex(a), torch.linalg.ldl_factor_ex(a.to("mlx"))
+    assert torch.equal(mlx.pivots.cpu(), cpu.pivots)
+    assert (cpu.pivots < 0).any()
+    torch.testing.assert_close(mlx.LD.cpu(), cpu.LD)
+    b = torch.randn(6, 7, 2)
+    torch.testing.assert_close(torch.linalg.ldl_solve(mlx.LD, mlx.pivots, b.to("mlx")).cpu(),
+                               torch.linalg.ldl_solve(cpu.LD, cpu.pivots, b))

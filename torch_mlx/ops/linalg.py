@@ -770,3 +770,156 @@ def linalg_lstsq(self, b, rcond=None, driver=None):
     return (x[..., 0] if vector else x, residuals,
             rank if driver != "gels" else mx.zeros((0,), mx.int64),
             s if driver in ("gelsd", "gelss") else empty)
+
+
+# ----------------------------------------------------------------------------------------------
+# LDL^T with Bunch-Kaufman pivoting (LAPACK's sytrf for the lower triangle; MLX has no such
+# routine). The choice between 1x1 and 2x2 pivots depends on the values, so each matrix is
+# factored by its own sequence of MLX steps, read back as it goes: eager only.
+
+_BUNCH_KAUFMAN_ALPHA = (1 + math.sqrt(17)) / 8
+
+
+def _first_argmax(v):
+    """LAPACK's idamax: the first index of the largest |v| (0-based)."""
+    return int(mx.argmax(mx.abs(v)).item())
+
+
+def _swap_rows_cols(a, k, kk, kp, kstep):
+    """dsytf2's interchange of rows and columns kk and kp of the trailing matrix (lower)."""
+    n = a.shape[0]
+    if kp < n - 1:
+        a[kp + 1:, kk], a[kp + 1:, kp] = a[kp + 1:, kp], a[kp + 1:, kk]
+    a[kk + 1:kp, kk], a[kp, kk + 1:kp] = a[kp, kk + 1:kp], a[kk + 1:kp, kk]
+    a[kk, kk], a[kp, kp] = a[kp, kp], a[kk, kk]
+    if kstep == 2:
+        a[k + 1, k], a[kp, k] = a[kp, k], a[k + 1, k]
+    return a
+
+
+def _sytf2_lower(a):
+    """(LD, 1-based pivots, info) for one symmetric matrix, as LAPACK's dsytf2 (UPLO = L)."""
+    n = a.shape[0]
+    a = mx.array(a)
+    pivots, info, k = [0] * n, 0, 0
+    while k < n:
+        kstep = 1
+        absakk = abs(a[k, k].item())
+        imax = k + 1 + _first_argmax(a[k + 1:, k]) if k < n - 1 else k
+        colmax = abs(a[imax, k].item()) if k < n - 1 else 0.0
+        if max(absakk, colmax) == 0 or math.isnan(absakk):
+            info = info or k + 1
+            kp = k
+        else:
+            if absakk >= _BUNCH_KAUFMAN_ALPHA * colmax:
+                kp = k
+            else:
+                rowmax = abs(a[imax, k + _first_argmax(a[imax, k:imax])].item())
+                if imax < n - 1:
+                    jmax = imax + 1 + _first_argmax(a[imax + 1:, imax])
+                    rowmax = max(rowmax, abs(a[jmax, imax].item()))
+                if absakk >= _BUNCH_KAUFMAN_ALPHA * colmax * (colmax / rowmax):
+                    kp = k
+                elif abs(a[imax, imax].item()) >= _BUNCH_KAUFMAN_ALPHA * rowmax:
+                    kp = imax
+                else:
+                    kp, kstep = imax, 2
+            kk = k + kstep - 1
+            if kp != kk:
+                a = _swap_rows_cols(a, k, kk, kp, kstep)
+            if kstep == 1 and k < n - 1:  # A22 -= x x^T / d; L column = x / d
+                x = a[k + 1:, k]
+                a[k + 1:, k + 1:] = a[k + 1:, k + 1:] - (1 / a[k, k]) * x[:, None] * x[None, :]
+                a[k + 1:, k] = x * (1 / a[k, k])
+            elif kstep == 2 and k < n - 2:  # the 2x2 block's inverse applied to two columns
+                d21 = a[k + 1, k]
+                d11, d22 = a[k + 1, k + 1] / d21, a[k, k] / d21
+                d21 = (1 / (d11 * d22 - 1)) / d21
+                xk, xk1 = a[k + 2:, k], a[k + 2:, k + 1]
+                wk = d21 * (d11 * xk - xk1)
+                wkp1 = d21 * (d22 * xk1 - xk)
+                a[k + 2:, k + 2:] = a[k + 2:, k + 2:] - xk[:, None] * wk[None, :] \
+                    - xk1[:, None] * wkp1[None, :]
+                a[k + 2:, k], a[k + 2:, k + 1] = wk, wkp1
+        if kstep == 1:
+            pivots[k] = kp + 1
+        else:
+            pivots[k] = pivots[k + 1] = -(kp + 1)
+        k += kstep
+    return mx.tril(a), pivots, info
+
+
+@lowering("linalg_ldl_factor_ex")
+def linalg_ldl_factor_ex(self, hermitian=False, check_errors=False):
+    """(LD, pivots, info): L below the diagonal (unit diagonal implied), D's 1x1 and 2x2 blocks
+    on and next to it; a 2x2 block's two pivots are both -(row it was swapped with)."""
+    n = self.shape[-1]
+    batch = self.shape[:-2]
+    flat = mx.reshape(self, (math.prod(batch), n, n))
+    factors = [_sytf2_lower(flat[i]) for i in range(flat.shape[0])]
+    ld = mx.stack([f[0] for f in factors]) if factors else flat
+    pivots = mx.array([f[1] for f in factors], mx.int32).reshape(batch + (n,))
+    info = mx.array([f[2] for f in factors], mx.int32).reshape(batch)
+    if check_errors and info.size and mx.any(info != 0).item():
+        raise torch.linalg.LinAlgError("torch.linalg.ldl_factor_ex: The factorization could not "
+                                       "be completed because the input is singular.")
+    return mx.reshape(ld, self.shape), pivots, info
+
+
+def _sytrs_lower(ld, pivots, b):
+    """Solve A X = B from one matrix's dsytf2 factors (LAPACK's dsytrs, UPLO = L)."""
+    n = ld.shape[0]
+    b = mx.array(b)
+    k = 0
+    while k < n:  # L D Y = P^T B
+        if pivots[k] > 0:
+            kp = pivots[k] - 1
+            if kp != k:
+                b[k], b[kp] = b[kp], b[k]
+            if k < n - 1:
+                b[k + 1:] = b[k + 1:] - ld[k + 1:, k][:, None] * b[k][None, :]
+            b[k] = b[k] / ld[k, k]
+            k += 1
+        else:
+            kp = -pivots[k] - 1
+            if kp != k + 1:
+                b[k + 1], b[kp] = b[kp], b[k + 1]
+            if k < n - 2:
+                b[k + 2:] = b[k + 2:] - ld[k + 2:, k][:, None] * b[k][None, :] \
+                    - ld[k + 2:, k + 1][:, None] * b[k + 1][None, :]
+            akm1k = ld[k + 1, k]
+            akm1, ak = ld[k, k] / akm1k, ld[k + 1, k + 1] / akm1k
+            denom = akm1 * ak - 1
+            bkm1, bk = b[k] / akm1k, b[k + 1] / akm1k
+            b[k], b[k + 1] = (ak * bkm1 - bk) / denom, (akm1 * bk - bkm1) / denom
+            k += 2
+    k = n - 1
+    while k >= 0:  # L^T X = Y, undoing the interchanges
+        if pivots[k] > 0:
+            if k < n - 1:
+                b[k] = b[k] - mx.sum(ld[k + 1:, k][:, None] * b[k + 1:], axis=0)
+            kp = pivots[k] - 1
+            if kp != k:
+                b[k], b[kp] = b[kp], b[k]
+            k -= 1
+        else:
+            if k < n - 1:
+                b[k] = b[k] - mx.sum(ld[k + 1:, k][:, None] * b[k + 1:], axis=0)
+                b[k - 1] = b[k - 1] - mx.sum(ld[k + 1:, k - 1][:, None] * b[k + 1:], axis=0)
+            kp = -pivots[k] - 1
+            if kp != k:
+                b[k], b[kp] = b[kp], b[k]
+            k -= 2
+    return b
+
+
+@lowering("linalg_ldl_solve")
+def linalg_ldl_solve(LD, pivots, B, hermitian=False):
+    n = LD.shape[-1]
+    ld, b = _batch_broadcast(LD, B)
+    piv = mx.broadcast_to(pivots, ld.shape[:-1])
+    count = math.prod(ld.shape[:-2])
+    flat_ld, flat_b = mx.reshape(ld, (count, n, n)), mx.reshape(b, (count,) + b.shape[-2:])
+    flat_piv = mx.reshape(piv, (count, n)).tolist()
+    solved = [_sytrs_lower(flat_ld[i], flat_piv[i], flat_b[i]) for i in range(flat_ld.shape[0])]
+    return mx.reshape(mx.stack(solved), b.shape) if solved else b
