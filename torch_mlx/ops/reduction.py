@@ -43,9 +43,35 @@ def _count(x, axes) -> int:
     return math.prod(x.shape[a] for a in axes)
 
 
+def _reduced_shape(x, axes, keepdims):
+    return [1 if i in axes else n for i, n in enumerate(x.shape) if keepdims or i not in axes]
+
+
+def _with_identity(reduce, identity):
+    """An MLX reduction whose empty inputs give the identity directly: MLX's evaluation of a
+    reduction over a zero-size array has stalled for minutes in long runs (prod over a (3, 0)
+    tensor in the conformance sweep), and the answer needs no evaluation."""
+    def reduced(x, axis=None, keepdims=False):
+        if x.size:
+            return reduce(x, axis=axis, keepdims=keepdims)
+        axes = tuple(range(x.ndim)) if axis is None else axis
+        return mx.full(_reduced_shape(x, axes, keepdims), identity, x.dtype)
+    return reduced
+
+
+_sum = _with_identity(mx.sum, 0)
+_prod = _with_identity(mx.prod, 1)
+_all = _with_identity(mx.all, True)
+_any = _with_identity(mx.any, False)
+# max/min have no identity: an empty input reaches them only when the result is empty too (torch
+# raises for a reduction over an empty dimension), so the fill value is never seen
+_max = _with_identity(mx.max, 0)
+_min = _with_identity(mx.min, 0)
+
+
 @lowering("sum.dim_IntList", "sum")
 def sum_(self, dim=None, keepdim=False, dtype=None):
-    return mx.sum(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _sum(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("nansum")
@@ -53,34 +79,34 @@ def nansum(self, dim=None, keepdim=False, dtype=None):
     x = _accumulate(self, dtype)
     if _is_float(x):
         x = mx.where(mx.isnan(x), 0, x)
-    return mx.sum(x, axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _sum(x, axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("mean.dim", "mean")
 def mean(self, dim=None, keepdim=False, dtype=None):
     x = _accumulate(self, dtype)
     axes = _axes(dim, self.ndim)
-    return mx.sum(x, axis=axes, keepdims=keepdim) / _count(x, axes)
+    return _sum(x, axis=axes, keepdims=keepdim) / _count(x, axes)
 
 
 @lowering("prod.dim_int")
 def prod_dim(self, dim, keepdim=False, dtype=None):
-    return mx.prod(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _prod(_accumulate(self, dtype), axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("prod")
 def prod(self, dtype=None):
-    return mx.prod(_accumulate(self, dtype))
+    return _prod(_accumulate(self, dtype))
 
 
 @lowering("amax")
 def amax(self, dim=(), keepdim=False):
-    return mx.max(self, axis=_axes(dim, self.ndim), keepdims=keepdim)  # NaN propagates
+    return _max(self, axis=_axes(dim, self.ndim), keepdims=keepdim)  # NaN propagates
 
 
 @lowering("amin")
 def amin(self, dim=(), keepdim=False):
-    return mx.min(self, axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _min(self, axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 def _check_full_reduction(name, x):
@@ -92,20 +118,20 @@ def _check_full_reduction(name, x):
 @lowering("max")
 def max_(self):
     _check_full_reduction("max", self)
-    return mx.max(self)
+    return _max(self)
 
 
 @lowering("min")
 def min_(self):
     _check_full_reduction("min", self)
-    return mx.min(self)
+    return _min(self)
 
 
 @lowering("aminmax")
 def aminmax(self, dim=None, keepdim=False):
     axes = _axes(dim, self.ndim)
-    return (mx.min(self, axis=axes, keepdims=keepdim),
-            mx.max(self, axis=axes, keepdims=keepdim))
+    return (_min(self, axis=axes, keepdims=keepdim),
+            _max(self, axis=axes, keepdims=keepdim))
 
 
 def _arg(fn, x, dim, keepdim, name):
@@ -138,13 +164,13 @@ def argmin(self, dim=None, keepdim=False):
 @lowering("max.dim")
 def max_dim(self, dim, keepdim=False):
     indices = _arg(mx.argmax, self, dim, keepdim, "max")
-    return mx.max(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
+    return _max(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
 
 
 @lowering("min.dim")
 def min_dim(self, dim, keepdim=False):
     indices = _arg(mx.argmin, self, dim, keepdim, "min")
-    return mx.min(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
+    return _min(self, axis=_axes(dim, self.ndim), keepdims=keepdim), indices
 
 
 def _truth(x):
@@ -153,17 +179,17 @@ def _truth(x):
 
 @lowering("all", "all.dim", "all.dims")
 def all_(self, dim=None, keepdim=False):
-    return mx.all(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _all(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("any", "any.dim", "any.dims")
 def any_(self, dim=None, keepdim=False):
-    return mx.any(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
+    return _any(_truth(self), axis=_axes(dim, self.ndim), keepdims=keepdim)
 
 
 @lowering("count_nonzero.dim_IntList", "count_nonzero")
 def count_nonzero(self, dim=None):
-    return mx.sum(_truth(self).astype(mx.int64), axis=_axes(dim, self.ndim))
+    return _sum(_truth(self).astype(mx.int64), axis=_axes(dim, self.ndim))
 
 
 def _var(x, dim, correction, keepdim):
@@ -172,13 +198,13 @@ def _var(x, dim, correction, keepdim):
     x = _accumulate(x)
     axes = _axes(dim, x.ndim)
     n = _count(x, axes)
-    mean = mx.sum(x, axis=axes, keepdims=True) / n
+    mean = _sum(x, axis=axes, keepdims=True) / n
     centered = x - mean
     if centered.dtype == mx.complex64:
         sq = mx.real(centered * mx.conj(centered))
     else:
         sq = centered * centered
-    var = mx.sum(sq, axis=axes, keepdims=keepdim) / max(0, n - (1 if correction is None else
+    var = _sum(sq, axis=axes, keepdims=keepdim) / max(0, n - (1 if correction is None else
                                                                   correction))
     return var, mean if keepdim else mx.squeeze(mean, axis=axes)
 
@@ -208,16 +234,16 @@ def _vector_norm(x, ord, dim, keepdim, dtype=None):
     x = mx.abs(_accumulate(x, dtype))
     axes = _axes(dim, x.ndim)
     if ord == math.inf:
-        return mx.max(x, axis=axes, keepdims=keepdim)
+        return _max(x, axis=axes, keepdims=keepdim)
     if ord == -math.inf:
-        return mx.min(x, axis=axes, keepdims=keepdim)
+        return _min(x, axis=axes, keepdims=keepdim)
     if ord == 0:
-        return mx.sum((x != 0).astype(x.dtype), axis=axes, keepdims=keepdim)
+        return _sum((x != 0).astype(x.dtype), axis=axes, keepdims=keepdim)
     if ord == 1:
-        return mx.sum(x, axis=axes, keepdims=keepdim)
+        return _sum(x, axis=axes, keepdims=keepdim)
     if ord == 2:
-        return mx.sqrt(mx.sum(x * x, axis=axes, keepdims=keepdim))
-    return mx.power(mx.sum(mx.power(x, ord), axis=axes, keepdims=keepdim), 1.0 / ord)
+        return mx.sqrt(_sum(x * x, axis=axes, keepdims=keepdim))
+    return mx.power(_sum(mx.power(x, ord), axis=axes, keepdims=keepdim), 1.0 / ord)
 
 
 @lowering("linalg_vector_norm")
@@ -243,9 +269,9 @@ def logsumexp(self, dim, keepdim=False):
     x = self if _is_float(self) else self.astype(mx.float32)
     axes = _axes(dim, x.ndim)
     if any(x.shape[a] == 0 for a in axes):
-        return mx.log(mx.sum(mx.exp(x), axis=axes, keepdims=keepdim))
-    maxes = mx.max(x, axis=axes, keepdims=True)
+        return mx.log(_sum(mx.exp(x), axis=axes, keepdims=keepdim))
+    maxes = _max(x, axis=axes, keepdims=True)
     maxes = mx.where(mx.isinf(maxes), mx.array(0, x.dtype), maxes)
-    total = mx.sum(_accumulate(mx.exp(x - maxes)), axis=axes, keepdims=True).astype(x.dtype)
+    total = _sum(_accumulate(mx.exp(x - maxes)), axis=axes, keepdims=True).astype(x.dtype)
     out = mx.log(total) + maxes
     return out if keepdim else mx.squeeze(out, axis=axes)
