@@ -87,8 +87,8 @@ NOT_VALUE_COMPARABLE = {
     "new_empty_strided": (_UNINITIALISED, _always),
 }
 
-_SUMMATION_ORDER = ("float32 summation order: {what}; against the op in float64, max error "
-                    "{mlx} on mlx vs {cpu} on the CPU (outputs up to {size})")
+_SUMMATION_ORDER = ("float32 summation order: {what}; against the op in float64 (first failing "
+                    "sample), max error {mlx} on mlx vs {cpu} on the CPU")
 
 # (OpInfo full name, dtype name) -> reason
 EXPECTED_FAILURES: dict[tuple[str, str], str] = {
@@ -126,18 +126,26 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     # CPU sum long products in different orders, and float32's default tolerance (rtol 1.3e-6,
     # atol 1e-5) is tighter than two orders agree. Figures: the harness's float64 note for the
     # worst sample (tools/conformance.py prints it with each mismatch).
+    ("nn.functional.conv2d", "float32"): _SUMMATION_ORDER.format(
+        what="MLX's convolution accumulates in another order than the CPU's", mlx="1.1e-5",
+        cpu="1.3e-5"),
     ("nn.functional.conv3d", "float32"): _SUMMATION_ORDER.format(
-        what="MLX's convolution accumulates in another order than the CPU's", mlx="9.0e-5",
-        cpu="6.6e-5", size="443"),
+        what="MLX's convolution accumulates in another order than the CPU's", mlx="9.8e-5",
+        cpu="1.5e-4"),
     ("nn.functional.conv_transpose3d", "float32"): _SUMMATION_ORDER.format(
         what="MLX's transposed convolution accumulates in another order than the CPU's",
-        mlx="1.4e-4", cpu="9.9e-5", size="890"),
+        mlx="5.8e-5", cpu="3.5e-5"),
     ("nn.functional.multi_head_attention_forward", "float32"): _SUMMATION_ORDER.format(
-        what="its projections and attention are matmuls summed in MLX's order", mlx="7.5e-5",
-        cpu="4.7e-5", size="800"),
+        what="its projections and attention are matmuls summed in MLX's order", mlx="1.2e-4",
+        cpu="9.3e-5"),
     ("nn.functional.scaled_dot_product_attention", "float32"): _SUMMATION_ORDER.format(
         what="the CPU's flash-attention kernel accumulates blockwise, MLX does not",
-        mlx="1.7e-5", cpu="3.4e-6 to 1.7e-5", size="9"),
+        mlx="2.0e-5", cpu="9.1e-6"),
+    ("addbmm", "float32"): _SUMMATION_ORDER.format(
+        what="the batch of products is summed in MLX's order", mlx="3.0e-5", cpu="5.6e-5"),
+    ("linalg.pinv.hermitian", "float32"): _SUMMATION_ORDER.format(
+        what="the eigendecomposition and products round differently", mlx="3.0e-6",
+        cpu="3.9e-5"),
     # Elementwise family (torch_mlx/ops/elementwise.py). add/sub with alpha != 1 in float16:
     # torch's CPU kernel computes self + alpha * other in float32 in its vectorised loop (as mlx
     # does) but rounds alpha * other to half first in its scalar tail loop, which handles the
