@@ -1002,7 +1002,10 @@ def embedding_renorm_(self, indices, max_norm, norm_type):
         norm = mx.sum(a != 0, axis=1).astype(mx.float32)
     else:
         norm = mx.power(mx.sum(mx.power(a, norm_type), axis=1), 1.0 / norm_type)
+    # as the CPU kernel: row.norm() in the row's dtype, scale = max_norm / (norm + 1e-7) as a
+    # scalar, row *= scale computed in float32 and rounded once
+    norm = norm.astype(w.dtype).astype(mx.float32)
     scale = mx.where(norm > max_norm, max_norm / (norm + 1e-7), 1.0)
-    new = (w * mx.reshape(scale, (-1, 1)).astype(w.dtype)).astype(w.dtype)
+    new = (w.astype(mx.float32) * mx.reshape(scale, (-1, 1))).astype(w.dtype)
     offsets = _along(list(self.shape), list(self.stride()), 0, rows)
     return _store(self, offsets, new)

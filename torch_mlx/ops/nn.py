@@ -62,11 +62,17 @@ def softmax(self, dim, half_to_float):
 def log_softmax(self, dim, half_to_float):
     def fn(x, d):
         """(x - max) - log(sum(exp(x - max))), in the order of torch's CPU kernel."""
+        half = x.dtype if x.dtype in (mx.float16, mx.bfloat16) and not half_to_float else None
         x = _upcast(x)
         if x.size == 0:  # MLX cannot reduce empty arrays
             return x
         shifted = x - mx.max(x, axis=d, keepdims=True)
-        return shifted - mx.log(mx.sum(mx.exp(shifted), axis=d, keepdims=True))
+        total = mx.sum(mx.exp(shifted), axis=d, keepdims=True)
+        if half is not None and d in (-1, x.ndim - 1):
+            # the CPU's last-dim kernel keeps the sum and its log in the half dtype
+            log_total = mx.log(total.astype(half).astype(mx.float32)).astype(half)
+            return shifted - log_total.astype(mx.float32)
+        return shifted - mx.log(total)
 
     return _on_vector(fn, self, dim)
 
@@ -339,6 +345,20 @@ def silu_backward(grad_output, self):
     x = _upcast(self)
     s = mx.sigmoid(x)
     return _upcast(grad_output) * s * (1 + x * (1 - s))
+
+
+@lowering("tanh_backward")
+def tanh_backward(grad_output, output):
+    # d tanh = 1 - tanh^2, from the forward's output; conjugated for complex (Wirtinger)
+    y, g = _upcast(output), _upcast(grad_output)
+    return g * mx.conj(1 - y * y) if mx.issubdtype(y.dtype, mx.complexfloating) else g * (1 - y * y)
+
+
+@lowering("sigmoid_backward")
+def sigmoid_backward(grad_output, output):
+    y, g = _upcast(output), _upcast(grad_output)
+    d = y * (1 - y)
+    return g * mx.conj(d) if mx.issubdtype(y.dtype, mx.complexfloating) else g * d
 
 
 @lowering("mish")
