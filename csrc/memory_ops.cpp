@@ -90,13 +90,22 @@ at::Tensor& set_tensor(at::Tensor& self, const at::Tensor& source) {
   return at::native::set_tensor_(self, source);
 }
 
+// A CPU alias of an "mlx" tensor with the same conjugate and negative view bits, so that the
+// CPU copy resolves them (it conjugates / negates while copying, as CUDA's copy kernel does).
+at::Tensor cpu_alias_with_math_bits(const at::Tensor& t) {
+  at::Tensor alias = cpu_alias(t);
+  if (t.is_conj()) alias._set_conj(true);
+  if (t.is_neg()) alias._set_neg(true);
+  return alias;
+}
+
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
   if (dst.numel() == 0) return dst;
-  at::Tensor src = self.is_privateuseone() ? cpu_alias(self) : self;
+  at::Tensor src = self.is_privateuseone() ? cpu_alias_with_math_bits(self) : self;
   TORCH_CHECK(src.is_cpu(), "mlx: cannot copy from device ", self.device(), " to ", dst.device(),
               "; move it to the CPU first");
   if (dst.is_privateuseone()) {
-    at::Tensor dst_cpu = cpu_alias(dst);
+    at::Tensor dst_cpu = cpu_alias_with_math_bits(dst);
     dst_cpu.copy_(src);
   } else {
     TORCH_CHECK(dst.is_cpu(), "mlx: cannot copy to device ", dst.device());
@@ -149,6 +158,23 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("fill_.Scalar", fill_scalar);
   m.impl("fill_.Tensor", fill_tensor);
   m.impl("zero_", zero_);
+}
+
+// Copies of conjugate / negative views. copy_ reaches _copy_from for every device ATen's copy
+// does not handle itself (PrivateUse1 included), and _copy_from is not among the ops the
+// Conjugate and Negative fallbacks let through: the fallback would materialise the view with
+// clone(), whose copy_ reaches _copy_from with the same view again, recursing until the stack
+// overflows (a segfault: x.conj().clone(), torch.fft.hfft). copy_from above resolves the bits on
+// its CPU aliases instead, so these ops fall through to it. Devices whose copies never reach
+// _copy_from (CPU, CUDA, MPS, ...) are unaffected.
+TORCH_LIBRARY_IMPL(aten, Conjugate, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
+}
+
+TORCH_LIBRARY_IMPL(aten, Negative, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace torch_mlx

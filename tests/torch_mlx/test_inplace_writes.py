@@ -126,6 +126,25 @@ def test_copy_into_slice():
     torch.testing.assert_close(dev.cpu(), cpu)
 
 
+
+def test_copies_of_conjugate_and_negative_views():
+    # copy_ reaches the native _copy_from with the view bits set; the Conjugate/Negative
+    # fallbacks used to recurse through clone() until the stack overflowed (a segfault)
+    x = torch.randn(5, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    dev = x.to("mlx")
+    assert torch.equal(dev.conj().clone().cpu(), x.conj())
+    assert torch.equal(dev.conj().resolve_conj().cpu(), x.conj().resolve_conj())
+    assert torch.equal(dev.conj().cpu(), x.conj())
+    assert torch.equal(torch._neg_view(dev).clone().cpu(), -x)
+    assert torch.equal(torch._neg_view(dev.real).contiguous().cpu(), -x.real)
+    into_conj = torch.zeros(5, dtype=torch.complex64, device="mlx")
+    into_conj.conj().copy_(dev)  # writes through a conjugate view: conj(x) lands in storage
+    assert torch.equal(into_conj.cpu(), x.conj())
+    cpu_dst = torch.empty(5, dtype=torch.complex64)
+    cpu_dst.copy_(dev.conj())
+    assert torch.equal(cpu_dst, x.conj())
+
+
 SCATTER_CASES = {
     "scatter_src": lambda t: t.scatter_(1, _dev(t, torch.tensor([[0, 2], [3, 1], [1, 1],
                                                                 [2, 0], [0, 0], [3, 3]])),
