@@ -79,6 +79,9 @@ FAMILY_SPREAD = {
     "multinomial": ("float32",),
     # sorting
     "argsort": ("float32",), "unique": ("float32",),
+    # fft (the three primitives, conjugate views)
+    "fft.rfft": ("float32",), "fft.irfftn": ("float32",), "fft.hfft": ("int64",),
+    "fft.ihfft2": ("float32",),
 }
 
 _LLM_DTYPES = ("float32", "float16", "bfloat16", "int64", "bool")

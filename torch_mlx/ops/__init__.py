@@ -9,6 +9,7 @@ from . import registry
 from . import (  # noqa: F401  (each module fills the table on import)
     creation,
     elementwise,
+    fft,
     indexing,
     linalg,
     nn,

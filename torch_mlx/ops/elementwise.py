@@ -15,6 +15,7 @@ import math
 import mlx.core as mx
 import torch
 
+from . import registry as _registry
 from .registry import PROMOTE, lowering, torch_kernel, tracing
 
 # ----------------------------------------------------------------------------------------------
@@ -1184,6 +1185,20 @@ def angle(self):
         return mx.arctan2(mx.imag(self), mx.real(self))
     return _where_nan(self, mx.where(self < 0, math.pi, 0).astype(self.dtype))
 
+
+
+@lowering("_conj_physical")
+def _conj_physical(self):
+    return mx.conj(self) if self.dtype == mx.complex64 else mx.array(self)
+
+
+# conj_physical itself is CompositeImplicitAutograd (a copy for real tensors, _conj_physical
+# for complex ones); its out= and in-place forms are kernels of their own, with _conj_physical's
+# arguments (torch.fft.ihfft2 / ihfftn write through conj_physical(out=)).
+torch_kernel("conj_physical.out")(_registry.out_kernel(
+    torch.ops.aten.conj_physical.out, torch.ops.aten._conj_physical.default, ["out"]))
+torch_kernel("conj_physical_")(_registry.inplace_kernel(
+    torch.ops.aten.conj_physical_.default, torch.ops.aten._conj_physical.default))
 
 def _gcd(a, b):
     """torch's Euclid: |a|, |b| in the tensor dtype (|INT_MIN| stays negative, as in C), then
