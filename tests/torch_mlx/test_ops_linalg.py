@@ -58,6 +58,21 @@ def test_integer_matmul_is_exact():
     assert torch.equal(torch.mv(*_mlx(a[0], b[0, :, 0])).cpu(), torch.mv(a[0], b[0, :, 0]))
 
 
+
+@pytest.mark.parametrize("beta, alpha", [(0.2, 0.6), (1.7, 2.6), (-1.5, 3), (2, -0.9)])
+def test_integer_add_products_truncate_float_scalars(beta, alpha):
+    """For integer tensors the CPU converts float beta/alpha to the integer type (truncating)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-9, 9, (4, 3, 5), generator=g)
+    b = torch.randint(-9, 9, (4, 5, 6), generator=g)
+    c, v = torch.randint(-9, 9, (3, 6), generator=g), torch.randint(-9, 9, (5,), generator=g)
+    cases = [(torch.addbmm, (c, a, b)), (torch.baddbmm, (c.expand(4, 3, 6), a, b)),
+             (torch.addmv, (c[:, 0], a[0], v))]
+    for fn, args in cases:
+        assert torch.equal(fn(*_mlx(*args), beta=beta, alpha=alpha).cpu(),
+                           fn(*args, beta=beta, alpha=alpha))
+
+
 def test_small_bmm_rounds_as_cpu():
     """Below 400 multiply-adds per batch entry torch's CPU bmm sums sequentially over k."""
     torch.manual_seed(0)

@@ -40,7 +40,12 @@ def _addmm(self, a, b, beta, alpha):
 
 def _add_scaled(self, product, beta, alpha):
     """``beta * self + alpha * product``. With beta == 0 torch ignores ``self`` entirely, so
-    NaN and inf in it do not propagate."""
+    NaN and inf in it do not propagate. For integer and bool products the CPU kernels convert
+    the scalars to the tensor's type first (C's truncation: alpha=0.6 is 0, 2.6 is 2), so the
+    result stays exact integer arithmetic."""
+    if not _is_inexact(product):
+        convert = bool if product.dtype == mx.bool_ else int
+        beta, alpha = convert(beta), convert(alpha)
     if alpha != 1:
         product = product * alpha
     if beta == 0:
