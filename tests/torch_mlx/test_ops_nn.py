@@ -97,6 +97,24 @@ def test_convolution_backward(fn):
 
 
 @pytest.mark.parametrize("fn", [
+    lambda x, w: F.conv2d(x, w, padding=1, stride=2),
+    lambda x, w: F.conv2d(x, w[:, :2], groups=2, dilation=(2, 1), padding="same"),
+    lambda x, w: F.conv_transpose2d(x, w, stride=(2, 3), padding=(1, 2), output_padding=1),
+    lambda x, w: F.conv_transpose2d(x, w[:, :2], groups=2, stride=2, dilation=2),
+    lambda x, w: F.conv1d(x.flatten(2), w.flatten(2), stride=3),
+    lambda x, w: F.conv3d(x[:, :, None], w[:, :, None], padding=(1, 0, 1)),
+])
+def test_integer_convolution_is_exact(fn):
+    """MLX's convolution takes floats only; integer convolutions are exact integer sums (with
+    values beyond float32's 2**24, where a float route would round)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**20, 2**20, (2, 4, 7, 6), generator=g)
+    w = torch.randint(-2**12, 2**12, (4, 4, 3, 3), generator=g)
+    expected = fn(x, w)
+    assert expected.abs().max() > 2**24
+    assert torch.equal(fn(x.to("mlx"), w.to("mlx")).cpu(), expected)
+
+@pytest.mark.parametrize("fn", [
     lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
     lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
     lambda x: F.adaptive_avg_pool2d(x, (3, 4)), lambda x: F.adaptive_max_pool2d(x, (4, 3)),

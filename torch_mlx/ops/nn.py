@@ -11,6 +11,7 @@ layer_norm, group_norm, cross_entropy, l1/kl/... losses are CompositeImplicitAut
 decompose into the ops below (attention into bmm and _softmax: torch only routes PrivateUse1 to
 a fused attention op through a C++ dispatch stub).
 """
+import itertools
 import math
 
 import mlx.core as mx
@@ -649,11 +650,55 @@ def _channels_first(x):
 
 def _conv_general(x, w, groups, **kwargs):
     """mx.conv_general, with groups done one by one where MLX has no grouped kernel (3-d)."""
+    if not mx.issubdtype(x.dtype, mx.inexact):
+        return _integer_conv_general(x, w, groups, **kwargs)
     if groups == 1 or x.ndim < 5:
         return mx.conv_general(x, w, groups=groups, **kwargs)
     xs, ws = mx.split(x, groups, axis=-1), mx.split(w, groups, axis=0)
     return mx.concatenate([mx.conv_general(a, b, **kwargs) for a, b in zip(xs, ws)], axis=-1)
 
+
+def _integer_conv_general(x, w, groups, stride=1, padding=0, kernel_dilation=1,
+                          input_dilation=1, flip=False):
+    """mx.conv_general for integer tensors, which MLX's convolution rejects: the input dilated
+    and padded, then one strided slice per kernel offset multiplied with that offset's weights
+    and summed over the input channels in the integer dtype. Integer sums are exact (wrapping
+    around as the CPU's do), so the order of accumulation does not matter."""
+    n, *size, c_in = x.shape
+    c_out, *kernel, c_in_g = w.shape
+    d = len(size)
+
+    def per_dim(v):  # an int, or a list of one or d of them (as MLX's conv_general takes)
+        v = list(v) if isinstance(v, (list, tuple)) else [v]
+        return v * d if len(v) == 1 else v
+
+    stride, kernel_dilation, input_dilation = map(per_dim, (stride, kernel_dilation,
+                                                            input_dilation))
+    lo, hi = (per_dim(padding[0]), per_dim(padding[1])) if isinstance(padding, tuple) \
+        else (per_dim(padding), per_dim(padding))
+    for axis, step in enumerate(input_dilation, start=1):  # zeros between input elements
+        if step > 1 and x.shape[axis] > 1:
+            zeros = mx.zeros(x.shape[:axis + 1] + (step - 1,) + x.shape[axis + 1:], x.dtype)
+            spread = mx.concatenate([mx.expand_dims(x, axis + 1), zeros], axis=axis + 1)
+            shape = x.shape[:axis] + (x.shape[axis] * step,) + x.shape[axis + 1:]
+            x = mx.reshape(spread, shape)[(slice(None),) * axis + (slice(0, shape[axis] - step
+                                                                          + 1),)]
+    x = mx.pad(x, [(0, 0)] + list(zip(lo, hi)) + [(0, 0)])
+    if flip:
+        w = w[(slice(None),) + (slice(None, None, -1),) * d]
+    out_size = [(x.shape[i + 1] - kernel_dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                for i in range(d)]
+    c_out_g = c_out // groups
+    w = mx.reshape(w, (groups, c_out_g, *kernel, c_in_g))
+    total = mx.zeros((n, *out_size, groups, c_out_g), x.dtype)
+    if min(out_size) > 0 and c_in_g > 0:
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            window = tuple(slice(o * dil, o * dil + (m - 1) * st + 1, st)
+                           for o, dil, m, st in zip(offset, kernel_dilation, out_size, stride))
+            patch = mx.reshape(x[(slice(None),) + window], (n, *out_size, groups, 1, c_in_g))
+            taps = w[(slice(None), slice(None)) + offset]  # (groups, c_out_g, c_in_g)
+            total = total + mx.sum(patch * taps, axis=-1)
+    return mx.reshape(total, (n, *out_size, c_out))
 
 def _conv(input, weight, stride, padding, dilation, transposed, output_padding, groups):
     x = _channels_last(input)
