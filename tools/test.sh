@@ -11,5 +11,8 @@ cd "$ROOT"
 if [ "$#" -gt 0 ]; then
   exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
 fi
-"$ROOT/.venv/bin/python" -m pytest -q tests/torch_mlx
-"$ROOT/.venv/bin/python" -m pytest -q tests/vllm_metal
+# both suites run; the script fails if either fails (or collects nothing)
+status=0
+"$ROOT/.venv/bin/python" -m pytest -q tests/torch_mlx || status=$?
+"$ROOT/.venv/bin/python" -m pytest -q tests/vllm_metal || status=$((status ? status : $?))
+exit "$status"

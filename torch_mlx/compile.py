@@ -47,7 +47,7 @@ def _size_op(target):
 
 
 def _lowering_of(target) -> registry.Lowering | None:
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+    if not isinstance(target, torch._ops.OpOverload):
         return None
     return registry.TABLE.get(registry._qualname(target))
 
@@ -222,8 +222,10 @@ def _decompositions():
 
 def mlx_backend(gm: fx.GraphModule, example_inputs):
     """The ``torch.compile(backend="mlx")`` entry point."""
-    return aot_autograd(fw_compiler=compile_fx_graph, bw_compiler=compile_fx_graph,
-                        decompositions=_decompositions())(gm, example_inputs)
+    # AOTAutograd's on-disk cache stores inductor output code only; MLX graphs are rebuilt.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return aot_autograd(fw_compiler=compile_fx_graph, bw_compiler=compile_fx_graph,
+                            decompositions=_decompositions())(gm, example_inputs)
 
 
 # Also reachable lazily through the `torch_dynamo_backends` entry point (setup.py), so

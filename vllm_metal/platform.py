@@ -1,4 +1,5 @@
 """MetalPlatform: vLLM's view of device "mlx" (torch_mlx's PrivateUse1 backend)."""
+import dataclasses
 import logging
 import os
 
@@ -20,7 +21,7 @@ class MetalPlatform(Platform):
     device_type: str = "mlx"
     dispatch_key: str = "PrivateUse1"
     dist_backend: str = "gloo"  # one device per process; groups of size 1 need only gloo
-    # torch.compile of small helpers: no inductor for "mlx" (the compiled path is a later issue).
+    # torch.compile of vLLM's small helper functions (no inductor for "mlx")
     simple_compile_backend: str = "eager"
 
     @property
@@ -67,6 +68,18 @@ class MetalPlatform(Platform):
             raise ValueError(f"{dtype} is not supported on mlx; use float32, float16 or bfloat16")
 
     @classmethod
+    def get_compile_backend(cls) -> str:
+        # vLLM's compilation (CompilationMode.VLLM_COMPILE) hands each piece of the model
+        # forward between attention calls to this compiler: one MLX function per piece.
+        return "vllm_metal.compiler.MlxCompiler"
+
+    @classmethod
+    def opaque_attention_op(cls) -> bool:
+        # Attention (and its KV-cache write) is one opaque torch op in a compiled graph: the
+        # pieces around it are compiled, it runs eagerly on the step's metadata.
+        return True
+
+    @classmethod
     def import_kernels(cls) -> None:
         pass  # vllm._C holds CUDA/CPU kernels; none of them runs on "mlx"
 
@@ -93,16 +106,6 @@ class MetalPlatform(Platform):
         return ATTENTION_BACKEND
 
     @classmethod
-    def apply_config_platform_defaults(cls, vllm_config) -> None:
-        # Runs before vLLM derives its defaults from the compilation mode: eager mode makes
-        # vLLM enable all custom ops ("all"), which is how the MLX overrides in vllm_metal.ops
-        # get used.
-        from vllm.config import CompilationMode
-
-        if vllm_config.compilation_config.mode is None:
-            vllm_config.compilation_config.mode = CompilationMode.NONE
-
-    @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         from vllm.config import CompilationMode, CUDAGraphMode
 
@@ -125,10 +128,19 @@ class MetalPlatform(Platform):
             cache.block_size = envs.block_size()
 
         compilation = vllm_config.compilation_config
-        if compilation.mode != CompilationMode.NONE:
-            logger.warning("torch.compile mode %s is not supported on mlx yet; running eager",
-                           compilation.mode)
-            compilation.mode = CompilationMode.NONE
+        if compilation.mode == CompilationMode.VLLM_COMPILE and compilation.backend == "inductor":
+            logger.warning("inductor cannot compile for mlx; using the MLX compiler")
+            compilation.backend = cls.get_compile_backend()
+        # vLLM's graph passes fuse CUDA/ROCm custom kernels (quantisation, all-reduce, AITER);
+        # none of those kernels exists on mlx, and MLX fuses elementwise work itself.
+        passes = compilation.pass_config
+        for field in dataclasses.fields(passes):
+            if field.name.startswith("fuse_") or field.name.endswith("_fusion"):
+                setattr(passes, field.name, False)
+        if compilation.compile_sizes is None:
+            # no sizes compiled ahead: one MLX function per piece serves every batch size (MLX
+            # retraces a piece for a new shape in milliseconds)
+            compilation.compile_sizes = []
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
         # async scheduling overlaps host work with device streams; MLX eager work is already

@@ -11,6 +11,7 @@ import vllm
 from vllm import SamplingParams
 
 import reference
+from vllm_metal.compiler import MlxCompiler
 from conftest import ARCHITECTURES, PROMPTS
 
 MAX_TOKENS = 32
@@ -25,10 +26,23 @@ def _layer_windows(worker):
                    for m in worker.model_runner.model.modules() if isinstance(m, Attention)})
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_matches_transformers(arch, model_dir):
+# Compiled (vLLM's default: the forward captured once, the pieces between attention calls run
+# as MLX functions) for every architecture; enforce_eager for the architectures with different
+# op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window).
+CASES = [(arch, False) for arch in ARCHITECTURES] + [
+    (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM")]
+
+
+@pytest.mark.parametrize("arch,enforce_eager", CASES,
+                         ids=[f"{a}-{'eager' if e else 'compiled'}" for a, e in CASES])
+def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
     path = model_dir(arch)
-    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+    pieces_before = MlxCompiler.pieces_compiled  # the engine runs in this process
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   enforce_eager=enforce_eager)
+    pieces = MlxCompiler.pieces_compiled - pieces_before
+    # compiled: one MLX function per piece between attention calls (layers + 1)
+    assert (pieces == 0) if enforce_eager else (pieces > 1)
     from vllm.platforms import current_platform
 
     assert type(current_platform).__name__ == "MetalPlatform"

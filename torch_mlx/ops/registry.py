@@ -88,6 +88,10 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
              eager: bool = True, opmath: bool = True):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
 
+    A name may carry another namespace, ``"ns::op.overload"``: a library's custom op (defined
+    with ``torch.library``, with a fake kernel for shapes and dtypes), e.g. vllm_metal's fused
+    kernels. It then runs on "mlx" eagerly and inside compiled graphs like an aten op.
+
     ``eager=False`` keeps the lowering out of eager dispatch: view ops must alias their input's
     storage in eager mode (done natively in C++), but inside a compiled MLX graph they are
     ordinary MLX ops."""
@@ -97,6 +101,8 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
             TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath)
+            if _registrar is not None and eager:  # a lowering added after import (a plugin's)
+                _registrar.functional(name, functional_kernel(overload(name), TABLE[name]))
         return fn
 
     return register
@@ -325,8 +331,10 @@ def _type_name(dtype: torch.dtype) -> str:
 
 
 def overload(name: str):
+    """"add.Tensor" -> torch.ops.aten.add.Tensor; "ns::op" -> torch.ops.ns.op.default."""
+    namespace, _, name = name.rpartition("::")
     base, _, ovl = name.partition(".")
-    return getattr(getattr(torch.ops.aten, base), ovl or "default")
+    return getattr(getattr(getattr(torch.ops, namespace or "aten"), base), ovl or "default")
 
 
 def _arg_signature(schema, drop_out: bool):
@@ -341,6 +349,8 @@ def out_names(schema) -> list[str]:
 
 def out_variant(op):
     """The ``out=`` overload of a functional overload: same packet, same non-out arguments."""
+    if op.namespace != "aten":
+        return None
     packet = getattr(torch.ops.aten, op._schema.name.split("::")[1])
     want = _arg_signature(op._schema, drop_out=False)
     for name in packet.overloads():
@@ -354,7 +364,7 @@ def inplace_variant(op):
     """The in-place overload of a functional overload: same arguments (names and types), in the
     ``op_`` packet; the same overload name first (pow.Tensor_Scalar's twin is pow_.Scalar)."""
     base = op._schema.name.split("::")[1]
-    packet = getattr(torch.ops.aten, base + "_", None)
+    packet = getattr(torch.ops.aten, base + "_", None) if op.namespace == "aten" else None
     if packet is None:
         return None
     want = _arg_signature(op._schema, drop_out=False)
@@ -367,19 +377,25 @@ def inplace_variant(op):
 
 
 def _qualname(op) -> str:
-    base = op._schema.name.split("::")[1]
-    return base if op._overloadname == "default" else f"{base}.{op._overloadname}"
+    """The table's name of an overload: "add.Tensor" for aten, "ns::op" for other namespaces."""
+    namespace, base = op._schema.name.split("::")
+    name = base if op._overloadname == "default" else f"{base}.{op._overloadname}"
+    return name if namespace == "aten" else f"{namespace}::{name}"
 
 
 class Registrar:
-    """Registers kernels for PrivateUse1 and remembers which aten overloads it covered."""
+    """Registers kernels for PrivateUse1 and remembers which overloads it covered."""
 
     def __init__(self):
-        self.lib = torch.library.Library("aten", "IMPL")
+        self.libs: dict[str, torch.library.Library] = {}
         self.covered: set[str] = set()
 
     def impl(self, name: str, kernel) -> None:
-        self.lib.impl(name, kernel, "PrivateUse1")
+        namespace, _, op_name = name.rpartition("::")
+        namespace = namespace or "aten"
+        if namespace not in self.libs:
+            self.libs[namespace] = torch.library.Library(namespace, "IMPL")
+        self.libs[namespace].impl(op_name, kernel, "PrivateUse1")
         self.covered.add(name)
 
     def functional(self, name: str, kernel) -> None:
@@ -397,8 +413,13 @@ class Registrar:
         return name in self.covered or name in TABLE or name in TORCH_KERNELS
 
     def register_all(self) -> None:
+        global _registrar
         for name, fn in TORCH_KERNELS.items():
             self.impl(name, fn)
         for name, low in TABLE.items():
             if low.eager:
                 self.functional(name, functional_kernel(overload(name), low))
+        _registrar = self  # lowerings registered from now on (plugins) are bound at once
+
+
+_registrar: Registrar | None = None

@@ -3,31 +3,51 @@
 vLLM's reference (forward_native, vllm.ir's rms_norm): normalise in float32, multiply by the
 weight, cast back. mx.fast.rms_norm accumulates in float32 and applies the weight in one kernel.
 The fused-residual form adds the residual first and returns (normed, new residual), like
-vLLM's fused_add_rms_norm.
+vLLM's fused_add_rms_norm. Gemma scales by (1 + weight): ``weight_offset`` 1.
 """
 import mlx.core as mx
 import torch
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 
-from torch_mlx import from_mlx, to_mlx
+from torch_mlx.ops.registry import lowering
+
+from .library import define
+
+rms_norm_op = define("rms_norm(Tensor x, Tensor? weight, float eps, float weight_offset) -> Tensor",
+                     lambda x, weight, eps, weight_offset: torch.empty_like(x))
+fused_add_rms_norm_op = define(
+    "fused_add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, "
+    "float weight_offset) -> (Tensor, Tensor)",
+    lambda x, residual, weight, eps, weight_offset: (torch.empty_like(x), torch.empty_like(x)))
 
 
-def rms_norm(x: torch.Tensor, weight: mx.array | None, eps: float,
-             residual: torch.Tensor | None):
-    a = to_mlx(x)
-    if residual is not None:  # normalise the float32 sum; the new residual is it, rounded
-        a = a.astype(mx.float32) + to_mlx(residual).astype(mx.float32)
-        residual = from_mlx(a.astype(x_dtype(x)))
+def _normalise(a: mx.array, weight: mx.array | None, eps: float, weight_offset: float,
+               dtype: mx.Dtype) -> mx.array:
+    if weight is not None and weight_offset:
+        weight = weight.astype(mx.float32) + weight_offset
     if weight is None or weight.dtype == a.dtype:
         out = mx.fast.rms_norm(a, weight, eps)  # one kernel, float32 accumulation
     else:  # vLLM's order: normalise in float32, round to the weight's dtype, scale
         out = mx.fast.rms_norm(a.astype(mx.float32), None, eps).astype(weight.dtype) * weight
-    out = from_mlx(out.astype(x_dtype(x)))
-    return out if residual is None else (out, residual)
+    return out.astype(dtype)
 
 
-def x_dtype(x: torch.Tensor) -> mx.Dtype:
-    return to_mlx(x[:0]).dtype
+@lowering("vllm_metal::rms_norm")
+def rms_norm(x, weight, eps, weight_offset):
+    return _normalise(x, weight, eps, weight_offset, x.dtype)
+
+
+@lowering("vllm_metal::fused_add_rms_norm")
+def fused_add_rms_norm(x, residual, weight, eps, weight_offset):
+    # normalise the float32 sum; the new residual is that sum, rounded
+    total = x.astype(mx.float32) + residual.astype(mx.float32)
+    return _normalise(total, weight, eps, weight_offset, x.dtype), total.astype(x.dtype)
+
+
+def _forward(x, residual, weight, eps, weight_offset):
+    if residual is None:
+        return rms_norm_op(x, weight, eps, weight_offset)
+    return fused_add_rms_norm_op(x, residual, weight, eps, weight_offset)
 
 
 @RMSNorm.register_oot
@@ -35,12 +55,11 @@ class MLXRMSNorm(RMSNorm):
     def forward_oot(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self.variance_size_override is not None:
             return self.forward_native(x, residual)  # norm over a prefix: no fast kernel
-        weight = to_mlx(self.weight.data) if self.has_weight else None
-        return rms_norm(x, weight, self.variance_epsilon, residual)
+        weight = self.weight if self.has_weight else None
+        return _forward(x, residual, weight, self.variance_epsilon, 0.0)
 
 
 @GemmaRMSNorm.register_oot
 class MLXGemmaRMSNorm(GemmaRMSNorm):
     def forward_oot(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        weight = to_mlx(self.weight.data).astype(mx.float32) + 1.0  # Gemma scales by (1 + w)
-        return rms_norm(x, weight, self.variance_epsilon, residual)
+        return _forward(x, residual, self.weight, self.variance_epsilon, 1.0)

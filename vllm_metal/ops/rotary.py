@@ -10,7 +10,14 @@ import torch
 from vllm.model_executor.layers import rotary_embedding
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
-from torch_mlx import from_mlx, to_mlx
+from torch_mlx.ops.registry import lowering
+
+from .library import define
+
+rotary_embedding_op = define(
+    "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, int head_size, "
+    "int rotary_dim, bool is_neox_style) -> Tensor",
+    lambda positions, x, *args: torch.empty_like(x))
 
 
 def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array, is_neox_style: bool) -> mx.array:
@@ -27,14 +34,17 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array, is_neox_style: bool)
     return mx.stack([o1, o2], axis=-1).reshape(x.shape)
 
 
-def rotate_heads(x: torch.Tensor, cos: mx.array, sin: mx.array, head_size: int,
-                 rotary_dim: int, is_neox_style: bool) -> torch.Tensor:
-    a = to_mlx(x)
-    heads = a.reshape(a.shape[0], -1, head_size)
+@lowering("vllm_metal::rotary_embedding")
+def rotary(positions, x, cos_sin_cache, head_size, rotary_dim, is_neox_style):
+    """x [T, H * head_size]: the first rotary_dim of each head rotated by its token's angles."""
+    cos_sin = mx.take(cos_sin_cache, positions.flatten(), axis=0)[:, None, :]
+    half = rotary_dim // 2
+    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
+    heads = x.reshape(x.shape[0], -1, head_size)
     rotated = apply_rotary(heads[..., :rotary_dim], cos, sin, is_neox_style)
     if rotary_dim < head_size:
         rotated = mx.concatenate([rotated, heads[..., rotary_dim:]], axis=-1)
-    return from_mlx(rotated.reshape(a.shape))
+    return rotated.reshape(x.shape)
 
 
 class MLXRotaryMixin:
@@ -42,14 +52,11 @@ class MLXRotaryMixin:
 
     def forward_oot(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
-        cache = to_mlx(self._match_cos_sin_cache_dtype(query))
-        cos_sin = mx.take(cache, to_mlx(positions.flatten()), axis=0)[:, None, :]
-        half = self.rotary_dim // 2
-        cos, sin = cos_sin[..., :half], cos_sin[..., half:]
-        args = (cos, sin, self.head_size, self.rotary_dim, self.is_neox_style)
-        query = rotate_heads(query, *args)
+        cache = self._match_cos_sin_cache_dtype(query)
+        args = (cache, self.head_size, self.rotary_dim, self.is_neox_style)
+        query = rotary_embedding_op(positions, query, *args)
         if key is not None:
-            key = rotate_heads(key, *args)
+            key = rotary_embedding_op(positions, key, *args)
         return query, key
 
 
