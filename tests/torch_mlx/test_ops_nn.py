@@ -151,6 +151,34 @@ def test_batch_norm_updates_running_stats_like_cpu():
                  torch.randn(4, 3, 5), torch.randn(3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_half_batch_norm_rounds_as_cpu(dtype, training, affine):
+    """Half inputs with half parameters: the CPU stores the batch mean and invstd in half (for
+    bfloat16 also the sum of squares and the variance) and normalises in float32; mlx
+    reproduces it bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5, 5, 5), (2, 3, 4, 5), (8, 2, 7)]:
+        x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+        c = shape[1]
+        w = torch.randn(c, generator=g).to(dtype) if affine else None
+        b = torch.randn(c, generator=g).to(dtype) if affine else None
+        rm, rv = torch.randn(c, generator=g).to(dtype), (torch.rand(c, generator=g) + .5).to(dtype)
+        expected = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.5, 0.6)
+        dev = [t.to("mlx") if t is not None else None for t in (x, rm, rv, w, b)]
+        actual = F.batch_norm(dev[0], dev[1], dev[2], dev[3], dev[4], training, 0.5, 0.6)
+        assert torch.equal(actual.cpu(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_hardswish_rounds_once(dtype):
+    x = torch.linspace(-8, 8, 4001).to(dtype)
+    g = torch.randn(4001, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert torch.equal(F.hardswish(x.to("mlx")).cpu(), F.hardswish(x))
+    assert torch.equal(torch.ops.aten.hardswish_backward(g.to("mlx"), x.to("mlx")).cpu(),
+                       torch.ops.aten.hardswish_backward(g, x))
+
 def test_ctc_loss_and_its_gradient():
     torch.manual_seed(0)
     log_probs = torch.randn(12, 3, 6).log_softmax(2)

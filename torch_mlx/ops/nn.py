@@ -210,6 +210,42 @@ def _normalize(x, mean, rstd, weight, bias):
     return x * mx.reshape(alpha, _channel_shape(x)) + mx.reshape(beta, _channel_shape(x))
 
 
+def _invstd(var, eps):
+    """1 / sqrt(var + eps) in float32 (half running variances too), as the CPU kernel."""
+    return 1 / mx.sqrt(_upcast(var) + eps)
+
+
+def _half_params(input, *params):
+    """The CPU kernel's parameter type for a half-precision input: the input's own type (it
+    rounds the batch mean and rstd to it before normalising) unless a float32 weight, bias or
+    running statistic makes the call mixed-type."""
+    if input.dtype not in (mx.float16, mx.bfloat16):
+        return None
+    return None if any(p is not None and p.dtype != input.dtype for p in params) else input.dtype
+
+
+def _rounded_to(dtype, *arrays):
+    if dtype is None:
+        return arrays
+    return tuple(a.astype(dtype).astype(mx.float32) for a in arrays)
+
+
+def _train_stats(x, eps, param_dtype):
+    """(mean, rstd, unbiased-variance numerator var, n) of a training batch as the CPU kernel
+    rounds them: sums in float32; with half parameters the mean and rstd are stored in the
+    parameter type, and for bfloat16 the sum of squares and the variance are rounded to it
+    too before 1 / sqrt(var + eps) (measured bit-exact against torch's CPU kernel)."""
+    mean, var, n = _batch_stats(x)
+    if param_dtype is not None and param_dtype == mx.bfloat16:
+        axes = [0] + list(range(2, x.ndim))
+        centred = x - mx.reshape(mean, _channel_shape(x))
+        var_sum = _rounded_to(param_dtype, mx.sum(centred * centred, axis=axes))[0]
+        var = _rounded_to(param_dtype, var_sum / n)[0]
+    rstd = _invstd(var, eps)
+    mean_r, rstd = _rounded_to(param_dtype, mean, rstd)
+    return mean_r, rstd, mean, var, n
+
+
 @lowering("_native_batch_norm_legit_functional")
 def batch_norm_functional(input, weight, bias, running_mean, running_var, training, momentum,
                           eps):
@@ -218,27 +254,26 @@ def batch_norm_functional(input, weight, bias, running_mean, running_var, traini
     evaluation normalises with the running statistics."""
     x = _upcast(input)
     if not training:
-        rstd = mx.rsqrt(running_var + eps)
+        rstd = _invstd(running_var, eps)
         return _normalize(x, running_mean, rstd, weight, bias), running_mean, rstd, \
             running_mean, running_var
-    mean, var, n = _batch_stats(x)
-    rstd = mx.rsqrt(var + eps)
+    param_dtype = _half_params(input, weight, bias, running_mean, running_var)
+    save_mean, rstd, mean, var, n = _train_stats(x, eps, param_dtype)
     new_mean = momentum * mean + (1 - momentum) * running_mean
     new_var = momentum * var * (n / max(n - 1, 1)) + (1 - momentum) * running_var
-    return _normalize(x, mean, rstd, weight, bias), mean, rstd, new_mean, new_var
+    return _normalize(x, save_mean, rstd, weight, bias), save_mean, rstd, new_mean, new_var
 
 
 @lowering("_native_batch_norm_legit.no_stats")
 def batch_norm_no_stats(input, weight, bias, training, momentum, eps):
     x = _upcast(input)
-    mean, var, _ = _batch_stats(x)
-    rstd = mx.rsqrt(var + eps)
+    mean, rstd, *_ = _train_stats(x, eps, _half_params(input, weight, bias))
     return _normalize(x, mean, rstd, weight, bias), mean, rstd
 
 
 @lowering("_native_batch_norm_legit_no_training")
 def batch_norm_no_training(input, weight, bias, running_mean, running_var, momentum, eps):
-    rstd = mx.rsqrt(running_var + eps)
+    rstd = _invstd(running_var, eps)
     return _normalize(_upcast(input), running_mean, rstd, weight, bias), running_mean, rstd
 
 
@@ -273,7 +308,7 @@ def _batch_norm_backward(grad_out, input, weight, running_mean, running_var, sav
     if train:
         mean, rstd = save_mean, save_invstd
     else:
-        mean, rstd = running_mean, mx.rsqrt(running_var + eps)
+        mean, rstd = running_mean, _invstd(running_var, eps)
     axes = [0] + list(range(2, x.ndim))
     shape = _channel_shape(x)
     xhat = (x - mx.reshape(mean, shape)) * mx.reshape(rstd, shape)
@@ -432,11 +467,14 @@ def hardsigmoid_backward(grad_output, self):
 
 @lowering("hardswish")
 def hardswish(self):
-    return self * mx.minimum(mx.maximum(self + 3, 0), 6) / 6
+    """In float32 for half inputs, rounded once, as the CPU kernel."""
+    x = _upcast(self)
+    return x * mx.minimum(mx.maximum(x + 3, 0), 6) / 6
 
 
 @lowering("hardswish_backward")
 def hardswish_backward(grad_output, self):
+    grad_output, self = _upcast(grad_output), _upcast(self)  # float32 for half, as the CPU
     inside = grad_output * (self / 3 + 0.5)
     return mx.where(self <= -3, 0, mx.where(self < 3, inside, grad_output))
 
