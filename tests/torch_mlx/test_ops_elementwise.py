@@ -314,3 +314,19 @@ def test_bessel_j0_is_accurate_where_the_cpu_is_not():
     x = torch.tensor([1e4, 1e6, 3e7])
     torch.testing.assert_close(torch.special.bessel_j0(x.to("mlx")).cpu().double(),
                                torch.special.bessel_j0(x.double()), rtol=1e-4, atol=1e-7)
+
+
+def test_complex_and_polar_keep_infinite_parts_and_broadcast():
+    re = torch.tensor([[1.0, INF, -0.0, NAN]])
+    im = torch.tensor([[2.0], [-INF]])
+    expected = torch.complex(re, im)
+    got = torch.complex(re.to("mlx"), im.to("mlx")).cpu()
+    assert got.dtype == torch.complex64
+    assert torch.equal(torch.view_as_real(got).nan_to_num(),
+                       torch.view_as_real(expected).nan_to_num())
+    out = torch.empty(0, dtype=torch.complex64, device="mlx")
+    torch.polar(torch.tensor([2.0, 0.5]).to("mlx"), torch.tensor([0.3, -2.0]).to("mlx"), out=out)
+    torch.testing.assert_close(out.cpu(), torch.polar(torch.tensor([2.0, 0.5]),
+                                                      torch.tensor([0.3, -2.0])))
+    with pytest.raises(TypeError, match="complex32|ComplexHalf"):  # half parts: complex32
+        torch.complex(re.half().to("mlx"), re.half().to("mlx"))

@@ -1187,6 +1187,24 @@ def angle(self):
 
 
 
+def _make_complex(real, imag):
+    """complex64 from its parts, bit for bit (a real + 1j * imag product would turn an
+    infinite part into NaN): the parts interleaved in float32 and viewed as complex64."""
+    shape = mx.broadcast_shapes(real.shape, imag.shape)
+    pair = mx.stack([mx.broadcast_to(real, shape).astype(mx.float32),
+                     mx.broadcast_to(imag, shape).astype(mx.float32)], axis=-1)
+    return mx.reshape(mx.view(pair, mx.complex64), shape)
+
+
+@lowering("complex")
+def complex_(real, imag):
+    return _make_complex(real, imag)
+
+
+@lowering("polar")
+def polar(abs, angle):
+    return _make_complex(abs * mx.cos(angle), abs * mx.sin(angle))
+
 @lowering("_conj_physical")
 def _conj_physical(self):
     return mx.conj(self) if self.dtype == mx.complex64 else mx.array(self)
