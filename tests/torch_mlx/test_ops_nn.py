@@ -172,6 +172,17 @@ def test_half_batch_norm_rounds_as_cpu(dtype, training, affine):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_convolution_with_bias_rounds_once(dtype):
+    """The CPU adds the bias to the float32 sums before rounding to half (within the default
+    half tolerance; the float32 sums themselves may differ in order)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 4, 9, 8, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    b = torch.randn(6, generator=g) * 10
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    torch.testing.assert_close(F.conv2d(x.to("mlx"), w.to("mlx"), b.to("mlx"), padding=1).cpu(),
+                               F.conv2d(x, w, b, padding=1))
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_hardswish_rounds_once(dtype):
     x = torch.linspace(-8, 8, 4001).to(dtype)
     g = torch.randn(4001, generator=torch.Generator().manual_seed(0)).to(dtype)

@@ -765,6 +765,10 @@ def _conv(input, weight, stride, padding, dilation, transposed, output_padding, 
 @lowering("convolution")
 def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
                 groups):
+    if bias is not None and input.dtype in (mx.float16, mx.bfloat16):
+        # the CPU adds the bias to the float32 sums and rounds once; a half convolution
+        # followed by a half add would round twice
+        input, weight, bias = _upcast(input), _upcast(weight), _upcast(bias)
     out = _conv(input, weight, stride, padding, dilation, transposed, output_padding, groups)
     if bias is not None:
         out = out + mx.reshape(bias, (-1,) + (1,) * (out.ndim - 2))
