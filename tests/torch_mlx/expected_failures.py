@@ -119,6 +119,69 @@ _MATRIX_EXP_HALF = (
 _SUMMATION_ORDER = ("float32 summation order: {what}; against the op in float64 (first failing "
                     "sample), max error {mlx} on mlx vs {cpu} on the CPU")
 
+# Half precision: the CPU's kernels round intermediates to half (or accumulate in half) where
+# mlx computes in float32 and rounds once, so mlx is the closer of the two to the op computed
+# in float64; figures: the worst failing sample of each dtype (float16 / bfloat16).
+_HALF_ROUNDING = ("{what}; against the op in float64 (worst failing sample), max error {mlx} "
+                  "on mlx vs {cpu} on the CPU")
+_INTERMEDIATE = ("the CPU's half kernel rounds intermediate results (its error is larger than "
+                 "one rounding of the exact result), mlx computes in float32 and rounds once")
+_HALF = {
+    # name: (what, {dtype: (mlx, cpu)})
+    "grid_sampler_2d": (_INTERMEDIATE,
+                        {"float16": ("9.7e-4", "4.0"), "bfloat16": ("7.8e-3", "3.9")}),
+    "grid_sampler_3d": (_INTERMEDIATE,
+                        {"float16": ("2.4e-4", "0.097"), "bfloat16": ("2.0e-3", "0.76")}),
+    "nn.functional.grid_sample": (_INTERMEDIATE,
+                                  {"float16": ("9.4e-4", "1.9"), "bfloat16": ("7.8e-3", "3.3")}),
+    "nn.functional.interpolate.linear": (
+        _INTERMEDIATE,
+        {"float16": ("3.7e-3", "3.9e-3"), "bfloat16": ("0.027", "0.036")}),
+    "nn.functional.interpolate.trilinear": (
+        _INTERMEDIATE,
+        {"float16": ("3.9e-3", "6.2e-3"), "bfloat16": ("0.031", "0.063")}),
+    "nn.functional.interpolate.bicubic": (
+        _INTERMEDIATE,
+        {"float16": ("3.9e-3", "8.5e-3"), "bfloat16": ("0.031", "0.061")}),
+    "nn.functional.interpolate.area": (
+        _INTERMEDIATE,
+        {"float16": ("3.9e-3", "4.5e-3"), "bfloat16": ("0.031", "0.039")}),
+    "nn.functional.adaptive_avg_pool3d": (
+        _INTERMEDIATE,
+        {"float16": ("2.0e-3", "7.2e-3"), "bfloat16": ("0.016", "0.057")}),
+    "nn.functional.conv_transpose1d": (
+        _INTERMEDIATE, {"float16": ("0.059", "0.074"), "bfloat16": ("0.43", "0.71")}),
+    "nn.functional.conv_transpose2d": (
+        _INTERMEDIATE, {"float16": ("0.11", "0.28"), "bfloat16": ("0.93", "2.4")}),
+    "nn.functional.conv_transpose3d": (
+        _INTERMEDIATE, {"float16": ("0.25", "1.1"), "bfloat16": ("1.9", "7.3")}),
+    "addbmm": ("the CPU rounds each batch's product to half before summing the batch, mlx "
+               "sums the whole batch in one float32 product",
+               {"float16": ("0.12", "0.26"), "bfloat16": ("0.88", "1.5")}),
+    "addr": (_INTERMEDIATE,
+             {"float16": ("7.0e-3", "0.016"), "bfloat16": ("0.046", "0.13")}),
+    "nn.functional.embedding_bag": (
+        _INTERMEDIATE,
+        {"float16": ("2.3e-3", "3.1e-3"), "bfloat16": ("0.015", "0.024")}),
+    "nn.functional.nll_loss": (_INTERMEDIATE,
+                               {"float16": ("2.9e-4", "0.025"), "bfloat16": ("0.034", "0.84")}),
+    "nanmean": (_INTERMEDIATE,
+                {"float16": ("1.6e-4", "6.5e-4")}),
+    "nansum": (_INTERMEDIATE,
+               {"float16": ("9.8e-4", "3.9e-3")}),
+    "nn.functional.binary_cross_entropy": (_INTERMEDIATE,
+                                           {"float16": ("3.5e-3", "9.3e-3")}),
+}
+
+# linear_cross_entropy's chunked forms pick their accumulation policy per device type
+# (torch/nn/modules/linear_cross_entropy_options.py, _AUTO_DEFAULTS): "accurate" with float32
+# accumulation on the CPU, the "compact" fallback with accumulation in the input dtype on every
+# device it does not list. On "mlx" torch itself asks for the half-precision computation.
+_LINEAR_CE_POLICY = (
+    "torch picks acc_policy per device: 'accurate' (float32 accumulation) on the CPU, the "
+    "'compact' fallback (half accumulation) on other devices, mlx included; against the op in "
+    "float64 (worst failing sample), max error {mlx} on mlx vs {cpu} on the CPU")
+
 # (OpInfo full name, dtype name) -> reason
 EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     # Sorting family (torch_mlx/ops/sorting.py). Ties: the values agree, but the CPU kernels
@@ -227,3 +290,17 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
         "statistics in the accumulate type of a non-CUDA device, float64, on the device; mlx "
         "has no float64 by design (the other samples pass)"),
 }
+
+EXPECTED_FAILURES.update({
+    (name, dtype): _HALF_ROUNDING.format(what=what, mlx=mlx, cpu=cpu)
+    for name, (what, figures) in _HALF.items() for dtype, (mlx, cpu) in figures.items()})
+EXPECTED_FAILURES.update({
+    ("nn.functional.linear_cross_entropy.chunked", "float16"): _LINEAR_CE_POLICY.format(
+        mlx="0.028", cpu="0.035"),
+    ("nn.functional.linear_cross_entropy.chunked", "bfloat16"): _LINEAR_CE_POLICY.format(
+        mlx="1.3e-3", cpu="1.3e-4"),
+    ("nn.functional.linear_cross_entropy.chunked_none", "float16"): _LINEAR_CE_POLICY.format(
+        mlx="0.013", cpu="7.5e-3"),
+    ("nn.functional.linear_cross_entropy.chunked_none", "bfloat16"): _LINEAR_CE_POLICY.format(
+        mlx="0.046", cpu="0.026"),
+})
