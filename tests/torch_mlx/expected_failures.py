@@ -262,19 +262,6 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     # inf where the true value exceeds float16's range.
     ("matrix_exp", "float16"): _MATRIX_EXP_HALF,
     ("matrix_exp", "bfloat16"): _MATRIX_EXP_HALF,
-    ("pinverse", "float32"): (
-        "torch's C++ composite (linalg_pinv(rcond)) allocates its float64 tolerance tensor on "
-        "the input's device; mlx has no float64 storage by design (TypeError)"),
-    ("linalg.pinv", "float32"): (
-        "samples with float atol/rtol: torch's C++ composite (linalg_pinv.atol_rtol_float) "
-        "allocates float64 tolerance tensors on the device; mlx has no float64 by design (the "
-        "tensor-tolerance samples pass)"),
-    ("linalg.matrix_rank", "float32"): (
-        "torch's C++ composites (linalg_matrix_rank overloads, CompositeImplicitAutograd) "
-        "allocate float64 tolerance tensors on the device; mlx has no float64 by design"),
-    ("linalg.matrix_rank.hermitian", "float32"): (
-        "torch's C++ composite allocates float64 tolerance tensors on the device; mlx has no "
-        "float64 by design"),
     ("nn.functional.scaled_dot_product_attention", "float16"): _SDPA_HALF,
     ("nn.functional.scaled_dot_product_attention", "bfloat16"): _SDPA_HALF,
     ("native_layer_norm", "float16"): _LAYER_NORM_HALF,
@@ -285,10 +272,6 @@ EXPECTED_FAILURES: dict[tuple[str, str], str] = {
     ("_native_batch_norm_legit", "bfloat16"): _BATCH_NORM_HALF,
     ("_batch_norm_with_update", "float16"): _BATCH_NORM_HALF,
     ("_batch_norm_with_update", "bfloat16"): _BATCH_NORM_HALF,
-    ("nn.functional.batch_norm", "float32"): (
-        "the two empty-input samples: torch's C++ batch_norm composite allocates the saved "
-        "statistics in the accumulate type of a non-CUDA device, float64, on the device; mlx "
-        "has no float64 by design (the other samples pass)"),
 }
 
 EXPECTED_FAILURES.update({

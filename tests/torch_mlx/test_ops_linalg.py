@@ -142,3 +142,30 @@ def test_ldl_of_indefinite_matrices_pivots_as_lapack():
     b = torch.randn(6, 7, 2)
     torch.testing.assert_close(torch.linalg.ldl_solve(mlx.LD, mlx.pivots, b.to("mlx")).cpu(),
                                torch.linalg.ldl_solve(cpu.LD, cpu.pivots, b))
+
+
+def test_float_tolerance_overloads_of_pinv_and_matrix_rank():
+    """torch's composites build these tolerances as float64 device tensors; mlx builds them in
+    float32 with the same rules and gives the CPU's results."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, 4, generator=g)
+    a[0, :, 3] = a[0, :, 0]  # rank 3
+    h = a @ a.mT
+    d = a.to("mlx")
+    close = torch.testing.assert_close
+    close(torch.linalg.pinv(d, rtol=1e-3).cpu(), torch.linalg.pinv(a, rtol=1e-3))
+    close(torch.linalg.pinv(d, atol=0.5).cpu(), torch.linalg.pinv(a, atol=0.5))
+    close(torch.linalg.pinv(d).cpu(), torch.linalg.pinv(a))
+    close(torch.pinverse(d, 1e-2).cpu(), torch.pinverse(a, 1e-2))
+    close(torch.ops.aten.linalg_pinv(d, 1e-2).cpu(), torch.ops.aten.linalg_pinv(a, 1e-2))
+    for kwargs in ({}, {"atol": 1.0}, {"rtol": 0.3}, {"atol": 0.1, "rtol": 0.5}):
+        assert torch.equal(torch.linalg.matrix_rank(d, **kwargs).cpu(),
+                           torch.linalg.matrix_rank(a, **kwargs))
+        assert torch.equal(torch.linalg.matrix_rank(h.to("mlx"), hermitian=True, **kwargs).cpu(),
+                           torch.linalg.matrix_rank(h, hermitian=True, **kwargs))
+    assert torch.equal(torch.ops.aten.linalg_matrix_rank(d, 0.5).cpu(),
+                       torch.ops.aten.linalg_matrix_rank(a, 0.5))
+    tol = torch.tensor([0.1, 1.0, 3.0])
+    assert torch.equal(torch.linalg.matrix_rank(d, atol=tol.to("mlx")).cpu(),
+                       torch.linalg.matrix_rank(a, atol=tol))
+    assert torch.linalg.matrix_rank(torch.empty(2, 0, 3, device="mlx")).cpu().tolist() == [0, 0]

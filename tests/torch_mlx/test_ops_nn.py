@@ -190,6 +190,17 @@ def test_half_hardswish_rounds_once(dtype):
     assert torch.equal(torch.ops.aten.hardswish_backward(g.to("mlx"), x.to("mlx")).cpu(),
                        torch.ops.aten.hardswish_backward(g, x))
 
+def test_batch_norm_of_an_empty_batch_keeps_its_gradient():
+    """torch's batch_norm composite allocates float64 saved statistics for an empty input on a
+    non-CUDA device; mlx's autograd-level kernel makes them float32, and the output stays
+    connected to weight and bias."""
+    w = torch.randn(3).to("mlx").requires_grad_()
+    b = torch.randn(3).to("mlx").requires_grad_()
+    out = F.batch_norm(torch.empty(0, 3, 5, device="mlx"), None, None, w, b, True)
+    assert out.shape == (0, 3, 5) and out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(w.grad.cpu(), torch.zeros(3)) and torch.equal(b.grad.cpu(), torch.zeros(3))
+
 def test_ctc_loss_and_its_gradient():
     torch.manual_seed(0)
     log_probs = torch.randn(12, 3, 6).log_softmax(2)

@@ -928,3 +928,75 @@ def linalg_ldl_solve(LD, pivots, B, hermitian=False):
     flat_piv = mx.reshape(piv, (count, n)).tolist()
     solved = [_sytrs_lower(flat_ld[i], flat_piv[i], flat_b[i]) for i in range(flat_ld.shape[0])]
     return mx.reshape(mx.stack(solved), b.shape) if solved else b
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerance overloads of pinv and matrix_rank. torch's C++ composites build their tolerances as
+# float64 tensors on the input's device, which "mlx" has no storage for (TypeError); these
+# kernels build the same tolerances in float32 (get_atol_rtol's rules) and compute the same.
+
+
+def _tolerances(input, atol, rtol):
+    """(atol, rtol) as float32 tensors on the input's device, following torch's get_atol_rtol:
+    atol defaults to 0; rtol to eps * max(m, n), or to 0 when atol > 0 is given."""
+    def as_tensor(v):
+        if v is None or isinstance(v, torch.Tensor):
+            return v
+        return torch.full((), v, dtype=torch.float32, device=input.device)
+
+    atol, rtol = as_tensor(atol), as_tensor(rtol)
+    if rtol is None:
+        default = torch.finfo(torch.float32).eps * max(input.shape[-2:])
+        rtol = as_tensor(default) if atol is None else torch.where(atol > 0, 0.0, default)
+    if atol is None:
+        atol = as_tensor(0.0)
+    return atol, rtol
+
+
+@torch_kernel("linalg_pinv.atol_rtol_float")
+def linalg_pinv_float(self, atol=None, rtol=None, hermitian=False):
+    atol, rtol = _tolerances(self, atol, rtol)
+    return torch.ops.aten.linalg_pinv.atol_rtol_tensor(self, atol=atol, rtol=rtol,
+                                                       hermitian=hermitian)
+
+
+@torch_kernel("linalg_pinv")
+def linalg_pinv_rcond(self, rcond, hermitian=False):
+    """NumPy's rcond is a relative tolerance (atol 0)."""
+    return linalg_pinv_float(self, 0.0, rcond, hermitian)
+
+
+@torch_kernel("pinverse")
+def pinverse(self, rcond=1e-15):
+    return linalg_pinv_float(self, 0.0, rcond, False)
+
+
+@torch_kernel("linalg_matrix_rank.atol_rtol_tensor")
+def linalg_matrix_rank(input, atol=None, rtol=None, hermitian=False):
+    """The number of singular values (|eigenvalues| when hermitian) above
+    max(atol, rtol * largest), per matrix, as torch's matrix_rank_impl."""
+    if input.dim() < 2:
+        raise RuntimeError("torch.linalg.matrix_rank: The input tensor input must have at least "
+                           "2 dimensions.")
+    atol, rtol = _tolerances(input, atol, rtol)
+    if input.numel() == 0:
+        return torch.zeros(input.shape[:-2], dtype=torch.int64, device=input.device)
+    if hermitian:
+        s = torch.linalg.eigvalsh(input).abs()
+        largest = s.amax(dim=-1, keepdim=True)
+    else:
+        s = torch.linalg.svdvals(input)
+        largest = s[..., :1]
+    tol = torch.maximum(atol.unsqueeze(-1), rtol.unsqueeze(-1) * largest)
+    return (s > tol).sum(-1)
+
+
+@torch_kernel("linalg_matrix_rank.atol_rtol_float")
+def linalg_matrix_rank_float(self, atol=None, rtol=None, hermitian=False):
+    return linalg_matrix_rank(self, atol, rtol, hermitian)
+
+
+@torch_kernel("linalg_matrix_rank", "linalg_matrix_rank.tol_tensor")
+def linalg_matrix_rank_tol(input, tol, hermitian=False):
+    """A single tolerance is absolute (rtol 0)."""
+    return linalg_matrix_rank(input, tol, 0.0, hermitian)

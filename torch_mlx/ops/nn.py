@@ -295,6 +295,28 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     return out, mean, rstd
 
 
+@torch_kernel("_batch_norm_impl_index", autograd=True)
+def batch_norm_impl_index(input, weight, bias, running_mean, running_var, training, momentum,
+                          eps, cudnn_enabled):
+    """torch.batch_norm's C++ composite, at the autograd level. On an empty input it allocates
+    the (never read) saved statistics in the CPU's accumulate type, float64, on the device; here
+    they are float32. Every other input runs torch's composite unchanged."""
+    if input.numel() != 0:
+        return torch.ops.aten._batch_norm_impl_index.default.decompose(
+            input, weight, bias, running_mean, running_var, training, momentum, eps,
+            cudnn_enabled)
+    stats_dtype = torch.float32 if input.dtype.is_floating_point else input.dtype
+    features = input.shape[1] if input.dim() > 1 else 0  # the CPU's sizes for these
+    save_mean = torch.empty(features, dtype=stats_dtype, device=input.device)
+    save_invstd = torch.empty(features, dtype=stats_dtype, device=input.device)
+    out = input.clone()  # not a view of input, nor a fresh empty tensor: the gradient flows
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    reserve = torch.empty(0, dtype=torch.uint8, device=input.device)
+    return out, save_mean, save_invstd, reserve, 0
+
 @torch_kernel("_batch_norm_with_update")
 def batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps):
     out, mean, rstd = native_batch_norm(input, weight, bias, running_mean, running_var, True,

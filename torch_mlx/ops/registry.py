@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from .. import _C
 
 __all__ = ["PROMOTE", "Lowering", "lowering", "torch_kernel", "TABLE", "TORCH_KERNELS",
-           "to_mx_dtype", "to_torch_dtype"]
+           "AUTOGRAD_KERNELS", "to_mx_dtype", "to_torch_dtype"]
 
 TORCH_TO_MX = {
     torch.float32: mx.float32,
@@ -111,16 +111,22 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
 # Kernels written in torch itself (composites of lowered ops, e.g. an out= overload whose
 # arguments differ from its functional twin). Use sparingly: prefer an MLX lowering.
 TORCH_KERNELS: dict[str, Callable] = {}
+# Kernels at the autograd level (AutogradPrivateUse1) for CompositeImplicitAutograd overloads
+# whose C++ composite cannot run on "mlx" as written (e.g. it allocates float64 tensors on the
+# input's device): they call differentiable ops, so autograd records through them as through
+# the composite, and the composite stays in charge of every other device.
+AUTOGRAD_KERNELS: dict[str, Callable] = {}
 
 
-def torch_kernel(*names: str):
-    """Register ``fn`` (a torch-level function) as the PrivateUse1 kernel of ``names``."""
+def torch_kernel(*names: str, autograd: bool = False):
+    """Register ``fn`` (a torch-level function) as the PrivateUse1 kernel of ``names``, or with
+    ``autograd=True`` as their AutogradPrivateUse1 kernel (see AUTOGRAD_KERNELS)."""
 
     def register(fn):
         for name in names:
-            if name in TABLE or name in TORCH_KERNELS:
+            if name in TABLE or name in TORCH_KERNELS or name in AUTOGRAD_KERNELS:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TORCH_KERNELS[name] = fn
+            (AUTOGRAD_KERNELS if autograd else TORCH_KERNELS)[name] = fn
         return fn
 
     return register
@@ -390,13 +396,14 @@ class Registrar:
         self.libs: dict[str, torch.library.Library] = {}
         self.covered: set[str] = set()
 
-    def impl(self, name: str, kernel) -> None:
+    def impl(self, name: str, kernel, key: str = "PrivateUse1") -> None:
         namespace, _, op_name = name.rpartition("::")
         namespace = namespace or "aten"
         if namespace not in self.libs:
             self.libs[namespace] = torch.library.Library(namespace, "IMPL")
-        self.libs[namespace].impl(op_name, kernel, "PrivateUse1")
-        self.covered.add(name)
+        self.libs[namespace].impl(op_name, kernel, key)
+        if key == "PrivateUse1":
+            self.covered.add(name)
 
     def functional(self, name: str, kernel) -> None:
         """Register a functional kernel plus the in-place and out= variants derived from it."""
@@ -416,6 +423,8 @@ class Registrar:
         global _registrar
         for name, fn in TORCH_KERNELS.items():
             self.impl(name, fn)
+        for name, fn in AUTOGRAD_KERNELS.items():
+            self.impl(name, fn, "AutogradPrivateUse1")
         for name, low in TABLE.items():
             if low.eager:
                 self.functional(name, functional_kernel(overload(name), low))
