@@ -103,3 +103,19 @@ def test_out_writes_into_existing_storage():
     torch.testing.assert_close((values.cpu(), indices.cpu()), tuple(x.max(0)))
     with pytest.raises(RuntimeError):
         torch.sum(x.to("mlx"), 1, out=torch.empty(6, dtype=torch.long, device="mlx"))
+
+
+def test_hash_tensor_xors_64_bit_patterns():
+    # denormals, NaN, infinities and -0.0 widen to float64 exactly; integers sign-extend
+    cases = [torch.tensor([1e-40, -3e-39, float("nan"), float("inf"), -0.0]),
+             torch.tensor([5, -7, 2**40]), torch.tensor([-3, 4], dtype=torch.int8),
+             torch.tensor([True, True, False]), torch.randn(4, 5, 6).half()]
+    for x in cases:
+        for kwargs in ({}, {"dim": 0}, {"dim": (0, -1), "keepdim": True}):
+            if "keepdim" in kwargs and x.dim() < 2:
+                continue
+            assert torch.equal(torch.hash_tensor(x.to("mlx"), **kwargs).cpu(),
+                               torch.hash_tensor(x, **kwargs))
+    empty = torch.empty(3, 0)
+    assert torch.equal(torch.hash_tensor(empty.to("mlx"), dim=1).cpu(),
+                       torch.hash_tensor(empty, dim=1))

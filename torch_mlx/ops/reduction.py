@@ -275,3 +275,30 @@ def logsumexp(self, dim, keepdim=False):
     total = _sum(_accumulate(mx.exp(x - maxes)), axis=axes, keepdims=True).astype(x.dtype)
     out = mx.log(total) + maxes
     return out if keepdim else mx.squeeze(out, axis=axes)
+
+
+@lowering("hash_tensor")
+def hash_tensor(self, dim=(), keepdim=False, mode=0):
+    """XOR of the elements' 64-bit patterns (mode 0, the only one torch has): floating values
+    widened to float64, integers sign-extended to int64, bools 0/1, all read as uint64."""
+    if mode != 0:
+        raise RuntimeError(f"hash_tensor only supports mode=0, got {mode}")
+    if mx.issubdtype(self.dtype, mx.floating):  # float64 exists on MLX's CPU stream
+        bits = mx.view(self.astype(mx.float64, stream=mx.cpu), mx.uint64, stream=mx.cpu)
+    elif self.dtype == mx.bool_:
+        bits = self.astype(mx.uint64)
+    else:
+        bits = mx.view(self.astype(mx.int64), mx.uint64)
+    axes = _axes(dim, self.ndim)
+    kept = [a for a in range(self.ndim) if a not in axes]
+    x = mx.transpose(bits, kept + list(axes)) if self.ndim else bits
+    x = mx.reshape(x, [self.shape[a] for a in kept] + [_count(self, axes)])
+    while x.shape[-1] > 1:  # pairwise XOR halves: log2(n) steps
+        n = x.shape[-1]
+        if n % 2:
+            x = mx.concatenate([x, mx.zeros(x.shape[:-1] + (1,), mx.uint64)], axis=-1)
+            n += 1
+        x = mx.bitwise_xor(x[..., :n // 2], x[..., n // 2:])
+    if x.shape[-1] == 0:  # an empty reduction: XOR's identity
+        x = mx.zeros(x.shape[:-1] + (1,), mx.uint64)
+    return mx.reshape(x[..., 0], _reduced_shape(self, axes, keepdim))
