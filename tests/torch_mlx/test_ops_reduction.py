@@ -117,5 +117,7 @@ def test_hash_tensor_xors_64_bit_patterns():
             assert torch.equal(torch.hash_tensor(x.to("mlx"), **kwargs).cpu(),
                                torch.hash_tensor(x, **kwargs))
     empty = torch.empty(3, 0)
-    assert torch.equal(torch.hash_tensor(empty.to("mlx"), dim=1).cpu(),
-                       torch.hash_tensor(empty, dim=1))
+    assert torch.equal(torch.hash_tensor(empty.to("mlx"), dim=0).cpu(),
+                       torch.hash_tensor(empty, dim=0))
+    with pytest.raises(IndexError):  # as on the CPU: an empty reduced dimension
+        torch.hash_tensor(empty.to("mlx"), dim=1)
