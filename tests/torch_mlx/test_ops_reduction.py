@@ -121,3 +121,21 @@ def test_hash_tensor_xors_64_bit_patterns():
                        torch.hash_tensor(empty, dim=0))
     with pytest.raises(IndexError):  # as on the CPU: an empty reduced dimension
         torch.hash_tensor(empty.to("mlx"), dim=1)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "prod", "max", "min"])
+@pytest.mark.parametrize("initial", [None, 2.5])
+def test_segment_reduce_empty_segments_nan_and_axis(reduce, initial):
+    data = torch.tensor([[1.0, NAN, 3.0, 4.0, -2.0], [0.5, 2.0, -1.0, 6.0, 7.0]])
+    lengths = torch.tensor([[2, 0, 3], [1, 4, 0]])
+    offsets = torch.cat([torch.zeros(2, 1, dtype=torch.int64), lengths.cumsum(1)], 1)
+    for kwargs in ({"lengths": lengths}, {"offsets": offsets}):
+        expected = torch.segment_reduce(data, reduce, axis=1, initial=initial, **kwargs)
+        got = torch.segment_reduce(data.to("mlx"), reduce, axis=1, initial=initial,
+                                   **{k: v.to("mlx") for k, v in kwargs.items()})
+        torch.testing.assert_close(got.cpu(), expected, equal_nan=True)
+    x = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
+    lens = torch.tensor([1, 0, 5])
+    torch.testing.assert_close(
+        torch.segment_reduce(x.to("mlx"), reduce, lengths=lens.to("mlx"), initial=initial).cpu(),
+        torch.segment_reduce(x, reduce, lengths=lens, initial=initial), equal_nan=True)

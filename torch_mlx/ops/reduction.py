@@ -302,3 +302,49 @@ def hash_tensor(self, dim=(), keepdim=False, mode=0):
     if x.shape[-1] == 0:  # an empty reduction: XOR's identity
         x = mx.zeros(x.shape[:-1] + (1,), mx.uint64)
     return mx.reshape(x[..., 0], _reduced_shape(self, axes, keepdim))
+
+
+_SEGMENT_IDENTITY = {"sum": 0, "mean": 0, "prod": 1, "max": -math.inf, "min": math.inf}
+
+
+@lowering("segment_reduce")
+def segment_reduce(data, reduce, lengths=None, indices=None, offsets=None, axis=0,
+                   unsafe=False, initial=None):
+    """Reductions over consecutive segments of ``data`` along ``axis`` (lengths, or offsets
+    whose differences are the lengths), as torch's CPU kernel: every element is scattered into
+    its segment's slot (sum / prod / max / min), NaN propagates through max and min, an empty
+    segment gives ``initial`` or the reduction's identity, and a mean divides the sum (initial
+    included) by the length, NaN for an empty segment without ``initial``."""
+    if reduce not in _SEGMENT_IDENTITY:
+        raise RuntimeError(f"segment_reduce: unsupported reduction {reduce}")
+    if lengths is None:
+        lengths = offsets[..., 1:] - offsets[..., :-1]
+    axis %= data.ndim
+    outer, n, rest = data.shape[:axis], data.shape[axis], data.shape[axis + 1:]
+    b, r, s = math.prod(outer), math.prod(rest), lengths.shape[-1]
+    lens = mx.reshape(lengths, (b, s)).astype(mx.int64)
+    ends = mx.cumsum(lens, axis=-1)
+    # each element's segment; elements past the last end (none when the lengths add up, as
+    # torch checks unless unsafe) land in an extra slot that is dropped
+    seg = mx.sum(ends[:, :, None] <= mx.arange(n)[None, None, :], axis=1)
+    slots = mx.reshape(mx.arange(b)[:, None] * (s + 1) + seg, (-1,))
+    vals = mx.reshape(data, (b * n, r))
+    start = _SEGMENT_IDENTITY[reduce] if initial is None else initial
+    out = mx.full((b * (s + 1), r), start, data.dtype)
+    if b * n * r:
+        if reduce in ("sum", "mean"):
+            out = out.at[slots].add(vals)
+        elif reduce == "prod":
+            out = out.at[slots].multiply(vals)
+        else:
+            out = out.at[slots].maximum(vals) if reduce == "max" else out.at[slots].minimum(vals)
+            if _is_float(data):
+                nans = mx.zeros(out.shape, mx.int32).at[slots].add(mx.isnan(vals).astype(mx.int32))
+                out = mx.where(nans > 0, math.nan, out)
+    out = mx.reshape(out, (b, s + 1, r))[:, :s]
+    if reduce == "mean":
+        count = lens[:, :, None]
+        mean = out / mx.maximum(count, 1).astype(out.dtype)
+        empty = out if initial is not None else mx.full(out.shape, math.nan, out.dtype)
+        out = mx.where(count > 0, mean, empty)
+    return mx.reshape(out, outer + (s,) + rest)
