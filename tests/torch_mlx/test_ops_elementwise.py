@@ -344,3 +344,15 @@ def test_igamma_igammac_accuracy_and_boundaries():
         got = fn(a.to("mlx"), x.to("mlx")).cpu().double()
         # at least as close to the float64 values as the CPU's float32 kernel
         torch.testing.assert_close(got, reference, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_airy_ai_is_as_accurate_as_the_cpu_over_its_range():
+    x = torch.cat([torch.linspace(-60, 30, 9001),
+                   torch.tensor([0.0, INF, -INF, NAN, 5.0, 5.0001, -8.0, -8.0001])])
+    reference = torch.special.airy_ai(x.double())
+    got = torch.special.airy_ai(x.to("mlx")).cpu().double()
+    cpu = torch.special.airy_ai(x).double()
+    assert torch.equal(torch.isnan(got), torch.isnan(cpu))  # NaN at NaN and at +-inf
+    finite = torch.isfinite(reference)
+    assert (got - reference)[finite].abs().max() <= (cpu - reference)[finite].abs().max()
+    torch.testing.assert_close(got[finite], reference[finite], rtol=1e-5, atol=5e-6)

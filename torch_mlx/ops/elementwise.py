@@ -1008,6 +1008,54 @@ lowering("special_modified_bessel_i1", promote=PROMOTE.INT_TO_FLOAT)(
 _SINC_SERIES = [(-1) ** k / math.factorial(2 * k + 1) for k in range(7)]
 
 
+def _airy_asymptotic_terms(count):
+    """u_k of the Airy asymptotic series: u_0 = 1, u_k = (6k-5)(6k-3)(6k-1) / ((2k-1) 216 k)
+    u_(k-1)."""
+    u = [1.0]
+    for k in range(1, count):
+        u.append(u[-1] * (6 * k - 5) * (6 * k - 3) * (6 * k - 1) / ((2 * k - 1) * 216 * k))
+    return u
+
+
+_AIRY_U = _airy_asymptotic_terms(16)
+
+
+@lowering("special_airy_ai", promote=PROMOTE.INT_TO_FLOAT)
+def special_airy_ai(self):
+    """Ai(x) in float64 on MLX's CPU stream: the Maclaurin series Ai = c1 f - c2 g for
+    -8 <= x <= 5 (100 terms), the asymptotic expansions in zeta = 2/3 |x|^(3/2) beyond (decaying
+    for x > 5, oscillating for x < -8); NaN for NaN and, as torch's kernel gives, for +-inf."""
+    with mx.stream(mx.cpu):
+        x = self.astype(mx.float64)
+        c1, c2 = 0.355028053887817239, 0.258819403792806798  # Ai(0), -Ai'(0)
+        xs = mx.clip(x, -8.0, 5.0)
+        x3 = xs * xs * xs
+        f_term, g_term = mx.ones_like(xs), xs
+        f, g = f_term, g_term
+        for k in range(1, 100):
+            f_term = f_term * x3 / ((3 * k - 1) * (3 * k))
+            g_term = g_term * x3 / ((3 * k) * (3 * k + 1))
+            f, g = f + f_term, g + g_term
+        series = c1 * f - c2 * g
+        ax = mx.maximum(mx.abs(x), 5.0)
+        zeta = 2.0 / 3.0 * ax * mx.sqrt(ax)
+        iz = 1 / zeta
+        decay = mx.zeros_like(x)
+        even, odd = mx.zeros_like(x), mx.zeros_like(x)
+        for k in reversed(range(len(_AIRY_U))):  # Horner in 1 / zeta
+            decay = decay * (-iz) + _AIRY_U[k]
+        for k in reversed(range(len(_AIRY_U) // 2)):
+            even = even * (-iz * iz) + _AIRY_U[2 * k]
+            odd = odd * (-iz * iz) + _AIRY_U[2 * k + 1]
+        odd = odd * iz
+        root = mx.sqrt(math.pi) * mx.power(ax, 0.25)
+        positive = mx.exp(-zeta) / (2 * root) * decay
+        phase = zeta + math.pi / 4
+        negative = (mx.sin(phase) * even - mx.cos(phase) * odd) / root
+        out = mx.where(x > 5, positive, mx.where(x < -8, negative, series))
+        out = mx.where(mx.isinf(x), math.nan, out)
+        return mx.where(mx.isnan(x), x, out).astype(self.dtype)
+
 @lowering("special_spherical_bessel_j0", promote=PROMOTE.INT_TO_FLOAT)
 def special_spherical_bessel_j0(self):
     x2 = self * self
