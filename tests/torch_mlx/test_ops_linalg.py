@@ -169,3 +169,13 @@ def test_float_tolerance_overloads_of_pinv_and_matrix_rank():
     assert torch.equal(torch.linalg.matrix_rank(d, atol=tol.to("mlx")).cpu(),
                        torch.linalg.matrix_rank(a, atol=tol))
     assert torch.linalg.matrix_rank(torch.empty(2, 0, 3, device="mlx")).cpu().tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_addbmm_accumulates_batch_by_batch_as_cpu(dtype):
+    """The CPU adds one product per batch entry into the half result (beta applied once)."""
+    g = torch.Generator().manual_seed(0)
+    c, a, b = (torch.randn(*s, generator=g).to(dtype) for s in [(5, 7), (6, 5, 4), (6, 4, 7)])
+    for beta, alpha in [(1, 1), (0.5, 2.0), (0, 1)]:
+        assert torch.equal(torch.addbmm(*_mlx(c, a, b), beta=beta, alpha=alpha).cpu(),
+                           torch.addbmm(c, a, b, beta=beta, alpha=alpha))

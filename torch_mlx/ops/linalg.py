@@ -128,11 +128,18 @@ def baddbmm(self, batch1, batch2, beta=1, alpha=1):
 
 @lowering("addbmm")
 def addbmm(self, batch1, batch2, beta=1, alpha=1):
-    """The batch of products summed: one (n, b*m) @ (b*m, p) product."""
+    """The batch of products summed as torch's CPU kernel does: one fused addmm per batch entry
+    into the running result (beta applied once, then accumulated with beta = 1), each rounded
+    to the result dtype. Integers: one exact (n, b*m) @ (b*m, p) product."""
     b, n, m = batch1.shape
-    lhs = mx.reshape(mx.transpose(batch1, (1, 0, 2)), (n, b * m))
-    rhs = mx.reshape(batch2, (b * m, batch2.shape[2]))
-    return _addmm(self, lhs, rhs, beta, alpha)
+    if not _is_inexact(batch1) or b == 0:
+        lhs = mx.reshape(mx.transpose(batch1, (1, 0, 2)), (n, b * m))
+        rhs = mx.reshape(batch2, (b * m, batch2.shape[2]))
+        return _addmm(self, lhs, rhs, beta, alpha)
+    out = _addmm(mx.broadcast_to(self, (n, batch2.shape[2])), batch1[0], batch2[0], beta, alpha)
+    for i in range(1, b):
+        out = mx.addmm(out, batch1[i], batch2[i], alpha=alpha, beta=1)
+    return out
 
 
 @lowering("addr")
