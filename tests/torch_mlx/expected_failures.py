@@ -155,8 +155,6 @@ _HALF = {
         _INTERMEDIATE, {"float16": ("0.11", "0.28"), "bfloat16": ("0.93", "2.4")}),
     "nn.functional.conv_transpose3d": (
         _INTERMEDIATE, {"float16": ("0.25", "1.1"), "bfloat16": ("1.9", "7.3")}),
-    "addr": (_INTERMEDIATE,
-             {"float16": ("7.0e-3", "0.016"), "bfloat16": ("0.046", "0.13")}),
     "nn.functional.embedding_bag": (
         _INTERMEDIATE,
         {"float16": ("2.3e-3", "3.1e-3"), "bfloat16": ("0.015", "0.024")}),

@@ -172,6 +172,15 @@ def test_float_tolerance_overloads_of_pinv_and_matrix_rank():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_addr_rounds_each_step_as_cpu(dtype):
+    g = torch.Generator().manual_seed(0)
+    c, v1, v2 = (torch.randn(*s, generator=g).to(dtype) for s in [(5, 7), (5,), (7,)])
+    for beta, alpha in [(1, 1), (0.2, 0.6), (0, 2.0), (1.5, 1)]:
+        assert torch.equal(torch.addr(*_mlx(c, v1, v2), beta=beta, alpha=alpha).cpu(),
+                           torch.addr(c, v1, v2, beta=beta, alpha=alpha))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_addbmm_accumulates_batch_by_batch_as_cpu(dtype):
     """The CPU adds one product per batch entry into the half result (beta applied once)."""
     g = torch.Generator().manual_seed(0)

@@ -144,7 +144,16 @@ def addbmm(self, batch1, batch2, beta=1, alpha=1):
 
 @lowering("addr")
 def addr(self, vec1, vec2, beta=1, alpha=1):
-    return _add_scaled(self, mx.multiply(vec1[:, None], vec2[None, :]), beta, alpha)
+    """beta * self + (alpha * vec1) * vec2 in the tensors' dtype, one rounding per operation
+    in that order, as torch's CPU kernel (half results bit-exact); beta = 0 ignores self."""
+    if not _is_inexact(vec1):
+        return _add_scaled(self, mx.multiply(vec1[:, None], vec2[None, :]), beta, alpha)
+    dtype = vec1.dtype
+    scaled = vec1 if alpha == 1 else mx.array(alpha, dtype) * vec1
+    outer = scaled[:, None] * vec2[None, :]
+    if beta == 0:
+        return outer
+    return (self if beta == 1 else mx.array(beta, dtype) * self.astype(dtype)) + outer
 
 
 @lowering("trace")
