@@ -1,7 +1,11 @@
 """Offline decode benchmark: vllm_metal vs mlx-lm on the same ~0.5B Llama weights and BLAS,
 with transformers on torch CPU as a reference line, and the machine's memory-bandwidth bound.
 
-Each engine runs in its own process (one MLX runtime per process). Decode rates are measured as
+Each engine runs in its own process (one MLX runtime per process). vllm_metal runs the
+checkpoint in float32 like the others (vLLM's "auto" dtype would downcast a float32 checkpoint to
+bfloat16, whose MLX CPU matmul is a single-threaded loop, not BLAS), with vLLM's default
+compilation, and a 1024-token batch budget (vLLM's start-up profiling pass runs the forward once
+at that size). Decode rates are measured as
 (N - 1) extra tokens over the time difference between generating N tokens and 1 token, so
 prefill and start-up costs cancel out.
 
@@ -56,7 +60,8 @@ def run_json(code: str, env=None) -> dict:
 VLLM = """
 import json, time
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=1024, max_num_seqs=32, seed=0)
+llm = LLM(model={model!r}, dtype="float32", max_model_len=1024, max_num_seqs=32,
+          max_num_batched_tokens=1024, seed=0)
 prompt = {{"prompt_token_ids": list(range(10, 26))}}
 def run(batch, tokens):
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
