@@ -26,6 +26,11 @@ class MetalPlatform(Platform):
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
+        # vLLM's "auto" dtype downcasts a float32 checkpoint to the first entry. On Metal that is
+        # bfloat16; MLX's CPU backend multiplies float32 through BLAS but half types in a
+        # single-threaded loop (10x and more slower), so there float32 comes first.
+        if _mlx_runs_on_cpu():
+            return [torch.float32, torch.bfloat16, torch.float16]
         return [torch.bfloat16, torch.float16, torch.float32]
 
     @classmethod
@@ -190,6 +195,17 @@ class MetalPlatform(Platform):
     @classmethod
     def check_runner_kv_caches_multi_layer(cls) -> None:
         pass  # the runner is vLLM's own; it binds caches per layer name
+
+
+def _mlx_runs_on_cpu() -> bool:
+    """Whether the worker's MLX default device is the CPU (VLLM_MLX_DEVICE, else Metal if
+    present). Reads device facts only: no stream, thread or allocation."""
+    import mlx.core as mx
+
+    device = envs.mlx_device()
+    if device is not None:
+        return device == "cpu"
+    return not mx.metal.is_available()
 
 
 def _mlx_in_use() -> bool:

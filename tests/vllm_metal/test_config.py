@@ -2,6 +2,7 @@
 import gc
 
 import pytest
+import torch
 import vllm
 
 import vllm_metal
@@ -98,5 +99,21 @@ def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
     assert config.parallel_config.worker_cls == "vllm_metal.worker.MetalWorker"
     assert config.compilation_config.cudagraph_mode.name == "NONE"
     assert llm.collective_rpc(lambda worker: worker.model_runner.kv_caches[0].shape[2])[0] == 32
+    del llm
+    gc.collect()
+
+
+def test_auto_dtype_of_a_float32_checkpoint_follows_the_mlx_device(model_dir):
+    # vLLM downcasts a float32 checkpoint to the platform's first dtype: bfloat16 on Metal; on
+    # MLX's CPU backend float32, the one its BLAS multiplies (half types run a single-threaded
+    # loop there).
+    import mlx.core as mx
+    from vllm.platforms import current_platform
+
+    expected = torch.bfloat16 if mx.metal.is_available() else torch.float32
+    assert current_platform.supported_dtypes[0] == expected
+    llm = vllm.LLM(model=model_dir("LlamaForCausalLM"), max_model_len=256, max_num_seqs=2,
+                   enforce_eager=True)
+    assert llm.llm_engine.vllm_config.model_config.dtype == expected
     del llm
     gc.collect()
