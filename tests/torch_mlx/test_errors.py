@@ -19,6 +19,8 @@ import opinfo_harness as harness
 # Ops that MLX has no natural lowering for, each with a call on a float tensor: the tests below
 # use the first one that is still unlowered, so they stay meaningful as the table grows.
 UNLOWERED_CANDIDATES = [
+    ("glu_jvp", "torch.ops.aten.glu_jvp(torch.nn.functional.glu(torch.clone(x).repeat(2)), "
+                "torch.clone(x).repeat(2), torch.clone(x).repeat(2), 0)"),
     ("special_airy_ai", "torch.special.airy_ai(x)"),
     ("special_scaled_modified_bessel_k1", "torch.special.scaled_modified_bessel_k1(x)"),
     ("special_spherical_bessel_j0", "torch.special.spherical_bessel_j0(x)"),
