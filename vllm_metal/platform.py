@@ -133,9 +133,20 @@ class MetalPlatform(Platform):
             cache.block_size = envs.block_size()
 
         compilation = vllm_config.compilation_config
+        if compilation.mode == CompilationMode.DYNAMO_TRACE_ONCE:
+            # vLLM saves that mode's graph as an AOT artifact, which only inductor's output
+            # supports; VLLM_COMPILE also traces once and runs the same MLX functions.
+            logger.warning("compilation mode DYNAMO_TRACE_ONCE runs as VLLM_COMPILE on mlx")
+            compilation.mode = CompilationMode.VLLM_COMPILE
         if compilation.mode == CompilationMode.VLLM_COMPILE and compilation.backend == "inductor":
             logger.warning("inductor cannot compile for mlx; using the MLX compiler")
             compilation.backend = cls.get_compile_backend()
+        elif compilation.mode == CompilationMode.STOCK_TORCH_COMPILE \
+                and compilation.backend in ("", "inductor", cls.get_compile_backend()):
+            # torch.compile of the whole model with a dynamo backend: torch_mlx's "mlx"
+            import torch_mlx.compile  # noqa: F401  (registers the backend with dynamo)
+
+            compilation.backend = "mlx"
         # vLLM's graph passes fuse CUDA/ROCm custom kernels (quantisation, all-reduce, AITER);
         # none of those kernels exists on mlx, and MLX fuses elementwise work itself.
         passes = compilation.pass_config

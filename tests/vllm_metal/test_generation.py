@@ -63,6 +63,22 @@ def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
     gc.collect()
 
 
+@pytest.mark.parametrize("mode", [1, 2], ids=["STOCK_TORCH_COMPILE", "DYNAMO_TRACE_ONCE"])
+def test_other_compilation_modes(mode, model_dir):
+    # STOCK_TORCH_COMPILE: torch.compile(backend="mlx") over the whole forward (attention split
+    # out by the partitioner); DYNAMO_TRACE_ONCE runs as VLLM_COMPILE (see MetalPlatform).
+    path = model_dir("LlamaForCausalLM")
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   compilation_config={"mode": mode})
+    params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
+    outputs = llm.generate(PROMPTS[:3], params)
+    for prompt, output in zip(PROMPTS, outputs):
+        expected, _ = reference.greedy(path, reference.tokenize(path, prompt), MAX_TOKENS)
+        assert list(output.outputs[0].token_ids) == expected
+    del llm
+    gc.collect()
+
+
 def test_reference_honours_the_sliding_window(model_dir):
     # The Mistral comparison above only proves sliding-window attention if transformers'
     # reference itself depends on the window: without it, a long prompt continues differently.
