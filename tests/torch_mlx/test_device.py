@@ -153,7 +153,7 @@ def test_unsupported_dtypes_raise_type_error(dtype):
 
 
 def test_unlowered_op_names_itself_and_the_switch():
-    x = torch.ones(3, device="mlx")
+    x = torch.ones(4, device="mlx")
     torch_mlx.set_fallback(False)
-    with pytest.raises(NotImplementedError, match=r"aten::_fft_r2c.*TORCH_MLX_FALLBACK"):
-        torch.fft.rfft(x)
+    with pytest.raises(NotImplementedError, match=r"aten::glu_jvp.*TORCH_MLX_FALLBACK"):
+        torch.ops.aten.glu_jvp(torch.nn.functional.glu(x), x, x, 0)
