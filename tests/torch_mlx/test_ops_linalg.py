@@ -188,3 +188,18 @@ def test_half_addbmm_accumulates_batch_by_batch_as_cpu(dtype):
     for beta, alpha in [(1, 1), (0.5, 2.0), (0, 1)]:
         assert torch.equal(torch.addbmm(*_mlx(c, a, b), beta=beta, alpha=alpha).cpu(),
                            torch.addbmm(c, a, b, beta=beta, alpha=alpha))
+
+
+def test_float_tolerance_pinv_differentiates_without_warnings_and_runs_in_inference_mode():
+    import warnings
+    x0 = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    for fn in (lambda x: torch.linalg.pinv(x, rtol=1e-3), torch.pinverse,
+               lambda x: torch.ops.aten.linalg_pinv(x, 1e-3)):
+        x, xc = x0.to("mlx").requires_grad_(), x0.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "an autograd kernel was not registered"
+            fn(x).sum().backward()
+        fn(xc).sum().backward()
+        torch.testing.assert_close(x.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-4)
+        with torch.inference_mode():
+            torch.testing.assert_close(fn(x0.to("mlx")).cpu(), fn(x0), rtol=1e-4, atol=1e-4)

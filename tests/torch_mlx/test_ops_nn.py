@@ -200,6 +200,9 @@ def test_batch_norm_of_an_empty_batch_keeps_its_gradient():
     assert out.shape == (0, 3, 5) and out.grad_fn is not None
     out.sum().backward()
     assert torch.equal(w.grad.cpu(), torch.zeros(3)) and torch.equal(b.grad.cpu(), torch.zeros(3))
+    with torch.inference_mode():  # skips the autograd key: the PrivateUse1 registration
+        assert F.batch_norm(torch.empty(0, 3, device="mlx"), None, None, None, None,
+                            True).shape == (0, 3)
 
 def test_ctc_loss_and_its_gradient():
     torch.manual_seed(0)

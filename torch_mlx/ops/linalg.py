@@ -950,6 +950,8 @@ def linalg_ldl_solve(LD, pivots, B, hermitian=False):
 # Tolerance overloads of pinv and matrix_rank. torch's C++ composites build their tolerances as
 # float64 tensors on the input's device, which "mlx" has no storage for (TypeError); these
 # kernels build the same tolerances in float32 (get_atol_rtol's rules) and compute the same.
+# pinv's are autograd-level kernels: they reach linalg_pinv.atol_rtol_tensor, whose derivative
+# formula records the backward (a PrivateUse1-only kernel would make autograd warn).
 
 
 def _tolerances(input, atol, rtol):
@@ -969,20 +971,20 @@ def _tolerances(input, atol, rtol):
     return atol, rtol
 
 
-@torch_kernel("linalg_pinv.atol_rtol_float")
+@torch_kernel("linalg_pinv.atol_rtol_float", autograd=True)
 def linalg_pinv_float(self, atol=None, rtol=None, hermitian=False):
     atol, rtol = _tolerances(self, atol, rtol)
     return torch.ops.aten.linalg_pinv.atol_rtol_tensor(self, atol=atol, rtol=rtol,
                                                        hermitian=hermitian)
 
 
-@torch_kernel("linalg_pinv")
+@torch_kernel("linalg_pinv", autograd=True)
 def linalg_pinv_rcond(self, rcond, hermitian=False):
     """NumPy's rcond is a relative tolerance (atol 0)."""
     return linalg_pinv_float(self, 0.0, rcond, hermitian)
 
 
-@torch_kernel("pinverse")
+@torch_kernel("pinverse", autograd=True)
 def pinverse(self, rcond=1e-15):
     return linalg_pinv_float(self, 0.0, rcond, False)
 

@@ -114,7 +114,8 @@ TORCH_KERNELS: dict[str, Callable] = {}
 # Kernels at the autograd level (AutogradPrivateUse1) for CompositeImplicitAutograd overloads
 # whose C++ composite cannot run on "mlx" as written (e.g. it allocates float64 tensors on the
 # input's device): they call differentiable ops, so autograd records through them as through
-# the composite, and the composite stays in charge of every other device.
+# the composite, and the composite stays in charge of every other device. They are registered
+# for PrivateUse1 too, which is where calls that skip autograd (inference mode) land.
 AUTOGRAD_KERNELS: dict[str, Callable] = {}
 
 
@@ -425,6 +426,7 @@ class Registrar:
             self.impl(name, fn)
         for name, fn in AUTOGRAD_KERNELS.items():
             self.impl(name, fn, "AutogradPrivateUse1")
+            self.impl(name, fn)
         for name, low in TABLE.items():
             if low.eager:
                 self.functional(name, functional_kernel(overload(name), low))
