@@ -2,10 +2,19 @@
 // mx.array can be built over it without a copy (MLX's CPU allocator cannot adopt foreign memory).
 #include "storage.h"
 
+#include <atomic>
 #include <cstring>
 #include <mutex>
+#include <variant>
 
+#include <unistd.h>
+
+#include <ATen/core/CachingHostAllocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <c10/util/Exception.h>
+#include <mlx/device.h>
+#include <mlx/memory.h>
 
 namespace mx = mlx::core;
 
@@ -40,8 +49,68 @@ void run_first_use_hook() {
 
 namespace {
 
-class MlxAllocator final : public c10::Allocator {
+// The device's memory: what MLX reports for Metal (the GPU's recommended working set), else the
+// machine's RAM (MLX's CPU backend reports no size; memory is unified either way). The same
+// rule as vllm_metal/memory.py.
+size_t device_total_memory() {
+  const auto& info = mx::device_info();
+  for (const char* key : {"max_recommended_working_set_size", "memory_size"}) {
+    auto it = info.find(key);
+    if (it != info.end() && std::holds_alternative<size_t>(it->second) &&
+        std::get<size_t>(it->second) > 0) {
+      return std::get<size_t>(it->second);
+    }
+  }
+  return static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGE_SIZE));
+}
+
+// A c10::DeviceAllocator, so torch.accelerator's memory API (empty_cache, memory_stats,
+// memory_allocated, reset_peak_memory_stats, get_memory_info) works for "mlx". The statistics
+// are MLX's allocator counters: torch storages and MLX arrays share that allocator.
+class MlxAllocator final : public c10::DeviceAllocator {
  public:
+  bool initialized() override {
+    return true;
+  }
+
+  void emptyCache(c10::MempoolId_t /*mempool_id*/) override {
+    mx::clear_cache();  // MLX's buffer cache: freed buffers kept for reuse
+  }
+
+  // One in-order stream per device and eager ops complete before they return: a buffer is
+  // never in flight on another stream.
+  void recordStream(const c10::DataPtr& /*ptr*/, c10::Stream /*stream*/) override {}
+
+  c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex /*device*/) override {
+    c10::CachingDeviceAllocator::DeviceStats stats;
+    const auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    const auto active = static_cast<int64_t>(mx::get_active_memory());
+    // MLX's peak restarts at 0 when reset; torch's restarts at the current usage
+    const auto peak = std::max(static_cast<int64_t>(mx::get_peak_memory()), active);
+    const auto cached = static_cast<int64_t>(mx::get_cache_memory());
+    for (auto* stat : {&stats.allocated_bytes[aggregate], &stats.active_bytes[aggregate],
+                       &stats.requested_bytes[aggregate]}) {
+      stat->current = active;
+      stat->peak = peak;
+    }
+    stats.reserved_bytes[aggregate].current = active + cached;
+    stats.reserved_bytes[aggregate].peak = std::max(peak, active + cached);
+    return stats;
+  }
+
+  // MLX keeps no cumulative counters (allocation counts, bytes freed) to reset.
+  void resetAccumulatedStats(c10::DeviceIndex /*device*/) override {}
+
+  void resetPeakStats(c10::DeviceIndex /*device*/) override {
+    mx::reset_peak_memory();
+  }
+
+  std::pair<size_t, size_t> getMemoryInfo(c10::DeviceIndex /*device*/) override {
+    const size_t total = device_total_memory();
+    const size_t used = mx::get_active_memory() + mx::get_cache_memory();
+    return {total > used ? total - used : 0, total};
+  }
+
   c10::DataPtr allocate(size_t nbytes) override {
     auto* ctx = new StorageCtx();
     void* data = nullptr;
@@ -100,5 +169,88 @@ c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset) {
 }
 
 REGISTER_ALLOCATOR(c10::DeviceType::PrivateUse1, &g_allocator);
+
+namespace {
+
+// The "pinned host memory" allocator of device "mlx" (torch.Tensor.pin_memory("mlx"),
+// torch.accelerator.empty_host_cache). Memory is unified, so page-locked staging buffers are not
+// needed: pinned host memory is plain host memory, counted here, and there is no cache to empty.
+class MlxHostAllocator final : public at::HostAllocator {
+ public:
+  c10::DataPtr allocate(size_t nbytes) override {
+    auto* block = new HostBlock{c10::GetDefaultCPUAllocator()->allocate(nbytes), nbytes};
+    void* data = block->cpu.get();
+    if (data != nullptr) {
+      const int64_t now = allocated_.fetch_add(static_cast<int64_t>(nbytes)) +
+                          static_cast<int64_t>(nbytes);
+      int64_t peak = peak_.load();
+      while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+      }
+      count_.fetch_add(1);
+    }
+    return {data, block, &free_host, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return nullptr;
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+
+  // Nothing is in flight on another stream (see MlxAllocator::recordStream).
+  bool record_event(void* /*ptr*/, void* /*ctx*/, c10::Stream /*stream*/) override {
+    return true;
+  }
+
+  void empty_cache() override {}  // no cache: blocks are freed when their tensors go
+
+  at::HostStats get_stats() override {
+    at::HostStats stats;
+    stats.allocated_bytes.current = allocated_.load();
+    stats.allocated_bytes.peak = peak_.load();
+    stats.allocations.current = count_.load();
+    return stats;
+  }
+
+  void reset_accumulated_stats() override {}
+
+  void reset_peak_stats() override {
+    peak_.store(allocated_.load());
+  }
+
+  struct HostBlock {
+    c10::DataPtr cpu;  // from torch's CPU allocator; freed with the block
+    size_t nbytes;
+  };
+
+  static void free_host(void* ctx) {
+    auto* block = static_cast<HostBlock*>(ctx);
+    if (block->cpu.get() != nullptr) {
+      g_host_allocator_instance->release(block->nbytes);
+    }
+    delete block;
+  }
+
+  void release(size_t nbytes) {
+    allocated_.fetch_sub(static_cast<int64_t>(nbytes));
+    count_.fetch_sub(1);
+  }
+
+  static MlxHostAllocator* g_host_allocator_instance;
+
+ private:
+  std::atomic<int64_t> allocated_{0};
+  std::atomic<int64_t> peak_{0};
+  std::atomic<int64_t> count_{0};
+};
+
+MlxHostAllocator g_host_allocator;
+MlxHostAllocator* MlxHostAllocator::g_host_allocator_instance = &g_host_allocator;
+
+}  // namespace
+
+REGISTER_HOST_ALLOCATOR(at::kPrivateUse1, &g_host_allocator);
 
 }  // namespace torch_mlx

@@ -7,7 +7,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from . import compat, envs
+from . import envs
 
 logger = init_logger(__name__)
 
@@ -115,7 +115,6 @@ class MetalPlatform(Platform):
         from vllm.config import CompilationMode, CUDAGraphMode
 
         envs.validate()
-        compat.install()
         if envs.debug():
             logging.getLogger("vllm_metal").setLevel(logging.DEBUG)
         from . import ops  # noqa: F401  (registers the MLX custom-op overrides)

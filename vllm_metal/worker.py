@@ -14,7 +14,7 @@ from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
 from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
 from vllm.v1.worker.worker_base import CompilationTimes
 
-from . import compat, envs
+from . import envs
 from .memory import device_total_memory, kv_cache_budget
 from .model_runner import MetalModelRunner
 
@@ -32,7 +32,6 @@ class MetalWorker(Worker):
         device = envs.mlx_device()
         if device is not None:
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
-        compat.install()
         self.device = torch.device("mlx:0")
         init_worker_distributed_environment(self.vllm_config, self.rank,
                                             self.distributed_init_method, self.local_rank,

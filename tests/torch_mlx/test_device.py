@@ -71,6 +71,32 @@ def test_memory_stats_follow_mlx_allocator():
     assert mx.get_active_memory() == before
 
 
+def test_torch_accelerator_memory_api():
+    # torch_mlx's allocator is a c10::DeviceAllocator and registers a host allocator, so
+    # torch.accelerator's generic memory API works for "mlx" (vLLM calls empty_cache and
+    # empty_host_cache) and reports MLX's allocator counters.
+    assert torch.accelerator.current_accelerator().type == "mlx"
+    torch.accelerator.empty_cache()
+    before = torch.accelerator.memory_allocated()
+    assert before == mx.get_active_memory()
+    x = torch.empty(1 << 20, device="mlx")
+    assert torch.accelerator.memory_allocated() == mx.get_active_memory() >= before + (4 << 20)
+    stats = torch.accelerator.memory_stats()
+    assert stats["allocated_bytes.all.current"] == torch.accelerator.memory_allocated()
+    assert stats["reserved_bytes.all.current"] >= stats["allocated_bytes.all.current"]
+    torch.accelerator.reset_peak_memory_stats()  # the peak restarts at the current usage
+    assert torch.accelerator.max_memory_allocated() == torch.accelerator.memory_allocated()
+    y = torch.empty(1 << 20, device="mlx")
+    assert torch.accelerator.max_memory_allocated() >= torch.accelerator.memory_allocated()
+    del x, y
+    assert torch.accelerator.memory_allocated() == before
+    free, total = torch.accelerator.get_memory_info()
+    assert 0 < free <= total
+    torch.accelerator.empty_cache()
+    assert mx.get_cache_memory() == 0
+    torch.accelerator.empty_host_cache()  # no pinned-host cache under unified memory
+
+
 def test_rng_state_api():
     torch.mlx.manual_seed(123)
     assert torch.mlx.initial_seed() == 123
