@@ -1,4 +1,6 @@
 // Device guard for "mlx": one device (index 0) and one in-order stream, MLX's default stream.
+#include <chrono>
+
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <mlx/transforms.h>
@@ -53,13 +55,35 @@ struct MlxGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   bool queryStream(const Stream&) const override {
     return true;
   }
-  // Events are no-ops: there is one in-order stream and eager ops complete before returning.
-  void record(void**, const Stream&, const c10::DeviceIndex, const c10::EventFlag) const override {}
+  // Events: there is one in-order stream and eager ops complete before returning, so an event
+  // is complete once recorded. Recording waits for work queued on MLX directly and stamps the
+  // time, so torch.Event(enable_timing=True).elapsed_time measures host-observed intervals.
+  void record(void** event, const Stream&, const c10::DeviceIndex,
+              const c10::EventFlag) const override {
+    mlx::core::synchronize();
+    if (*event == nullptr) {
+      *event = new Clock::time_point();
+    }
+    *static_cast<Clock::time_point*>(*event) = Clock::now();
+  }
   void block(void*, const Stream&) const override {}
   bool queryEvent(void*) const override {
     return true;
   }
-  void destroyEvent(void*, const c10::DeviceIndex) const noexcept override {}
+  void synchronizeEvent(void*) const override {}
+  double elapsedTime(void* start, void* end, const c10::DeviceIndex) const override {
+    TORCH_CHECK(start != nullptr && end != nullptr,
+                "elapsed_time: both events must be recorded first");
+    const auto& t0 = *static_cast<Clock::time_point*>(start);
+    const auto& t1 = *static_cast<Clock::time_point*>(end);
+    return std::chrono::duration<double, std::milli>(t1 - t0).count();
+  }
+  void destroyEvent(void* event, const c10::DeviceIndex) const noexcept override {
+    delete static_cast<Clock::time_point*>(event);
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
 };
 
 C10_REGISTER_GUARD_IMPL(PrivateUse1, MlxGuardImpl);

@@ -3,8 +3,10 @@ import io
 import os
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
+
 import pytest
 import torch
 
@@ -95,6 +97,26 @@ def test_torch_accelerator_memory_api():
     torch.accelerator.empty_cache()
     assert mx.get_cache_memory() == 0
     torch.accelerator.empty_host_cache()  # no pinned-host cache under unified memory
+
+
+def test_events_and_the_stream():
+    # one in-order stream; an event is complete once recorded, and timing events measure the
+    # interval between their records
+    stream = torch.accelerator.current_stream()
+    assert stream.device.type == "mlx"
+    event = torch.Event(device="mlx")
+    event.record()
+    event.synchronize()
+    assert event.query()
+    event.wait(stream)
+    stream.synchronize()
+    start = torch.Event(device="mlx", enable_timing=True)
+    end = torch.Event(device="mlx", enable_timing=True)
+    start.record()
+    time.sleep(0.05)
+    end.record()
+    end.synchronize()
+    assert 45 <= start.elapsed_time(end) < 5000
 
 
 def test_rng_state_api():
