@@ -68,6 +68,8 @@ def test_memory_stats_follow_mlx_allocator():
     x = torch.empty(1 << 20, device="mlx")
     assert torch.mlx.memory_allocated() >= before + (4 << 20)
     assert torch.mlx.max_memory_allocated() >= torch.mlx.memory_allocated()
+    torch.mlx.reset_peak_memory_stats()  # the peak restarts at the current usage
+    assert torch.mlx.max_memory_allocated() == torch.mlx.memory_allocated()
     del x
     assert torch.mlx.memory_allocated() == before
     assert mx.get_active_memory() == before
