@@ -262,12 +262,40 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
     except NotImplementedError:
         _NO_META.add(op)  # no meta kernel: the lowering's own result dtype stands
         return None, _compute_dtype(args, promote, opmath)
+    except Exception as meta_error:
+        _raise_as_the_cpu_would(op, args, kwargs, meta_error)
     info = (spec, _compute_dtype(args, promote, opmath))
     if hashable:
         if len(_META_CACHE) >= _META_CACHE_SIZE:
             _META_CACHE.clear()
         _META_CACHE[key] = info
     return info
+
+
+def _cpu_stand_in(x):
+    """A CPU tensor with x's shape and dtype that allocates one element (stride 0)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "mlx":
+        return torch.zeros((), dtype=x.dtype).expand(x.shape)
+    if isinstance(x, torch.device) and x.type == "mlx":
+        return torch.device("cpu")
+    return x
+
+
+def _raise_as_the_cpu_would(op, args, kwargs, meta_error: Exception):
+    """A meta kernel rejected the call. Some raise another exception type than the CPU kernel
+    for the same mistake (RuntimeError where the CPU raises IndexError, e.g. argmax over an
+    empty tensor); users catch the CPU's types. So a functional op is tried on CPU stand-ins
+    of the same shapes and dtypes, and the CPU's exception is raised when it is of another
+    type. Only error paths pay for this."""
+    if any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
+        raise meta_error
+    try:
+        cargs, ckwargs = tree_map(_cpu_stand_in, (args, kwargs))
+        op(*cargs, **ckwargs)
+    except Exception as cpu_error:  # noqa: BLE001  (re-raised as is)
+        if type(cpu_error) is not type(meta_error):
+            raise cpu_error.with_traceback(None) from None
+    raise meta_error
 
 
 def _compute_dtype(args, promote, opmath):
