@@ -50,8 +50,8 @@ void run_first_use_hook() {
 namespace {
 
 // The device's memory: what MLX reports for Metal (the GPU's recommended working set), else the
-// machine's RAM (MLX's CPU backend reports no size; memory is unified either way). The same
-// rule as vllm_metal/memory.py.
+// machine's RAM (MLX's CPU backend reports no size; memory is unified either way).
+// vllm_metal/memory.py reads it through torch.accelerator.get_memory_info.
 size_t device_total_memory() {
   const auto& info = mx::device_info();
   for (const char* key : {"max_recommended_working_set_size", "memory_size"}) {

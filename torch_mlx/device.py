@@ -122,23 +122,22 @@ def set_rng_state_all(states) -> None:
     set_rng_state(states[0])
 
 
-# Memory, as MLX's allocator counts it.
+# Memory: the C++ allocator's statistics (MLX's allocator counters), shared with
+# torch.accelerator's memory API.
 def memory_allocated(device=None) -> int:
-    return mx.get_active_memory()
+    return torch.accelerator.memory_allocated("mlx")
 
 
 def max_memory_allocated(device=None) -> int:
-    # MLX's peak restarts at 0 when reset, torch's at the current usage (as the C++
-    # DeviceAllocator's statistics behind torch.accelerator)
-    return max(mx.get_peak_memory(), mx.get_active_memory())
+    return torch.accelerator.max_memory_allocated("mlx")
 
 
 def reset_peak_memory_stats(device=None) -> None:
-    mx.reset_peak_memory()
+    torch.accelerator.reset_peak_memory_stats("mlx")
 
 
 def memory_reserved(device=None) -> int:
-    return mx.get_active_memory() + mx.get_cache_memory()
+    return torch.accelerator.memory_reserved("mlx")
 
 
 def empty_cache() -> None:

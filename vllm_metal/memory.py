@@ -4,18 +4,14 @@ Memory is unified: weights, activations and the KV cache all come from MLX's all
 own counters (active and peak bytes) measure what this process uses, and the device's total is
 the machine's memory (on Apple silicon, the GPU's recommended working set).
 """
-import mlx.core as mx
-import psutil
+import torch
 
 from . import envs
 
 
 def device_total_memory() -> int:
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if info.get(key):
-            return int(info[key])
-    return psutil.virtual_memory().total  # MLX's CPU backend reports no memory size
+    # torch_mlx's allocator (csrc/allocator.cpp) answers: MLX's reported size, else the RAM
+    return torch.accelerator.get_memory_info("mlx")[1]
 
 
 def kv_cache_budget(*, total: int, peak_in_use: int, needed_for_all_seqs: int,

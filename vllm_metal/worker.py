@@ -71,8 +71,9 @@ class MetalWorker(Worker):
         return budget
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
-        # Eager execution: nothing to compile or capture. Reset the seed so profiling's random
-        # draws do not shift the first request's samples.
+        # The model was compiled (if it is) at its first forward, the profiling run in
+        # determine_available_memory; there are no CUDA graphs to capture. Reset the seed so
+        # profiling's random draws do not shift the first request's samples.
         set_random_seed(self.model_config.seed, self.parallel_config.data_parallel_index)
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
