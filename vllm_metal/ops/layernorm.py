@@ -21,27 +21,28 @@ fused_add_rms_norm_op = define(
     lambda x, residual, weight, eps, weight_offset: (torch.empty_like(x), torch.empty_like(x)))
 
 
-def _normalise(a: mx.array, weight: mx.array | None, eps: float, weight_offset: float,
-               dtype: mx.Dtype) -> mx.array:
+def _normalise(a: mx.array, weight: mx.array | None, eps: float,
+               weight_offset: float) -> mx.array:
     if weight is not None and weight_offset:
         weight = weight.astype(mx.float32) + weight_offset
     if weight is None or weight.dtype == a.dtype:
         out = mx.fast.rms_norm(a, weight, eps)  # one kernel, float32 accumulation
     else:  # vLLM's order: normalise in float32, round to the weight's dtype, scale
         out = mx.fast.rms_norm(a.astype(mx.float32), None, eps).astype(weight.dtype) * weight
-    return out.astype(dtype)
+    return out  # rounded to x's dtype (the fake kernel's) by torch_mlx's adapter
 
 
 @lowering("vllm_metal::rms_norm")
 def rms_norm(x, weight, eps, weight_offset):
-    return _normalise(x, weight, eps, weight_offset, x.dtype)
+    return _normalise(x, weight, eps, weight_offset)
 
 
 @lowering("vllm_metal::fused_add_rms_norm")
 def fused_add_rms_norm(x, residual, weight, eps, weight_offset):
-    # normalise the float32 sum; the new residual is that sum, rounded
+    # normalise the float32 sum; the new residual is that sum (both rounded to x's dtype by
+    # the adapter)
     total = x.astype(mx.float32) + residual.astype(mx.float32)
-    return _normalise(total, weight, eps, weight_offset, x.dtype), total.astype(x.dtype)
+    return _normalise(total, weight, eps, weight_offset), total
 
 
 def _forward(x, residual, weight, eps, weight_offset):
