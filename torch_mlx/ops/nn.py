@@ -407,16 +407,23 @@ def silu_backward(grad_output, self):
 
 @lowering("tanh_backward")
 def tanh_backward(grad_output, output):
-    # d tanh = 1 - tanh^2, from the forward's output; conjugated for complex (Wirtinger)
-    y, g = _upcast(output), _upcast(grad_output)
-    return g * mx.conj(1 - y * y) if mx.issubdtype(y.dtype, mx.complexfloating) else g * (1 - y * y)
+    # d tanh = 1 - tanh^2, from the forward's output
+    y = _upcast(output)
+    return _chain(grad_output, 1 - y * y)
 
 
 @lowering("sigmoid_backward")
 def sigmoid_backward(grad_output, output):
-    y, g = _upcast(output), _upcast(grad_output)
-    d = y * (1 - y)
-    return g * mx.conj(d) if mx.issubdtype(y.dtype, mx.complexfloating) else g * d
+    y = _upcast(output)
+    return _chain(grad_output, y * (1 - y))
+
+
+def _chain(grad_output, derivative):
+    """grad * derivative, the derivative conjugated for complex inputs (Wirtinger calculus, as
+    torch's backward kernels)."""
+    if mx.issubdtype(derivative.dtype, mx.complexfloating):
+        derivative = mx.conj(derivative)
+    return _upcast(grad_output) * derivative
 
 
 @lowering("mish")
