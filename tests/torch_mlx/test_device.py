@@ -207,3 +207,41 @@ def test_unlowered_op_names_itself_and_the_switch():
     torch_mlx.set_fallback(False)
     with pytest.raises(NotImplementedError, match=r"aten::glu_jvp.*TORCH_MLX_FALLBACK"):
         torch.ops.aten.glu_jvp(torch.nn.functional.glu(x), x, x, 0)
+
+
+HUGE_PAGE_PROBE = r"""
+import json, torch
+t = torch.empty(64 << 20, dtype=torch.uint8, device="mlx")
+t.fill_(1)  # first touch: the kernel backs advised ranges with 2 MiB pages
+begin, end, huge = t.data_ptr(), t.data_ptr() + t.numel(), 0
+with open("/proc/self/smaps") as smaps:  # the advice splits the buffer's mapping: sum them
+    inside = False
+    for line in smaps:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) > 4:
+            start, stop = (int(x, 16) for x in fields[0].split("-"))
+            inside = start < end and begin < stop
+        elif inside and fields[0] == "AnonHugePages:":
+            huge += int(fields[1]) << 10
+print(json.dumps({"huge_bytes": huge}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend")
+def test_large_buffers_ask_for_huge_pages():
+    # Weights and the KV cache are streamed every decode step; 2 MiB pages cut TLB misses.
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        mode = f.read().split("[")[1].split("]")[0]
+
+    def huge_bytes(**env):
+        out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, **env))
+        return __import__("json").loads(out.stdout.strip().splitlines()[-1])["huge_bytes"]
+
+    advised, off = huge_bytes(), huge_bytes(TORCH_MLX_HUGEPAGES="0")
+    if mode == "never":  # the kernel refuses; the advice must change nothing
+        assert advised == off == 0
+    else:  # 64 MiB: all but the unaligned ends of the buffer
+        assert advised >= 60 << 20, advised
+    if mode == "madvise":  # without the advice the buffer stays in 4 KiB pages
+        assert off == 0, off
