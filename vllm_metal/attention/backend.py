@@ -5,6 +5,7 @@ host copies of the few per-request integers the Python side needs (query offsets
 lengths) and zero-copy MLX views of the device tables; masks are built on first use and reused
 by the remaining layers.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -83,6 +84,7 @@ class MLXAttentionMetadata:
     def num_reqs(self) -> int:
         return len(self.seq_lens)
 
+    @functools.cached_property
     def decode_blocks(self) -> int:
         """Block-table columns that cover the longest decode request."""
         longest = int(self.seq_lens[: self.num_decodes].max())
@@ -91,7 +93,7 @@ class MLXAttentionMetadata:
     def decode_mask(self, window: int | None) -> mx.array:
         """Shared by all layers with the same window."""
         if window not in self._decode_masks:
-            num_keys = self.decode_blocks() * self.block_size
+            num_keys = self.decode_blocks * self.block_size
             lengths = mx.array(self.seq_lens[: self.num_decodes])
             self._decode_masks[window] = decode_mask(lengths, num_keys, window)
         return self._decode_masks[window]

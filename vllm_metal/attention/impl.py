@@ -49,18 +49,22 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         if attn_metadata is None:
             return output  # profiling run: no cache yet
         num_tokens = attn_metadata.num_actual_tokens
-        result = self._attend(to_mlx(query[:num_tokens]), to_mlx(key[:num_tokens]),
-                              to_mlx(value[:num_tokens]), to_mlx(kv_cache), attn_metadata)
-        output[:num_tokens].copy_(from_mlx(result))
+        # MLX slices here: a torch slice of an "mlx" tensor is a dispatched op, an MLX one is not
+        result = self._attend(to_mlx(query)[:num_tokens], to_mlx(key)[:num_tokens],
+                              to_mlx(value)[:num_tokens], to_mlx(kv_cache).swapaxes(1, 2),
+                              attn_metadata)
+        out = output if num_tokens == output.shape[0] else output[:num_tokens]
+        out.copy_(from_mlx(result))
         return output
 
     def _attend(self, query: mx.array, key: mx.array, value: mx.array, cache: mx.array,
                 md: MLXAttentionMetadata) -> mx.array:
-        """query [T, Hq, D], key/value [T, H, D] (this step's tokens, already in the cache);
+        """query [T, Hq, D], key/value [T, H, D] (this step's tokens, already in the cache),
+        cache token-major [num_blocks, BS, H, Dk + Dv];
         returns [T, Hq, Dv] in token order (decodes come first, see the builder)."""
         outputs = []
         if md.num_decodes:
-            block_table = md.block_table[: md.num_decodes, : md.decode_blocks()]
+            block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(query[: md.num_decodes], cache, block_table,
                                             md.decode_mask(self.sliding_window), self.scale,
                                             self.head_size))

@@ -20,14 +20,21 @@ def write_kv_slots(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """Store token t's key and value at cache slot ``slot_mapping[t]`` (block * block_size +
     offset); slots < 0 are padding and skipped. key [T, H, Dk], value [T, H, Dv]."""
     cache = _host(kv_cache)
-    block_size = cache.shape[2]
-    head_size = key.shape[-1]
     num_tokens = key.shape[0]
     slots = _host(slot_mapping)[:num_tokens]
     keys, values = _host(key), _host(value)
-    valid = slots >= 0
-    if not bool(valid.all()):
+    if num_tokens and int(slots.min()) < 0:
+        valid = slots >= 0
         slots, keys, values = slots[valid], keys[valid], values[valid]
+    num_blocks, heads, block_size, content = cache.shape
+    try:  # token-major blocks (LBNHC): slot s is row s of a [slots, H, K|V] view
+        rows = cache.transpose(1, 2).view(num_blocks * block_size, heads, content)
+    except RuntimeError:
+        rows = None
+    if rows is not None:  # one write per step and layer, whatever the number of tokens
+        rows.index_copy_(0, slots, torch.cat([keys, values], dim=-1).to(cache.dtype))
+        return
+    head_size = key.shape[-1]
     blocks, offsets = slots // block_size, slots % block_size
     # Advanced indices split by a slice put the token axis first: [T, H, D], like key/value.
     cache[blocks, :, offsets, :head_size] = keys.to(cache.dtype)
