@@ -26,17 +26,10 @@ if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# An optimized BLAS for MLX's Linux CPU backend (torch_mlx/blas.py): Debian's OpenBLAS where we
-# may install it, then the soname shims that hand it to libmlx only. TORCH_MLX_BLAS=reference
-# turns it off at run time.
-if [ "$(uname -s)" = "Linux" ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] \
-   && [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ] \
-   && command -v apt-get >/dev/null && [ "$(id -u)" = "0" ]; then
-  apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; } \
-    || echo "bootstrap: could not install libopenblas0-pthread; MLX keeps its reference BLAS"
-fi
-if [ "$(uname -s)" = "Linux" ] && [ ! -f "$ROOT/torch_mlx/_blas/TARGET" ]; then
+# An optimized BLAS for MLX's Linux CPU backend (torch_mlx/blas.py): the soname shims that hand
+# scipy-openblas32 (a requirement) to libmlx only; rebuilt when they point elsewhere.
+# TORCH_MLX_BLAS=reference turns it off at run time.
+if [ "$(uname -s)" = "Linux" ]; then
   (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" -c \
     "import sys, runpy; sys.argv = ['blas', '--build']; runpy.run_path('torch_mlx/blas.py', run_name='__main__')")
 fi

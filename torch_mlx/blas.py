@@ -4,11 +4,17 @@ The mlx-cpu wheel links the reference (netlib) BLAS and LAPACK it bundles as
 ``mlx_cpu.libs/libblas-<hash>.so.3.10.0`` and ``liblapack-<hash>.so.3.10.0``: a 4096x4096 float32
 matmul runs at about 3 GFLOP/s. Preloading OpenBLAS globally (LD_PRELOAD) fixes MLX but also
 interposes on torch's own CPU kernels and slows them badly. Instead this module builds two tiny
-*shim* libraries that carry exactly the bundled libraries' sonames and depend on OpenBLAS, and
+*shim* libraries that carry exactly the bundled libraries' sonames and forward to OpenBLAS, and
 loads them with RTLD_LOCAL before ``mlx.core`` is imported: the dynamic loader then satisfies
 libmlx's dependencies with the shims (it matches already loaded objects by soname), libmlx's
-BLAS/LAPACK symbols resolve to OpenBLAS through the shims' own dependency, and nothing enters the
-global symbol scope that torch sees.
+BLAS/LAPACK symbols resolve to the shims, and nothing enters the global symbol scope that torch
+sees.
+
+The OpenBLAS is PyPI's ``scipy-openblas32`` (a requirement on Linux, so no system package and no
+root are needed): a current release (0.3.34; Debian 12 ships 0.3.21, whose GEMV streams weights
+about 13% slower here) with 32-bit integers, as libmlx calls BLAS, and every symbol prefixed
+``scipy_``. So the shims define the unprefixed names libmlx imports (found with ``nm`` at build
+time) as jumps to the prefixed ones.
 
 OpenBLAS starts its thread pool when it is loaded, and torch_mlx is loaded by every
 ``import torch``: so it is loaded with one thread, and its real thread count
@@ -25,6 +31,7 @@ import glob
 import importlib.util
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,12 +39,7 @@ import tempfile
 logger = logging.getLogger("torch_mlx")
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_blas")
-OPENBLAS_CANDIDATES = [
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib64/libopenblasp.so.0",
-    "/usr/lib64/libopenblas.so.0",
-]
+PREFIX = "scipy_"  # scipy-openblas32's symbol prefix
 
 _info = {"library": "reference", "path": None, "reason": "not selected yet"}
 _threads = {"set_num_threads": None, "count": 0}
@@ -48,100 +50,134 @@ def info() -> dict:
     return dict(_info)
 
 
-def _bundled_libraries() -> list[str]:
-    """File names (= sonames) of the reference BLAS/LAPACK bundled with the mlx-cpu wheel."""
+def _site_packages() -> str | None:
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.dirname(list(spec.submodule_search_locations)[0])
+
+
+def _bundled_libraries() -> list[str]:
+    """File names (= sonames) of the reference BLAS/LAPACK bundled with the mlx-cpu wheel."""
+    site = _site_packages()
+    if site is None:
         return []
-    site = os.path.dirname(list(spec.submodule_search_locations)[0])
     libs = glob.glob(os.path.join(site, "mlx_cpu.libs", "libblas-*.so*"))
     libs += glob.glob(os.path.join(site, "mlx_cpu.libs", "liblapack-*.so*"))
     return sorted(os.path.basename(p) for p in libs)
 
 
 def find_openblas() -> str | None:
-    for path in OPENBLAS_CANDIDATES:
-        if os.path.exists(path):
-            return os.path.realpath(path)
-    return None
+    """scipy-openblas32's shared library, if the package is installed."""
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    libs = sorted(glob.glob(os.path.join(root, "lib", "libscipy_openblas*.so*")))
+    return os.path.realpath(libs[0]) if libs else None
 
 
-# The BLAS shim's one function. MLX's CPU matmul calls cblas_sgemm for every float product,
-# including matrix-vector ones (a decode step's x @ W.T has M = 1). OpenBLAS before 0.3.27 runs
-# those through its packed GEMM path: 5x slower than its GEMV here (a 1x1536 @ 1536x4096 product:
-# 7.8 ms vs 1.5 ms), so the shim forwards M == 1 / N == 1 products to cblas_sgemv, as newer
-# OpenBLAS does itself (GEMM_GEMV_FORWARD). Everything else goes to OpenBLAS's cblas_sgemm.
+def _dynamic_symbols(path: str, undefined: bool) -> set[str]:
+    flag = ["--undefined-only"] if undefined else ["--defined-only"]
+    out = subprocess.run(["nm", "-D", *flag, path], capture_output=True, text=True, check=True)
+    return {line.split()[-1].split("@")[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _forwarded_symbols(openblas: str) -> list[str]:
+    """The BLAS/LAPACK functions libmlx imports that the prefixed OpenBLAS provides."""
+    libmlx = os.path.join(_site_packages() or "", "mlx", "lib", "libmlx.so")
+    provided = {name[len(PREFIX):] for name in _dynamic_symbols(openblas, undefined=False)
+                if name.startswith(PREFIX)}
+    return sorted(_dynamic_symbols(libmlx, undefined=True) & provided)
+
+
+# A tail jump per forwarded function: arguments (registers, stack, Fortran's hidden string
+# lengths) reach the prefixed function untouched.
+_JUMP = {"x86_64": "jmp {target}@PLT", "aarch64": "b {target}"}
+
+
+def _trampolines(names: list[str]) -> str:
+    jump = _JUMP.get(platform.machine())
+    if jump is None:
+        raise RuntimeError(f"torch_mlx.blas: no trampoline for {platform.machine()}")
+    lines = ['__asm__(".text\\n"']
+    for name in names:
+        lines.append(f'        ".globl {name}\\n.type {name}, %function\\n{name}:\\n'
+                     f'        {jump.format(target=PREFIX + name)}\\n"')
+    return "\n".join(lines) + ");\n"
+
+
+# The one function the BLAS shim implements itself. MLX's CPU matmul calls cblas_sgemm for
+# every float product, including matrix-vector ones (a decode step's x @ W.T has M = 1).
+# OpenBLAS runs those through its packed GEMM path on this machine's kernels (0.3.21 and 0.3.34
+# alike): 5x slower than its GEMV (a 1x1536 @ 1536x4096 product: 7.8 ms vs 1.5 ms), so the shim
+# forwards M == 1 / N == 1 products to cblas_sgemv. Everything else goes to cblas_sgemm.
 _GEMM_SHIM = r"""
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <stdio.h>
-enum { RowMajor = 101, NoTrans = 111 };
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
-                         const float *, int, float, float *, int);
-typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
-                         float, float *, int);
-static sgemm_fn real_sgemm;
-static sgemv_fn real_sgemv;
-__attribute__((constructor)) static void bind(void) {
-  void *h = dlopen(OPENBLAS, RTLD_NOW | RTLD_NOLOAD);
-  if (!h) h = dlopen(OPENBLAS, RTLD_NOW | RTLD_LOCAL);
-  real_sgemm = h ? (sgemm_fn)dlsym(h, "cblas_sgemm") : 0;
-  real_sgemv = h ? (sgemv_fn)dlsym(h, "cblas_sgemv") : 0;
-  if (!real_sgemm || !real_sgemv) {
-    fprintf(stderr, "torch_mlx BLAS shim: cannot bind %s\n", OPENBLAS);
-    abort();
-  }
-}
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *,
+                       int, float, float *, int);
+void scipy_cblas_sgemv(int, int, int, int, float, const float *, int, const float *, int, float,
+                       float *, int);
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   if (order == RowMajor && K > 0 && M == 1 && N > 1) {
     /* C[1, N] = alpha * a[1, K] op(B)[K, N] + beta * C: y = op(B)^T a */
     int inc_a = ta == NoTrans ? 1 : lda;
-    if (tb == NoTrans) real_sgemv(RowMajor, 112, K, N, alpha, B, ldb, A, inc_a, beta, C, 1);
-    else real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, inc_a, beta, C, 1);
+    if (tb == NoTrans) scipy_cblas_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, inc_a, beta, C, 1);
+    else scipy_cblas_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, inc_a, beta, C, 1);
     return;
   }
   if (order == RowMajor && K > 0 && N == 1 && M > 1) {
     /* C[M, 1] (stride ldc) = alpha * op(A)[M, K] b[K, 1] + beta * C */
     int inc_b = tb == NoTrans ? ldb : 1;
-    if (ta == NoTrans) real_sgemv(RowMajor, NoTrans, M, K, alpha, A, lda, B, inc_b, beta, C, ldc);
-    else real_sgemv(RowMajor, 112, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
+    if (ta == NoTrans) scipy_cblas_sgemv(RowMajor, NoTrans, M, K, alpha, A, lda, B, inc_b, beta, C, ldc);
+    else scipy_cblas_sgemv(RowMajor, Trans, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
     return;
   }
-  real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  scipy_cblas_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 """
 
 
 def build_shims(openblas: str, out_dir: str = SHIM_DIR) -> list[str]:
-    """Compile one library per bundled BLAS/LAPACK soname, depending on ``openblas``: the BLAS
-    one carries the GEMV forwarding above, the LAPACK one is empty (its soname and dependency
-    are all that matter). Each is written beside its final name and renamed over it, so
-    processes that have the old one loaded keep a valid file."""
+    """Compile one library per bundled BLAS/LAPACK soname, linked to ``openblas``. The BLAS one
+    defines cblas_sgemm (above) and jumps for every other function libmlx imports; the LAPACK
+    one is empty (its soname is all that matters: libmlx finds the functions in the BLAS one).
+    Each is written beside its final name and renamed over it, so processes that have the old
+    one loaded keep a valid file."""
     os.makedirs(out_dir, exist_ok=True)
     built = []
     with tempfile.TemporaryDirectory() as tmp:
         empty = os.path.join(tmp, "empty.c")
         gemm = os.path.join(tmp, "gemm.c")
         with open(empty, "w") as f:
-            f.write("/* torch_mlx LAPACK shim: only its soname and its dependency matter. */\n")
+            f.write("/* torch_mlx LAPACK shim: only its soname matters. */\n")
         with open(gemm, "w") as f:
             f.write(_GEMM_SHIM)
+            f.write(_trampolines([n for n in _forwarded_symbols(openblas) if n != "cblas_sgemm"]))
+        lib_dir = os.path.dirname(openblas)
         for soname in _bundled_libraries():
             out = os.path.join(out_dir, soname)
             src = gemm if soname.startswith("libblas") else empty
             subprocess.run(
                 ["cc", "-O2", "-shared", "-fPIC", "-o", out + ".tmp", src,
-                 f"-DOPENBLAS=\"{openblas}\"", f"-Wl,-soname,{soname}",
-                 "-Wl,--no-as-needed", f"-L{os.path.dirname(openblas)}",
-                 f"-l:{os.path.basename(openblas)}", f"-Wl,-rpath,{os.path.dirname(openblas)}",
-                 "-ldl"],
+                 f"-Wl,-soname,{soname}", "-Wl,--no-as-needed", f"-L{lib_dir}",
+                 f"-l:{os.path.basename(openblas)}", f"-Wl,-rpath,{lib_dir}"],
                 check=True)
             os.replace(out + ".tmp", out)
             built.append(out)
     with open(os.path.join(out_dir, "TARGET"), "w") as f:
         f.write(openblas + "\n")
     return built
+
+
+def shims_current(openblas: str | None) -> bool:
+    """Whether the built shims forward to ``openblas``."""
+    target = os.path.join(SHIM_DIR, "TARGET")
+    shims = [os.path.join(SHIM_DIR, s) for s in _bundled_libraries()]
+    return (openblas is not None and os.path.exists(target) and bool(shims)
+            and all(os.path.exists(s) for s in shims)
+            and open(target).read().strip() == openblas)
 
 
 def select() -> dict:
@@ -158,15 +194,14 @@ def select() -> dict:
     if "mlx.core" in sys.modules:
         _info.update(reason="mlx.core was imported before torch_mlx; import torch first")
         return info()
+    target = find_openblas()
+    if target is None:
+        _info.update(reason="scipy-openblas32 is not installed (pip install scipy-openblas32)")
+        return info()
+    if not shims_current(target):
+        _info.update(reason="no BLAS shims built for it (python -m torch_mlx.blas --build)")
+        return info()
     shims = [os.path.join(SHIM_DIR, s) for s in _bundled_libraries()]
-    target_file = os.path.join(SHIM_DIR, "TARGET")
-    if not shims or not all(os.path.exists(s) for s in shims) or not os.path.exists(target_file):
-        _info.update(reason="no BLAS shims built (python -m torch_mlx.blas --build)")
-        return info()
-    target = open(target_file).read().strip()
-    if not os.path.exists(target):
-        _info.update(reason=f"shim target {target} is missing")
-        return info()
     wanted = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # no thread pool at import time
     try:
@@ -178,9 +213,13 @@ def select() -> dict:
         else:
             os.environ["OPENBLAS_NUM_THREADS"] = wanted
     openblas = ctypes.CDLL(target, mode=os.RTLD_LOCAL)  # the same, already loaded library
-    _threads["set_num_threads"] = ctypes.cast(openblas.openblas_set_num_threads, ctypes.c_void_p)
+    _threads["set_num_threads"] = ctypes.cast(
+        getattr(openblas, PREFIX + "openblas_set_num_threads"), ctypes.c_void_p)
     _threads["count"] = int(wanted) if wanted and wanted.isdigit() else (os.cpu_count() or 1)
-    _info.update(library="openblas", path=target, reason="shims loaded before mlx.core")
+    config = getattr(openblas, PREFIX + "openblas_get_config")
+    config.restype = ctypes.c_char_p
+    _info.update(library="openblas", path=target, version=config().decode().split()[1],
+                 reason="shims loaded before mlx.core")
     logger.debug("torch_mlx: MLX uses %s", target)
     return info()
 
@@ -193,13 +232,15 @@ def install_first_use_hook(c_module) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1:] != ["--build"]:
+    if argv[1:] not in (["--build"], ["--build", "--force"]):
         print(__doc__)
         return 2
     openblas = find_openblas()
     if openblas is None:
-        print("torch_mlx.blas: no system OpenBLAS found (Debian: apt-get install "
-              "libopenblas0-pthread); MLX keeps its reference BLAS")
+        print("torch_mlx.blas: scipy-openblas32 is not installed (pip install scipy-openblas32); "
+              "MLX keeps its reference BLAS")
+        return 0
+    if shims_current(openblas) and "--force" not in argv:
         return 0
     for path in build_shims(openblas):
         print(f"torch_mlx.blas: built {path} -> {openblas}")
