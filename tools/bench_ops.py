@@ -6,6 +6,7 @@ Prints a table and JSON (--json OUT writes it too). The per-op goal: torch_mlx e
 """
 import argparse
 import json
+import statistics
 import time
 
 import mlx.core as mx
@@ -35,6 +36,23 @@ OPS = {
 }
 
 
+def paired_us(fn_a, fn_b, rounds=15, calls=40, warmup=20):
+    """Median per-call times of two functions timed in alternating batches, so drift of the
+    machine (the eval's thread wake-up latency swings between about 40 and 160 us here) hits
+    both alike instead of whichever ran second."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def bench_ops(sizes):
     rows = []
     for n in sizes:
@@ -46,8 +64,8 @@ def bench_ops(sizes):
             except NotImplementedError as e:
                 rows.append({"op": name, "numel": n, "error": str(e).split(".")[0]})
                 continue
-            t = per_call_us(lambda: torch_fn(x, y))
-            m = per_call_us(lambda: mx.eval(mlx_fn(a, b)))
+            calls = 40 if n < 100_000 else 4
+            t, m = paired_us(lambda: torch_fn(x, y), lambda: mx.eval(mlx_fn(a, b)), calls=calls)
             rows.append({"op": name, "numel": n, "torch_mlx_us": t, "mlx_us": m, "ratio": t / m})
     return rows
 
