@@ -22,7 +22,8 @@ OpenBLAS starts its thread pool when it is loaded, and torch_mlx is loaded by ev
 (``_C._set_first_use_hook``).
 
 ``TORCH_MLX_BLAS``: ``auto`` (default: the shims when they were built), ``reference`` (off).
-``python -m torch_mlx.blas --build`` builds the shims (tools/bootstrap.sh runs it).
+``python -m torch_mlx.blas --build`` builds the shims when they are missing or point at another
+library, ``--build --force`` always (tools/bootstrap.sh runs the first).
 """
 from __future__ import annotations
 
@@ -171,13 +172,18 @@ def build_shims(openblas: str, out_dir: str = SHIM_DIR) -> list[str]:
     return built
 
 
+def _shim_paths() -> list[str]:
+    return [os.path.join(SHIM_DIR, soname) for soname in _bundled_libraries()]
+
+
 def shims_current(openblas: str | None) -> bool:
     """Whether the built shims forward to ``openblas``."""
     target = os.path.join(SHIM_DIR, "TARGET")
-    shims = [os.path.join(SHIM_DIR, s) for s in _bundled_libraries()]
-    return (openblas is not None and os.path.exists(target) and bool(shims)
-            and all(os.path.exists(s) for s in shims)
-            and open(target).read().strip() == openblas)
+    shims = _shim_paths()
+    if openblas is None or not shims or not all(map(os.path.exists, [target, *shims])):
+        return False
+    with open(target) as f:
+        return f.read().strip() == openblas
 
 
 def select() -> dict:
@@ -201,11 +207,10 @@ def select() -> dict:
     if not shims_current(target):
         _info.update(reason="no BLAS shims built for it (python -m torch_mlx.blas --build)")
         return info()
-    shims = [os.path.join(SHIM_DIR, s) for s in _bundled_libraries()]
     wanted = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # no thread pool at import time
     try:
-        for shim in shims:
+        for shim in _shim_paths():
             ctypes.CDLL(shim, mode=os.RTLD_LOCAL)
     finally:
         if wanted is None:
