@@ -3,11 +3,11 @@
 #include "storage.h"
 
 #include <atomic>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <variant>
-
-#include <cstdlib>
 
 #include <unistd.h>
 #if defined(__linux__)

@@ -2,8 +2,8 @@
 
 The KV cache of one layer is the logical array ``[num_blocks, kv_heads, block_size, Dk + Dv]``
 (keys and values side by side in the last axis; vLLM's per-layer cache view), whatever its
-physical layout; the functions here take it token-major, ``cache.swapaxes(1, 2)``. Position ``p`` of a request lives in block ``block_table[p // block_size]`` at
-offset ``p % block_size``.
+physical layout; the functions here take it token-major, ``cache.swapaxes(1, 2)``. Position
+``p`` of a request lives in block ``block_table[p // block_size]`` at offset ``p % block_size``.
 
 Sliding window W (vLLM's and transformers' convention): query position q sees keys k with
 q - W < k <= q, i.e. the last W positions including itself.
