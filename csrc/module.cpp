@@ -7,7 +7,9 @@
 #include <mlx/array.h>
 #include <mlx/memory.h>
 
+#include "adapter.h"
 #include "bridge.h"
+#include "errors.h"
 #include "storage.h"
 #include "torch_python.h"
 
@@ -28,21 +30,6 @@ nb::object wrap(at::Tensor t) {
   return nb::steal(wrap_tensor(std::move(t)));
 }
 
-// Translate c10 errors into the Python exceptions torch itself would raise.
-template <typename F>
-auto translate(F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const c10::TypeError& e) {
-    throw nb::type_error(e.what_without_backtrace());
-  } catch (const c10::NotImplementedError& e) {
-    PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
-    throw nb::python_error();
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(e.what_without_backtrace());
-  }
-}
-
 }  // namespace
 }  // namespace torch_mlx
 
@@ -50,6 +37,7 @@ NB_MODULE(_C, m) {
   using namespace torch_mlx;
   // mx.array must be a registered type before it can cross this module's boundary.
   nb::module_::import_("mlx.core");
+  register_adapter(m);
 
   m.def(
       "to_mlx",

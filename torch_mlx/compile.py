@@ -166,7 +166,9 @@ class MlxGraph(torch.nn.Module):
                 mx_inputs.append(_C.to_mlx(t))
             else:
                 mx_inputs.append(t)
-        outs = self.compiled(*mx_inputs)
+        # Off the main thread (e.g. backward on torch's autograd thread) the same graph runs as
+        # uncompiled MLX ops: see registry.compile_allowed.
+        outs = (self.compiled if registry.compile_allowed() else self.run)(*mx_inputs)
         mx.eval([o for o in outs if isinstance(o, mx.array)])
         return [self._to_torch(o, buffers) for o in outs]
 

@@ -65,3 +65,30 @@ def test_llama_block_matches_eager():
         eager = model(ids).logits
         compiled = torch.compile(model, backend="mlx")(ids).logits
     torch.testing.assert_close(compiled.cpu(), eager.cpu())
+
+
+def test_backward_on_the_autograd_thread_exits_cleanly():
+    # Backward runs on torch's autograd device thread, which outlives the interpreter. MLX
+    # compiled functions used there would leave a per-thread compile cache that crashes the
+    # process at exit (registry.compile_allowed), so there the same graphs run uncompiled.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, torch_mlx.compile
+        x = torch.randn(64, requires_grad=True)
+        xm = x.detach().to("mlx").requires_grad_()
+        torch.logsumexp(xm, 0).backward()  # its backward calls exp: eager, on that thread
+        f = torch.compile(lambda t: (torch.exp(t) * t).sum(), backend="mlx")
+        ym = xm.detach().requires_grad_()
+        f(ym).backward()  # the compiled backward graph, on that thread
+        y = x.detach().requires_grad_()
+        (torch.exp(y) * y).sum().backward()
+        torch.testing.assert_close(xm.grad.cpu(), torch.softmax(x.detach(), 0))
+        torch.testing.assert_close(ym.grad.cpu(), y.grad)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -106,19 +106,28 @@ _LN2_HI = 0.693359375  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bi
 _LN2_LO = -2.12194440e-4
 
 
-def _exp(x):
+def _exp_float32(x):
     """exp to float32 precision. MLX's exp is off by up to 4e-6 (relative) for |x| > 10; it is
     accurate near 0, so reduce first: x = k ln2 + r, |r| <= ln2 / 2, exp(x) = 2**k exp(r), with
     k ln2 subtracted in two exact-ish parts. 2**k is applied as 2 * 2**(k-1): both factors are
     exact (2**(k-1) is a power of two, subnormal down to k = -148), so the result is finite where
-    exp(x) is and rounds once. NaN passes through clip, round and power. Few ops on purpose: on
-    the CPU each MLX op costs 10-20 us, more than this arithmetic at small sizes."""
-    if x.dtype != mx.float32:
-        return mx.exp(x)
+    exp(x) is and rounds once. NaN passes through clip, round and power."""
     xc = mx.clip(x, -104.0, 89.0)  # exp is 0 below and inf above in float32
     k = mx.round(xc * (1 / math.log(2)))
     r = (xc - k * _LN2_HI) - k * _LN2_LO
     return (mx.exp(r) * 2) * mx.power(2.0, k - 1)
+
+
+# One fused kernel instead of a dozen MLX ops: on the CPU each op in a graph costs 10-20 us, more
+# than this arithmetic below a few thousand elements, and the fused loop is faster at 1M too
+# (37 vs 41 ms), with bitwise the same results. shapeless: one trace serves every shape.
+_exp_float32_fused = mx.compile(_exp_float32, shapeless=True)
+
+
+def _exp(x):
+    if x.dtype != mx.float32:
+        return mx.exp(x)
+    return _exp_float32_fused(x) if _registry.compile_allowed() else _exp_float32(x)
 
 
 @lowering("exp", promote=PROMOTE.INT_TO_FLOAT)

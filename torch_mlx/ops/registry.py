@@ -17,13 +17,14 @@ The compiled path (torch.compile backend "mlx") calls the same ``Lowering.fn``.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Callable
 
 import mlx.core as mx
 import torch
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND as PROMOTE
 from torch._prims_common import can_safe_cast_to, elementwise_dtypes
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import _C
 
@@ -84,6 +85,18 @@ def tracing() -> bool:
     return _tracing
 
 
+_MAIN_THREAD_ID = threading.main_thread().ident
+
+
+def compile_allowed() -> bool:
+    """Whether this thread may call ``mx.compile``d functions. MLX 0.32 keeps one compile cache
+    per thread, holding Python objects, and frees a thread's cache when the thread ends; only
+    the main thread's is freed before the interpreter shuts down (MLX's atexit hook). torch's
+    autograd device threads ("pt_autograd_0", where backward runs) end after that, so a cache
+    filled there crashes the process at exit. Other threads run the same MLX ops uncompiled."""
+    return threading.get_ident() == _MAIN_THREAD_ID
+
+
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
              eager: bool = True, opmath: bool = True):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
@@ -142,7 +155,9 @@ def _is_mlx(x) -> bool:
 
 
 def _arg_to_mx(x, buffers: list):
-    """An argument as the lowering sees it; records the MLX buffers of "mlx" tensors."""
+    """An argument as the lowering sees it; records the MLX buffers of "mlx" tensors.
+    _C.lowering_args applies this to a call's arguments; its C++ walk converts "mlx" tensors,
+    plain scalars and sequences itself and calls this for anything else."""
     if isinstance(x, torch.Tensor):
         if x.device.type == "mlx":
             buffers.append(_C.buffer_address(x))
@@ -169,17 +184,6 @@ def _arg_to_meta(x):
     return x
 
 
-def _cast_inputs(args, dtype: torch.dtype):
-    mx_dtype = to_mx_dtype(dtype)
-
-    def cast(a):
-        if isinstance(a, mx.array) and a.dtype != mx_dtype:
-            return a.astype(mx_dtype)
-        return a
-
-    return [cast(a) for a in args]
-
-
 def _fresh(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     return out.copy_(t)
@@ -197,13 +201,7 @@ def _wrap(result, spec, low: Lowering, buffers: list):
         result = mx.array(result)
     if spec is not None:
         shape, dtype = spec
-        want = to_mx_dtype(dtype)
-        if result.dtype != want:
-            result = result.astype(want)
-        if tuple(result.shape) != shape:
-            raise AssertionError(
-                f"torch_mlx: the lowering of aten::{low.name} returned shape {tuple(result.shape)}"
-                f", torch expects {shape} (a bug in the lowering)")
+        return _C.wrap_result(result, shape, to_mx_dtype(dtype), buffers, low.name)
     t = _C.from_mlx(result)
     if buffers and t.numel() > 0 and _C.buffer_address(t) in buffers:
         t = _fresh(t)
@@ -223,6 +221,8 @@ _UNHASHABLE = object()
 
 
 def _key_of(x):
+    """The meta-cache key of one argument. _C.meta_key builds a call's key; its C++ walk keys
+    tensors, plain scalars and sequences itself and calls this for anything else."""
     if isinstance(x, torch.Tensor):
         return (x.dtype, x.shape, x.stride(), x.device.type)
     if isinstance(x, (list, tuple)):
@@ -247,13 +247,10 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
     """(result spec, computation dtype) for a call, from the cache or torch's meta kernel."""
     if op in _NO_META:
         return None, _compute_dtype(args, promote, opmath)
-    key = (op, _key_of(args), _key_of(tuple(kwargs.items())))
-    hashable = _UNHASHABLE not in key[1] and _UNHASHABLE not in key[2]
-    if hashable:
-        try:
-            hit = _META_CACHE.get(key)
-        except TypeError:  # e.g. an unhashable value nested in a list
-            hashable, hit = False, None
+    key = _C.meta_key(args, kwargs, _key_of, _UNHASHABLE)
+    if key is not None:
+        key = (op, key)
+        hit = _META_CACHE.get(key)
         if hit is not None:
             return hit
     try:
@@ -265,7 +262,7 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
     except Exception as meta_error:
         _raise_as_the_cpu_would(op, args, kwargs, meta_error)
     info = (spec, _compute_dtype(args, promote, opmath))
-    if hashable:
+    if key is not None:
         if len(_META_CACHE) >= _META_CACHE_SIZE:
             _META_CACHE.clear()
         _META_CACHE[key] = info
@@ -287,6 +284,12 @@ def _raise_as_the_cpu_would(op, args, kwargs, meta_error: Exception):
     empty tensor); users catch the CPU's types. So a functional op is tried on CPU stand-ins
     of the same shapes and dtypes, and the CPU's exception is raised when it is of another
     type. Only error paths pay for this."""
+    devices = {x.device.type for x in tree_flatten((args, kwargs))[0]
+               if isinstance(x, torch.Tensor) and x.dim() > 0}
+    if len(devices) > 1:  # the meta kernel would name "meta" instead of the user's devices
+        other = sorted(devices - {"mlx"})[0]
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                           f"devices, mlx:0 and {other}!") from None
     if any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
         raise meta_error
     try:
@@ -312,10 +315,10 @@ def functional_kernel(op, low: Lowering):
         else:
             spec, compute_dtype = None, _compute_dtype(args, low.promote, low.opmath)
         buffers = []
-        margs = [_arg_to_mx(a, buffers) for a in args]
-        mkwargs = {k: _arg_to_mx(v, buffers) for k, v in kwargs.items()}
-        if compute_dtype is not None:
-            margs = _cast_inputs(margs, compute_dtype)
+        margs = _C.lowering_args(list(args), buffers, _arg_to_mx)
+        mkwargs = dict(zip(kwargs, _C.lowering_args(tuple(kwargs.values()), buffers, _arg_to_mx)))
+        if compute_dtype is not None:  # the tensor arguments, cast to the computation dtype
+            _C.cast_arrays(margs, to_mx_dtype(compute_dtype))
         result = low.fn(*margs, **mkwargs)
         return _wrap(result, spec, low, buffers)
 
