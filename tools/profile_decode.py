@@ -1,0 +1,103 @@
+"""Where a vllm_metal decode step goes: timers around the parts of one step, in-process.
+
+Runs vLLM in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on the bench_decode checkpoint
+(or --model), generates --tokens tokens for --batch identical prompts, and prints the mean time
+per step of:
+
+- step: the engine step (execute_model + sample_tokens of the model runner);
+- compiled: the graph pieces run as MLX functions (torch_mlx.compile.MlxGraph), GEMVs included;
+- attention: the attention backend's forward (MLX attention, output copy);
+- kv_write: the KV-cache writes (do_kv_cache_update);
+- sample: sample_tokens (logits to token ids);
+- host: the rest of the step (vLLM's input preparation, eager glue between the parts).
+
+Timers are wall-clock and inclusive; the parts do not nest in one another. The first step (the
+prompt's prefill) is included: with a 16-token prompt and 64 tokens it is a small share.
+
+    python tools/profile_decode.py [--batch 1] [--tokens 64] [--model DIR] [--json OUT]
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+TOTALS: dict[str, float] = collections.defaultdict(float)
+COUNTS: dict[str, int] = collections.defaultdict(int)
+
+
+def timed(cls, method: str, name: str) -> None:
+    inner = getattr(cls, method)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            TOTALS[name] += time.perf_counter() - start
+            COUNTS[name] += 1
+
+    setattr(cls, method, wrapper)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-0.5b"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from bench_decode import make_bench_model
+
+    model = make_bench_model(args.model)
+
+    from torch_mlx.compile import MlxGraph
+    from vllm import LLM, SamplingParams
+    from vllm_metal.attention.impl import MLXAttentionImpl
+    from vllm_metal.model_runner import MetalModelRunner
+
+    timed(MetalModelRunner, "execute_model", "execute_model")
+    timed(MetalModelRunner, "sample_tokens", "sample")
+    timed(MlxGraph, "forward", "compiled")
+    timed(MLXAttentionImpl, "forward", "attention")
+    timed(MLXAttentionImpl, "do_kv_cache_update", "kv_write")
+
+    llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=32,
+              max_num_batched_tokens=1024, seed=0)
+    prompt = {"prompt_token_ids": list(range(10, 26))}
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    llm.generate([prompt] * args.batch, params, use_tqdm=False)  # warm-up (compiles)
+    TOTALS.clear()
+    COUNTS.clear()
+    start = time.perf_counter()
+    llm.generate([prompt] * args.batch, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+
+    steps = COUNTS["sample"]
+    ms = {name: TOTALS[name] / steps * 1e3 for name in TOTALS}
+    step = ms["execute_model"] + ms["sample"]
+    parts = {"compiled": ms["compiled"], "attention": ms["attention"],
+             "kv_write": ms["kv_write"], "sample": ms["sample"]}
+    parts["host"] = step - sum(parts.values())
+    result = {"batch": args.batch, "steps": steps, "wall_ms_per_step": wall / steps * 1e3,
+              "step_ms": step, "parts_ms": parts,
+              "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
+    print(f"batch {args.batch}: {steps} steps, {result['wall_ms_per_step']:.1f} ms per step "
+          f"(wall), engine step {step:.1f} ms")
+    for name, value in parts.items():
+        calls = result["calls_per_step"].get(name)
+        print(f"  {name:10} {value:7.2f} ms  {value / step:5.1%}"
+              + (f"  ({calls:.0f} calls)" if calls else ""))
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
