@@ -50,7 +50,9 @@ nb::object key_of(nb::handle obj, nb::handle fallback, nb::handle unhashable_mar
   }
   if (p == Py_None) return nb::none();
   // The type is part of the key: 1, 1.0 and True are equal and hash alike in Python.
-  if (is_plain_scalar(p)) return nb::make_tuple(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(p))), obj);
+  if (is_plain_scalar(p)) {
+    return nb::make_tuple(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(p))), obj);
+  }
   if (PyTuple_Check(p) || PyList_Check(p)) {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(p);
     PyObject** items = PySequence_Fast_ITEMS(p);
@@ -82,8 +84,10 @@ nb::object to_lowering_arg(nb::handle obj, nb::list& buffers, nb::handle fallbac
   if (is_tensor(p)) {
     const at::Tensor& t = unpack_tensor(p);
     if (t.device().type() != c10::DeviceType::PrivateUse1) return fallback(obj, buffers);
-    buffers.append(reinterpret_cast<uintptr_t>(storage_ctx(t.storage()).buffer.ptr()));
-    return nb::cast(translate([&] { return tensor_to_array(t); }));
+    return translate([&] {
+      buffers.append(reinterpret_cast<uintptr_t>(storage_ctx(t.storage()).buffer.ptr()));
+      return nb::cast(tensor_to_array(t));
+    });
   }
   if (p == Py_None || is_plain_scalar(p)) return nb::borrow(obj);
   if (PyTuple_Check(p) || PyList_Check(p)) {
@@ -170,7 +174,9 @@ void register_adapter(nb::module_& m) {
           t = translate([&] { return array_to_tensor(std::move(result)); });
         }
         // A functional op must return fresh storage, not an input's buffer.
-        if (aliases(t, buffers)) t = translate([&] { return t.clone(at::MemoryFormat::Contiguous); });
+        if (aliases(t, buffers)) {
+          t = translate([&] { return t.clone(at::MemoryFormat::Contiguous); });
+        }
         return nb::steal(wrap_tensor(std::move(t)));
       },
       nb::arg("result"), nb::arg("shape"), nb::arg("dtype"), nb::arg("buffers"),

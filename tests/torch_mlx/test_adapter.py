@@ -74,5 +74,6 @@ def test_a_result_on_an_input_buffer_is_copied():
 
 def test_a_result_of_the_wrong_shape_is_a_lowering_bug():
     x = torch.arange(6.0).to("mlx")
-    with pytest.raises(AssertionError, match=r"wrong_shape returned shape \(12,\), torch expects \(6,\)"):
+    expected = r"wrong_shape returned shape \(12,\), torch expects \(6,\)"
+    with pytest.raises(AssertionError, match=expected):
         torch.ops.torch_mlx_adapter_test.wrong_shape(x)
