@@ -283,3 +283,14 @@ EXPECTED_FAILURES.update({
     ("nn.functional.linear_cross_entropy.chunked_none", "bfloat16"): _LINEAR_CE_POLICY.format(
         mlx="0.046", cpu="0.026"),
 })
+
+# Sparse layouts: an "mlx" tensor is strided (an MLX array has no sparse layout), so samples
+# holding sparse COO/CSR tensors cannot move to "mlx", and to_sparse has no "mlx" result to make.
+_SPARSE = ("sparse layouts: 'mlx' tensors are strided only (MLX arrays have no sparse layout); "
+           "these samples hold or produce sparse COO/CSR tensors")
+EXPECTED_FAILURES.update({
+    (name, dtype): _SPARSE
+    for name, dtypes in {"sparse.mm.reduce": ("float32", "float16", "bfloat16"),
+                         "sparse.sampled_addmm": ("float32",),
+                         "to_sparse": ("float32", "float16", "bfloat16", "int64", "bool")}.items()
+    for dtype in dtypes})
