@@ -4,10 +4,12 @@
 // recognise is handed to a Python fallback, which stays the one definition of the rules.
 #include "adapter.h"
 
+#include <optional>
 #include <string>
 
 #include <mlx/ops.h>
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "bridge.h"
 #include "errors.h"
@@ -76,6 +78,23 @@ bool aliases(const at::Tensor& t, const nb::list& buffers) {
     if (nb::cast<uintptr_t>(b) == address) return true;
   }
   return false;
+}
+
+void check_shape(const mx::array& result, nb::handle shape, const char* op_name) {
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.ptr());
+  bool same_shape = ndim == static_cast<Py_ssize_t>(result.ndim());
+  for (Py_ssize_t d = 0; same_shape && d < ndim; ++d) {
+    same_shape = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d)) == result.shape(d);
+  }
+  if (same_shape) return;
+  nb::list got;
+  for (auto size : result.shape()) got.append(size);
+  nb::object got_shape = nb::steal(PySequence_Tuple(got.ptr()));
+  PyErr_Format(PyExc_AssertionError,
+               "torch_mlx: the lowering of aten::%s returned shape %S, torch expects %S "
+               "(a bug in the lowering)",
+               op_name, got_shape.ptr(), shape.ptr());
+  throw nb::python_error();
 }
 
 // One argument as a lowering sees it.
@@ -150,24 +169,10 @@ void register_adapter(nb::module_& m) {
 
   m.def(
       "wrap_result",
-      [](mx::array result, nb::handle shape, mx::Dtype dtype, nb::list buffers,
+      [](mx::array result, nb::handle shape, std::optional<mx::Dtype> dtype, nb::list buffers,
          const char* op_name) {
-        const Py_ssize_t ndim = PyTuple_GET_SIZE(shape.ptr());
-        bool same_shape = ndim == static_cast<Py_ssize_t>(result.ndim());
-        for (Py_ssize_t d = 0; same_shape && d < ndim; ++d) {
-          same_shape = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d)) == result.shape(d);
-        }
-        if (!same_shape) {
-          nb::list got;
-          for (auto size : result.shape()) got.append(size);
-          nb::object got_shape = nb::steal(PySequence_Tuple(got.ptr()));
-          PyErr_Format(PyExc_AssertionError,
-                       "torch_mlx: the lowering of aten::%s returned shape %S, torch expects %S "
-                       "(a bug in the lowering)",
-                       op_name, got_shape.ptr(), shape.ptr());
-          throw nb::python_error();
-        }
-        if (result.dtype() != dtype) result = mx::astype(result, dtype);
+        if (!shape.is_none()) check_shape(result, shape, op_name);
+        if (dtype && result.dtype() != *dtype) result = mx::astype(result, *dtype);
         at::Tensor t;
         {
           nb::gil_scoped_release release;
@@ -179,10 +184,10 @@ void register_adapter(nb::module_& m) {
         }
         return nb::steal(wrap_tensor(std::move(t)));
       },
-      nb::arg("result"), nb::arg("shape"), nb::arg("dtype"), nb::arg("buffers"),
+      nb::arg("result"), nb::arg("shape").none(), nb::arg("dtype").none(), nb::arg("buffers"),
       nb::arg("op_name"),
-      "A lowering's mx.array result as an 'mlx' tensor of torch's (shape, dtype), checked; a "
-      "copy when it is the buffer of one of the inputs.");
+      "An mx.array result as an 'mlx' tensor, checked against torch's shape and cast to its "
+      "dtype (each when given); a copy when it is the buffer of one of the inputs.");
 }
 
 }  // namespace torch_mlx

@@ -154,7 +154,7 @@ class MlxGraph(torch.nn.Module):
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
     def forward(self, *inputs):
-        buffers = set()
+        buffers = []
         mx_inputs = []
         for t in inputs:
             if isinstance(t, torch.Tensor):
@@ -162,7 +162,7 @@ class MlxGraph(torch.nn.Module):
                     raise RuntimeError(f"torch_mlx.compile: graph input on {t.device}; the mlx "
                                        f"backend runs graphs whose tensors are on 'mlx'")
                 if t.numel():
-                    buffers.add(_C.buffer_address(t))
+                    buffers.append(_C.buffer_address(t))
                 mx_inputs.append(_C.to_mlx(t))
             else:
                 mx_inputs.append(t)
@@ -176,12 +176,10 @@ class MlxGraph(torch.nn.Module):
     def _to_torch(out, input_buffers):
         if not isinstance(out, mx.array):
             return out
-        t = _C.from_mlx(out)
         # MLX shares buffers between an op's input and output where it can (reshape, copy of a
-        # contiguous array); torch treats graph outputs that are not declared aliases as fresh.
-        if t.numel() and _C.buffer_address(t) in input_buffers:
-            t = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
-        return t
+        # contiguous array); torch treats graph outputs that are not declared aliases as fresh,
+        # so wrap_result copies those.
+        return _C.wrap_result(out, None, None, input_buffers, "<graph output>")
 
 
 def compile_fx_graph(gm: fx.GraphModule, example_inputs=None):

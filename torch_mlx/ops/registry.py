@@ -155,13 +155,9 @@ def _is_mlx(x) -> bool:
 
 
 def _arg_to_mx(x, buffers: list):
-    """An argument as the lowering sees it; records the MLX buffers of "mlx" tensors.
-    _C.lowering_args applies this to a call's arguments; its C++ walk converts "mlx" tensors,
-    plain scalars and sequences itself and calls this for anything else."""
+    """An argument as the lowering sees it, for what _C.lowering_args does not convert itself
+    ("mlx" tensors, plain scalars, sequences): CPU tensors and dtypes."""
     if isinstance(x, torch.Tensor):
-        if x.device.type == "mlx":
-            buffers.append(_C.buffer_address(x))
-            return _C.to_mlx(x)
         if x.dim() == 0 and x.device.type == "cpu":  # CPU scalars mix with device tensors in torch
             return mx.array(x.item(), dtype=to_mx_dtype(x.dtype))
         raise RuntimeError(
@@ -169,8 +165,6 @@ def _arg_to_mx(x, buffers: list):
             f"mlx:0 and {x.device}!")
     if isinstance(x, torch.dtype):
         return to_mx_dtype(x)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_arg_to_mx(y, buffers) for y in x)
     return x
 
 
@@ -184,11 +178,6 @@ def _arg_to_meta(x):
     return x
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    return out.copy_(t)
-
-
 def _wrap(result, spec, low: Lowering, buffers: list):
     """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype) spec."""
     if isinstance(result, (tuple, list)):
@@ -199,13 +188,8 @@ def _wrap(result, spec, low: Lowering, buffers: list):
         return None
     if not isinstance(result, mx.array):
         result = mx.array(result)
-    if spec is not None:
-        shape, dtype = spec
-        return _C.wrap_result(result, shape, to_mx_dtype(dtype), buffers, low.name)
-    t = _C.from_mlx(result)
-    if buffers and t.numel() > 0 and _C.buffer_address(t) in buffers:
-        t = _fresh(t)
-    return t
+    shape, dtype = spec if spec is not None else (None, None)
+    return _C.wrap_result(result, shape, dtype and to_mx_dtype(dtype), buffers, low.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,12 +205,9 @@ _UNHASHABLE = object()
 
 
 def _key_of(x):
-    """The meta-cache key of one argument. _C.meta_key builds a call's key; its C++ walk keys
-    tensors, plain scalars and sequences itself and calls this for anything else."""
-    if isinstance(x, torch.Tensor):
-        return (x.dtype, x.shape, x.stride(), x.device.type)
-    if isinstance(x, (list, tuple)):
-        return tuple(_key_of(y) for y in x)
+    """The meta-cache key of an argument _C.meta_key does not key itself (tensors, plain
+    scalars, sequences): subclasses of the scalar types, torch's dtype/device/layout/memory
+    format values, generators; _UNHASHABLE for anything else."""
     if isinstance(x, torch.Generator):
         return torch.Generator
     if x is None or isinstance(x, (bool, int, float, complex, str, torch.dtype, torch.device,
