@@ -10,6 +10,7 @@
 #include "adapter.h"
 #include "bridge.h"
 #include "errors.h"
+#include "slot_write.h"
 #include "storage.h"
 #include "torch_python.h"
 
@@ -38,6 +39,7 @@ NB_MODULE(_C, m) {
   // mx.array must be a registered type before it can cross this module's boundary.
   nb::module_::import_("mlx.core");
   register_adapter(m);
+  register_slot_write(m);
 
   m.def(
       "to_mlx",

@@ -5,16 +5,19 @@ Runs vLLM in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on the bench_decode
 per step of:
 
 - step: the engine step (execute_model + sample_tokens of the model runner);
-- compiled: the graph pieces run as MLX functions (torch_mlx.compile.MlxGraph), GEMVs included;
-- attention: the attention backend's forward (MLX attention, output copy);
-- kv_write: the KV-cache writes (do_kv_cache_update);
+- compiled: the compiled forward (torch_mlx.compile.MlxGraph: with the default whole-forward
+  compilation, one lazy MLX graph with the attention calls and KV writes inside), GEMVs included;
+  ``of which build`` is the Python that records the lazy graph (MlxGraph.run_parts);
+- attention: the attention backend's eager forward (KV write, MLX attention, output copy): with
+  ``--piecewise`` (vLLM's split at the attention op) or --enforce-eager;
 - sample: sample_tokens (logits to token ids);
 - host: the rest of the step (vLLM's input preparation, eager glue between the parts).
 
 Timers are wall-clock and inclusive; the parts do not nest in one another. The first step (the
 prompt's prefill) is included: with a 16-token prompt and 64 tokens it is a small share.
 
-    python tools/profile_decode.py [--batch 1] [--tokens 64] [--model DIR] [--json OUT]
+    python tools/profile_decode.py [--batch 1] [--tokens 64] [--piecewise | --enforce-eager]
+                                   [--model DIR] [--json OUT]
 """
 import argparse
 import collections
@@ -50,6 +53,9 @@ def main():
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-0.5b"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--piecewise", action="store_true",
+                        help="split the compiled forward at the attention op (eager attention)")
+    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     from bench_decode import make_bench_model
@@ -64,11 +70,14 @@ def main():
     timed(MetalModelRunner, "execute_model", "execute_model")
     timed(MetalModelRunner, "sample_tokens", "sample")
     timed(MlxGraph, "forward", "compiled")
+    timed(MlxGraph, "run_parts", "build")
     timed(MLXAttentionImpl, "forward", "attention")
-    timed(MLXAttentionImpl, "do_kv_cache_update", "kv_write")
 
+    compilation = {"splitting_ops": ["vllm::unified_attention_with_output"]} \
+        if args.piecewise else None
     llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=32,
-              max_num_batched_tokens=1024, seed=0)
+              max_num_batched_tokens=1024, seed=0, enforce_eager=args.enforce_eager,
+              compilation_config=compilation)
     prompt = {"prompt_token_ids": list(range(10, 26))}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate([prompt] * args.batch, params, use_tqdm=False)  # warm-up (compiles)
@@ -81,18 +90,22 @@ def main():
     steps = COUNTS["sample"]
     ms = {name: TOTALS[name] / steps * 1e3 for name in TOTALS}
     step = ms["execute_model"] + ms["sample"]
-    parts = {"compiled": ms["compiled"], "attention": ms["attention"],
-             "kv_write": ms["kv_write"], "sample": ms["sample"]}
+    parts = {"compiled": ms.get("compiled", 0.0), "attention": ms.get("attention", 0.0),
+             "sample": ms["sample"]}
     parts["host"] = step - sum(parts.values())
-    result = {"batch": args.batch, "steps": steps, "wall_ms_per_step": wall / steps * 1e3,
-              "step_ms": step, "parts_ms": parts,
+    mode = "enforce_eager" if args.enforce_eager else "piecewise" if args.piecewise else "whole"
+    result = {"batch": args.batch, "mode": mode, "steps": steps,
+              "wall_ms_per_step": wall / steps * 1e3, "step_ms": step, "parts_ms": parts,
+              "build_ms": ms.get("build", 0.0),
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
-    print(f"batch {args.batch}: {steps} steps, {result['wall_ms_per_step']:.1f} ms per step "
-          f"(wall), engine step {step:.1f} ms")
+    print(f"batch {args.batch} ({mode}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
+          f"step (wall), engine step {step:.1f} ms")
     for name, value in parts.items():
         calls = result["calls_per_step"].get(name)
         print(f"  {name:10} {value:7.2f} ms  {value / step:5.1%}"
               + (f"  ({calls:.0f} calls)" if calls else ""))
+        if name == "compiled" and result["build_ms"]:
+            print(f"    of which build {result['build_ms']:7.2f} ms (recording the lazy graph)")
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

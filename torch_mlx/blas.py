@@ -52,10 +52,16 @@ def info() -> dict:
 
 
 def _site_packages() -> str | None:
+    """The directory holding the installed mlx package. An "mlx" folder elsewhere on sys.path
+    (say in the current directory) makes "mlx" a namespace package with several locations: the
+    installed one is the location that has mlx.core's extension."""
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return os.path.dirname(list(spec.submodule_search_locations)[0])
+    for location in spec.submodule_search_locations:
+        if glob.glob(os.path.join(location, "core*.so")):
+            return os.path.dirname(location)
+    return None
 
 
 def _bundled_libraries() -> list[str]:

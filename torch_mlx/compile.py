@@ -52,6 +52,17 @@ def _lowering_of(target) -> registry.Lowering | None:
     return registry.TABLE.get(registry._qualname(target))
 
 
+_AUTO_FUNCTIONALIZED = torch.ops.higher_order.auto_functionalized
+
+
+def _node_lowering(node: fx.Node) -> registry.Lowering | None:
+    """The lowering of a call_function node: its op's, or for torch's functional form of an op
+    that mutates its arguments (auto_functionalized(op, **kwargs)), the mutating op's."""
+    if node.target is _AUTO_FUNCTIONALIZED:
+        return _lowering_of(node.args[0])
+    return _lowering_of(node.target)
+
+
 def _meta_val(x):
     return x.meta.get("val") if isinstance(x, fx.Node) else x
 
@@ -60,7 +71,7 @@ class _Supported(OperatorSupportBase):
     def is_node_supported(self, submodules, node: fx.Node) -> bool:
         if node.op != "call_function":
             return False
-        return _size_op(node.target) is not None or _lowering_of(node.target) is not None
+        return _size_op(node.target) is not None or _node_lowering(node) is not None
 
 
 def _const_to_mx(x):
@@ -78,8 +89,12 @@ class _Step:
     def __init__(self, node: fx.Node, low: registry.Lowering):
         self.node = node
         self.fn = low.fn
+        self.compiled = low.compiled
         self.args = _const_to_mx(node.args)
         self.kwargs = {k: _const_to_mx(v) for k, v in node.kwargs.items()}
+        if node.target is _AUTO_FUNCTIONALIZED:  # the mutating op's arguments, all by name
+            self.args = ()
+            self.kwargs = {k: v for k, v in self.kwargs.items() if not k.startswith("_")}
         self.compute = None
         if low.promote is not None:
             inputs = [_meta_val(a) for a in node.args]
@@ -105,8 +120,41 @@ def _cast(result, dtypes):
     return result
 
 
+def _value(a, env):
+    if isinstance(a, fx.Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(x, env) for x in a)
+    return a
+
+
+def _execute(step, env) -> None:
+    """Run one step (a lowering, or size arithmetic / getitem on a node) into ``env``."""
+    if isinstance(step, fx.Node):
+        env[step] = _size_op(step.target)(*_value(step.args, env))
+        return
+    args = [_value(a, env) for a in step.args]
+    if step.compute is not None:
+        args = [a.astype(step.compute) if isinstance(a, mx.array)
+                and a.dtype != step.compute else a for a in args]
+    result = step.fn(*args, **{k: _value(v, env) for k, v in step.kwargs.items()})
+    env[step.node] = _cast(result, step.out_dtypes)
+
+
+class _Tracing:
+    """registry.tracing() is true inside: the code runs only while mx.compile traces it."""
+
+    def __enter__(self):
+        registry._tracing = True
+
+    def __exit__(self, *exc):
+        registry._tracing = False
+
+
 class MlxGraph(torch.nn.Module):
-    """A graph whose every node has a lowering, run as one ``mx.compile``d function."""
+    """A graph whose every node has a lowering, run as MLX: one ``mx.compile``d function, or,
+    where some lowerings must run outside mx.compile (``compiled=False``), compiled segments and
+    those calls in one lazy MLX graph that is evaluated once."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
@@ -118,39 +166,28 @@ class MlxGraph(torch.nn.Module):
             if node.op == "call_function" and _size_op(node.target) is not None:
                 self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
             elif node.op == "call_function":
-                self.steps.append(_Step(node, _lowering_of(node.target)))
+                self.steps.append(_Step(node, _node_lowering(node)))
             elif node.op in ("call_module", "call_method", "get_attr"):
                 raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")
-        self.compiled = mx.compile(self.run)
+        if all(isinstance(s, fx.Node) or s.compiled for s in self.steps):
+            self.parts = None
+            self.compiled = mx.compile(self.run)
+        else:
+            self.parts = _split(self.steps, self.output)
 
     def run(self, *inputs):
-        registry._tracing = True  # run() only executes while mx.compile traces it
-        try:
-            return self._run(inputs)
-        finally:
-            registry._tracing = False
+        with _Tracing():
+            env = dict(zip(self.placeholders, inputs))
+            for step in self.steps:
+                _execute(step, env)
+            outs = _value(self.output.args[0], env)
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
-    def _run(self, inputs):
+    def run_parts(self, *inputs):
         env = dict(zip(self.placeholders, inputs))
-
-        def value(a):
-            if isinstance(a, fx.Node):
-                return env[a]
-            if isinstance(a, (list, tuple)):
-                return type(a)(value(x) for x in a)
-            return a
-
-        for step in self.steps:
-            if isinstance(step, fx.Node):
-                env[step] = _size_op(step.target)(*value(step.args))
-                continue
-            args = [value(a) for a in step.args]
-            if step.compute is not None:
-                args = [a.astype(step.compute) if isinstance(a, mx.array)
-                        and a.dtype != step.compute else a for a in args]
-            result = step.fn(*args, **{k: value(v) for k, v in step.kwargs.items()})
-            env[step.node] = _cast(result, step.out_dtypes)
-        outs = value(self.output.args[0])
+        for part in self.parts:
+            part(env)
+        outs = _outer_value(self.output.args[0], env)
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
     def forward(self, *inputs):
@@ -166,9 +203,14 @@ class MlxGraph(torch.nn.Module):
                 mx_inputs.append(_C.to_mlx(t))
             else:
                 mx_inputs.append(t)
+        if self.parts is not None:
+            outs = self.run_parts(*mx_inputs)
         # Off the main thread (e.g. backward on torch's autograd thread) the same graph runs as
         # uncompiled MLX ops: see registry.compile_allowed.
-        outs = (self.compiled if registry.compile_allowed() else self.run)(*mx_inputs)
+        elif registry.compile_allowed():
+            outs = self.compiled(*mx_inputs)
+        else:
+            outs = self.run(*mx_inputs)
         mx.eval([o for o in outs if isinstance(o, mx.array)])
         return [self._to_torch(o, buffers) for o in outs]
 
@@ -180,6 +222,152 @@ class MlxGraph(torch.nn.Module):
         # contiguous array); torch treats graph outputs that are not declared aliases as fresh,
         # so wrap_result copies those.
         return _C.wrap_result(out, None, None, input_buffers, "<graph output>")
+
+
+# A graph with uncompiled lowerings runs as parts: runs of compiled steps become _Segments (one
+# mx.compile each) and every uncompiled step is a part of its own. Size arithmetic and getitem
+# (pure Python on shapes and tuples) are not parts: each part computes the ones it needs, inside
+# a segment's trace where they depend on the segment's own values, otherwise outside.
+
+def _outer_value(a, env):
+    """A value for code outside the segments: size nodes are computed on demand into env."""
+    if isinstance(a, fx.Node):
+        if a not in env:
+            for arg in a.all_input_nodes:
+                _outer_value(arg, env)
+            _execute(a, env)
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_outer_value(x, env) for x in a)
+    return a
+
+
+def _leaves(nodes, defined=frozenset()) -> set:
+    """The non-size nodes outside ``defined`` that computing ``nodes`` outside a segment needs."""
+    found, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in defined:
+            continue
+        if n.op == "call_function" and _size_op(n.target) is not None:
+            stack.extend(n.all_input_nodes)
+        else:
+            found.add(n)
+    return found
+
+
+class _Uncompiled:
+    """One ``compiled=False`` lowering, called on the lazy values of the graph."""
+
+    def __init__(self, step: _Step):
+        self.step = step
+        self.needs = _leaves(step.node.all_input_nodes)
+
+    def __call__(self, env):
+        for n in self.step.node.all_input_nodes:
+            _outer_value(n, env)
+        _execute(self.step, env)
+
+
+class _Segment:
+    """Consecutive compiled steps as one ``mx.compile``d function of the values it needs."""
+
+    def __init__(self, steps: list):
+        self.steps = steps
+        defined = {s.node for s in steps}
+        # size nodes this segment needs: traced inside if they depend on the segment's values
+        inside, order, seen = set(), [], set()
+
+        def visit(n):
+            if n in seen or n in defined or not (n.op == "call_function"
+                                                 and _size_op(n.target) is not None):
+                return
+            seen.add(n)
+            for arg in n.all_input_nodes:
+                visit(arg)
+            if any(a in defined or a in inside for a in n.all_input_nodes):
+                inside.add(n)
+                order.append(n)
+
+        for s in steps:
+            for n in s.node.all_input_nodes:
+                visit(n)
+        used = {a for s in steps for a in s.node.all_input_nodes}
+        used |= {a for n in inside for a in n.all_input_nodes}
+        self.inputs = [n for n in used if n not in defined and n not in inside]
+        self.sizes = order  # computed before the steps that need them (topological)
+        self.defined = defined
+        self.outputs: list[fx.Node] = []  # set by _split once the later parts are known
+        self.fn = mx.compile(self._trace)
+
+    def _trace(self, *values):
+        with _Tracing():
+            env = dict(zip(self.inputs, values))
+            pending = list(self.sizes)
+            for step in self.steps:
+                # size nodes first, as soon as their inputs exist
+                for n in [n for n in pending if all(a in env for a in n.all_input_nodes)]:
+                    _execute(n, env)
+                    pending.remove(n)
+                _execute(step, env)
+            for n in pending:
+                _execute(n, env)
+            return [leaf for n in self.outputs for leaf in _flatten(env[n])]
+
+    def __call__(self, env):
+        values = [_outer_value(n, env) for n in self.inputs]
+        flat = (self.fn if registry.compile_allowed() else self._trace)(*values)
+        it = iter(flat)
+        for n in self.outputs:
+            env[n] = _unflatten(n.meta.get("val"), it)
+
+
+def _flatten(value):
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _flatten(v)]
+    return [] if value is None else [value]
+
+
+def _unflatten(meta, it):
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(_unflatten(m, it) for m in meta)
+    return None if meta is None else next(it)
+
+
+def _split(steps, output: fx.Node) -> list:
+    parts, run = [], []
+    for step in steps:
+        if isinstance(step, fx.Node):
+            continue  # size arithmetic: computed where needed
+        if step.compiled:
+            run.append(step)
+            continue
+        if run:
+            parts.append(_Segment(run))
+            run = []
+        parts.append(_Uncompiled(step))
+    if run:
+        parts.append(_Segment(run))
+    # what each part needs from the earlier ones decides what a segment returns
+    needs_after: set = _leaves(output.all_input_nodes)
+    for part in reversed(parts):
+        if isinstance(part, _Segment):
+            part.outputs = [s.node for s in part.steps if s.node in needs_after]
+            for n in part.outputs:
+                if not _returns_arrays(n.meta.get("val")):
+                    raise NotImplementedError(
+                        f"torch_mlx.compile: {n} leaves a compiled segment as a non-tensor "
+                        f"value ({type(n.meta.get('val')).__name__})")
+            needs_after = (needs_after - part.defined) | _leaves(part.inputs)
+        else:
+            needs_after = (needs_after - {part.step.node}) | part.needs
+    return parts
+
+
+def _returns_arrays(meta) -> bool:
+    if isinstance(meta, (list, tuple)):
+        return all(_returns_arrays(m) for m in meta)
+    return meta is None or isinstance(meta, torch.Tensor)
 
 
 def compile_fx_graph(gm: fx.GraphModule, example_inputs=None):
@@ -223,7 +411,10 @@ def _decompositions():
 def mlx_backend(gm: fx.GraphModule, example_inputs):
     """The ``torch.compile(backend="mlx")`` entry point."""
     # AOTAutograd's on-disk cache stores inductor output code only; MLX graphs are rebuilt.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    # Ops that mutate arguments become auto_functionalized(op, **kwargs) (v1: mutated arguments
+    # are passed as they are; v2 passes their bases and view metadata).
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(enable_auto_functionalized_v2=False):
         return aot_autograd(fw_compiler=compile_fx_graph, bw_compiler=compile_fx_graph,
                             decompositions=_decompositions())(gm, example_inputs)
 

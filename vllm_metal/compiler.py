@@ -1,10 +1,13 @@
 """vLLM's compiler interface for device "mlx": each graph piece becomes one MLX function.
 
 vLLM's own compilation (CompilationMode.VLLM_COMPILE) captures the model forward once with
-dynamo, splits it at the attention ops (``splitting_ops``) and hands every piece between them to
-a ``CompilerInterface``. This one lowers a piece with ``torch_mlx.compile`` -- the same lowering
-table as eager mode -- into one ``mx.compile``d function. Attention runs eagerly between the
-pieces (it reads and writes the paged KV cache in place).
+dynamo and hands it to a ``CompilerInterface`` -- whole, as the platform sets no splitting ops,
+or split at the ``splitting_ops`` a user names. This one lowers the graph with
+``torch_mlx.compile`` -- the same lowering table as eager mode: runs of ops become
+``mx.compile``d segments, and vLLM's attention op, whose lowering reads the step's metadata
+(vllm_metal/ops/attention.py), runs between them in the same lazy MLX graph, KV-cache write
+included, so a forward is evaluated once. Pieces split by the user get attention eagerly
+between them.
 
 Nothing is cached on disk: tracing a piece into MLX costs milliseconds, and MLX keeps its
 compiled functions in memory.

@@ -74,14 +74,14 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_compile_backend(cls) -> str:
-        # vLLM's compilation (CompilationMode.VLLM_COMPILE) hands each piece of the model
-        # forward between attention calls to this compiler: one MLX function per piece.
+        # vLLM's compilation (CompilationMode.VLLM_COMPILE) hands the model forward (or, with
+        # splitting ops, each piece between them) to this compiler: one lazy MLX graph.
         return "vllm_metal.compiler.MlxCompiler"
 
     @classmethod
     def opaque_attention_op(cls) -> bool:
-        # Attention (and its KV-cache write) is one opaque torch op in a compiled graph: the
-        # pieces around it are compiled, it runs eagerly on the step's metadata.
+        # Attention (and its KV-cache write) is one opaque torch op in a compiled graph; its MLX
+        # lowering (ops/attention.py) runs inside the step's graph on the step's metadata.
         return True
 
     @classmethod
@@ -140,6 +140,11 @@ class MetalPlatform(Platform):
         if compilation.mode == CompilationMode.VLLM_COMPILE and compilation.backend == "inductor":
             logger.warning("inductor cannot compile for mlx; using the MLX compiler")
             compilation.backend = cls.get_compile_backend()
+        if compilation.mode == CompilationMode.VLLM_COMPILE and compilation.splitting_ops is None:
+            # The whole forward is one graph: vLLM's attention op is an MLX call inside it
+            # (ops/attention.py), so a step is one lazy MLX graph, evaluated once. Splitting ops
+            # the user names still split it, into pieces with eager attention between them.
+            compilation.splitting_ops = []
         elif compilation.mode == CompilationMode.STOCK_TORCH_COMPILE \
                 and compilation.backend in ("", "inductor", cls.get_compile_backend()):
             # torch.compile of the whole model with a dynamo backend: torch_mlx's "mlx"

@@ -25,9 +25,9 @@ print(json.dumps({
 """
 
 
-def _probe(**env):
+def _probe(cwd=None, **env):
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True, env=dict(os.environ, **env))
+                         check=True, env=dict(os.environ, **env), cwd=cwd)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -40,6 +40,17 @@ def test_selected_blas_is_correct_and_private():
     if blas.shims_current(blas.find_openblas()):
         assert result["info"]["library"] == "openblas", result["info"]
         assert result["info"]["version"].startswith("0.3."), result["info"]
+
+
+def test_an_mlx_folder_in_the_working_directory_does_not_hide_the_wheel(tmp_path):
+    # `python -c` puts the working directory first on sys.path: a folder named mlx there makes
+    # mlx a namespace package with two locations, and the shims must still be found.
+    from torch_mlx import blas
+
+    if not blas.shims_current(blas.find_openblas()):
+        pytest.skip("no OpenBLAS shims built")
+    (tmp_path / "mlx").mkdir()
+    assert _probe(cwd=tmp_path)["info"]["library"] == "openblas"
 
 
 def test_reference_switch():

@@ -1,7 +1,9 @@
 """torch.compile(backend="mlx"): compiled results equal eager results on "mlx"."""
+import mlx.core as mx
 import torch
 
 import torch_mlx.compile  # noqa: F401  (also reachable through the entry point)
+from torch_mlx.ops.registry import lowering
 
 
 def _same(compiled, eager):
@@ -92,3 +94,44 @@ def test_backward_on_the_autograd_thread_exits_cleanly():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# An op that mutates an argument and whose lowering must run outside mx.compile (as vLLM's
+# attention does: it reads per-call state). It reaches the graph as auto_functionalized.
+_LIB = torch.library.Library("torch_mlx_test", "DEF")
+_LIB.define("scale_into(Tensor x, Tensor(a!) out, float k) -> ()")
+
+
+@torch.library.impl(_LIB, "scale_into", "CompositeExplicitAutograd")
+def _scale_into_reference(x, out, k):
+    out.copy_(x * k)
+
+
+torch.library.register_fake("torch_mlx_test::scale_into", lambda x, out, k: None, lib=_LIB)
+_UNCOMPILED_CALLS = []
+
+
+@lowering("torch_mlx_test::scale_into", eager=False, compiled=False)
+def _scale_into(x, out, k):
+    _UNCOMPILED_CALLS.append(type(x))  # lazy mx.arrays, not tracers of mx.compile
+    return None, x * k  # the op's result, then the new value of `out`
+
+
+def test_uncompiled_lowering_runs_between_compiled_segments_in_one_graph():
+    def f(a, b):
+        h = torch.relu(a @ b) + 1
+        out = torch.empty_like(h)
+        torch.ops.torch_mlx_test.scale_into(h, out, 3.0)
+        rows = out.shape[0]
+        return (out.view(rows, -1) * 2).sum(0), h.shape[0] + 1
+
+    compiled = torch.compile(f, backend="mlx", dynamic=True)
+    for rows in (5, 7, 5):
+        a, b = torch.randn(rows, 4), torch.randn(4, 3)
+        expected = f(a, b)
+        calls = len(_UNCOMPILED_CALLS)
+        got = compiled(a.to("mlx"), b.to("mlx"))
+        assert len(_UNCOMPILED_CALLS) == calls + 1  # called on every run, not traced once
+        torch.testing.assert_close(got[0].cpu(), expected[0])
+        assert got[1] == expected[1]
+    assert _UNCOMPILED_CALLS[-1] is mx.array

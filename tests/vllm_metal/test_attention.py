@@ -83,7 +83,6 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
         block_size=BLOCK_SIZE)
     scale = head_size ** -0.5
     impl = MLXAttentionImpl(heads, head_size, scale, kv_heads, None, window, "auto")
-    impl.do_kv_cache_update(None, key.to("mlx"), value.to("mlx"), cache, slot_mapping)
     output = torch.empty(len(query), heads, head_size, device="mlx")
     impl.forward(None, query.to("mlx"), key.to("mlx"), value.to("mlx"), cache, metadata, output)
 

@@ -1,8 +1,11 @@
 """KV-cache ops: writes and block copies happen in place and touch only their slots/blocks."""
+import mlx.core as mx
+import pytest
 import torch
 
 import torch_mlx
-from vllm_metal.ops.cache import copy_blocks, swap_blocks, write_kv_slots, zero_blocks
+from vllm_metal.ops.cache import (copy_blocks, swap_blocks, write_kv_rows, write_kv_slots,
+                                  zero_blocks)
 
 
 def cache_and_snapshot(num_blocks=8, heads=2, block_size=4, head_size=3, token_major=True):
@@ -61,10 +64,36 @@ def test_copy_zero_and_swap_blocks():
 
 
 def test_write_keeps_the_cache_buffer():
-    # The write goes through a CPU alias of the cache's own bytes: the MLX buffer behind the
-    # cache is the same object before and after (no new array, no copy of the cache).
+    # The write lands in the cache's own bytes: the MLX buffer behind the cache is the same
+    # object before and after (no new array, no copy of the cache).
     cache, _ = cache_and_snapshot(num_blocks=64)
     buffer = torch_mlx._C.buffer_address(cache)
     write_kv_slots(cache, torch.ones(1, 2, 3).to("mlx"), torch.ones(1, 2, 3).to("mlx"),
                    torch.tensor([17]).to("mlx"))
     assert torch_mlx._C.buffer_address(cache) == buffer
+
+
+def test_lazy_write_is_read_through_its_result_and_shares_the_cache_buffer():
+    # In a compiled forward the write is a node of the step's MLX graph: nothing is written
+    # until the graph is evaluated, a read of its result comes after the write, and the result
+    # is the cache's own buffer.
+    cache, before = cache_and_snapshot()
+    key, value = mx.ones((2, 2, 3)), mx.full((2, 2, 3), 2.0)
+    written = write_kv_rows(torch_mlx.to_mlx(cache), key, value, mx.array([6, 13]))
+    torch.testing.assert_close(cache.cpu(), before, rtol=0, atol=0)  # lazy: not yet
+    block = mx.take(written.swapaxes(1, 2), mx.array([1]), axis=0)  # read through the result
+    mx.eval(block)
+    assert torch_mlx._C.buffer_address(written) == torch_mlx._C.buffer_address(cache)
+    assert mx.array_equal(block[0, 2], mx.concatenate([key[0], value[0]], axis=-1)).item()
+    expected = before.clone()
+    expected[1, :, 2] = torch.cat([torch.ones(2, 3), torch.full((2, 3), 2.0)], dim=-1)
+    expected[3, :, 1] = expected[1, :, 2]
+    torch.testing.assert_close(cache.cpu(), expected, rtol=0, atol=0)
+
+
+def test_write_to_a_slot_outside_the_cache_raises():
+    cache, before = cache_and_snapshot(num_blocks=2)  # 8 slots
+    with pytest.raises(RuntimeError, match="slot 8 is outside the cache"):
+        write_kv_slots(cache, torch.ones(1, 2, 3).to("mlx"), torch.ones(1, 2, 3).to("mlx"),
+                       torch.tensor([8]).to("mlx"))
+    torch.testing.assert_close(cache.cpu(), before, rtol=0, atol=0)

@@ -89,26 +89,33 @@ def test_seeded_sampling_reproduces(llama):
 def _record_cache_writes(worker):
     from vllm.model_executor.layers.attention import Attention
 
+    from torch_mlx import _C
+
     worker.cache_writes = []
     for module in worker.model_runner.model.modules():
         if isinstance(module, Attention):
-            impl, write = module.impl, module.impl.do_kv_cache_update
+            # attend writes the step's keys/values, eagerly or while a compiled forward records
+            # its MLX graph; the cache it is given is the buffer the write lands in
+            impl, attend = module.impl, module.impl.attend
 
-            def recorded(layer, key, value, kv_cache, slot_mapping, write=write):
-                worker.cache_writes.append((layer.layer_name, kv_cache.data_ptr(),
-                                            kv_cache.untyped_storage().data_ptr(), key.shape[0]))
-                return write(layer, key, value, kv_cache, slot_mapping)
+            def recorded(query, key, value, kv_cache, md, attend=attend,
+                         name=module.layer_name):
+                worker.cache_writes.append((name, _C.buffer_address(kv_cache),
+                                            md.num_actual_tokens))
+                return attend(query, key, value, kv_cache, md)
 
-            impl.do_kv_cache_update = recorded
-    return [(t.data_ptr(), t.untyped_storage().data_ptr()) for t in worker.model_runner.kv_caches]
+            impl.attend = recorded
+    return _cache_buffers(worker)
 
 
 def _cache_writes(worker):
     return worker.cache_writes
 
 
-def _cache_pointers(worker):
-    return [(t.data_ptr(), t.untyped_storage().data_ptr()) for t in worker.model_runner.kv_caches]
+def _cache_buffers(worker):
+    from torch_mlx import _C
+
+    return [_C.buffer_address(t) for t in worker.model_runner.kv_caches]
 
 
 def test_kv_cache_is_written_in_place(llama):
@@ -116,13 +123,14 @@ def test_kv_cache_is_written_in_place(llama):
     before = llm.collective_rpc(_record_cache_writes)[0]
     llm.generate(PROMPTS, SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))
     writes = llm.collective_rpc(_cache_writes)[0]
-    assert llm.collective_rpc(_cache_pointers)[0] == before
+    assert llm.collective_rpc(_cache_buffers)[0] == before
     layers = sorted({name for name, *_ in writes})
     assert len(layers) == 2  # the tiny Llama's two attention layers
     for name in layers:
-        steps = [(ptr, storage) for layer, ptr, storage, _ in writes if layer == name]
-        assert len(steps) >= 4  # prefill, then one decode step per further token
-        assert len(set(steps)) == 1, f"{name}: the cache moved between steps"
+        buffers = [buffer for layer, buffer, _ in writes if layer == name]
+        assert len(buffers) >= 4  # prefill, then one decode step per further token
+        assert len(set(buffers)) == 1, f"{name}: the cache moved between steps"
+        assert buffers[0] in before
     # A decode step writes one slot per running request, not the whole cache.
     assert min(n for *_, n in writes) <= len(PROMPTS)
 

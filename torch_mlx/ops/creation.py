@@ -29,6 +29,19 @@ def full(size, fill_value, dtype=None, layout=None, device=None, pin_memory=None
     return mx.full([int(s) for s in size], fill_value, dtype=dtype)
 
 
+# Compiled graphs only: eager empty* are native (csrc/memory_ops.cpp). Inside an MLX graph an
+# uninitialised tensor is any array of its shape; zeros cost one fill and keep results
+# reproducible.
+@lowering("empty.memory_format", eager=False)
+def empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return mx.zeros([int(s) for s in size], dtype=_dtype_or_default(dtype))
+
+
+@lowering("empty_strided", eager=False)
+def empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memory=None):
+    return mx.zeros([int(s) for s in size], dtype=_dtype_or_default(dtype))
+
+
 @lowering("eye", "eye.m")
 def eye(n, m=None, dtype=None, layout=None, device=None, pin_memory=None):
     return mx.eye(int(n), int(n if m is None else m), dtype=_dtype_or_default(dtype))

@@ -71,6 +71,10 @@ class Lowering:
     # True: half-precision inputs are promoted to float32 (torch's "opmath"). False: inputs are
     # cast to the result dtype, for ops whose CPU kernels round every step to half precision.
     opmath: bool = True
+    # False: in a compiled graph the lowering runs between mx.compile'd segments, as plain MLX
+    # calls in the same lazy graph, because it reads state that changes per call (vLLM's
+    # attention reads the step's metadata and KV cache).
+    compiled: bool = True
 
 
 TABLE: dict[str, Lowering] = {}
@@ -98,7 +102,7 @@ def compile_allowed() -> bool:
 
 
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
-             eager: bool = True, opmath: bool = True):
+             eager: bool = True, opmath: bool = True, compiled: bool = True):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
 
     A name may carry another namespace, ``"ns::op.overload"``: a library's custom op (defined
@@ -107,13 +111,18 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
 
     ``eager=False`` keeps the lowering out of eager dispatch: view ops must alias their input's
     storage in eager mode (done natively in C++), but inside a compiled MLX graph they are
-    ordinary MLX ops."""
+    ordinary MLX ops.
+
+    ``compiled=False`` runs the lowering outside ``mx.compile`` in compiled graphs (see
+    Lowering.compiled). A lowering of an op that mutates arguments (reached in compiled graphs
+    through torch's ``auto_functionalized``) returns what auto_functionalized returns: the op's
+    result, then the new value of each mutated argument."""
 
     def register(fn):
         for name in names:
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath)
+            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled)
             if _registrar is not None and eager:  # a lowering added after import (a plugin's)
                 _registrar.functional(name, functional_kernel(overload(name), TABLE[name]))
         return fn

@@ -29,8 +29,9 @@ from .paged import decode_mask
 
 
 class MLXAttentionBackend(AttentionBackend):
-    # K/V are written by do_kv_cache_update, which vLLM calls before forward.
-    forward_includes_kv_cache_update: bool = False
+    # The attention call writes this step's keys/values itself (MLXAttentionImpl.attend): in a
+    # compiled forward the write is a node of the same MLX graph as the attention reading it.
+    forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16,
                                                      torch.float32]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
@@ -83,6 +84,11 @@ class MLXAttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens)
+
+    @functools.cached_property
+    def slots(self) -> mx.array:
+        """Cache slot of each new token, [num_actual_tokens] (zero-copy)."""
+        return to_mlx(self.slot_mapping)[: self.num_actual_tokens]
 
     @functools.cached_property
     def decode_blocks(self) -> int:

@@ -1,8 +1,11 @@
 """MLXAttentionImpl: writes new keys/values into the paged cache, then attends with MLX.
 
-Everything crosses to MLX as zero-copy views (torch_mlx.to_mlx): query, key, value, the cache
-and the block table; the result crosses back with from_mlx and is copied into vLLM's output
-buffer (O(tokens)).
+``attend`` is the one MLX implementation, as a lazy MLX computation: the KV-cache write
+(torch_mlx's ``write_slots`` graph node, in place) and the attention that reads the cache
+through it. Eager forward evaluates it and copies the result into vLLM's output buffer
+(O(tokens)); in a compiled forward (vllm_metal/ops/attention.py) it joins the step's one MLX
+graph. Everything crosses to MLX as zero-copy views (torch_mlx.to_mlx): query, key, value, the
+cache and the block table.
 """
 import mlx.core as mx
 import torch
@@ -10,7 +13,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from torch_mlx import from_mlx, to_mlx
 
-from ..ops.cache import write_kv_slots
+from ..ops.cache import write_kv_rows
 from .backend import MLXAttentionMetadata
 from .paged import decode_attention, gather_kv, prefill_attention
 
@@ -37,10 +40,6 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
 
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        write_kv_slots(kv_cache, key, value, slot_mapping)
-
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: MLXAttentionMetadata | None,
                 output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
@@ -49,13 +48,28 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         if attn_metadata is None:
             return output  # profiling run: no cache yet
         num_tokens = attn_metadata.num_actual_tokens
-        # MLX slices here: a torch slice of an "mlx" tensor is a dispatched op, an MLX one is not
-        result = self._attend(to_mlx(query)[:num_tokens], to_mlx(key)[:num_tokens],
-                              to_mlx(value)[:num_tokens], to_mlx(kv_cache).swapaxes(1, 2),
-                              attn_metadata)
+        result = self.attend(to_mlx(query), to_mlx(key), to_mlx(value), to_mlx(kv_cache),
+                             attn_metadata)
         out = output if num_tokens == output.shape[0] else output[:num_tokens]
         out.copy_(from_mlx(result))
         return output
+
+    def attend(self, query: mx.array, key: mx.array | None, value: mx.array | None,
+               kv_cache: mx.array, md: MLXAttentionMetadata) -> mx.array:
+        """Write this step's keys/values into ``kv_cache`` (vLLM's logical [blocks, heads,
+        block_size, K|V] view) and attend: [num_actual_tokens, Hq, Dv], lazy. query/key/value
+        may be padded past md.num_actual_tokens."""
+        num_tokens = md.num_actual_tokens
+        # MLX slices here: a torch slice of an "mlx" tensor is a dispatched op, an MLX one is not
+        query = query[:num_tokens]
+        writes = key is not None and self.kv_sharing_target_layer_name is None
+        if writes:
+            key, value = key[:num_tokens], value[:num_tokens]
+            kv_cache = write_kv_rows(kv_cache, key, value, md.slots)
+        result = self._attend(query, key, value, kv_cache.swapaxes(1, 2), md)
+        # a prefill without context reads its keys from `key`, not the cache: the write must
+        # still happen whenever the result is evaluated
+        return mx.depends([result], [kv_cache])[0] if writes else result
 
     def _attend(self, query: mx.array, key: mx.array, value: mx.array, cache: mx.array,
                 md: MLXAttentionMetadata) -> mx.array:

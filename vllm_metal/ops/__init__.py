@@ -1,7 +1,8 @@
 """MLX implementations behind vLLM's custom ops, and the KV-cache ops.
 
 Importing this package registers the overrides with ``CustomOp.register_oot`` (vLLM then builds
-these classes wherever a model asks for the originals); MetalPlatform.check_and_update_config
+these classes wherever a model asks for the originals) and the MLX lowering of vLLM's attention
+op for compiled forwards; MetalPlatform.check_and_update_config
 imports it in every process that builds a model.
 """
-from . import activation, layernorm, rotary  # noqa: F401
+from . import activation, attention, layernorm, rotary  # noqa: F401

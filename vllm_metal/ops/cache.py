@@ -2,43 +2,35 @@
 
 A layer's cache is vLLM's logical view ``[num_blocks, kv_heads, block_size, Dk + Dv]`` over one
 MLX buffer. MLX arrays are immutable: an MLX scatter would produce a new array, i.e. copy the
-whole cache. Memory is unified and eager MLX work is finished when a torch op returns, so the
-writes go through zero-copy CPU aliases of the same bytes (torch_mlx._C.cpu_alias) instead:
-torch's CPU indexing then touches only the slots written.
+whole cache. New keys/values are written by torch_mlx's ``write_slots`` instead, an MLX graph
+node whose result shares the cache's buffer and which copies only the rows written; it works in
+a lazy graph (the compiled forward) as in eager mode. Block copies run outside any graph, through
+zero-copy CPU aliases of the same bytes (torch_mlx._C.cpu_alias): torch's CPU indexing then
+touches only the blocks named.
 """
+import mlx.core as mx
 import torch
 
-from torch_mlx import _C
+from torch_mlx import _C, to_mlx
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
     return _C.cpu_alias(tensor) if tensor.device.type == "mlx" else tensor
 
 
+def write_kv_rows(kv_cache: mx.array, key: mx.array, value: mx.array,
+                  slots: mx.array) -> mx.array:
+    """``kv_cache`` with token t's key and value stored at slot ``slots[t]`` (block *
+    block_size + offset; slots < 0 are padding and skipped), lazily and in place: the result
+    shares the cache's buffer, so read the cache through it. key [T, H, Dk], value [T, H, Dv]."""
+    return _C.write_slots(kv_cache, mx.concatenate([key, value], axis=-1), slots)
+
+
 def write_kv_slots(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Store token t's key and value at cache slot ``slot_mapping[t]`` (block * block_size +
-    offset); slots < 0 are padding and skipped. key [T, H, Dk], value [T, H, Dv]."""
-    cache = _host(kv_cache)
-    num_tokens = key.shape[0]
-    slots = _host(slot_mapping)[:num_tokens]
-    keys, values = _host(key), _host(value)
-    if num_tokens and int(slots.min()) < 0:
-        valid = slots >= 0
-        slots, keys, values = slots[valid], keys[valid], values[valid]
-    num_blocks, heads, block_size, content = cache.shape
-    try:  # token-major blocks (LBNHC): slot s is row s of a [slots, H, K|V] view
-        rows = cache.transpose(1, 2).view(num_blocks * block_size, heads, content)
-    except RuntimeError:
-        rows = None
-    if rows is not None:  # one write per step and layer, whatever the number of tokens
-        rows.index_copy_(0, slots, torch.cat([keys, values], dim=-1).to(cache.dtype))
-        return
-    head_size = key.shape[-1]
-    blocks, offsets = slots // block_size, slots % block_size
-    # Advanced indices split by a slice put the token axis first: [T, H, D], like key/value.
-    cache[blocks, :, offsets, :head_size] = keys.to(cache.dtype)
-    cache[blocks, :, offsets, head_size:] = values.to(cache.dtype)
+    """write_kv_rows on torch tensors on "mlx", evaluated now."""
+    slots = to_mlx(slot_mapping)[: key.shape[0]]
+    mx.eval(write_kv_rows(to_mlx(kv_cache), to_mlx(key), to_mlx(value), slots))
 
 
 def zero_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> None:

@@ -1,0 +1,39 @@
+"""vLLM's attention op in a compiled forward: one call in the step's MLX graph.
+
+vLLM's models call ``torch.ops.vllm.unified_attention_with_output(query, key, value, output,
+layer_name)``, an opaque op that writes ``output`` and reads the step's metadata and the layer's
+KV cache from vLLM's forward context. With the platform's whole-forward compilation (no
+splitting ops) it is a node of the graph vllm_metal.compiler lowers; this lowering runs there
+outside ``mx.compile`` (``compiled=False``: the metadata changes every step), on the lazy
+values of the graph, so the KV-cache write, the attention and the pieces before and after are
+one MLX graph evaluated once per forward. In eager mode vLLM calls the op itself, which reaches
+the same MLXAttentionImpl.attend.
+"""
+import mlx.core as mx
+from vllm.forward_context import get_forward_context
+from vllm.utils.torch_utils import _resolve_layer_name
+
+from torch_mlx import to_mlx
+from torch_mlx.ops.registry import lowering
+
+
+@lowering("vllm::unified_attention_with_output", eager=False, compiled=False)
+def unified_attention_with_output(query, key, value, output, layer_name, output_scale=None,
+                                  output_block_scale=None, kv_cache_dummy_dep=None):
+    if output_scale is not None or output_block_scale is not None:
+        raise NotImplementedError("fused output quantization is not supported on mlx")
+    name = _resolve_layer_name(layer_name)
+    context = get_forward_context()
+    metadata = context.attn_metadata
+    if isinstance(metadata, list):  # speculative decoding: [0] is the base model's
+        metadata = metadata[0]
+    if isinstance(metadata, dict):
+        metadata = metadata.get(name)
+    if metadata is None:  # profiling run: no cache yet
+        return None, output, None
+    layer = context.no_compile_layers[name]
+    result = layer.impl.attend(query, key, value, to_mlx(layer.kv_cache), metadata)
+    if result.shape[0] < output.shape[0]:  # padded tokens keep the buffer's values
+        result = mx.concatenate([result, output[result.shape[0]:]], axis=0)
+    # auto_functionalized's results: the op's (none), then the new `output`, `output_block_scale`
+    return None, result, None
