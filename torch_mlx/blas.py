@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import importlib.util
 import logging
 import os
@@ -114,6 +115,115 @@ def _trampolines(names: list[str]) -> str:
     return "\n".join(lines) + ");\n"
 
 
+_GEMV_KERNEL = r"""
+/* torch_mlx's own matrix-vector kernel: y = alpha * W x + beta * y for a row-major W whose rows
+ * are contiguous (every decode step's x @ W.T at batch 1). Each thread reads its rows as one
+ * sequential stream with four accumulators; OpenBLAS's sgemv interleaves rows and stays well
+ * below the memory bandwidth on these machines (see docs/ARCHITECTURE.md, BLAS). */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct { const float *W; const float *x; float *y; long N, K, ld; float alpha, beta; } tmx_job;
+static tmx_job tmx_current;
+static atomic_int tmx_generation, tmx_remaining;
+static int tmx_threads = 1, tmx_started;
+static pthread_mutex_t tmx_lock = PTHREAD_MUTEX_INITIALIZER;
+
+__attribute__((target("avx512f"))) static void tmx_rows(const tmx_job *j, long r0, long r1) {
+  for (long r = r0; r < r1; r++) {
+    const float *w = j->W + r * j->ld, *x = j->x;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long k = 0;
+    for (; k + 64 <= j->K; k += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= j->K; k += 16)
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < j->K; k++) s += w[k] * x[k];
+    float out = j->alpha * s;
+    j->y[r] = j->beta == 0.0f ? out : out + j->beta * j->y[r];
+  }
+}
+
+static void tmx_part(int t, int n) {
+  const tmx_job *j = &tmx_current;
+  long per = (j->N + n - 1) / n, r0 = t * per, r1 = r0 + per < j->N ? r0 + per : j->N;
+  if (r0 < r1) tmx_rows(j, r0, r1);
+}
+
+static void *tmx_worker(void *arg) {
+  int t = (int)(long)arg, seen = 0;
+  for (;;) {
+    /* spin briefly (the next GEMV of a decode step follows within microseconds), then sleep */
+    for (int i = 0; i < 20000 && atomic_load(&tmx_generation) == seen; i++) _mm_pause();
+    while (atomic_load(&tmx_generation) == seen)
+      syscall(SYS_futex, &tmx_generation, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
+    seen = atomic_load(&tmx_generation);
+    tmx_part(t, tmx_threads);
+    atomic_fetch_sub(&tmx_remaining, 1);
+  }
+  return 0;
+}
+
+static void tmx_gemv_set_threads(int n) {
+  if (!tmx_started && n > 0) tmx_threads = n > 8 ? 8 : n;
+}
+
+static atomic_flag tmx_busy = ATOMIC_FLAG_INIT;
+static int tmx_enabled = -1;
+
+/* Returns 0 when it does not apply (the caller uses OpenBLAS): no AVX-512, a small product,
+ * TORCH_MLX_GEMV=openblas, or another thread inside it. */
+static int tmx_gemv(const float *W, long N, long K, long ld, const float *x, float alpha,
+                    float beta, float *y) {
+  if (tmx_enabled < 0) {
+    const char *choice = getenv("TORCH_MLX_GEMV");
+    tmx_enabled = __builtin_cpu_supports("avx512f") && !(choice && !strcmp(choice, "openblas"));
+  }
+  if (!tmx_enabled || N * K < 65536 || atomic_flag_test_and_set(&tmx_busy)) return 0;
+  tmx_current = (tmx_job){W, x, y, N, K, ld, alpha, beta};
+  int n = tmx_threads;
+  if (n > 1) {
+    if (!tmx_started) {
+      pthread_mutex_lock(&tmx_lock);
+      if (!tmx_started) {
+        for (int t = 1; t < n; t++) {
+          pthread_t th;
+          pthread_create(&th, 0, tmx_worker, (void *)(long)t);
+          pthread_detach(th);
+        }
+        tmx_started = 1;
+      }
+      pthread_mutex_unlock(&tmx_lock);
+    }
+    atomic_store(&tmx_remaining, n - 1);
+    atomic_fetch_add(&tmx_generation, 1);
+    syscall(SYS_futex, &tmx_generation, FUTEX_WAKE_PRIVATE, n, 0, 0, 0);
+  }
+  tmx_part(0, n);
+  while (n > 1 && atomic_load(&tmx_remaining) > 0) _mm_pause();
+  atomic_flag_clear(&tmx_busy);
+  return 1;
+}
+#else
+static void tmx_gemv_set_threads(int n) {}
+static int tmx_gemv(const float *W, long N, long K, long ld, const float *x, float alpha,
+                    float beta, float *y) { return 0; }
+#endif
+"""
+
+
 # The one function the BLAS shim implements itself. MLX's CPU matmul calls cblas_sgemm for
 # every float product, including matrix-vector ones (a decode step's x @ W.T has M = 1).
 # OpenBLAS runs those through its packed GEMM path on this machine's kernels (0.3.21 and 0.3.34
@@ -125,11 +235,19 @@ void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, 
                        int, float, float *, int);
 void scipy_cblas_sgemv(int, int, int, int, float, const float *, int, const float *, int, float,
                        float *, int);
+void scipy_openblas_set_num_threads(int);
+""" + _GEMV_KERNEL + r"""
+/* torch_mlx's first-use hook gives both thread pools their size. */
+void tmx_set_num_threads(int n) {
+  scipy_openblas_set_num_threads(n);
+  tmx_gemv_set_threads(n);
+}
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   if (order == RowMajor && K > 0 && M == 1 && N > 1) {
     /* C[1, N] = alpha * a[1, K] op(B)[K, N] + beta * C: y = op(B)^T a */
     int inc_a = ta == NoTrans ? 1 : lda;
+    if (tb == Trans && inc_a == 1 && tmx_gemv(B, N, K, ldb, A, alpha, beta, C)) return;
     if (tb == NoTrans) scipy_cblas_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, inc_a, beta, C, 1);
     else scipy_cblas_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, inc_a, beta, C, 1);
     return;
@@ -137,6 +255,8 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
   if (order == RowMajor && K > 0 && N == 1 && M > 1) {
     /* C[M, 1] (stride ldc) = alpha * op(A)[M, K] b[K, 1] + beta * C */
     int inc_b = tb == NoTrans ? ldb : 1;
+    if (ta == NoTrans && inc_b == 1 && ldc == 1 && tmx_gemv(A, M, K, lda, B, alpha, beta, C))
+      return;
     if (ta == NoTrans) scipy_cblas_sgemv(RowMajor, NoTrans, M, K, alpha, A, lda, B, inc_b, beta, C, ldc);
     else scipy_cblas_sgemv(RowMajor, Trans, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
     return;
@@ -174,8 +294,15 @@ def build_shims(openblas: str, out_dir: str = SHIM_DIR) -> list[str]:
             os.replace(out + ".tmp", out)
             built.append(out)
     with open(os.path.join(out_dir, "TARGET"), "w") as f:
-        f.write(openblas + "\n")
+        f.write(_target_record(openblas))
     return built
+
+
+def _target_record(openblas: str) -> str:
+    """What TARGET holds: the library the shims call and a digest of the shim's own code, so
+    shims built from older code count as stale."""
+    digest = hashlib.sha256(_GEMM_SHIM.encode()).hexdigest()[:16]
+    return f"{openblas}\n{digest}\n"
 
 
 def _shim_paths() -> list[str]:
@@ -189,7 +316,7 @@ def shims_current(openblas: str | None) -> bool:
     if openblas is None or not shims or not all(map(os.path.exists, [target, *shims])):
         return False
     with open(target) as f:
-        return f.read().strip() == openblas
+        return f.read() == _target_record(openblas)
 
 
 def select() -> dict:
@@ -216,16 +343,17 @@ def select() -> dict:
     wanted = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # no thread pool at import time
     try:
-        for shim in _shim_paths():
-            ctypes.CDLL(shim, mode=os.RTLD_LOCAL)
+        shims = [ctypes.CDLL(shim, mode=os.RTLD_LOCAL) for shim in _shim_paths()]
     finally:
         if wanted is None:
             del os.environ["OPENBLAS_NUM_THREADS"]
         else:
             os.environ["OPENBLAS_NUM_THREADS"] = wanted
     openblas = ctypes.CDLL(target, mode=os.RTLD_LOCAL)  # the same, already loaded library
-    _threads["set_num_threads"] = ctypes.cast(
-        getattr(openblas, PREFIX + "openblas_set_num_threads"), ctypes.c_void_p)
+    # the BLAS shim's setter sizes OpenBLAS's pool and the shim's own GEMV pool
+    blas_shim = next(lib for lib, path in zip(shims, _shim_paths())
+                     if os.path.basename(path).startswith("libblas"))
+    _threads["set_num_threads"] = ctypes.cast(blas_shim.tmx_set_num_threads, ctypes.c_void_p)
     _threads["count"] = int(wanted) if wanted and wanted.isdigit() else (os.cpu_count() or 1)
     config = getattr(openblas, PREFIX + "openblas_get_config")
     config.restype = ctypes.c_char_p
