@@ -144,13 +144,15 @@ BANDWIDTH = """
 import json, time, torch
 torch.set_num_threads(__import__("os").cpu_count())
 import torch_mlx
-def read_gb_s(x):
+def best_gb_s(read, nbytes):
     times = []
     for _ in range(6):
         start = time.perf_counter()
-        x.sum()
+        read()
         times.append(time.perf_counter() - start)
-    return x.numel() * 4 / min(times[1:]) / 1e9
+    return nbytes / min(times[1:]) / 1e9
+def read_gb_s(x):
+    return best_gb_s(x.sum, x.numel() * 4)
 x = torch.ones(2**29)  # 2 GiB of float32 in 4 KiB pages (THP is opt-in here)
 small = read_gb_s(x)
 del x
@@ -163,12 +165,7 @@ huge = read_gb_s(torch_mlx._C.cpu_alias(y))
 import mlx.core as mx
 w = torch_mlx.to_mlx(y).reshape(2**29 // 4096, 4096)
 v = mx.ones((1, 4096))
-times = []
-for _ in range(6):
-    start = time.perf_counter()
-    mx.eval(v @ w.T)
-    times.append(time.perf_counter() - start)
-gemv = 2**31 / min(times[1:]) / 1e9
+gemv = best_gb_s(lambda: mx.eval(v @ w.T), 2**31)
 print(json.dumps({"bandwidth_gb_s": max(small, huge, gemv), "bandwidth_4k_pages_gb_s": small,
                   "bandwidth_huge_pages_gb_s": huge, "bandwidth_gemv_gb_s": gemv}))
 """

@@ -343,7 +343,7 @@ def select() -> dict:
     wanted = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"  # no thread pool at import time
     try:
-        shims = [ctypes.CDLL(shim, mode=os.RTLD_LOCAL) for shim in _shim_paths()]
+        shims = {os.path.basename(p): ctypes.CDLL(p, mode=os.RTLD_LOCAL) for p in _shim_paths()}
     finally:
         if wanted is None:
             del os.environ["OPENBLAS_NUM_THREADS"]
@@ -351,8 +351,7 @@ def select() -> dict:
             os.environ["OPENBLAS_NUM_THREADS"] = wanted
     openblas = ctypes.CDLL(target, mode=os.RTLD_LOCAL)  # the same, already loaded library
     # the BLAS shim's setter sizes OpenBLAS's pool and the shim's own GEMV pool
-    blas_shim = next(lib for lib, path in zip(shims, _shim_paths())
-                     if os.path.basename(path).startswith("libblas"))
+    blas_shim = next(lib for name, lib in shims.items() if name.startswith("libblas"))
     _threads["set_num_threads"] = ctypes.cast(blas_shim.tmx_set_num_threads, ctypes.c_void_p)
     _threads["count"] = int(wanted) if wanted and wanted.isdigit() else (os.cpu_count() or 1)
     config = getattr(openblas, PREFIX + "openblas_get_config")

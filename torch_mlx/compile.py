@@ -163,7 +163,7 @@ class MlxGraph(torch.nn.Module):
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps = []
         for node in gm.graph.nodes:
-            if node.op == "call_function" and _size_op(node.target) is not None:
+            if _is_size_node(node):
                 self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
             elif node.op == "call_function":
                 self.steps.append(_Step(node, _node_lowering(node)))
@@ -242,14 +242,16 @@ def _outer_value(a, env):
     return a
 
 
-def _leaves(nodes, defined=frozenset()) -> set:
-    """The non-size nodes outside ``defined`` that computing ``nodes`` outside a segment needs."""
+def _is_size_node(n: fx.Node) -> bool:
+    return n.op == "call_function" and _size_op(n.target) is not None
+
+
+def _leaves(nodes) -> set:
+    """The non-size nodes that computing ``nodes`` outside a segment needs."""
     found, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
-        if n in defined:
-            continue
-        if n.op == "call_function" and _size_op(n.target) is not None:
+        if _is_size_node(n):
             stack.extend(n.all_input_nodes)
         else:
             found.add(n)
@@ -272,30 +274,28 @@ class _Uncompiled:
 class _Segment:
     """Consecutive compiled steps as one ``mx.compile``d function of the values it needs."""
 
-    def __init__(self, steps: list):
-        self.steps = steps
+    def __init__(self, steps: list, position: dict):
         defined = {s.node for s in steps}
-        # size nodes this segment needs: traced inside if they depend on the segment's values
-        inside, order, seen = set(), [], set()
+        # size nodes the steps need that depend on the segment's own values are traced inside
+        inside, seen = set(), set()
 
         def visit(n):
-            if n in seen or n in defined or not (n.op == "call_function"
-                                                 and _size_op(n.target) is not None):
+            if n in seen or n in defined or not _is_size_node(n):
                 return
             seen.add(n)
             for arg in n.all_input_nodes:
                 visit(arg)
             if any(a in defined or a in inside for a in n.all_input_nodes):
                 inside.add(n)
-                order.append(n)
 
         for s in steps:
             for n in s.node.all_input_nodes:
                 visit(n)
-        used = {a for s in steps for a in s.node.all_input_nodes}
-        used |= {a for n in inside for a in n.all_input_nodes}
+        # graph order is a topological order for steps and size nodes alike
+        self.order = sorted([*steps, *inside], key=lambda s: position[_step_node(s)])
+        used = dict.fromkeys(a for s in self.order for a in _step_node(s).all_input_nodes)
         self.inputs = [n for n in used if n not in defined and n not in inside]
-        self.sizes = order  # computed before the steps that need them (topological)
+        self.steps = steps
         self.defined = defined
         self.outputs: list[fx.Node] = []  # set by _split once the later parts are known
         self.fn = mx.compile(self._trace)
@@ -303,15 +303,8 @@ class _Segment:
     def _trace(self, *values):
         with _Tracing():
             env = dict(zip(self.inputs, values))
-            pending = list(self.sizes)
-            for step in self.steps:
-                # size nodes first, as soon as their inputs exist
-                for n in [n for n in pending if all(a in env for a in n.all_input_nodes)]:
-                    _execute(n, env)
-                    pending.remove(n)
+            for step in self.order:
                 _execute(step, env)
-            for n in pending:
-                _execute(n, env)
             return [leaf for n in self.outputs for leaf in _flatten(env[n])]
 
     def __call__(self, env):
@@ -334,7 +327,12 @@ def _unflatten(meta, it):
     return None if meta is None else next(it)
 
 
+def _step_node(step) -> fx.Node:
+    return step if isinstance(step, fx.Node) else step.node
+
+
 def _split(steps, output: fx.Node) -> list:
+    position = {_step_node(s): i for i, s in enumerate(steps)}
     parts, run = [], []
     for step in steps:
         if isinstance(step, fx.Node):
@@ -343,11 +341,11 @@ def _split(steps, output: fx.Node) -> list:
             run.append(step)
             continue
         if run:
-            parts.append(_Segment(run))
+            parts.append(_Segment(run, position))
             run = []
         parts.append(_Uncompiled(step))
     if run:
-        parts.append(_Segment(run))
+        parts.append(_Segment(run, position))
     # what each part needs from the earlier ones decides what a segment returns
     needs_after: set = _leaves(output.all_input_nodes)
     for part in reversed(parts):

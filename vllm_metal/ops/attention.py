@@ -10,7 +10,7 @@ one MLX graph evaluated once per forward. In eager mode vLLM calls the op itself
 the same MLXAttentionImpl.attend.
 """
 import mlx.core as mx
-from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention.attention import get_attention_context
 from vllm.utils.torch_utils import _resolve_layer_name
 
 from torch_mlx import to_mlx
@@ -22,17 +22,11 @@ def unified_attention_with_output(query, key, value, output, layer_name, output_
                                   output_block_scale=None, kv_cache_dummy_dep=None):
     if output_scale is not None or output_block_scale is not None:
         raise NotImplementedError("fused output quantization is not supported on mlx")
-    name = _resolve_layer_name(layer_name)
-    context = get_forward_context()
-    metadata = context.attn_metadata
-    if isinstance(metadata, list):  # speculative decoding: [0] is the base model's
-        metadata = metadata[0]
-    if isinstance(metadata, dict):
-        metadata = metadata.get(name)
+    # the same context vLLM's own op reads: this layer's metadata, module and cache
+    metadata, layer, kv_cache, _ = get_attention_context(_resolve_layer_name(layer_name))
     if metadata is None:  # profiling run: no cache yet
         return None, output, None
-    layer = context.no_compile_layers[name]
-    result = layer.impl.attend(query, key, value, to_mlx(layer.kv_cache), metadata)
+    result = layer.impl.attend(query, key, value, to_mlx(kv_cache), metadata)
     if result.shape[0] < output.shape[0]:  # padded tokens keep the buffer's values
         result = mx.concatenate([result, output[result.shape[0]:]], axis=0)
     # auto_functionalized's results: the op's (none), then the new `output`, `output_block_scale`
