@@ -117,9 +117,9 @@ def _trampolines(names: list[str]) -> str:
 
 _GEMV_KERNEL = r"""
 /* torch_mlx's own matrix-vector kernel: y = alpha * W x + beta * y for a row-major W whose rows
- * are contiguous (every decode step's x @ W.T at batch 1). Each thread reads its rows as one
- * sequential stream with four accumulators; OpenBLAS's sgemv interleaves rows and stays well
- * below the memory bandwidth on these machines (see docs/ARCHITECTURE.md, BLAS). */
+ * are contiguous (every decode step's x @ W.T at batch 1). Each thread reads chunks of whole
+ * rows as sequential streams with four accumulators; OpenBLAS's sgemv interleaves rows and stays
+ * well below the memory bandwidth on these machines (see docs/ARCHITECTURE.md, BLAS). */
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <stdlib.h>
@@ -128,11 +128,19 @@ _GEMV_KERNEL = r"""
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
-typedef struct { const float *W; const float *x; float *y; long N, K, ld; float alpha, beta; } tmx_job;
+typedef struct { const float *W; const float *x; float *y; long N, K, ld, chunk; float alpha, beta;
+                 unsigned long id; } tmx_job;
+/* The current job, written by the calling thread under a sequence lock (odd while written). Rows
+ * are claimed through tmx_claim = job id << 32 | next row, so a worker that wakes late, after
+ * its job is done, cannot claim rows of a later job with the earlier job's pointers. */
 static tmx_job tmx_current;
-static atomic_int tmx_generation, tmx_remaining;
+static atomic_uint tmx_seq;
+static atomic_ulong tmx_claim;
+static atomic_long tmx_done;
+static atomic_int tmx_generation, tmx_sleeping;
 static int tmx_threads = 1, tmx_started;
 static pthread_mutex_t tmx_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -156,28 +164,67 @@ __attribute__((target("avx512f"))) static void tmx_rows(const tmx_job *j, long r
   }
 }
 
-static void tmx_part(int t, int n) {
-  const tmx_job *j = &tmx_current;
-  long per = (j->N + n - 1) / n, r0 = t * per, r1 = r0 + per < j->N ? r0 + per : j->N;
-  if (r0 < r1) tmx_rows(j, r0, r1);
+/* Claim chunks of the job's rows until none are left. Threads share the rows dynamically: one
+ * that starts late or loses its core for a while (a VM's vCPU, the Python thread) is covered by
+ * the others instead of being waited for. */
+static void tmx_claim_rows(const tmx_job *j) {
+  unsigned long c = atomic_load(&tmx_claim);
+  for (;;) {
+    long r0 = (long)(c & 0xffffffffUL);
+    if ((c >> 32) != (j->id & 0xffffffffUL) || r0 >= j->N) return;
+    long r1 = r0 + j->chunk < j->N ? r0 + j->chunk : j->N;
+    if (!atomic_compare_exchange_weak(&tmx_claim, &c, c + (unsigned long)(r1 - r0))) continue;
+    tmx_rows(j, r0, r1);
+    atomic_fetch_add(&tmx_done, r1 - r0);
+    c = atomic_load(&tmx_claim);
+  }
 }
 
+/* A worker's consistent copy of the current job (0 if it is being replaced). */
+static int tmx_read_job(tmx_job *j) {
+  unsigned s1 = atomic_load(&tmx_seq);
+  if (s1 & 1) return 0;
+  *j = tmx_current;
+  atomic_thread_fence(memory_order_acquire);
+  return atomic_load(&tmx_seq) == s1;
+}
+
+static double tmx_now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+/* How long an idle worker spins before it sleeps. The GEMVs of one decode step follow each
+ * other within a few hundred microseconds (attention, norms between them), and waking a
+ * sleeping thread costs tens of microseconds on a VM (its vCPU halts): so a worker spins through
+ * a step and sleeps between bursts. TORCH_MLX_GEMV_SPIN_US overrides it. */
+static double tmx_spin_us = 2000.0;
+
 static void *tmx_worker(void *arg) {
-  int t = (int)(long)arg, seen = 0;
+  int seen = 0;
   for (;;) {
-    /* spin briefly (the next GEMV of a decode step follows within microseconds), then sleep */
-    for (int i = 0; i < 20000 && atomic_load(&tmx_generation) == seen; i++) _mm_pause();
-    while (atomic_load(&tmx_generation) == seen)
+    double until = tmx_now_us() + tmx_spin_us;
+    for (int i = 0; atomic_load(&tmx_generation) == seen; i++) {
+      _mm_pause();
+      if ((i & 255) == 255 && tmx_now_us() > until) break;
+    }
+    while (atomic_load(&tmx_generation) == seen) {
+      atomic_fetch_add(&tmx_sleeping, 1);
       syscall(SYS_futex, &tmx_generation, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
+      atomic_fetch_sub(&tmx_sleeping, 1);
+    }
     seen = atomic_load(&tmx_generation);
-    tmx_part(t, tmx_threads);
-    atomic_fetch_sub(&tmx_remaining, 1);
+    tmx_job job;
+    if (tmx_read_job(&job)) tmx_claim_rows(&job);
   }
   return 0;
 }
 
 static void tmx_gemv_set_threads(int n) {
   if (!tmx_started && n > 0) tmx_threads = n > 8 ? 8 : n;
+  const char *spin = getenv("TORCH_MLX_GEMV_SPIN_US");
+  if (spin && *spin) tmx_spin_us = atof(spin);
 }
 
 static atomic_flag tmx_busy = ATOMIC_FLAG_INIT;
@@ -192,27 +239,35 @@ static int tmx_gemv(const float *W, long N, long K, long ld, const float *x, flo
     tmx_enabled = __builtin_cpu_supports("avx512f") && !(choice && !strcmp(choice, "openblas"));
   }
   if (!tmx_enabled || N * K < 65536 || atomic_flag_test_and_set(&tmx_busy)) return 0;
-  tmx_current = (tmx_job){W, x, y, N, K, ld, alpha, beta};
   int n = tmx_threads;
-  if (n > 1) {
+  if (n > 1 && !tmx_started) {
+    pthread_mutex_lock(&tmx_lock);
     if (!tmx_started) {
-      pthread_mutex_lock(&tmx_lock);
-      if (!tmx_started) {
-        for (int t = 1; t < n; t++) {
-          pthread_t th;
-          pthread_create(&th, 0, tmx_worker, (void *)(long)t);
-          pthread_detach(th);
-        }
-        tmx_started = 1;
+      for (int t = 1; t < n; t++) {
+        pthread_t th;
+        pthread_create(&th, 0, tmx_worker, 0);
+        pthread_detach(th);
       }
-      pthread_mutex_unlock(&tmx_lock);
+      tmx_started = 1;
     }
-    atomic_store(&tmx_remaining, n - 1);
-    atomic_fetch_add(&tmx_generation, 1);
-    syscall(SYS_futex, &tmx_generation, FUTEX_WAKE_PRIVATE, n, 0, 0, 0);
+    pthread_mutex_unlock(&tmx_lock);
   }
-  tmx_part(0, n);
-  while (n > 1 && atomic_load(&tmx_remaining) > 0) _mm_pause();
+  /* chunks of about 256 KiB of W: few claims per GEMV, and long sequential reads */
+  long chunk = 65536 / K > 8 ? 65536 / K : 8;
+  unsigned long id = tmx_current.id + 1;
+  atomic_fetch_add(&tmx_seq, 1);
+  tmx_current = (tmx_job){W, x, y, N, K, ld, chunk, alpha, beta, id};
+  atomic_fetch_add(&tmx_seq, 1);
+  atomic_store(&tmx_done, 0);
+  atomic_store(&tmx_claim, (id & 0xffffffffUL) << 32);
+  if (n > 1) {
+    atomic_fetch_add(&tmx_generation, 1);
+    /* a worker announces itself before it sleeps, so the syscall is made only when needed */
+    if (atomic_load(&tmx_sleeping))
+      syscall(SYS_futex, &tmx_generation, FUTEX_WAKE_PRIVATE, n, 0, 0, 0);
+  }
+  tmx_claim_rows(&tmx_current);
+  while (atomic_load(&tmx_done) < N) _mm_pause();  /* chunks other threads are finishing */
   atomic_flag_clear(&tmx_busy);
   return 1;
 }

@@ -67,9 +67,10 @@ def test_invalid_value_names_the_variable():
 
 
 GEMV_PROBE = r"""
-import json
+import json, time
 import numpy as np
 import torch, mlx.core as mx
+torch.empty(1, device="mlx")  # the device's first use sizes the GEMV pool (all cores)
 rng = np.random.default_rng(0)
 errors = []
 # matrix-vector products take the shim's GEMV route (M == 1 or N == 1), in every layout MLX
@@ -89,13 +90,67 @@ for M, N, K in [(1, 7, 5), (7, 1, 5), (1, 1, 5), (3, 4, 5), (1, 300, 70), (90, 1
             errors.append(float(np.abs(np.array(A @ B) - ref).max()) / K)
             got = np.array(mx.addmm(mx.array(c), A, B, alpha=0.5, beta=2.0))
             errors.append(float(np.abs(got - (2 * c + 0.5 * ref)).max()) / K)
+# a burst of products of changing shapes, with pauses that let the pool's workers fall asleep
+# (TORCH_MLX_GEMV_SPIN_US=0) or not: a worker waking late must not touch a later product
+shapes = [(2048, 1536), (333, 4096), (4096, 64), (1000, 1000)]
+weights = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+for i in range(240):
+    w = weights[i % len(weights)]
+    x = rng.standard_normal((1, w.shape[1])).astype(np.float32)
+    got = np.array(mx.array(x) @ mx.array(w).T)
+    errors.append(float(np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64)).max())
+                  / w.shape[1])
+    if i % 7 == 0:
+        time.sleep(0.001)
 print(json.dumps({"info": torch.mlx.blas_info(), "max_err": max(errors)}))
 """
 
 
-@pytest.mark.parametrize("gemv", ["own", "openblas"])
-def test_matrix_vector_products_in_every_layout(gemv):
+@pytest.mark.parametrize("gemv,spin_us", [("own", "2000"), ("own", "0"), ("openblas", "")])
+def test_matrix_vector_products_in_every_layout(gemv, spin_us):
+    env = dict(os.environ, TORCH_MLX_GEMV=gemv, TORCH_MLX_GEMV_SPIN_US=spin_us)
     out = subprocess.run([sys.executable, "-c", GEMV_PROBE], capture_output=True, text=True,
-                         check=True, env=dict(os.environ, TORCH_MLX_GEMV=gemv))
+                         check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["max_err"] < 2e-6, result
+
+
+POOL_PROBE = r"""
+import ctypes, json, sys, time
+import numpy as np
+from torch_mlx import blas
+shim = ctypes.CDLL(blas._shim_paths()[0], mode=ctypes.RTLD_LOCAL)  # the loaded BLAS shim
+shim.tmx_set_num_threads(3)  # more threads than cores: workers lose their core mid-product
+f32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+sgemm = shim.cblas_sgemm
+sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, f32, ctypes.c_int, f32, ctypes.c_int,
+                                       ctypes.c_float, f32, ctypes.c_int]
+rng = np.random.default_rng(0)
+# long rows make each claimed chunk long (8 rows of 64K floats), so a product that returned
+# before every chunk was finished would show unwritten outputs
+weights = [rng.standard_normal(s).astype(np.float32) for s in [(64, 65536), (2048, 1536), (96, 700)]]
+worst = 0.0
+for i in range(150):
+    w = weights[i % len(weights)]
+    n, k = w.shape
+    x = rng.standard_normal(k).astype(np.float32)
+    y = np.full(n, np.nan, np.float32)
+    sgemm(101, 111, 112, 1, n, k, 1.0, x, k, w, k, 0.0, y, n)  # y = x @ w.T
+    got = y.copy()  # at once: chunks still being written would show as NaN
+    err = np.abs(got - w.astype(np.float64) @ x)
+    worst = max(worst, float(np.nan_to_num(err, nan=1e9).max()) / k)
+    if i % 5 == 0:
+        time.sleep(0.002)  # long enough for workers with TORCH_MLX_GEMV_SPIN_US=0 to sleep
+print(json.dumps({"max_err": worst}))
+"""
+
+
+@pytest.mark.parametrize("spin_us", ["2000", "0"])
+def test_gemv_pool_returns_only_finished_products(spin_us):
+    from torch_mlx import blas
+
+    if not blas.shims_current(blas.find_openblas()):
+        pytest.skip("no OpenBLAS shims built")
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, TORCH_MLX_GEMV_SPIN_US=spin_us))
+    assert json.loads(out.stdout.strip().splitlines()[-1])["max_err"] < 2e-6
