@@ -27,7 +27,10 @@ ext = CppExtension(
     library_dirs=[MLX_LIB],
     libraries=["mlx"],
     define_macros=[("NB_DOMAIN", "mlx"), ("NDEBUG", None)],
-    extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-Wno-unused-parameter"],
+    # -ffp-contract=off: csrc's kernels round as torch's reference code does (no fused
+    # multiply-adds)
+    extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-Wno-unused-parameter",
+                        "-ffp-contract=off"],
     # libmlx.so is loaded by `import mlx.core` before _C; the rpath makes _C loadable on its own too.
     extra_link_args=[f"-Wl,-rpath,{MLX_LIB}"],
 )

@@ -10,6 +10,7 @@
 #include "adapter.h"
 #include "bridge.h"
 #include "errors.h"
+#include "fast_cpu.h"
 #include "slot_write.h"
 #include "storage.h"
 #include "torch_python.h"
@@ -40,6 +41,7 @@ NB_MODULE(_C, m) {
   nb::module_::import_("mlx.core");
   register_adapter(m);
   register_slot_write(m);
+  register_fast_cpu(m);
 
   m.def(
       "to_mlx",

@@ -91,6 +91,18 @@ class MLXAttentionMetadata:
         return to_mlx(self.slot_mapping)[: self.num_actual_tokens]
 
     @functools.cached_property
+    def decode_block_table(self) -> mx.array:
+        """The decode requests' rows of the block table (shared by all layers)."""
+        if self.num_decodes == self.num_reqs:
+            return self.block_table
+        return self.block_table[: self.num_decodes]
+
+    @functools.cached_property
+    def decode_seq_lens(self) -> mx.array:
+        """The decode requests' sequence lengths, [num_decodes] int32."""
+        return mx.array(self.seq_lens[: self.num_decodes].astype(np.int32))
+
+    @functools.cached_property
     def decode_blocks(self) -> int:
         """Block-table columns that cover the longest decode request."""
         longest = int(self.seq_lens[: self.num_decodes].max())

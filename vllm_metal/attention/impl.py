@@ -11,9 +11,10 @@ import mlx.core as mx
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from torch_mlx import from_mlx, to_mlx
+from torch_mlx import _C, from_mlx, to_mlx
 
 from ..ops.cache import write_kv_rows
+from ..ops.library import cpu_backend
 from .backend import MLXAttentionMetadata
 from .paged import decode_attention, gather_kv, prefill_attention
 
@@ -60,26 +61,35 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         block_size, K|V] view) and attend: [num_actual_tokens, Hq, Dv], lazy. query/key/value
         may be padded past md.num_actual_tokens."""
         num_tokens = md.num_actual_tokens
-        # MLX slices here: a torch slice of an "mlx" tensor is a dispatched op, an MLX one is not
-        query = query[:num_tokens]
+        # MLX slices here (a torch slice of an "mlx" tensor is a dispatched op, an MLX one is
+        # not), and none where nothing is cut off: each is a graph node
+        query = _first(query, num_tokens)
         writes = key is not None and self.kv_sharing_target_layer_name is None
         if writes:
-            key, value = key[:num_tokens], value[:num_tokens]
+            key, value = _first(key, num_tokens), _first(value, num_tokens)
             kv_cache = write_kv_rows(kv_cache, key, value, md.slots)
-        result = self._attend(query, key, value, kv_cache.swapaxes(1, 2), md)
-        # a prefill without context reads its keys from `key`, not the cache: the write must
-        # still happen whenever the result is evaluated
-        return mx.depends([result], [kv_cache])[0] if writes else result
+        result = self._attend(query, key, value, kv_cache, md)
+        # a prefill reads its own keys from `key`, not the cache: the write must still happen
+        # whenever the result is evaluated (decodes read the cache through the write's result)
+        if writes and md.num_decodes < md.num_reqs:
+            return mx.depends([result], [kv_cache])[0]
+        return result
 
-    def _attend(self, query: mx.array, key: mx.array, value: mx.array, cache: mx.array,
+    def _attend(self, query: mx.array, key: mx.array, value: mx.array, kv_cache: mx.array,
                 md: MLXAttentionMetadata) -> mx.array:
         """query [T, Hq, D], key/value [T, H, D] (this step's tokens, already in the cache),
-        cache token-major [num_blocks, BS, H, Dk + Dv];
+        kv_cache [num_blocks, H, BS, Dk + Dv] (vLLM's logical view);
         returns [T, Hq, Dv] in token order (decodes come first, see the builder)."""
         outputs = []
-        if md.num_decodes:
+        cache = kv_cache.swapaxes(1, 2)  # token-major (lazy: a view node only if used)
+        decode_query = _first(query, md.num_decodes)
+        if md.num_decodes and cpu_backend():  # one kernel reading the cache in place
+            outputs.append(_C.paged_decode_attention(
+                decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
+                self.sliding_window, self.head_size))
+        elif md.num_decodes:
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
-            outputs.append(decode_attention(query[: md.num_decodes], cache, block_table,
+            outputs.append(decode_attention(decode_query, cache, block_table,
                                             md.decode_mask(self.sliding_window), self.scale,
                                             self.head_size))
         for r in range(md.num_decodes, md.num_reqs):
@@ -97,3 +107,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             outputs.append(prefill_attention(query[start:end], keys, values, self.scale,
                                              self.sliding_window))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
+
+
+def _first(a: mx.array, n: int) -> mx.array:
+    return a if a.shape[0] == n else a[:n]

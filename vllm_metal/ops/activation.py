@@ -1,13 +1,18 @@
-"""Gated activations (SiluAndMul, GeluAndMul) in MLX: act(x[..., :d]) * x[..., d:]."""
+"""Gated activations (SiluAndMul, GeluAndMul) in MLX: act(x[..., :d]) * x[..., d:].
+
+On MLX's CPU backend SiluAndMul is one torch_mlx kernel (csrc/fast_cpu.cpp, a vectorized exp):
+MLX's compiled elementwise kernels evaluate exp one element at a time there.
+"""
 import math
 
 import mlx.core as mx
 import torch
 from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
 
+from torch_mlx import _C
 from torch_mlx.ops.registry import lowering
 
-from .library import define
+from .library import cpu_backend, define
 
 
 def _gated_fake(x, *args):
@@ -38,6 +43,8 @@ def gated(a: mx.array, act) -> mx.array:
 
 @lowering("vllm_metal::silu_and_mul")
 def silu_and_mul(x):
+    if cpu_backend():
+        return _C.silu_and_mul(x)
     return gated(x, silu)
 
 

@@ -22,8 +22,9 @@ def write_kv_rows(kv_cache: mx.array, key: mx.array, value: mx.array,
                   slots: mx.array) -> mx.array:
     """``kv_cache`` with token t's key and value stored at slot ``slots[t]`` (block *
     block_size + offset; slots < 0 are padding and skipped), lazily and in place: the result
-    shares the cache's buffer, so read the cache through it. key [T, H, Dk], value [T, H, Dv]."""
-    return _C.write_slots(kv_cache, mx.concatenate([key, value], axis=-1), slots)
+    shares the cache's buffer, so read the cache through it. key [T, H, Dk], value [T, H, Dv],
+    any strides."""
+    return _C.write_slots(kv_cache, key, value, slots)
 
 
 def write_kv_slots(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

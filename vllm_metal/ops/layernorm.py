@@ -1,17 +1,20 @@
-"""RMSNorm and GemmaRMSNorm with mx.fast.rms_norm.
+"""RMSNorm and GemmaRMSNorm as one MLX kernel each.
 
 vLLM's reference (forward_native, vllm.ir's rms_norm): normalise in float32, multiply by the
-weight, cast back. mx.fast.rms_norm accumulates in float32 and applies the weight in one kernel.
-The fused-residual form adds the residual first and returns (normed, new residual), like
-vLLM's fused_add_rms_norm. Gemma scales by (1 + weight): ``weight_offset`` 1.
+weight, cast back. The fused-residual form adds the residual first and returns (normed, new
+residual), like vLLM's fused_add_rms_norm. Gemma scales by (1 + weight): ``weight_offset`` 1.
+On the GPU, mx.fast.rms_norm accumulates in float32 and applies the weight in one kernel; MLX's
+CPU backend has no such kernel (its fallback is several graph nodes), so there torch_mlx's
+(csrc/fast_cpu.cpp) does the whole step, rounding where vLLM's reference rounds.
 """
 import mlx.core as mx
 import torch
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 
+from torch_mlx import _C
 from torch_mlx.ops.registry import lowering
 
-from .library import define
+from .library import cpu_backend, define
 
 rms_norm_op = define("rms_norm(Tensor x, Tensor? weight, float eps, float weight_offset) -> Tensor",
                      lambda x, weight, eps, weight_offset: torch.empty_like(x))
@@ -34,11 +37,15 @@ def _normalise(a: mx.array, weight: mx.array | None, eps: float,
 
 @lowering("vllm_metal::rms_norm")
 def rms_norm(x, weight, eps, weight_offset):
+    if cpu_backend():
+        return _C.rms_norm(x, weight, eps, weight_offset)[0]
     return _normalise(x, weight, eps, weight_offset)
 
 
 @lowering("vllm_metal::fused_add_rms_norm")
 def fused_add_rms_norm(x, residual, weight, eps, weight_offset):
+    if cpu_backend() and residual.dtype == x.dtype:
+        return tuple(_C.rms_norm(x, weight, eps, weight_offset, residual))
     # normalise the float32 sum; the new residual is that sum (both rounded to x's dtype by
     # the adapter)
     total = x.astype(mx.float32) + residual.astype(mx.float32)

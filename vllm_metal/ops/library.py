@@ -7,9 +7,16 @@ and for torch_mlx's adapter) and one MLX lowering in torch_mlx's table, register
 eager mode and inside graphs compiled by vllm_metal.compiler, where dynamo sees an ordinary
 torch op instead of a call into MLX it could not trace.
 """
+import mlx.core as mx
 import torch
 
 LIB = torch.library.Library("vllm_metal", "DEF")
+
+
+def cpu_backend() -> bool:
+    """Whether MLX computes on the CPU: the lowerings then use torch_mlx's CPU kernels
+    (csrc/fast_cpu.cpp) where MLX has fused kernels only for the GPU."""
+    return mx.default_device() == mx.cpu
 
 
 def define(schema: str, fake):
