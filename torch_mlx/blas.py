@@ -374,6 +374,20 @@ def shims_current(openblas: str | None) -> bool:
         return f.read() == _target_record(openblas)
 
 
+def _reference_note() -> str:
+    """The wheel's netlib cblas_* wrappers call the Fortran routines (sgemm_, ...) by name, and
+    the dynamic linker binds those to the first definition in the global scope: in a process that
+    imported torch, the MKL linked into libtorch_cpu (loaded there by torch)."""
+    torch_lib = os.path.join(os.path.dirname(sys.modules["torch"].__file__), "lib",
+                             "libtorch_cpu.so") if "torch" in sys.modules else None
+    try:
+        has_mkl = torch_lib is not None and hasattr(ctypes.CDLL(torch_lib), "sgemm_")
+    except OSError:
+        has_mkl = False
+    return ("; netlib's cblas wrappers reach the Fortran BLAS of torch's libtorch_cpu (MKL) "
+            "through the global symbol scope" if has_mkl else "")
+
+
 def select() -> dict:
     """Load the shims before mlx.core is imported, unless disabled or impossible."""
     choice = os.environ.get("TORCH_MLX_BLAS", "auto").strip().lower()
@@ -383,7 +397,7 @@ def select() -> dict:
         _info.update(library="platform", reason="macOS: MLX uses Accelerate / Metal")
         return info()
     if choice == "reference":
-        _info.update(reason="TORCH_MLX_BLAS=reference")
+        _info.update(reason="TORCH_MLX_BLAS=reference" + _reference_note())
         return info()
     if "mlx.core" in sys.modules:
         _info.update(reason="mlx.core was imported before torch_mlx; import torch first")

@@ -55,8 +55,8 @@ def test_an_mlx_folder_in_the_working_directory_does_not_hide_the_wheel(tmp_path
 
 def test_reference_switch():
     result = _probe(TORCH_MLX_BLAS="reference")
-    assert result["info"] == {"library": "reference", "path": None,
-                              "reason": "TORCH_MLX_BLAS=reference"}
+    assert result["info"]["library"] == "reference" and result["info"]["path"] is None
+    assert result["info"]["reason"].startswith("TORCH_MLX_BLAS=reference")
     assert result["max_err"] < 1e-3
 
 
