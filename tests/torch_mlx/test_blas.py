@@ -73,12 +73,14 @@ import torch, mlx.core as mx
 torch.empty(1, device="mlx")  # the device's first use sizes the GEMV pool (all cores)
 rng = np.random.default_rng(0)
 errors = []
-# matrix-vector products take the shim's GEMV route (M == 1 or N == 1), in every layout MLX
-# hands to cblas_sgemm (transposed operands are strided views), with and without addmm's beta;
-# the large ones reach the shim's own kernel (K not a multiple of 16 included). Errors are
+# matrix-vector products take the shim's GEMV route (M == 1 or N == 1), and x @ W.T with up to
+# 12 rows of x its own kernel, in every layout MLX hands to cblas_sgemm (transposed operands are
+# strided views), with and without addmm's beta; the large ones reach the shim's own kernel (K
+# not a multiple of 16, M and N not multiples of 4, and 13 rows, past it, included). Errors are
 # against float64, per unit of K.
 for M, N, K in [(1, 7, 5), (7, 1, 5), (1, 1, 5), (3, 4, 5), (1, 300, 70), (90, 1, 64),
-                (1, 301, 1000), (999, 1, 333), (1, 2048, 1536)]:
+                (1, 301, 1000), (999, 1, 333), (1, 2048, 1536), (2, 300, 333), (8, 512, 1000),
+                (11, 333, 517), (12, 256, 1536), (13, 256, 1536)]:
     for ta in (False, True):
         for tb in (False, True):
             a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
@@ -96,7 +98,7 @@ shapes = [(2048, 1536), (333, 4096), (4096, 64), (1000, 1000)]
 weights = [rng.standard_normal(s).astype(np.float32) for s in shapes]
 for i in range(240):
     w = weights[i % len(weights)]
-    x = rng.standard_normal((1, w.shape[1])).astype(np.float32)
+    x = rng.standard_normal((1 + i % 11, w.shape[1])).astype(np.float32)
     got = np.array(mx.array(x) @ mx.array(w).T)
     errors.append(float(np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64)).max())
                   / w.shape[1])
@@ -133,11 +135,12 @@ worst = 0.0
 for i in range(150):
     w = weights[i % len(weights)]
     n, k = w.shape
-    x = rng.standard_normal(k).astype(np.float32)
-    y = np.full(n, np.nan, np.float32)
-    sgemm(101, 111, 112, 1, n, k, 1.0, x, k, w, k, 0.0, y, n)  # y = x @ w.T
+    m = 1 + i % 10
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = np.full((m, n), np.nan, np.float32)
+    sgemm(101, 111, 112, m, n, k, 1.0, x, k, w, k, 0.0, y, n)  # y = x @ w.T
     got = y.copy()  # at once: chunks still being written would show as NaN
-    err = np.abs(got - w.astype(np.float64) @ x)
+    err = np.abs(got - x.astype(np.float64) @ w.T.astype(np.float64))
     worst = max(worst, float(np.nan_to_num(err, nan=1e9).max()) / k)
     if i % 5 == 0:
         time.sleep(0.002)  # long enough for workers with TORCH_MLX_GEMV_SPIN_US=0 to sleep
