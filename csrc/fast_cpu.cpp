@@ -224,9 +224,23 @@ void with_float_type(mx::Dtype dtype, F&& f) {
   }
 }
 
+// Calls f with values of the C++ types of two float dtypes.
+template <typename F>
+void with_float_types(mx::Dtype a, mx::Dtype b, F&& f) {
+  with_float_type(a, [&](auto x) { with_float_type(b, [&](auto y) { f(x, y); }); });
+}
+
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
 
-void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
+// Fresh buffers for the outputs, and the stream's encoder told about the arrays the work uses.
+mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>& inputs,
+                                 std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (auto& in : inputs) encoder.set_input_array(in);
+  for (auto& o : outputs) encoder.set_output_array(o);
+  return encoder;
+}
 
 // ---------------------------------------------------------------------------------------------
 // RMS norm
@@ -283,10 +297,7 @@ class RmsNorm : public mx::Primitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array& x = inputs[0];
-    for (auto& o : outputs) alloc(o);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    for (auto& o : outputs) encoder.set_output_array(o);
+    auto& encoder = prepare(stream(), inputs, outputs);
     int64_t dim = x.ndim() ? x.shape(-1) : 1;
     Rows x_rows = rows_of(x), r_rows;
     Walk w_columns;
@@ -308,24 +319,22 @@ class RmsNorm : public mx::Primitive {
     const void* xp = x.data<void>();
     void* op = outputs[0].data<void>();
     void* nrp = has_residual_ ? outputs[1].data<void>() : nullptr;
-    with_float_type(x.dtype(), [&](auto t) {
+    with_float_types(x.dtype(), wdtype, [&](auto t, auto w) {
       using T = decltype(t);
-      with_float_type(wdtype, [&](auto w) {
-        using W = decltype(w);
-        auto run = [&](auto rounding) {
-          using R = decltype(rounding);
-          encoder.dispatch([=]() {
-            rms_rows<T, W, R>(static_cast<const T*>(xp), x_rows, static_cast<const T*>(rp),
-                              r_rows, static_cast<const W*>(wp), w_columns, offset, eps,
-                              static_cast<T*>(op), static_cast<T*>(nrp), dim);
-          });
-        };
-        if (offset_weight) {
-          run(float{});  // vLLM's Gemma weight is weight.float() + 1
-        } else {
-          run(W{});
-        }
-      });
+      using W = decltype(w);
+      auto run = [&](auto rounding) {
+        using R = decltype(rounding);
+        encoder.dispatch([=]() {
+          rms_rows<T, W, R>(static_cast<const T*>(xp), x_rows, static_cast<const T*>(rp),
+                            r_rows, static_cast<const W*>(wp), w_columns, offset, eps,
+                            static_cast<T*>(op), static_cast<T*>(nrp), dim);
+        });
+      };
+      if (offset_weight) {
+        run(float{});  // vLLM's Gemma weight is weight.float() + 1
+      } else {
+        run(W{});
+      }
     });
   }
 
@@ -416,10 +425,8 @@ class Rope : public mx::UnaryPrimitive {
     const mx::array& x = inputs[0];  // [T, ...]
     const mx::array& positions = inputs[1];
     const mx::array& cache = inputs[2];
-    alloc(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
+    std::vector<mx::array> outputs{out};
+    auto& encoder = prepare(stream(), inputs, outputs);
     int64_t tokens = x.shape(0), token_stride = x.strides()[0];
     Walk columns = walk(x, 1, static_cast<int>(x.ndim()));
     int64_t width = columns.count, head_size = head_size_, rotary_dim = rotary_dim_;
@@ -430,15 +437,13 @@ class Rope : public mx::UnaryPrimitive {
     const void* xp = x.data<void>();
     const void* cp = cache.data<void>();
     void* op = out.data<void>();
-    with_float_type(x.dtype(), [&](auto t) {
+    with_float_types(x.dtype(), cache.dtype(), [&](auto t, auto c) {
       using T = decltype(t);
-      with_float_type(cache.dtype(), [&](auto c) {
-        using C = decltype(c);
-        encoder.dispatch([=]() {
-          rope_tokens<T, C>(static_cast<const T*>(xp), tokens, token_stride, columns, pos,
-                            static_cast<const C*>(cp), row_stride, col_stride, max_position,
-                            static_cast<T*>(op), width / head_size, head_size, rotary_dim, neox);
-        });
+      using C = decltype(c);
+      encoder.dispatch([=]() {
+        rope_tokens<T, C>(static_cast<const T*>(xp), tokens, token_stride, columns, pos,
+                          static_cast<const C*>(cp), row_stride, col_stride, max_position,
+                          static_cast<T*>(op), width / head_size, head_size, rotary_dim, neox);
       });
     });
   }
@@ -507,10 +512,8 @@ class SiluAndMul : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const mx::array& x = inputs[0];
-    alloc(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    std::vector<mx::array> outputs{out};
+    auto& encoder = prepare(stream(), inputs, outputs);
     Rows rows = rows_of(x);
     int64_t d = out.shape(-1);
     const void* xp = x.data<void>();
@@ -639,10 +642,8 @@ class PagedDecodeAttention : public mx::UnaryPrimitive {
     const mx::array& cache = inputs[1];
     const mx::array& block_table = inputs[2];
     const mx::array& seq_lens = inputs[3];
-    alloc(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    encoder.set_output_array(out);
+    std::vector<mx::array> outputs{out};
+    auto& encoder = prepare(stream(), inputs, outputs);
     // cache: vLLM's logical view [blocks, H, block_size, Dk + Dv], whatever its physical layout
     DecodeShape d{query.shape(0), query.shape(1), cache.shape(1), head_size_,
                   cache.shape(3) - head_size_, cache.shape(2), cache.shape(0)};
@@ -658,14 +659,12 @@ class PagedDecodeAttention : public mx::UnaryPrimitive {
     const void* qp = query.data<void>();
     const void* cp = cache.data<void>();
     void* op = out.data<void>();
-    with_float_type(query.dtype(), [&](auto t) {
+    with_float_types(query.dtype(), cache.dtype(), [&](auto t, auto k) {
       using T = decltype(t);
-      with_float_type(cache.dtype(), [&](auto k) {
-        using K = decltype(k);
-        encoder.dispatch([=]() {
-          decode_attention_rows<T, K>(static_cast<const T*>(qp), static_cast<const K*>(cp),
-                                      lengths, table, table_width, static_cast<T*>(op), d);
-        });
+      using K = decltype(k);
+      encoder.dispatch([=]() {
+        decode_attention_rows<T, K>(static_cast<const T*>(qp), static_cast<const K*>(cp),
+                                    lengths, table, table_width, static_cast<T*>(op), d);
       });
     });
   }
