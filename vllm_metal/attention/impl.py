@@ -81,7 +81,8 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         kv_cache [num_blocks, H, BS, Dk + Dv] (vLLM's logical view);
         returns [T, Hq, Dv] in token order (decodes come first, see the builder)."""
         outputs = []
-        cache = kv_cache.swapaxes(1, 2)  # token-major (lazy: a view node only if used)
+        # token-major view for the MLX paths below (never evaluated when none of them runs)
+        cache = kv_cache.swapaxes(1, 2)
         decode_query = _first(query, md.num_decodes)
         if md.num_decodes and cpu_backend():  # one kernel reading the cache in place
             outputs.append(_C.paged_decode_attention(
