@@ -26,6 +26,7 @@ blas.select()  # must precede the first import of mlx.core (see torch_mlx/blas.p
 from . import _C  # noqa: E402  (C++ runtime; imports mlx.core)
 
 blas.install_first_use_hook(_C)
+from . import precision  # noqa: E402  (sets MLX_ENABLE_TF32 before MLX's first product)
 from . import device as _device_module  # noqa: E402
 
 torch._register_device_module("mlx", _device_module)
@@ -33,6 +34,7 @@ torch.utils.generate_methods_for_privateuse1_backend(
     for_tensor=True, for_module=True, for_storage=True, for_packed_sequence=True
 )
 
+precision.install_backend_module()
 from . import _patches  # noqa: E402
 
 _patches.apply()

@@ -23,7 +23,7 @@ from torch._prims_common import elementwise_dtypes
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from . import _C
+from . import _C, precision
 from .ops import registry
 
 __all__ = ["mlx_backend", "compile_fx_graph"]
@@ -191,6 +191,7 @@ class MlxGraph(torch.nn.Module):
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
     def forward(self, *inputs):
+        precision.ensure()  # fixes MLX's float32 GEMM mode before any trace (no eval inside)
         buffers = []
         mx_inputs = []
         for t in inputs:

@@ -1,6 +1,7 @@
 """MetalPlatform: vLLM's view of device "mlx" (torch_mlx's PrivateUse1 backend)."""
 import dataclasses
 import logging
+import multiprocessing
 import os
 
 import torch
@@ -180,16 +181,23 @@ class MetalPlatform(Platform):
     @classmethod
     def _choose_worker_start_method(cls) -> None:
         """vLLM starts its engine core (and workers) with multiprocessing, by default by fork.
-        MLX starts a thread at its first evaluation, and a child forked after that hangs at its
-        own first evaluation (tests/vllm_metal/test_multiprocess.py). So, as vLLM does once CUDA
-        is initialised, the processes are spawned when this process has used MLX, whatever the
-        user asked for; otherwise vLLM's choice (fork unless set) stands: it starts faster and
-        needs no ``if __name__ == "__main__"`` guard."""
-        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn" or not _mlx_in_use():
-            return
-        logger.warning("MLX has been used in this process, so a forked vLLM process would hang "
-                       "at its first MLX evaluation: setting VLLM_WORKER_MULTIPROC_METHOD=spawn")
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        A fork copies only the calling thread, so a child forked from a process whose other
+        threads hold state can block forever: after MLX's first evaluation (its stream thread)
+        the child hangs at its own first evaluation, and after any parallel CPU op of torch
+        (its OpenMP pool, e.g. transformers' generate) the child blocks in libgomp. Neither can
+        be detected reliably, so the processes are always spawned, as on vLLM's CPU platform.
+        A spawned child re-imports the user's script; one without an
+        ``if __name__ == "__main__":`` guard stops with an error that says so (below)."""
+        if getattr(multiprocessing.current_process(), "_inheriting", False):  # spawned child
+            raise RuntimeError(
+                "vLLM on mlx starts its engine in a spawned process, which imports your script "
+                "again; this script builds the engine at import time. Put that code under "
+                'if __name__ == "__main__": (see vLLM\'s troubleshooting guide, "Python '
+                'multiprocessing")')
+        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") != "spawn":
+            logger.info("vllm_metal: setting VLLM_WORKER_MULTIPROC_METHOD=spawn (a forked "
+                        "engine process could hang on MLX's or OpenMP's threads)")
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
     @classmethod
     def validate_environ(cls, hard_fail: bool) -> None:
@@ -221,12 +229,3 @@ def _mlx_runs_on_cpu() -> bool:
     if device is not None:
         return device == "cpu"
     return not mx.metal.is_available()
-
-
-def _mlx_in_use() -> bool:
-    """Whether MLX has evaluated anything in this process. Every evaluation allocates its
-    output through MLX's allocator before MLX's thread can exist, so untouched counters mean no
-    thread; creating arrays or "mlx" tensors without evaluating counts too (conservatively)."""
-    import mlx.core as mx
-
-    return mx.get_peak_memory() > 0 or mx.get_active_memory() > 0 or mx.get_cache_memory() > 0

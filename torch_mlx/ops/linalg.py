@@ -10,6 +10,7 @@ import math
 import mlx.core as mx
 import torch
 
+from .. import precision
 from .nn import _gelu
 from .registry import lowering, torch_kernel, tracing
 
@@ -20,9 +21,12 @@ def _is_inexact(a) -> bool:
 
 def _matmul(a, b):
     """``a @ b`` for (batched) matrices. MLX's matmul takes floating types only; integer
-    products are summed exactly (with the wrap-around of the integer dtype, as on CPU)."""
+    products are summed exactly (with the wrap-around of the integer dtype, as on CPU). float32
+    products on the GPU follow torch's float32 matmul precision (torch_mlx/precision.py)."""
     if _is_inexact(a):
-        return mx.matmul(a, b)
+        if not tracing():  # compiled graphs: MlxGraph.forward did it before tracing
+            precision.ensure()
+        return precision.matmul(a, b)
     return mx.sum(mx.expand_dims(a, -1) * mx.expand_dims(b, -3), axis=-2)
 
 
@@ -35,7 +39,9 @@ def _addmm(self, a, b, beta, alpha):
         return _add_scaled(self, _matmul(a, b), beta, alpha)
     if beta == 0:
         self = mx.zeros((), a.dtype)
-    return mx.addmm(self, a, b, alpha=alpha, beta=beta)
+    if not tracing():
+        precision.ensure()
+    return precision.addmm(self, a, b, alpha, beta)
 
 
 def _add_scaled(self, product, beta, alpha):
@@ -138,7 +144,7 @@ def addbmm(self, batch1, batch2, beta=1, alpha=1):
         return _addmm(self, lhs, rhs, beta, alpha)
     out = _addmm(mx.broadcast_to(self, (n, batch2.shape[2])), batch1[0], batch2[0], beta, alpha)
     for i in range(1, b):
-        out = mx.addmm(out, batch1[i], batch2[i], alpha=alpha, beta=1)
+        out = precision.addmm(out, batch1[i], batch2[i], alpha, 1)
     return out
 
 

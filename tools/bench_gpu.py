@@ -1,0 +1,173 @@
+"""Decode on MLX's GPU: transformers' generate on "mlx" (eager and torch.compile(backend="mlx"))
+against mlx-lm on the same MLX backend, with transformers on torch CUDA as a reference line.
+
+    python3 tools/bench_gpu.py [--json OUT] [--tokens 128] [--repeats 3] [--layers 16]
+                               [--hidden 1536] [--model DIR]
+
+The model is a random ~0.5B Llama (hidden 1536, 16 layers, bf16), saved once. Every engine runs
+in its own process. A decode rate is (N - 1) tokens over the time between generating N tokens
+and 1 token after the same 31-token prompt, so prefill and set-up cancel; each rate is the best of
+--repeats. The compiled run uses transformers' own compiled generation: a static KV cache and
+``CompileConfig(backend="mlx")``, so each decode step is one captured graph of fixed shapes. Its
+greedy tokens are compared with the eager run's (``compiled_matches_eager``). Without CUDA in
+torch (MLX's CPU backend) the torch CUDA line is skipped and the rest still runs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+PROMPT = list(range(10, 41))  # 31 tokens
+
+COMMON = """
+import json, time, torch
+PROMPT = {prompt!r}
+def best_rate(generate, batch, n, repeats):
+    generate(batch, 2)  # warm-up (and compilation)
+    rates = []
+    for _ in range(repeats):
+        t1, tn = generate(batch, 1), generate(batch, n)
+        rates.append(batch * (n - 1) / (tn - t1))
+    return max(rates)
+"""
+
+MLX_LM = COMMON + """
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.generate import batch_generate
+from mlx_lm.sample_utils import make_sampler
+model, tokenizer = load({model!r})
+def single(batch, tokens):
+    start = time.perf_counter()
+    for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=tokens,
+                             sampler=make_sampler(0.0)):
+        pass
+    return time.perf_counter() - start
+def batched(batch, tokens):
+    start = time.perf_counter()
+    batch_generate(model, tokenizer, [PROMPT] * batch, max_tokens=tokens)
+    return time.perf_counter() - start
+print(json.dumps({{"device": str(mx.default_device()),
+                  "batch1_tok_s": best_rate(single, 1, {n}, {repeats}),
+                  "batch_tok_s": best_rate(batched, {batch}, {n}, {repeats})}}))
+"""
+
+TRANSFORMERS = COMMON + """
+from transformers import AutoModelForCausalLM
+from transformers.generation import CompileConfig
+device, mode = {device!r}, {mode!r}
+if device == "mlx":
+    import torch_mlx  # noqa: F401  (also loaded by torch's autoload)
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.bfloat16).to(device).eval()
+kwargs = dict(do_sample=False)
+if mode == "compiled":
+    config = CompileConfig(backend="mlx", fullgraph=False, dynamic=False, mode=None)
+    config._compile_all_devices = True  # transformers compiles on its own list of devices only
+    kwargs.update(cache_implementation="static", compile_config=config)
+else:
+    kwargs.update(disable_compile=True)
+def generate(batch, tokens, return_ids=False):
+    ids = torch.tensor([PROMPT] * batch, device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                             min_new_tokens=tokens, **kwargs)
+    first = out[0, len(PROMPT):].tolist()  # a host read: the work is finished
+    elapsed = time.perf_counter() - start
+    return first if return_ids else elapsed
+res = {{"batch1_tok_s": best_rate(generate, 1, {n}, {repeats}),
+        "tokens": generate(1, 32, return_ids=True)}}
+if {batch}:
+    res["batch_tok_s"] = best_rate(generate, {batch}, {n}, {repeats})
+print(json.dumps(res))
+"""
+
+BENCH_LLAMA = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
+                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
+                   rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def make_model(out: str, layers: int, hidden: int) -> str:
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    import transformers
+    from make_tiny_model import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
+
+    os.makedirs(out, exist_ok=True)
+    tokenizer = build_tokenizer(0)
+    save_tokenizer(tokenizer, out)
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    shape = dict(BENCH_LLAMA, num_hidden_layers=layers, hidden_size=hidden,
+                 intermediate_size=hidden * 8 // 3 // 64 * 64 or 64)
+    config = transformers.LlamaConfig(vocab_size=tokenizer.get_vocab_size(),
+                                      bos_token_id=ids["<|bos|>"], eos_token_id=ids["<|eos|>"],
+                                      pad_token_id=ids["<|pad|>"], **shape)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.save_pretrained(out)
+    return out
+
+
+def run_engine(code: str, timeout: float) -> dict:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        return {"error": done.stderr[-3000:]}
+    return json.loads(next(l for l in done.stdout.splitlines()[::-1] if l.startswith("{")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="batched generation (0: skip)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--model", help="checkpoint folder (made if missing)")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--engines", default="mlx_lm,torch_cuda,mlx_eager,mlx_compiled")
+    args = parser.parse_args()
+
+    import torch
+
+    model = make_model(args.model or os.path.join(ROOT, "models", f"bench-llama-{args.layers}x"
+                                                  f"{args.hidden}-bf16"), args.layers, args.hidden)
+    fmt = dict(model=model, n=args.tokens, repeats=args.repeats, batch=args.batch, prompt=PROMPT)
+    engines = {
+        "mlx_lm": MLX_LM.format(**fmt),
+        "torch_cuda": TRANSFORMERS.format(device="cuda", mode="eager", **fmt),
+        "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
+        "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
+    }
+    result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
+    for name in args.engines.split(","):
+        if name == "torch_cuda" and not torch.cuda.is_available():
+            result[name] = {"skipped": "torch has no CUDA device here"}
+            continue
+        result[name] = run_engine(engines[name], args.timeout)
+        print(name, json.dumps(result[name])[:400], flush=True)
+    eager, compiled, peer = (result.get(k, {}) for k in ("mlx_eager", "mlx_compiled", "mlx_lm"))
+    if "tokens" in eager and "tokens" in compiled:
+        result["compiled_matches_eager"] = eager["tokens"] == compiled["tokens"]
+    if "batch1_tok_s" in peer:
+        result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
+                                                           / peer["batch1_tok_s"], 3)
+                            for k in ("mlx_eager", "mlx_compiled", "torch_cuda")
+                            if "batch1_tok_s" in result.get(k, {})}
+    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if all("error" not in v for v in result.values() if isinstance(v, dict)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

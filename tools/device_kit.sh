@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The GPU procedure: run this repository on the lent H100 through MLX's CUDA backend.
+#
+# The device image has Python 3.12, torch 2.11 (CUDA), transformers, pytest and the NVIDIA
+# libraries, but no MLX and no network. This script stages what it lacks here, in the ignored
+# folder .gpu/, in two pieces that each fit one call's 64 MiB carry, and runs everything there
+# in one command. Three steps (../shared/GPU.md has the facts behind them):
+#
+#   bash tools/device_kit.sh stage           # here, once: wheels -> .gpu/a (~60 MB), .gpu/b
+#   device run, carry [".gpu/a"]:  bash tools/device_kit.sh hold
+#   device run, carry [".gpu/b"]:  bash tools/device_kit.sh run SELECTION...   (right after:
+#                                  the machine is given back after 30 s idle)
+#
+# SELECTION is any of:
+#   probe        tools/gpu_probe.py: one subprocess per check (bridge, compile, matmul
+#                precision, bad input), so a crash is reported, not fatal
+#   tests        pytest tests/torch_mlx (pytest-xdist workers: a crashed test is reported as
+#                such and its worker replaced), junit XML
+#   tests:EXPR   the same, restricted with pytest -k EXPR
+#   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
+#   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
+#                MLX CUDA vs transformers on torch CUDA)
+# JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
+# machine may run `bash tools/device_kit.sh run ...` again without carrying anything: the
+# install and the build are kept in /tmp/kit.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STAGE="$ROOT/.gpu"
+KIT=/tmp/kit                      # on the device: wheels, installed packages, build stamp
+PART_BYTES=60000000               # the first piece: leaves room for the tree in a 64 MiB carry
+WHEELS=(mlx==0.32.4 mlx-cuda-13==0.32.4 nanobind==3.1.0 mlx-lm==0.32.2 expecttest==0.3.0)
+
+stage() {
+  mkdir -p "$STAGE/dl" "$STAGE/a" "$STAGE/b"
+  grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
+  for w in "${WHEELS[@]}"; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform any -d "$STAGE/dl" "$w"
+  done
+  rm -f "$STAGE"/a/* "$STAGE"/b/*
+  local big
+  big=$(ls "$STAGE"/dl/mlx_cuda_13-*.whl)
+  split -b "$PART_BYTES" -d "$big" "$STAGE/a/$(basename "$big").part"
+  mv "$STAGE/a/$(basename "$big").part01" "$STAGE/b/"
+  for f in "$STAGE"/dl/*.whl; do [ "$f" = "$big" ] || cp "$f" "$STAGE/b/"; done
+  (cd "$STAGE/dl" && sha256sum "$(basename "$big")") >"$STAGE/b/SHA256SUMS"
+  du -sh "$STAGE/a" "$STAGE/b"
+}
+
+hold() {  # device, first call: keep the first piece until the second call brings the rest
+  mkdir -p "$KIT/parts"
+  cp "$ROOT"/.gpu/a/* "$KIT/parts/"
+  ls -la "$KIT/parts"
+}
+
+setup_device() {
+  local t0=$SECONDS
+  if [ ! -f "$KIT/installed" ]; then
+    mkdir -p "$KIT/parts" "$KIT/wheels"
+    [ -d "$ROOT/.gpu/a" ] && cp "$ROOT"/.gpu/a/* "$KIT/parts/" 2>/dev/null || true
+    cp "$ROOT"/.gpu/b/*.part* "$KIT/parts/"
+    cp "$ROOT"/.gpu/b/*.whl "$KIT/wheels/"
+    local name
+    name=$(awk '{print $2}' "$ROOT/.gpu/b/SHA256SUMS")
+    cat "$KIT"/parts/"$name".part* >"$KIT/wheels/$name"
+    (cd "$KIT/wheels" && sha256sum -c "$ROOT/.gpu/b/SHA256SUMS")
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$KIT/site" "$KIT"/wheels/*.whl
+    touch "$KIT/installed"
+  fi
+  export PYTHONPATH="$KIT/site:$ROOT"
+  # the NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) come with the image's torch
+  local nv
+  nv=$(python3 -c 'import glob, site; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))')
+  export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # the package's metadata, for its entry points (torch's backend autoload, dynamo's "mlx")
+  if [ ! -d "$KIT/site/torch_mlx.egg-info" ]; then
+    (cd "$ROOT" && TORCH_MLX_SKIP_EXT=1 python3 setup.py -q egg_info --egg-base "$KIT/site" >/dev/null)
+  fi
+  local so
+  so=$(ls "$ROOT"/torch_mlx/_C*.so 2>/dev/null | head -n1 || true)
+  if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" | head -n1)" ]; then
+    (cd "$ROOT" && MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$LOG/build.log" 2>&1) \
+      || { tail -50 "$LOG/build.log"; exit 1; }
+  fi
+  python3 - <<'EOF' | tee "$LOG/env.txt"
+import subprocess, torch, mlx.core as mx, torch_mlx
+print("torch", torch.__version__, "| mlx", mx.__version__, "| default device", mx.default_device())
+print("device_info", {k: v for k, v in mx.device_info().items() if k in ("device_name", "architecture", "memory_size")})
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip())
+EOF
+  echo "setup: $((SECONDS - t0)) s"
+}
+
+run_item() {
+  local item=$1 t0=$SECONDS status=0
+  case "$item" in
+    probe)
+      python3 tools/gpu_probe.py --gdb --json "$LOG/probe.json" >"$LOG/probe.log" 2>&1 || status=1
+      cat "$LOG/probe.log" ;;
+    tests|tests:*)
+      local sel=()
+      [ "$item" != tests ] && sel=(-k "${item#tests:}")
+      python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 600 tests/torch_mlx "${sel[@]}" \
+        --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
+      tail -60 "$LOG/tests.log" ;;
+    conformance)
+      python3 tools/conformance.py --dtype float32 --json "$LOG/conformance-float32.json" \
+        >"$LOG/conformance.log" 2>&1 || status=1
+      tail -25 "$LOG/conformance.log" ;;
+    bench)
+      python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" >"$LOG/bench.log" 2>&1 || status=1
+      cat "$LOG/bench.log" ;;
+    *) echo "unknown selection item: $item"; return 2 ;;
+  esac
+  echo "=== $item: rc=$status, $((SECONDS - t0)) s"
+  return "$status"
+}
+
+# Items run one after another; items joined by '+' (tests+conformance) run side by side.
+run_selection() {
+  cd "$ROOT"
+  local status=0 group item pids
+  for group in "$@"; do
+    pids=()
+    for item in ${group//+/ }; do
+      run_item "$item" >"$LOG/console-${item%%:*}.txt" 2>&1 &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    for item in ${group//+/ }; do echo "=== $item"; cat "$LOG/console-${item%%:*}.txt"; done
+  done
+  return "$status"
+}
+
+case "${1:-}" in
+  stage) stage ;;
+  hold) hold ;;
+  run)
+    shift
+    : "${OUT:?run on the device machine, where \$OUT is set}"
+    export PYTHONUNBUFFERED=1
+    LOG="$KIT/logs"; rm -rf "$LOG"; mkdir -p "$LOG"
+    # at most 8 files come back: the JSON reports, and every log in one archive
+    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
+    setup_device
+    run_selection "$@" ;;
+  *) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 2 ;;
+esac

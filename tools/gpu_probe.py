@@ -1,0 +1,140 @@
+"""Quick checks of torch_mlx on MLX's GPU, each in its own process, so a crash is a result.
+
+    python3 tools/gpu_probe.py [--json OUT] [--only NAME,...] [--gdb]
+
+Runs on any MLX backend (on MLX's CPU backend it checks the same code paths, minus the GPU).
+Each check is a small program; its exit status, the time it took and the tail of its output are
+reported (JSON with --json). A check that dies from a signal is rerun under cuda-gdb (or gdb)
+with --gdb to print the native stack. Part of tools/device_kit.sh's "probe" selection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+PRELUDE = """
+import faulthandler, sys; faulthandler.enable()
+import torch, mlx.core as mx, torch_mlx
+"""
+
+CHECKS = {
+    "mlx_gpu_op": """
+a = mx.arange(12.0).reshape(3, 4)
+print(mx.default_device(), (a @ a.T).tolist())
+""",
+    "mx_compile_plain": """
+f = mx.compile(lambda x, y: mx.exp(x) * y + 1)
+for n in (4, 6, 7):
+    x, y = mx.random.normal((n, 5)), mx.random.normal((n, 5))
+    print(n, float(mx.abs(f(x, y) - (mx.exp(x) * y + 1)).max()))
+""",
+    "mx_compile_shapeless": """
+f = mx.compile(lambda x: mx.exp(x) * 2, shapeless=True)
+for n in (4, 6, 7):
+    x = mx.random.normal((n, 5))
+    print(n, float(mx.abs(f(x) - mx.exp(x) * 2).max()))
+""",
+    "mx_compile_on_bridged_array": """
+f = mx.compile(lambda x, y: mx.exp(x) * y + 1)
+x, y = torch.randn(4, 5).to("mlx"), torch.randn(4, 5).to("mlx")
+out = f(torch_mlx.to_mlx(x), torch_mlx.to_mlx(y))
+mx.eval(out)
+print(float(mx.abs(out - (mx.exp(torch_mlx.to_mlx(x)) * torch_mlx.to_mlx(y) + 1)).max()))
+""",
+    "mx_compile_on_bridged_transposed": """
+f = mx.compile(lambda x: mx.exp(x) + 1)
+x = torch.randn(4, 5).to("mlx")
+out = f(torch_mlx.to_mlx(x.t()))
+mx.eval(out)
+print(out.shape, float(mx.abs(out - (mx.exp(torch_mlx.to_mlx(x.t())) + 1)).max()))
+""",
+    "eager_exp_softmax": """
+x = torch.randn(3, 7)
+print(float((torch.exp(x.to("mlx")).cpu() - torch.exp(x)).abs().max()))
+print(float((x.to("mlx").softmax(-1).cpu() - x.softmax(-1)).abs().max()))
+""",
+    "bad_cross_entropy": """
+import torch.nn.functional as F
+x = torch.randn(3, 5)
+try:
+    F.cross_entropy(x.to("mlx"), torch.tensor([0, 1, 9]).to("mlx"))
+    print("no error")
+except Exception as e:
+    print(type(e).__name__, str(e)[:200])
+""",
+    "torch_compile_small": """
+def f(x, y):
+    z = torch.exp(x) * y + 1
+    return (z.t() - x.t()).reshape(-1), torch.sin(z)
+g = torch.compile(f, backend="mlx")
+for n in (4, 6, 7):
+    x, y = torch.randn(n, 5), torch.randn(n, 5)
+    a, b = g(x.to("mlx"), y.to("mlx"))
+    ra, rb = f(x, y)
+    print(n, float((a.cpu() - ra).abs().max()), float((b.cpu() - rb).abs().max()))
+""",
+    "matmul_precision": """
+import os
+torch.manual_seed(0)
+a, b = torch.randn(256, 256), torch.randn(256, 256)
+ref = a.double() @ b.double()
+for prec in ("highest", "high"):
+    torch.set_float32_matmul_precision(prec)
+    out = (a.to("mlx") @ b.to("mlx")).cpu().double()
+    print(prec, "mlx err", float((out - ref).abs().max()))
+torch.set_float32_matmul_precision("highest")
+print("cpu err", float(((a @ b).double() - ref).abs().max()))
+mx_a, mx_b = mx.array(a.numpy()), mx.array(b.numpy())
+print("bare mx err", float((torch.from_numpy(__import__('numpy').array(mx_a @ mx_b)).double() - ref).abs().max()),
+      "MLX_ENABLE_TF32=", os.environ.get("MLX_ENABLE_TF32"))
+""",
+}
+
+
+def run_check(name: str, code: str, timeout: float, gdb: bool) -> dict:
+    cmd = [sys.executable, "-c", PRELUDE + code]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = "timeout", (exc.stdout or b"").decode(errors="replace")
+    result = {"name": name, "rc": rc, "seconds": round(time.perf_counter() - started, 2),
+              "output": out[-4000:]}
+    if gdb and isinstance(rc, int) and rc < 0:
+        debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+        if debugger:
+            dbg = subprocess.run([debugger, "-batch", "-ex", "run", "-ex", "bt 40", "--args", *cmd],
+                                 capture_output=True, text=True, timeout=min(timeout, 150))
+            result["native_stack"] = (dbg.stdout + dbg.stderr)[-6000:]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--only", help="comma-separated check names")
+    parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--gdb", action="store_true", help="native stack of a crashed check")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(CHECKS)
+    results = []
+    for name in names:
+        res = run_check(name, CHECKS[name], args.timeout, args.gdb)
+        results.append(res)
+        print(f"--- {name}: rc={res['rc']} ({res['seconds']} s)\n{res['output'].strip()}")
+        if "native_stack" in res:
+            print(res["native_stack"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
