@@ -70,9 +70,13 @@ setup_device() {
     touch "$KIT/installed"
   fi
   export PYTHONPATH="$KIT/site:$ROOT"
-  # the NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) come with the image's torch
-  local nv
-  nv=$(python3 -c 'import glob, site; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))')
+  # The NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) and the CUDA headers its
+  # JIT compiler (NVRTC) includes come with the image's torch, in site-packages/nvidia. MLX looks
+  # for them beside its own package, as a pip install would put them: link them there.
+  local img_site nv
+  img_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  [ -e "$KIT/site/nvidia" ] || [ ! -d "$img_site/nvidia" ] || ln -s "$img_site/nvidia" "$KIT/site/nvidia"
+  nv=$(ls -d "$img_site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
   export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # the package's metadata, for its entry points (torch's backend autoload, dynamo's "mlx")
   if [ ! -d "$KIT/site/torch_mlx.egg-info" ]; then
@@ -88,8 +92,11 @@ setup_device() {
 import subprocess, torch, mlx.core as mx, torch_mlx
 print("torch", torch.__version__, "| mlx", mx.__version__, "| default device", mx.default_device())
 print("device_info", {k: v for k, v in mx.device_info().items() if k in ("device_name", "architecture", "memory_size")})
-print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip())
+try:
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+except OSError:
+    print("no nvidia-smi")
 EOF
   echo "setup: $((SECONDS - t0)) s"
 }
@@ -144,7 +151,7 @@ case "${1:-}" in
     export PYTHONUNBUFFERED=1
     LOG="$KIT/logs"; rm -rf "$LOG"; mkdir -p "$LOG"
     # at most 8 files come back: the JSON reports, and every log in one archive
-    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
+    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null || true; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
     setup_device
     run_selection "$@" ;;
   *) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 2 ;;
