@@ -104,13 +104,13 @@ def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
 
 
 def test_auto_dtype_of_a_float32_checkpoint_follows_the_mlx_device(model_dir):
-    # vLLM downcasts a float32 checkpoint to the platform's first dtype: bfloat16 on Metal; on
+    # vLLM downcasts a float32 checkpoint to the platform's first dtype: bfloat16 on MLX's GPU; on
     # MLX's CPU backend float32, the one its BLAS multiplies (half types run a single-threaded
     # loop there).
     import mlx.core as mx
     from vllm.platforms import current_platform
 
-    expected = torch.bfloat16 if mx.metal.is_available() else torch.float32
+    expected = torch.bfloat16 if mx.is_available(mx.gpu) else torch.float32
     assert current_platform.supported_dtypes[0] == expected
     llm = vllm.LLM(model=model_dir("LlamaForCausalLM"), max_model_len=256, max_num_seqs=2,
                    enforce_eager=True)
