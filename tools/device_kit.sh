@@ -80,12 +80,12 @@ setup_device() {
   export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # the package's metadata, for its entry points (torch's backend autoload, dynamo's "mlx")
   if [ ! -d "$KIT/site/torch_mlx.egg-info" ]; then
-    (cd "$ROOT" && TORCH_MLX_SKIP_EXT=1 python3 setup.py -q egg_info --egg-base "$KIT/site" >/dev/null)
+    (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 TORCH_MLX_SKIP_EXT=1 python3 setup.py -q egg_info --egg-base "$KIT/site" >/dev/null)
   fi
   local so
   so=$(ls "$ROOT"/torch_mlx/_C*.so 2>/dev/null | head -n1 || true)
   if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" | head -n1)" ]; then
-    (cd "$ROOT" && MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$LOG/build.log" 2>&1) \
+    (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$LOG/build.log" 2>&1) \
       || { tail -50 "$LOG/build.log"; exit 1; }
   fi
   python3 - <<'EOF' | tee "$LOG/env.txt"

@@ -137,7 +137,8 @@ def _execute(step, env) -> None:
     if step.compute is not None:
         args = [a.astype(step.compute) if isinstance(a, mx.array)
                 and a.dtype != step.compute else a for a in args]
-    result = step.fn(*args, **{k: _value(v, env) for k, v in step.kwargs.items()})
+    result = registry.call_lowering(step.fn, args,
+                                    {k: _value(v, env) for k, v in step.kwargs.items()})
     env[step.node] = _cast(result, step.out_dtypes)
 
 

@@ -298,6 +298,23 @@ def _compute_dtype(args, promote, opmath):
     return elementwise_dtypes(*inputs, type_promotion_kind=promote)[0 if opmath else 1]
 
 
+# MLX's GPU scatter takes no 8-byte element types (int64, uint64; complex64 for sums only), on
+# Metal as on CUDA, and raises while the graph is built, before anything runs. A lowering that
+# hits it runs again with MLX's CPU stream, which shares the memory.
+_GPU_UNSUPPORTED = ("GPU scatter does not yet support",)
+
+
+def call_lowering(fn, args, kwargs):
+    """``fn(*args, **kwargs)``, on MLX's CPU stream where MLX's GPU lacks the operation."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        if not any(m in str(exc) for m in _GPU_UNSUPPORTED) or mx.default_device() != mx.gpu:
+            raise
+    with mx.stream(mx.cpu):
+        return fn(*args, **kwargs)
+
+
 def functional_kernel(op, low: Lowering):
     def kernel(*args, **kwargs):
         if low.meta:
@@ -309,7 +326,7 @@ def functional_kernel(op, low: Lowering):
         mkwargs = dict(zip(kwargs, _C.lowering_args(tuple(kwargs.values()), buffers, _arg_to_mx)))
         if compute_dtype is not None:  # the tensor arguments, cast to the computation dtype
             _C.cast_arrays(margs, to_mx_dtype(compute_dtype))
-        result = low.fn(*margs, **mkwargs)
+        result = call_lowering(low.fn, margs, mkwargs)
         return _wrap(result, spec, low, buffers)
 
     kernel.__name__ = f"mlx_{low.name.replace('.', '_')}"
