@@ -1,0 +1,99 @@
+"""`vllm serve` on "mlx" under faults: the engine process dies, or the server is told to stop,
+while requests are in flight. As vLLM on CUDA: clients get errors, the server exits within
+bounded time, and nothing hangs."""
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from serving import Server, ensure_tiny_model  # noqa: E402
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ensure_tiny_model("LlamaForCausalLM")
+
+
+def _start(model):
+    return Server(model, name=NAME,
+                  extra_args=("--max-model-len", "512", "--max-num-seqs", "8")).start()
+
+
+def _streams_in_flight(server, n):
+    """n long streamed completions in threads; returns (threads, outcomes, first-token event)."""
+    outcomes, started = [], threading.Event()
+
+    def one(i):
+        client = server.client()
+        try:
+            tokens = 0
+            stream = client.completions.create(model=NAME, prompt=f"Story {i}:", max_tokens=400,
+                                               extra_body={"min_tokens": 400}, temperature=0.0,
+                                               stream=True)
+            for _ in stream:
+                tokens += 1
+                started.set()
+            outcomes.append(("finished", tokens))
+        except Exception as exc:  # noqa: BLE001  (the point is that it is an error)
+            started.set()
+            outcomes.append(("error", type(exc).__name__))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, outcomes, started
+
+
+def _engine_core(server) -> psutil.Process:
+    for pid in server.pids()[1:]:
+        proc = psutil.Process(pid)
+        if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()):
+            return proc
+    raise AssertionError(f"no engine core process among {server.pids()}")
+
+
+def test_engine_death_fails_requests_and_the_server_exits(model):
+    server = _start(model)
+    try:
+        threads, outcomes, started = _streams_in_flight(server, 4)
+        assert started.wait(120), "no stream produced a token"
+        _engine_core(server).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # vLLM's launcher (platform-independent code: launcher.terminate_if_errored) stops
+        # uvicorn with should_exit once the engine is dead, so the exit status is uvicorn's
+        # normal 0 on every platform; what matters is that it exits, promptly
+        rc = server.proc.wait(timeout=30)  # raises TimeoutExpired: a hang
+        exit_s = time.monotonic() - killed
+        for t in threads:
+            t.join(timeout=30)
+        assert len(outcomes) == 4
+        assert all(kind == "error" or tokens < 400 for kind, tokens in outcomes), outcomes
+        print(f"server exited with {rc} {exit_s:.1f} s after the engine was killed")
+    finally:
+        server.stop()
+
+
+def test_sigterm_with_requests_in_flight_shuts_down_within_10_s(model):
+    server = _start(model)
+    try:
+        threads, outcomes, started = _streams_in_flight(server, 4)
+        assert started.wait(120), "no stream produced a token"
+        children = [psutil.Process(p) for p in server.pids()[1:]]
+        server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        server.proc.wait(timeout=10)  # raises TimeoutExpired: too slow or hung
+        _, alive = psutil.wait_procs(children, timeout=max(0.1, 10 - (time.monotonic() - sent)))
+        assert not alive, f"processes left after SIGTERM: {alive}"
+        for t in threads:
+            t.join(timeout=30)
+        assert len(outcomes) == 4
+        print(f"shut down in {time.monotonic() - sent:.1f} s")
+    finally:
+        server.stop()
