@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import requests
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
 from serving import Server, ensure_tiny_model  # noqa: E402
@@ -95,5 +96,42 @@ def test_sigterm_with_requests_in_flight_shuts_down_within_10_s(model):
             t.join(timeout=30)
         assert len(outcomes) == 4
         print(f"shut down in {time.monotonic() - sent:.1f} s")
+    finally:
+        server.stop()
+
+
+def test_overload_preempts_and_every_output_equals_the_request_alone(model):
+    # 64 concurrent greedy requests of 96 new tokens need ~6.5K tokens of KV; the cache holds
+    # 320 (20 blocks of 16). The scheduler admits short prompts a block each, then runs out as
+    # they grow, so it must preempt and recompute. Every request completes, and its tokens are
+    # those of the same request run alone.
+    import asyncio
+
+    server = Server(model, name=NAME, extra_args=(
+        "--max-model-len", "256", "--max-num-seqs", "64",
+        "--kv-cache-memory-bytes", str(320 * 1024))).start()
+    try:
+        prompts = [f"Number {i}" for i in range(64)]
+
+        async def one(client, prompt):
+            r = await client.completions.create(model=NAME, prompt=prompt, max_tokens=96,
+                                                extra_body={"min_tokens": 96}, temperature=0.0)
+            return r.choices[0].text
+
+        async def together():
+            client = server.async_client()
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+        concurrent = asyncio.run(together())
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        preemptions = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                          if line.startswith("vllm:num_preemptions_total"))
+        client = server.client()
+        alone = [client.completions.create(model=NAME, prompt=p, max_tokens=96,
+                                           extra_body={"min_tokens": 96},
+                                           temperature=0.0).choices[0].text for p in prompts]
+        assert preemptions > 0, "the cache never ran out: no preemption"
+        assert concurrent == alone
+        print(f"{preemptions:.0f} preemptions")
     finally:
         server.stop()
