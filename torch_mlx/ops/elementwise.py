@@ -389,11 +389,19 @@ def div(self, other):
     return mx.divide(self, other)
 
 
+def _float_remainder(a, b):
+    """mx.remainder for floats; half types in float32, rounded once, as torch's CPU kernels do
+    (MLX's CUDA remainder returns NaN for some bfloat16 inputs: tools/gpu_probe's test run)."""
+    if a.dtype in (mx.float16, mx.bfloat16):
+        return mx.remainder(a.astype(mx.float32), _as_array(b, a).astype(mx.float32)).astype(a.dtype)
+    return mx.remainder(a, b)
+
+
 def _fmod(a, b):
     """C's fmod / %: the remainder of truncated division (exact), with the dividend's sign.
     Floats: remainder() of the magnitudes is fmod; integers: the floor remainder, corrected."""
     if _is_float(a):
-        return _copysign(mx.remainder(mx.abs(a), mx.abs(b)), a)
+        return _copysign(_float_remainder(mx.abs(a), mx.abs(b)), a)
     r = mx.remainder(a, b)  # integers: from the floor remainder (|INT_MIN| is not representable)
     return mx.where((r != 0) & ((r < 0) != (a < 0)), r - b, r)
 
@@ -447,7 +455,8 @@ def remainder(self, other):
     _require(self, "remainder_cpu", bool_=False)
     if not _is_float(self):
         _check_no_zero_divisor(other)
-    return mx.remainder(self, other)  # both floor-mod: the result takes the divisor's sign
+        return mx.remainder(self, other)
+    return _float_remainder(self, other)  # both floor-mod: the result takes the divisor's sign
 
 
 @lowering("remainder.Scalar_Tensor", promote=PROMOTE.DEFAULT)
