@@ -79,6 +79,9 @@ class Lowering:
     # calls in the same lazy graph, because it reads state that changes per call (vLLM's
     # attention reads the step's metadata and KV cache).
     compiled: bool = True
+    # spec(meta_spec, *args, **kwargs) -> spec: the CPU kernel's result (shape, dtype) where
+    # torch's meta kernel for the op (a Python decomposition) gives another one; eager only.
+    spec: Callable | None = None
 
 
 TABLE: dict[str, Lowering] = {}
@@ -106,7 +109,8 @@ def compile_allowed() -> bool:
 
 
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
-             eager: bool = True, opmath: bool = True, compiled: bool = True):
+             eager: bool = True, opmath: bool = True, compiled: bool = True,
+             spec: Callable | None = None):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
 
     A name may carry another namespace, ``"ns::op.overload"``: a library's custom op (defined
@@ -120,13 +124,16 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
     ``compiled=False`` runs the lowering outside ``mx.compile`` in compiled graphs (see
     Lowering.compiled). A lowering of an op that mutates arguments (reached in compiled graphs
     through torch's ``auto_functionalized``) returns what auto_functionalized returns: the op's
-    result, then the new value of each mutated argument."""
+    result, then the new value of each mutated argument.
+
+    ``spec`` corrects the result spec of torch's meta kernel where it disagrees with the CPU
+    kernel (see Lowering.spec), so eager results have the CPU's shape."""
 
     def register(fn):
         for name in names:
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled)
+            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled, spec)
             if _registrar is not None and eager:  # a lowering added after import (a plugin's)
                 _registrar.functional(name, functional_kernel(overload(name), TABLE[name]))
         return fn
@@ -458,6 +465,8 @@ def functional_kernel(op, low: Lowering):
     def kernel(*args, **kwargs):
         if low.meta:
             spec, compute_dtype = _meta_info(op, args, kwargs, low.promote, low.opmath)
+            if low.spec is not None and spec is not None:
+                spec = low.spec(spec, *args, **kwargs)
         else:
             spec, compute_dtype = None, _compute_dtype(args, low.promote, low.opmath)
         args, kwargs = _numbers_to_mx(args, kwargs, positions, names, compute_dtype)
