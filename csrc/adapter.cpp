@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include <ATen/ScalarOps.h>
 #include <mlx/ops.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -151,6 +152,34 @@ void register_adapter(nb::module_& m) {
       nb::arg("args"), nb::arg("buffers"), nb::arg("fallback"),
       "args with every 'mlx' tensor replaced by an mx.array over its bytes (its buffer's address "
       "appended to buffers); fallback(x, buffers) converts anything else but plain values.");
+
+  m.def(
+      "wrapped_number",
+      [](nb::handle value) {
+        PyObject* p = value.ptr();
+        c10::Scalar scalar;
+        if (PyBool_Check(p)) {
+          scalar = c10::Scalar(p == Py_True);
+        } else if (PyLong_Check(p)) {
+          const long long v = PyLong_AsLongLong(p);
+          if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+          scalar = c10::Scalar(static_cast<int64_t>(v));
+        } else if (PyFloat_Check(p)) {
+          scalar = c10::Scalar(PyFloat_AS_DOUBLE(p));
+        } else if (PyComplex_Check(p)) {
+          scalar = c10::Scalar(
+              c10::complex<double>(PyComplex_RealAsDouble(p), PyComplex_ImagAsDouble(p)));
+        } else {
+          throw nb::type_error("wrapped_number: expected a bool, int, float or complex");
+        }
+        at::Tensor t = at::scalar_to_tensor(scalar);
+        t.unsafeGetTensorImpl()->set_wrapped_number(true);
+        return nb::steal(wrap_tensor(std::move(t)));
+      },
+      nb::arg("value"),
+      "A Python number as torch's dispatcher passes it in a Tensor argument: a 0-d CPU tensor "
+      "(bool, int64, float64 or complex128) marked as a wrapped number, which type promotion "
+      "treats as a Python scalar and which reaches Python kernels as the number again.");
 
   m.def(
       "cast_arrays",

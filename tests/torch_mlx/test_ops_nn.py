@@ -76,6 +76,22 @@ def test_mse_loss_backward():
         _grads_match(lambda x, t: F.mse_loss(x, t, reduction=reduction), x, t)
 
 
+@pytest.mark.parametrize("loss, x, target", [
+    (F.multi_margin_loss, torch.tensor([0.1, 0.8, -0.3, 0.5]), torch.tensor(2)),
+    (F.multi_margin_loss, torch.tensor(0.3), torch.tensor(0)),
+    (F.multi_margin_loss, torch.tensor([0.1, 0.8, -0.3, 0.5]), torch.tensor([2])),
+    (F.multilabel_margin_loss, torch.tensor([0.1, 0.8, -0.3, 0.5]), torch.tensor([3, 0, -1, 1])),
+    (F.multilabel_margin_loss, torch.tensor(0.3), torch.tensor(0)),
+])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unbatched_margin_losses_have_the_cpus_shape(loss, x, target, reduction):
+    # issue 22: the unreduced loss of one unbatched sample is 0-d on the CPU; torch's meta
+    # kernels (decompositions) say (1,), which the adapter used to assert
+    _grads_match(lambda x: loss(x, target.to(x.device), reduction=reduction), x)
+    got = loss(x.to("mlx"), target.to("mlx"), reduction=reduction)
+    assert got.shape == loss(x, target, reduction=reduction).shape
+
+
 def test_dropout_mask_follows_the_seed():
     x = torch.ones(64, 64)
     torch.manual_seed(7)

@@ -1160,7 +1160,13 @@ def _multi_margin_terms(self, target, p, margin, weight):
     return mx.where(not_target, terms, 0), hinge, not_target, x.shape[1]
 
 
-@lowering("multi_margin_loss")
+def _multi_margin_loss_spec(spec, self, target, p=1, margin=1, weight=None, reduction=1):
+    """The CPU kernel gives the unreduced loss the target's shape: () for a 0-d target (one
+    unbatched sample). torch's meta kernel, its decomposition, gives (1,)."""
+    return ((), spec[1]) if reduction == 0 and target.dim() == 0 else spec
+
+
+@lowering("multi_margin_loss", spec=_multi_margin_loss_spec)
 def multi_margin_loss(self, target, p=1, margin=1, weight=None, reduction=1):
     terms, _, _, n_classes = _multi_margin_terms(self, target, p, margin, weight)
     loss = mx.sum(terms, axis=1) / n_classes
@@ -1199,7 +1205,14 @@ def _multilabel_active(self, target):
     return x, safe, mx.where(counts, hinge, 0), is_target
 
 
-@lowering("multilabel_margin_loss_forward")
+def _multilabel_margin_loss_spec(spec, self, target, reduction):
+    """The CPU kernel gives an unbatched (0-d or 1-d) input's unreduced loss shape ();
+    torch's meta kernel, its decomposition, gives (1,)."""
+    (_, loss_dtype), is_target = spec
+    return (((), loss_dtype), is_target) if reduction == 0 and self.dim() < 2 else spec
+
+
+@lowering("multilabel_margin_loss_forward", spec=_multilabel_margin_loss_spec)
 def multilabel_margin_loss_forward(self, target, reduction):
     x, _, hinge, is_target = _multilabel_active(self, target)
     loss = mx.sum(mx.maximum(hinge, 0), axis=(1, 2)) / x.shape[1]
