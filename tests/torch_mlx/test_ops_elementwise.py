@@ -2,6 +2,8 @@
 defines differently from torch, accuracy where MLX's own functions fall short, CPU dtype errors,
 and in-place / out= writes into the existing storage."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -258,6 +260,10 @@ def test_equal():
     assert torch.equal(a[:2].to("mlx"), torch.tensor([1, 2], device="mlx"))
 
 
+POLYNOMIALS = [f"{shift}chebyshev_polynomial_{kind}" for shift in ("", "shifted_")
+               for kind in "tuvw"] + ["hermite_polynomial_h", "hermite_polynomial_he",
+                                      "laguerre_polynomial_l", "legendre_polynomial_p"]
+
 # no NaN x: several of torch's CPU polynomial kernels return an uninitialised value for it
 # (mlx returns NaN)
 POLY_X = [-8.5, -3.0, -1.0, -0.999, -0.7, -0.5, -0.2, 0.0, 0.2, 0.5, 0.7, 0.999, 1.0, 1.5, 3.0,
@@ -266,10 +272,7 @@ POLY_N = [-3.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.7, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.
           20.0, 31.0, NAN]
 
 
-@pytest.mark.parametrize("name", [
-    f"{shift}chebyshev_polynomial_{kind}" for shift in ("", "shifted_") for kind in "tuvw"
-] + ["hermite_polynomial_h", "hermite_polynomial_he", "laguerre_polynomial_l",
-     "legendre_polynomial_p"])
+@pytest.mark.parametrize("name", POLYNOMIALS)
 def test_orthogonal_polynomials(name):
     # degrees are truncated (NaN and negative give 0), the ends +-1 are exact, recurrences use
     # fused multiply-adds as torch's compiled kernels do
@@ -279,6 +282,40 @@ def test_orthogonal_polynomials(name):
     _same(fn, torch.cat([x, (x + 1) / 2]), torch.cat([n, n]))
     _same(lambda a: fn(a, 5), torch.tensor(POLY_X))
     _same(lambda b: fn(0.3, b), torch.tensor(POLY_N))
+    if "chebyshev" in name:  # the trigonometric forms at a degree far past float32's integers
+        _same(lambda a: fn(a, 1e12), torch.tensor(POLY_X))
+
+
+# Every polynomial at large degrees, in a child process (a regression runs out of time or
+# memory rather than failing): x over [-1, 1] (0 and 1 are the shifted kinds' ends), just
+# outside it (1 + 2^-23 recurs 1.8e5 steps before T_n overflows), and the x whose shifted
+# argument 2x - 1 rounds to -1 (torch recurs there); n as a Python number and as a tensor.
+# 1e20 is past int64: torch's conversion gives INT64_MIN, a negative degree.
+_LARGE_DEGREE_PROBE = """
+import resource, torch, torch_mlx
+x = torch.cat([torch.linspace(-1, 1, 101), torch.tensor(
+    [1.0000001, -1.0000001, 1.0001, -1.0001, 1.01, -1.01, 1.2, -1.2, 0.99999994, -0.99999994,
+     1e-9, -1e-9, 5e-8, 0.5000001])])
+for name in NAMES:
+    fn = getattr(torch.special, name)
+    for n in (10, 1e4, 1e6, 1e20):
+        expected = fn(x, n)
+        for degree in (n, torch.full_like(x, n)):
+            got = fn(x.to("mlx"), degree.to("mlx") if isinstance(degree, torch.Tensor)
+                     else degree).cpu()
+            torch.testing.assert_close(got, expected, equal_nan=True,
+                                       msg=lambda m: f"{name}, n = {n}: {m}")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_orthogonal_polynomials_at_large_degrees():
+    code = f"NAMES = {POLYNOMIALS!r}\n" + _LARGE_DEGREE_PROBE
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak_kib = int(out.stdout.split()[-1])
+    assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
 
 
 @pytest.mark.parametrize("fn", [torch.special.modified_bessel_i0,

@@ -15,6 +15,7 @@ import math
 import mlx.core as mx
 import torch
 
+from .. import _C
 from . import registry as _registry
 from .registry import PROMOTE, lowering, torch_kernel, tracing
 
@@ -899,57 +900,36 @@ lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self
 lowering("special_i1e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, True))
 
 
-# Orthogonal polynomials of integer degree n (torch truncates n toward zero; n < 0 gives 0) by
-# their three-term recurrences, evaluated as torch's kernels evaluate them. The number of steps
-# is the largest degree present, known only from the values: eager mode reads it, a compiled
-# graph cannot.
+# Orthogonal polynomials of integer degree n, as torch's CPU kernels (aten/src/ATen/native/Math.h,
+# *_polynomial_*_forward) evaluate them: n is converted to int64 (truncated; NaN, infinities and
+# values past int64 give INT64_MIN), n < 0 gives 0, then each kernel's closed forms (the ends of
+# the interval, the trigonometric forms of the Chebyshev kinds, Hermite's NaN past degree 128)
+# and elsewhere its float32 recurrence, stopped when the value becomes NaN. The closed forms are
+# MLX ops; the recurrences run step for step as torch's (fused multiply-adds included) in one
+# CPU node per op (csrc/polynomial_cpu.cpp): their memory is the tensor's size whatever n is, and
+# they take the CPU kernel's time, which grows with n where the CPU's does (Laguerre, Legendre
+# inside [-1, 1], Chebyshev until the value overflows).
+
+_INT64_LIMIT = 2.0 ** 63
 
 
 def _degree(n):
+    """torch's int64 conversion of n, as a float32 integer: -1 where it gives INT64_MIN."""
     if not _is_float(n):
-        return n.astype(mx.float32)
-    return mx.where(mx.isnan(n), -1, mx.trunc(n))  # NaN converts to a negative integer
-
-
-def _max_degree(d, name) -> int:
-    if tracing():
-        raise NotImplementedError(f"{name}: the recurrence length is the largest degree in n, "
-                                  f"a value; it cannot be traced into a compiled graph")
-    return int(mx.max(d).item()) if d.size else 0
-
-
-def _recurrence(d, p0, p1, step, max_degree):
-    """P_d for P_0 = p0, P_1 = p1, P_(k+1) = step(k, P_k, P_(k-1)); 0 where d < 0."""
-    p, q = mx.broadcast_arrays(p0, p1)
-    out = mx.where(d == 0, p, q)
-    for k in range(1, max_degree):
-        p, q = q, step(k, q, p)
-        out = mx.where(d == k + 1, q, out)
-    return mx.where(d < 0, 0, out)
-
-
-def _fma(a, b, c):
-    """a * b + c rounded once, as the fused multiply-add torch's compiled recurrences use:
-    a * b split exactly into P + E (Dekker's product of 12-bit halves), then P + c with its
-    rounding error recovered (Knuth's two-sum). Huge operands, whose halves would overflow,
-    fall back to the twice-rounded a * b + c."""
-    def split(v):
-        t = v * 4097.0
-        hi = t - (t - v)
-        return hi, v - hi
-    (ah, al), (bh, bl) = split(a), split(b)
-    product = a * b
-    error = ((ah * bh - product) + ah * bl + al * bh) + al * bl
-    total = product + c
-    back = total - product
-    sum_error = (product - (total - back)) + (c - back)
-    fused = total + (sum_error + error)
-    small = (mx.abs(a) < 1e30) & (mx.abs(b) < 1e30) & mx.isfinite(fused)
-    return mx.where(small, fused, total)
+        n = n.astype(mx.float32)
+    return mx.where(mx.abs(n) < _INT64_LIMIT, mx.trunc(n), -1)  # NaN compares false
 
 
 def _parity(d):
     return mx.where(mx.remainder(d, 2) == 0, 1, -1)
+
+
+def _recurrence(kind, x, first, d, needed):
+    """torch's recurrence P_d (P_0 = 1, P_1 = first) where ``needed``, 1 elsewhere."""
+    with mx.stream(mx.cpu):
+        steps = mx.where(needed & (d >= 0), d, 0).astype(mx.float32)
+        x, first = (mx.broadcast_to(a, d.shape).astype(mx.float32) for a in (x, first))
+        return _C.polynomial_recurrence(kind, x, first, steps)
 
 
 def _polynomial(name, fn):
@@ -957,34 +937,49 @@ def _polynomial(name, fn):
     def lowered(x, n):
         x, n = _as_array(x, n), _as_array(n, x)
         x, d = mx.broadcast_arrays(x, _degree(n))
-        return fn(x, d, _max_degree(d, name))
+        return mx.where(d < 0, 0, fn(x, d)).astype(x.dtype)
     lowering(f"special_{name}", f"special_{name}.x_scalar", f"special_{name}.n_scalar",
              promote=PROMOTE.INT_TO_FLOAT)(lowered)
 
 
+# degree above which torch uses the trigonometric form inside (-1, 1)
+_TRIG_FROM = {False: {"t": 6, "u": 8, "v": 8, "w": 8}, True: {"t": 6, "u": 6, "v": 6, "w": 4}}
+
+
 def _chebyshev(kind, shifted):
-    """Chebyshev polynomials T, U, V, W of t = x (or t = 2x - 1, shifted): t + t times the last
-    minus the one before, started from 1 and T: t, U: 2t, V: 2t - 1, W: 2t + 1. For |t| < 1
-    and large n torch uses the trigonometric forms, e.g. T_n(cos a) = cos(n a)."""
-    def fn(x, d, max_degree):
+    """Chebyshev polynomials T, U, V, W of t = x (or t = 2x - 1, shifted): P_1 = T: t, U: 2t,
+    V: 2t - 1, W: 2t + 1, then t + t times the last minus the one before. For |t| < 1 and
+    large n torch uses the trigonometric forms, a = acos(t): T = cos(n a),
+    U = sin((n + 1) a) / sin a, V = cos((n + 1/2) a) / cos(a / 2),
+    W = sin((n + 1/2) a) / sin(a / 2), with its fallbacks where the divisor's sine or cosine
+    rounds to 0 or 1; at the ends (x = +-1; shifted: x = 1 and x = 0) its exact values."""
+    def fn(x, d):
         t = x + x - 1 if shifted else x
         first = {"t": t, "u": t + t, "v": t + t - 1, "w": t + t + 1}[kind]
-        out = _recurrence(d, mx.ones_like(t), first, lambda k, q, p: _fma(t + t, q, -p),
-                          max_degree)
-        a = mx.arccos(mx.clip(t, -1, 1))
-        trig = {"t": lambda: mx.cos(d * a),
-                "u": lambda: mx.sin((d + 1) * a) / mx.sin(a),
-                "v": lambda: mx.cos((d + 0.5) * a) / mx.cos(a / 2),
-                "w": lambda: mx.sin((d + 0.5) * a) / mx.sin(a / 2)}[kind]()
-        threshold = {"t": 6, "u": 8, "v": 8, "w": 8} if not shifted else \
-            {"t": 6, "u": 6, "v": 6, "w": 4}
-        out = mx.where((d > threshold[kind]) & (mx.abs(t) < 1), trig, out)
-        # the ends t = 1 and t = -1, exactly
-        at_one = {"t": mx.ones_like(t), "u": d + 1, "v": mx.ones_like(t), "w": d + d + 1}[kind]
-        at_minus_one = {"t": _parity(d), "u": _parity(d) * (d + 1),
-                        "v": _parity(d) * (d + d + 1), "w": _parity(d)}[kind]
-        out = mx.where(t == 1, at_one, mx.where(t == -1, at_minus_one, out))
-        return mx.where(d < 0, 0, out)
+        a = mx.arccos(t)
+        if kind == "t":
+            trig = mx.cos(d * a)
+        elif kind == "u":
+            sin_a = mx.sin(a)
+            trig = mx.where(sin_a != 0, mx.sin((d + 1) * a) / sin_a,
+                            (d + 1) * mx.cos((d + 1) * a) / t)
+        elif kind == "v":
+            trig = mx.where(mx.sin(a / 2) != 1, mx.cos((d + 0.5) * a) / mx.cos(a / 2),
+                            _parity(d) * (d + d + 1))
+        else:
+            fallback = _parity(d) if shifted else mx.where(x > 0, d + d + 1, _parity(d))
+            trig = mx.where(mx.cos(a / 2) != 1, mx.sin((d + 0.5) * a) / mx.sin(a / 2), fallback)
+        use_trig = (d > _TRIG_FROM[shifted][kind]) & (mx.abs(t) < 1)
+        if shifted:  # the ends x = 1 (t = 1) and x = 0 (t = -1); other x rounding to t = -1
+            at_end = (x == 1) | (x == 0)  # recur, as torch's kernel does
+        else:
+            at_end = mx.abs(x) == 1
+        one = {"t": mx.ones_like(t), "u": d + 1, "v": mx.ones_like(t), "w": d + d + 1}[kind]
+        minus_one = {"t": _parity(d), "u": _parity(d) * (d + 1),
+                     "v": _parity(d) * (d + d + 1), "w": _parity(d)}[kind]
+        end = mx.where(t > 0, one, minus_one)
+        recur = _recurrence("chebyshev", t, first, d, ~at_end & ~use_trig)
+        return mx.where(at_end, end, mx.where(use_trig, trig, recur))
     return fn
 
 
@@ -992,15 +987,23 @@ for _kind in "tuvw":
     _polynomial(f"chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=False))
     _polynomial(f"shifted_chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=True))
 
-_polynomial("hermite_polynomial_h", lambda x, d, m: _recurrence(
-    d, mx.ones_like(x), x + x, lambda k, q, p: _fma(x + x, q, -(2 * k) * p), m))
-_polynomial("hermite_polynomial_he", lambda x, d, m: _recurrence(
-    d, mx.ones_like(x), x, lambda k, q, p: _fma(x, q, -k * p), m))
-_polynomial("laguerre_polynomial_l", lambda x, d, m: mx.where((x == 0) & (d >= 0), 1, _recurrence(
-    d, mx.ones_like(x), 1 - x, lambda k, q, p: _fma(k + k + (1 - x), q, -k * p) / (k + 1), m)))
-_polynomial("legendre_polynomial_p", lambda x, d, m: mx.where(
-    (mx.abs(x) == 1) & (d >= 0), mx.where(x > 0, 1, _parity(d)), _recurrence(
-        d, mx.ones_like(x), x, lambda k, q, p: _fma((k + k + 1) * x, q, -k * p) / (k + 1), m)))
+_HERMITE_LIMIT = 128  # torch's float32 kernels return NaN past this degree
+
+
+def _hermite(kind):
+    def fn(x, d):
+        recur = _recurrence(kind, x, x + x if kind == "hermite_h" else x, d, d <= _HERMITE_LIMIT)
+        return mx.where(d > _HERMITE_LIMIT, math.nan, recur)
+    return fn
+
+
+_polynomial("hermite_polynomial_h", _hermite("hermite_h"))
+_polynomial("hermite_polynomial_he", _hermite("hermite_he"))
+_polynomial("laguerre_polynomial_l", lambda x, d: mx.where(  # L_n(0) = 1, also for -0.0
+    x == 0, 1, _recurrence("laguerre", x, 1 - x, d, x != 0)))
+_polynomial("legendre_polynomial_p", lambda x, d: mx.where(
+    mx.abs(x) == 1, mx.where(x > 0, 1, _parity(d)),
+    _recurrence("legendre", x, x, d, mx.abs(x) != 1)))
 
 
 lowering("special_modified_bessel_i0", promote=PROMOTE.INT_TO_FLOAT)(
