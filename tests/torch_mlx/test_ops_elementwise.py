@@ -226,6 +226,32 @@ def test_special_functions_over_wide_ranges(fn):
         _same(fn, x)
 
 
+# n! as torch's float32 kernel computes it, expf(lgammaf(n + 1)) (the C library's rounding; inf
+# from n = 35), in constant time: math.factorial(n) grew with n (a child process, so that a
+# regression times out instead of hanging) and its exact value overflowed MLX scalars at n = 30
+_POLYGAMMA_PROBE = """
+import resource, torch, torch_mlx
+x = torch.cat([torch.linspace(0.05, 30, 300), torch.tensor([1e-3, 100.0, float("inf"),
+                                                             float("nan")])])
+for n in list(range(2, 40)) + [100, 10**5, 10**9]:
+    torch.testing.assert_close(torch.polygamma(n, x.to("mlx")).cpu(), torch.polygamma(n, x),
+                               equal_nan=True, msg=lambda m: f"n = {n}: {m}")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_polygamma_at_high_orders():
+    _peak_rss_kib_of_child(_POLYGAMMA_PROBE, 60)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_to_decimals_past_the_dtype_range(dtype):
+    # 10^|d| is inf from |d| = 39 (float32): NaN, as on the CPU; 10.0 ** 309 raised in Python
+    x = torch.tensor([1.2345, 2.5, -3.75, 0.0, 1e30, -7e-30]).to(dtype)
+    for d in (0, 3, 38, 39, 400, 10**6, -1, -38, -39, -400, -10**6):
+        _same(lambda t: torch.round(t, decimals=d), x)
+
+
 def test_ndtri_keeps_relative_precision_in_the_tails():
     _same(torch.special.ndtri, torch.logspace(-44, -0.31, 5000))
     _same(torch.special.ndtri, 1 - torch.logspace(-7, -0.31, 5000))
@@ -309,12 +335,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def test_orthogonal_polynomials_at_large_degrees():
-    code = f"NAMES = {POLYNOMIALS!r}\n" + _LARGE_DEGREE_PROBE
+def _peak_rss_kib_of_child(code: str, timeout: float) -> int:
+    """Run ``code`` in a fresh interpreter (it prints its peak RSS last) within ``timeout`` s."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
-    peak_kib = int(out.stdout.split()[-1])
+    return int(out.stdout.split()[-1])
+
+
+def test_orthogonal_polynomials_at_large_degrees():
+    peak_kib = _peak_rss_kib_of_child(f"NAMES = {POLYNOMIALS!r}\n" + _LARGE_DEGREE_PROBE, 60)
     assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
 
 

@@ -276,11 +276,12 @@ lowering("round", promote=PROMOTE.DEFAULT)(_rounding("round", mx.round))  # half
 @lowering("round.decimals", promote=PROMOTE.DEFAULT)
 def round_decimals(self, decimals=0):
     _require(self, "round_cpu", bool_=False, ints=False)
-    # torch: nearbyint(x * 10^d) / 10^d for d > 0, nearbyint(x / 10^-d) * 10^-d otherwise
+    # torch: nearbyint(x * 10^d) / 10^d for d > 0, nearbyint(x / 10^-d) * 10^-d otherwise;
+    # 10^|d| is inf in the dtype from |d| = 39 on (Python's 10.0 ** 309 would raise)
+    scale = mx.array(10.0 ** abs(decimals) if abs(decimals) <= 308 else math.inf,
+                     self.dtype)
     if decimals > 0:
-        scale = mx.array(10.0 ** decimals, self.dtype)
         return mx.round(self * scale) / scale
-    scale = mx.array(10.0 ** -decimals, self.dtype)
     return mx.round(self / scale) * scale
 
 
@@ -813,10 +814,11 @@ def _hurwitz(x, q):
         s = s + mx.power(a, -x)
         a = a + 1
     s = s + mx.power(a, 1 - x) / (x - 1) + 0.5 * mx.power(a, -x)
-    rising = x  # x (x+1) ... (x+2j-2)
+    rising = x  # x (x+1) ... (x+2j-2): inf for large finite x (> ~900), where a^-x is 0
     apow = mx.power(a, -x - 1)
+    vanishing = (apow == 0) & mx.isfinite(x)  # (x = inf keeps torch's NaN)
     for j, c in enumerate(_EM_COEFFS):
-        s = s + c * rising * apow
+        s = s + mx.where(vanishing, 0, c * rising * apow)
         rising = rising * (x + 2 * j + 1) * (x + 2 * j + 2)
         apow = apow / (a * a)
     return s
@@ -851,15 +853,42 @@ lowering("special_zeta", "special_zeta.self_scalar", "special_zeta.other_scalar"
     lambda self, other: _zeta(*mx.broadcast_arrays(_as_array(self, other), _as_array(other, self))))
 
 
+_LIBM = None
+
+
+def _libm():
+    """The platform's C math library, whose float functions torch's scalar CPU kernels call."""
+    global _LIBM
+    if _LIBM is None:
+        import ctypes
+        import ctypes.util
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        for fn in ("lgammaf", "expf"):
+            getattr(libm, fn).restype = ctypes.c_float
+            getattr(libm, fn).argtypes = [ctypes.c_float]
+        _LIBM = libm
+    return _LIBM
+
+
+def _factorial_float32(n: int) -> float:
+    """n! as torch's float32 polygamma computes it, expf(lgammaf(float(n) + 1)): the C library's
+    own rounding (its lgammaf is not correctly rounded, and exp magnifies an ulp of lgamma(21)
+    to 2e-6 of 20!), inf from n = 35 on. Constant time in n (math.factorial is not: n = 1e5
+    took 0.3 s, and its exact value overflowed MLX's scalars from n = 30)."""
+    libm = _libm()
+    return libm.expf(libm.lgammaf(float(n) + 1))  # rounded to float32 as ctypes passes it
+
+
 @lowering("polygamma", promote=PROMOTE.INT_TO_FLOAT)
 def polygamma(n, self):
     if n == 0:
         return _digamma(self)
     if n == 1:
         return _trigamma(self)
-    # psi^(n)(x) = (-1)^(n+1) n! zeta(n + 1, x)
+    # psi^(n)(x) = (-1)^(n+1) n! zeta(n + 1, x), each factor in float32 as torch's kernel
     order = mx.full(self.shape, n + 1, self.dtype)
-    return (1 if n % 2 else -1) * math.factorial(n) * _zeta(order, self)
+    factor = mx.array((1 if n % 2 else -1) * _factorial_float32(n), self.dtype)
+    return factor * _zeta(order, self)
 
 
 def _bessel_i(x, nu, scaled):
