@@ -413,6 +413,22 @@ def test_igamma_igammac_accuracy_and_boundaries():
         torch.testing.assert_close(got, reference, rtol=0, atol=1e-6, equal_nan=True)
 
 
+def test_igamma_igammac_large_a_and_the_order_of_boundaries():
+    # from OpInfo's reference inputs: a = x = 4988429 and 1e20 (torch's uniform asymptotic
+    # expansion, where 300 series terms gave 0.543 and 1.0 for 0.5), and a NaN beside an
+    # infinite or zero argument (torch decides a = 0, x = 0, a = inf, x = inf first)
+    a = torch.tensor([4988429.0, 1e20, 25.0, 25.0, 150.0, 199.9, 200.1, 1e3, 1e4, 1e6, 1e8])
+    spread = torch.tensor([-0.29, -0.1, -0.02, 0.0, 0.02, 0.1, 0.29])
+    near = a[:, None] * (1 + spread * torch.where(a > 200, 4.5 / a.sqrt(), 1.0)[:, None])
+    pairs = torch.tensor([[INF, NAN], [NAN, INF], [NAN, NAN], [0.0, NAN], [NAN, 0.0],
+                          [INF, INF], [0.0, 0.0], [INF, 1.0], [1.0, INF], [-1.0, NAN],
+                          [NAN, -1.0], [0.0, 2.0], [2.0, 0.0]])
+    a_all = torch.cat([a[:, None].expand_as(near).reshape(-1), a, pairs[:, 0]])
+    x_all = torch.cat([near.reshape(-1), a, pairs[:, 1]])
+    for fn in (torch.igamma, torch.igammac):
+        _same(fn, a_all, x_all)
+
+
 def test_airy_ai_is_as_accurate_as_the_cpu_over_its_range():
     x = torch.cat([torch.linspace(-60, 30, 9001),
                    torch.tensor([0.0, INF, -INF, NAN, 5.0, 5.0001, -8.0, -8.0001])])

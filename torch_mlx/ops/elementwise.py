@@ -10,6 +10,7 @@ out in MLX ops, and where MLX's function is less accurate than float32 allows (e
 |x| = 10, erf near 0) it is computed from an accurate core. Dtypes the CPU has no kernel for
 raise the CPU's NotImplementedError (meta kernels do not check dtypes).
 """
+import functools
 import math
 
 import mlx.core as mx
@@ -728,15 +729,112 @@ def digamma(self):
     return _digamma(self)
 
 
+def _checkpoint(step, *arrays, every=50):
+    """Evaluate a long elementwise loop's state every ``every`` steps in eager mode: MLX's CPU
+    backend allocates each node's output when it schedules the node, so an unevaluated graph
+    of thousands of tensor-sized nodes holds them all at once (igamma of 1e6 elements peaked
+    at 7.5 GB)."""
+    if step % every == 0 and not tracing():
+        mx.eval(*arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def _temme_coefficients(terms=10, powers=25):
+    """d[k][n]: c_k(eta) = sum_n d[k][n] eta^n, the coefficients of the uniform asymptotic
+    expansion of the incomplete gamma functions for large a (DLMF 8.12.8-8.12.10), in exact
+    rational arithmetic (0.3 s, once): sigma = x/a - 1 as a series in eta (eta^2 / 2 =
+    sigma - log(1 + sigma), inverted by Lagrange's formula), c_0 = 1/sigma - 1/eta,
+    c_k = c_(k-1)'(eta) / eta + (-1)^k g_k c_0 with Stirling's g_k (DLMF 5.11.3)."""
+    from fractions import Fraction
+
+    order = powers + 2 * terms + 2
+
+    def product(a, b):
+        out = [Fraction(0)] * order
+        for i, u in enumerate(a[:order]):
+            for j, v in enumerate(b[:order - i]):
+                out[i + j] += u * v
+        return out
+
+    def reciprocal(a):
+        out = [Fraction(0)] * order
+        out[0] = 1 / a[0]
+        for k in range(1, order):
+            out[k] = -sum(a[j] * out[k - j] for j in range(1, k + 1)) / a[0]
+        return out
+
+    # eta = sigma v(sigma), v = sqrt(2 sum_(m>=2) (-1)^m sigma^(m-2) / m)
+    inside = [Fraction(2 * (-1) ** m, m) for m in range(2, order + 2)]
+    v = [Fraction(1)] + [Fraction(0)] * (order - 1)
+    for k in range(1, order):
+        v[k] = (inside[k] - sum(v[j] * v[k - j] for j in range(1, k))) / 2
+    # sigma = eta u(eta): [eta^n] sigma = [s^(n-1)] v(s)^-n / n (Lagrange)
+    w, power, u = reciprocal(v), [Fraction(1)] + [Fraction(0)] * (order - 1), []
+    for n in range(1, order + 1):
+        power = product(power, w)
+        u.append(power[n - 1] / n)
+    inverse_u = reciprocal(u)
+    c0 = inverse_u[1:]  # (1/u - 1) / eta
+    # Stirling: Gamma(z) ~ e^-z z^z sqrt(2 pi / z) sum_k g_k z^-k = exp(sum B_2m / (2m (2m-1) z^(2m-1)))
+    bernoulli = [Fraction(1)]
+    for m in range(1, terms + 2):
+        bernoulli.append(-sum(math.comb(m + 1, j) * bernoulli[j] for j in range(m)) / (m + 1))
+    log_series = [Fraction(0)] * (terms + 1)
+    for m in range(1, terms // 2 + 2):
+        if 2 * m - 1 <= terms:
+            log_series[2 * m - 1] = bernoulli[2 * m] / (2 * m * (2 * m - 1))
+    g = [Fraction(1)]
+    for n in range(1, terms + 1):
+        g.append(sum(j * log_series[j] * g[n - j] for j in range(1, n + 1)) / n)
+    rows = [c0]
+    for k in range(1, terms):
+        rows.append([(-1) ** k * g[k] * c0[n] + (n + 2) * rows[-1][n + 2]
+                     for n in range(len(rows[-1]) - 2)])
+    return tuple(tuple(float(c) for c in row[:powers]) for row in rows)
+
+
+def _igamma_asymptotic(a, x, lower):
+    """P (lower) or Q for large a near x by the uniform expansion torch uses there (DLMF 8.12.3,
+    8.12.4), computed as its float32 kernel computes it:
+    1/2 erfc(-+eta sqrt(a/2)) -+ e^(-a eta^2 / 2) / sqrt(2 pi a) sum_k c_k(eta) a^-k with
+    eta = sign(x - a) sqrt(-2 (log1p(sigma) - sigma)), sigma = (x - a) / a in float32, the
+    sum in float32, the last term in double. eta's float32 cancellation is most of the CPU's
+    error for large a (2e-5 at a = 5e6, 6e-5 at a = 1e8, x - a ~ sqrt(a)); MLX's log1p rounds
+    as the C library's log1pf, so the same float32 steps give the same eta. ``a``, ``x``:
+    float32; returns float64."""
+    sign = -1.0 if lower else 1.0
+    sigma = (x - a) / a
+    root = mx.sqrt(-2 * (mx.log1p(sigma) - sigma))
+    eta = mx.where(x > a, root, mx.where(x < a, -root, 0))  # torch: lambda = x / a vs 1
+    total = mx.zeros_like(a)
+    scale = mx.ones_like(a)  # a^-k
+    for k, row in enumerate(_temme_coefficients()):
+        c, power = mx.full(a.shape, row[0], mx.float32), mx.ones_like(a)
+        for coefficient in row[1:]:
+            power = power * eta
+            c = c + coefficient * power
+        total = total + c * scale
+        scale = scale / a
+        _checkpoint(k, total, scale, every=2)
+    front = erfc(sign * eta * mx.sqrt(a / 2)).astype(mx.float64) * 0.5
+    a64, eta64 = a.astype(mx.float64), eta.astype(mx.float64)
+    root_2_pi_a = mx.sqrt((2 * mx.array(math.pi, mx.float32)) * a).astype(mx.float64)
+    return front + sign * mx.exp(-0.5 * a64 * eta64 * eta64) * total.astype(mx.float64) \
+        / root_2_pi_a
+
+
 def _igamma_pq(a, x):
     """(P(a, x), Q(a, x)), the regularised incomplete gamma functions, in float64 on MLX's CPU
-    stream: P by its power series where x < a or x <= 1.1, Q by the Legendre continued fraction
-    elsewhere (the regions of torch's Cephes-derived kernel), the other as the complement, and
-    torch's boundary values (NaN for a < 0 or x < 0, the limits at a = 0, x = 0 and infinity).
-    300 series terms / fraction steps: exact to float64 rounding for a up to ~1e4 near x = a."""
+    stream, in the regions of torch's kernel (calc_igamma / calc_igammac): its boundary values
+    first (NaN for a < 0 or x < 0; a = 0, x = 0, a = inf and x = inf decide before a NaN in the
+    other argument does), the uniform asymptotic expansion for large a near x (20 < a < 200
+    and |x - a| < 0.3 a, or a > 200 and |x - a| < 4.5 sqrt(a)); elsewhere P by its power series
+    where x < a or x <= 1.1, Q by the Legendre continued fraction, the other as the complement.
+    300 series terms / fraction steps: exact to float64 rounding outside the asymptotic region
+    for a up to 200, and beyond it (a > 200 and |x - a| >= 4.5 sqrt(a)) P or Q is below 3e-6."""
     with mx.stream(mx.cpu):
-        a, x = a.astype(mx.float64), x.astype(mx.float64)
-        a, x = mx.broadcast_arrays(a, x)
+        a32, x32 = mx.broadcast_arrays(a.astype(mx.float32), x.astype(mx.float32))
+        a, x = a32.astype(mx.float64), x32.astype(mx.float64)
         ok = (a > 0) & (x > 0) & mx.isfinite(a) & mx.isfinite(x)
         sa, sx = mx.where(ok, a, 1.0), mx.where(ok, x, 1.0)
         log_front = sa * mx.log(sx) - sx - _lgamma_positive(sa)  # log(x^a e^-x / Gamma(a))
@@ -746,6 +844,7 @@ def _igamma_pq(a, x):
         for n in range(1, 300):
             term = term * sx / (sa + n)
             total = total + term
+            _checkpoint(n, term, total)
         p_series = front * total
         tiny = 1e-300  # Q = front * 1 / (x + 1 - a - 1 (1 - a) / (x + 3 - a - ...)), Lentz
         b = sx + 1 - sa
@@ -760,18 +859,32 @@ def _igamma_pq(a, x):
             c = b + an / c
             c = mx.where(mx.abs(c) < tiny, tiny, c)
             h = h * d * c
+            _checkpoint(i, b, c, d, h)
         q_fraction = front * h
         use_fraction = (sx > 1.1) & (sx >= sa)
         p = mx.where(use_fraction, 1 - q_fraction, p_series)
         q = mx.where(use_fraction, q_fraction, 1 - p_series)
+        spread = mx.abs(x32 - a32) / a32  # torch's tests, in float32
+        asymptotic = ok & (((a32 > 20) & (a32 < 200) & (spread < 0.3))
+                           | ((a32 > 200) & (spread < 4.5 / mx.sqrt(a32))))
+        large = mx.where(asymptotic, a32, 100.0)
+        near = mx.where(asymptotic, x32, 100.0)
+        p = mx.where(asymptotic, _igamma_asymptotic(large, near, True), p)
+        q = mx.where(asymptotic, _igamma_asymptotic(large, near, False), q)
+        # torch's boundary values, in its order of tests (last here, so they win)
         nan = mx.array(math.nan, mx.float64)
-        invalid = (a < 0) | (x < 0) | mx.isnan(a) | mx.isnan(x) | ((a == 0) & (x == 0)) \
-            | (mx.isinf(a) & mx.isinf(x))
-        p = mx.where(a == 0, 1.0, mx.where(x == 0, 0.0, mx.where(mx.isinf(a), 0.0,
-                                                                 mx.where(mx.isinf(x), 1.0, p))))
-        q = mx.where(a == 0, 0.0, mx.where(x == 0, 1.0, mx.where(mx.isinf(a), 1.0,
-                                                                 mx.where(mx.isinf(x), 0.0, q))))
-        return mx.where(invalid, nan, p), mx.where(invalid, nan, q)
+        unordered = mx.isnan(a) | mx.isnan(x)  # reaches the computation
+        p, q = mx.where(unordered, nan, p), mx.where(unordered, nan, q)
+        p = mx.where(mx.isinf(x), 1.0, p)
+        q = mx.where(mx.isinf(x), 0.0, q)
+        p = mx.where(mx.isinf(a), mx.where(mx.isinf(x), nan, 0.0), p)
+        q = mx.where(mx.isinf(a), mx.where(mx.isinf(x), nan, 1.0), q)
+        p = mx.where(x == 0, 0.0, p)
+        q = mx.where(x == 0, 1.0, q)
+        p = mx.where(a == 0, mx.where(x > 0, 1.0, nan), p)
+        q = mx.where(a == 0, mx.where(x > 0, 0.0, nan), q)
+        negative = (a < 0) | (x < 0)
+        return mx.where(negative, nan, p), mx.where(negative, nan, q)
 
 
 @lowering("igamma", promote=PROMOTE.INT_TO_FLOAT)
