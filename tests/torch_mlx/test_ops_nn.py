@@ -6,11 +6,14 @@ dropout, attention ...) are compared with the CPU's, and small models trained wi
 give the CPU's losses.
 """
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+INF, NAN = math.inf, math.nan
 
 
 def _grads_match(fn, *inputs, rtol=None, atol=None):
@@ -189,6 +192,18 @@ def test_half_hardswish_rounds_once(dtype):
     assert torch.equal(F.hardswish(x.to("mlx")).cpu(), F.hardswish(x))
     assert torch.equal(torch.ops.aten.hardswish_backward(g.to("mlx"), x.to("mlx")).cpu(),
                        torch.ops.aten.hardswish_backward(g, x))
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_softshrink_passes_nan_and_rounds_half_once(dtype):
+    # OpInfo's reference inputs: NaN gave 0 (NaN fails both of torch's tests and comes out);
+    # half inputs are computed in float32 with lambd in float32, as torch's kernel does
+    x = torch.cat([torch.tensor([NAN, INF, -INF, 0.3, -0.3, 0.5, -0.5, -0.0]),
+                   torch.linspace(-3, 3, 2001)]).to(dtype)
+    for lambd in (0.5, 0.0, 0.3, 1.7):
+        expected = F.softshrink(x, lambd)
+        got = F.softshrink(x.to("mlx"), lambd).cpu()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
 
 def test_batch_norm_of_an_empty_batch_keeps_its_gradient():
     """torch's batch_norm composite allocates float64 saved statistics for an empty input on a

@@ -563,7 +563,12 @@ def hardshrink_backward(grad_out, self, lambd):
 
 @lowering("softshrink")
 def softshrink(self, lambd=0.5):
-    return mx.where(self > lambd, self - lambd, mx.where(self < -lambd, self + lambd, 0))
+    # torch's kernels test x > lambd, then x < -lambd; NaN fails both and comes out NaN. Half
+    # inputs are computed in float32 with lambd in float32 and rounded once, as torch's
+    x = self.astype(mx.float32) if self.dtype in (mx.float16, mx.bfloat16) else self
+    inside = mx.where(mx.isnan(x), x, 0)
+    out = mx.where(x > lambd, x - lambd, mx.where(x < -lambd, x + lambd, inside))
+    return out.astype(self.dtype)
 
 
 @lowering("softshrink_backward")
