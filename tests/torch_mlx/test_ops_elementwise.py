@@ -429,6 +429,15 @@ def test_igamma_igammac_large_a_and_the_order_of_boundaries():
         _same(fn, a_all, x_all)
 
 
+def test_airy_ai_oscillates_with_the_cpus_float32_phase():
+    # OpInfo's reference input x = -13437.7: the phase 2/3 |x|^1.5 + pi/4 = 1e6 has a float32
+    # ulp of 0.06, and torch's kernel computes it in float32 (the CPU gave -0.0330, the exact
+    # phase -0.0304); far out to -1e20 the CPU's values follow the same rounding
+    x = torch.cat([-torch.logspace(0.5, 20, 20000),
+                   torch.tensor([-13437.7001953125, -501.0, -1e20, -8.0, -8.0001, -2.1])])
+    _same(torch.special.airy_ai, x)
+
+
 def test_airy_ai_is_as_accurate_as_the_cpu_over_its_range():
     x = torch.cat([torch.linspace(-60, 30, 9001),
                    torch.tensor([0.0, INF, -INF, NAN, 5.0, 5.0001, -8.0, -8.0001])])
