@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -397,6 +398,34 @@ def test_complex_and_polar_keep_infinite_parts_and_broadcast():
                                                       torch.tensor([0.3, -2.0])))
     with pytest.raises(TypeError, match="complex32|ComplexHalf"):  # half parts: complex32
         torch.complex(re.half().to("mlx"), re.half().to("mlx"))
+
+
+def test_fma32_rounds_once():
+    # the emulated fused multiply-add (grid_sample's coordinates) against the C library's fmaf,
+    # including products that land just past a tie of the sum, where rounding a * b + c twice
+    # gives the other neighbour
+    import ctypes
+    import ctypes.util
+
+    import mlx.core as mx
+    from torch_mlx.ops.elementwise import fma32
+    fmaf = ctypes.CDLL(ctypes.util.find_library("m")).fmaf
+    fmaf.restype, fmaf.argtypes = ctypes.c_float, [ctypes.c_float] * 3
+    g = torch.Generator().manual_seed(0)
+    scale = lambda: torch.float_power(10, torch.rand(4000, generator=g) * 16 - 8).float()
+    a, b = torch.randn(4000, generator=g) * scale(), torch.randn(4000, generator=g) * scale()
+    c = torch.cat([-(a[:2000].double() * b[:2000]).float(), (torch.randn(2000, generator=g)
+                                                             * scale()[:2000])])
+    k = torch.arange(-40, 40).float()
+    u = 2.0 ** -torch.arange(9, 12).float()
+    k, u = k.repeat_interleave(3), u.repeat(80)
+    a = torch.cat([a, (1 + u) * 2 ** k, torch.tensor([INF, 1e30, 3e38, NAN, 0.0])])
+    b = torch.cat([b, (1 - u + u * u) * 2 ** (-k - 24),
+                   torch.tensor([1.0, 1e30, 2.0, 1.0, -0.0])])
+    c = torch.cat([c, torch.ones(240), torch.tensor([1.0, -INF, -INF, 1.0, 0.0])])
+    expected = torch.tensor([fmaf(*v) for v in zip(a.tolist(), b.tolist(), c.tolist())])
+    got = torch.from_numpy(np.array(fma32(*(mx.array(t.numpy()) for t in (a, b, c)))))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_igamma_igammac_accuracy_and_boundaries():

@@ -205,6 +205,25 @@ def test_softshrink_passes_nan_and_rounds_half_once(dtype):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_grid_sample_rounds_as_the_cpu_kernel(mode, padding_mode, align_corners):
+    # OpInfo's reference inputs (9 of 18 failed, by up to 7.8e-3): a uint8 ramp, whose rows
+    # jump by up to 255, sampled through a rotation. torch's vectorised 2-D float32 kernel
+    # computes the coordinate (g + 1) * (size / 2) - 1/2 with one rounding (a fused
+    # multiply-add), and the bicubic taps along x first, then along y
+    n, c, h, w = 2, 3, 345, 456
+    x = torch.arange(n * c * h * w).reshape(n, c, h, w).to(torch.uint8).float()
+    angle = torch.deg2rad(torch.tensor(45.0))
+    theta = torch.tensor([[[angle.cos() / 1.23, angle.sin(), 0.0],
+                           [-angle.sin(), angle.cos() / 1.34, 0.0]]]).expand(n, 2, 3)
+    grid = F.affine_grid(theta.contiguous(), (n, c, h, w), align_corners=align_corners)
+    expected = F.grid_sample(x, grid, mode, padding_mode, align_corners)
+    got = F.grid_sample(x.to("mlx"), grid.to("mlx"), mode, padding_mode, align_corners)
+    torch.testing.assert_close(got.cpu(), expected)
+
+
 def test_batch_norm_of_an_empty_batch_keeps_its_gradient():
     """torch's batch_norm composite allocates float64 saved statistics for an empty input on a
     non-CUDA device; mlx's autograd-level kernel makes them float32, and the output stays

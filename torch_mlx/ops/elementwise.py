@@ -71,6 +71,37 @@ _TYPE_NAMES = {mx.bool_: "Bool", mx.uint8: "Byte", mx.int8: "Char", mx.int16: "S
                mx.uint64: "UInt64", mx.complex64: "ComplexFloat"}
 
 
+def _two_sum(a, b):
+    """(s, e): s = a + b rounded, e its exact rounding error (Knuth)."""
+    s = a + b
+    back = s - a
+    return s, (a - (s - back)) + (b - back)
+
+
+def fma32(a, b, c):
+    """a * b + c rounded once in float32, as the fused multiply-adds of torch's vectorised CPU
+    kernels (GCC contracts their a * b + c): Boldo and Melquiond's emulation (IEEE TC 2008),
+    a * b = p + e exactly (Dekker's product of 12-bit halves), c + p = s + t exactly, then
+    s + round_to_odd(t + e), whose one rounding is the fused one. Operands whose halves would
+    overflow (|a|, |b| >= 1e30) or non-finite results fall back to a * b + c."""
+    def split(v):
+        t = v * 4097.0
+        hi = t - (t - v)
+        return hi, v - hi
+    (ah, al), (bh, bl) = split(a), split(b)
+    p = a * b
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    s, t = _two_sum(c, p)
+    u, err = _two_sum(t, e)  # round t + e to odd: to the odd neighbour when inexact
+    bits = mx.view(u, mx.int32)
+    toward = mx.where((err > 0) == (u > 0), 1, -1).astype(mx.int32)
+    odd = mx.where((err != 0) & ((bits & 1) == 0), mx.view(bits + toward, mx.float32), u)
+    fused = s + mx.stop_gradient(odd)  # differentiable as a * b + c (no vjp through view)
+    safe = (mx.abs(a) < 1e30) & (mx.abs(b) < 1e30) & mx.isfinite(fused)
+    exact_product_plus_inf = mx.isinf(c) & mx.isfinite(a) & mx.isfinite(b)  # (p may be inf)
+    return mx.where(safe, fused, mx.where(exact_product_plus_inf, c, p + c))
+
+
 def _require(x, name: str, *, bool_=True, ints=True, floats=True):
     """Raise as torch's CPU kernel does for a dtype it has no kernel for (meta kernels do not
     check dtypes). ``x`` is the computation-dtype operand."""
@@ -775,7 +806,8 @@ def _temme_coefficients(terms=10, powers=25):
         u.append(power[n - 1] / n)
     inverse_u = reciprocal(u)
     c0 = inverse_u[1:]  # (1/u - 1) / eta
-    # Stirling: Gamma(z) ~ e^-z z^z sqrt(2 pi / z) sum_k g_k z^-k = exp(sum B_2m / (2m (2m-1) z^(2m-1)))
+    # Stirling: Gamma(z) ~ e^-z z^z sqrt(2 pi / z) sum_k g_k z^-k, the sum being
+    # exp(sum_m B_2m / (2m (2m-1) z^(2m-1)))
     bernoulli = [Fraction(1)]
     for m in range(1, terms + 2):
         bernoulli.append(-sum(math.comb(m + 1, j) * bernoulli[j] for j in range(m)) / (m + 1))
