@@ -268,6 +268,11 @@ def test_hurwitz_zeta_domain_and_negative_q():
     x, q = torch.tensor([1.0, 0.5, 2.0, 2.0, 3.0, 2.0, INF, 2.0, -3.0]), \
         torch.tensor([1.0, 1.0, 0.0, -1.0, -2.5, -3.5, 2.0, INF, -4.0])
     _same(torch.special.zeta, x, q)
+    # OpInfo's reference inputs: a nonpositive integer q gives inf before a non-integer (or NaN)
+    # x gives NaN, as torch tests them; -inf is such a q
+    x = torch.tensor([1.5707964, 3.1415827, 1001.2, NAN, NAN, NAN, 2.5, 2.0, NAN, 1.0, 0.5])
+    q = torch.tensor([0.0, -1.0, -501.0, -INF, -3.0, -2.5, -0.0, NAN, 2.0, NAN, -3.0])
+    _same(torch.special.zeta, x, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])

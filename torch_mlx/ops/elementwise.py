@@ -986,11 +986,13 @@ def _zeta(x, q):
     negative = (mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)) + _hurwitz(x, f_safe + 1) \
         + sign * (_hurwitz(x, g_safe + 1) - _hurwitz(x, m + g_safe))
     out = mx.where(q < 0, negative, positive)
+    out = mx.where(mx.isnan(x) | mx.isnan(q) | mx.isposinf(q), math.nan, out)
+    # torch's tests, applied from its last to its first: x == 1, x < 1, then for q <= 0 an
+    # integer q (inf, also for a NaN or non-integer x) before a non-integer x (NaN)
     nonpositive = q <= 0
+    out = mx.where(nonpositive & (x != mx.floor(x)), math.nan, out)
     out = mx.where(nonpositive & (q == floor_q), math.inf, out)
-    out = mx.where((nonpositive & (x != mx.floor(x))) | mx.isposinf(q), math.nan, out)
-    out = mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))  # checked first by torch
-    return _where_nan(x, _where_nan(q, out))
+    return mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))
 
 
 lowering("special_zeta", "special_zeta.self_scalar", "special_zeta.other_scalar",
