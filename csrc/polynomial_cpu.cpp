@@ -125,7 +125,9 @@ class PolynomialRecurrence : public mx::UnaryPrimitive {
     int64_t size = out.size();
     Kind kind = kind_;
     encoder.dispatch([=]() {
-      for (int64_t i = 0; i < size; ++i) o[i] = recurrence(kind, x[i], first[i], degree_of(degree[i]));
+      for (int64_t i = 0; i < size; ++i) {
+        o[i] = recurrence(kind, x[i], first[i], degree_of(degree[i]));
+      }
     });
   }
 
