@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ScalarOps.h>
 #include <mlx/ops.h>
 #include <nanobind/nanobind.h>
@@ -207,8 +208,10 @@ void register_adapter(nb::module_& m) {
           nb::gil_scoped_release release;
           t = translate([&] { return array_to_tensor(std::move(result)); });
         }
-        // A functional op must return fresh storage, not an input's buffer.
-        if (aliases(t, buffers)) {
+        // A functional op must return fresh storage, not an input's buffer, and no element
+        // twice: MLX gives an elementwise op on a broadcast input the input's stride-0 layout
+        // (torch's result is dense, and an in-place op on it would raise torch's overlap error).
+        if (aliases(t, buffers) || at::has_internal_overlap(t) == at::MemOverlap::Yes) {
           t = translate([&] { return t.clone(at::MemoryFormat::Contiguous); });
         }
         return nb::steal(wrap_tensor(std::move(t)));
@@ -216,7 +219,8 @@ void register_adapter(nb::module_& m) {
       nb::arg("result"), nb::arg("shape").none(), nb::arg("dtype").none(), nb::arg("buffers"),
       nb::arg("op_name"),
       "An mx.array result as an 'mlx' tensor, checked against torch's shape and cast to its "
-      "dtype (each when given); a copy when it is the buffer of one of the inputs.");
+      "dtype (each when given); a dense copy when it is the buffer of one of the inputs or has "
+      "stride-0 (overlapping) dimensions.");
 }
 
 }  // namespace torch_mlx

@@ -11,6 +11,7 @@
 #include "bridge.h"
 #include "errors.h"
 #include "fast_cpu.h"
+#include "polynomial_cpu.h"
 #include "slot_write.h"
 #include "storage.h"
 #include "torch_python.h"
@@ -42,6 +43,7 @@ NB_MODULE(_C, m) {
   register_adapter(m);
   register_slot_write(m);
   register_fast_cpu(m);
+  register_polynomial_cpu(m);
 
   m.def(
       "to_mlx",
