@@ -18,6 +18,8 @@
 #                such and its worker replaced), junit XML
 #   tests:EXPR   the same, restricted with pytest -k EXPR
 #   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
+#   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
+#                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
 #   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
 #                MLX CUDA vs transformers on torch CUDA)
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
@@ -117,6 +119,9 @@ run_item() {
       python3 tools/conformance.py --dtype float32 --json "$LOG/conformance-float32.json" \
         >"$LOG/conformance.log" 2>&1 || status=1
       tail -25 "$LOG/conformance.log" ;;
+    diff:*)
+      python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
+      tail -c 20000 "$LOG/diff.log" ;;
     bench)
       python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" >"$LOG/bench.log" 2>&1 || status=1
       cat "$LOG/bench.log" ;;
