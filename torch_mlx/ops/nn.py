@@ -19,7 +19,7 @@ import torch
 
 from .elementwise import fma32
 from .random import _alias, _cpu_generator
-from .registry import lowering, torch_kernel, tracing
+from .registry import accumulate_at, lowering, torch_kernel, tracing
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -933,8 +933,8 @@ def _scatter_to_plane(grad_output, self, n, indices):
         return mx.reshape(grad, self.shape)
     per_row = math.prod(indices.shape[-n:])
     rows = mx.arange(lead)[:, None]
-    grad = grad.at[rows, mx.reshape(indices, (lead, per_row))].add(
-        mx.reshape(grad_output, (lead, per_row)))
+    grad = accumulate_at(grad, (rows, mx.reshape(indices, (lead, per_row))),
+                         mx.reshape(grad_output, (lead, per_row)))
     return mx.reshape(grad, self.shape)
 
 
@@ -1803,7 +1803,7 @@ def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sp
         return out, offset2bag, bag_size, max_indices
     if per_sample_weights is not None:
         rows = rows * per_sample_weights[:, None]
-    out = mx.zeros((bags, dim), rows.dtype).at[bag].add(mx.where(used[:, None], rows, 0))
+    out = accumulate_at(mx.zeros((bags, dim), rows.dtype), bag, mx.where(used[:, None], rows, 0))
     if mode == 1:
         out = out / mx.maximum(bag_size[:bags], 1)[:, None]
     return out, offset2bag, bag_size, empty

@@ -476,6 +476,22 @@ def call_lowering(fn, args, kwargs):
         return fn(*args, **kwargs)
 
 
+_HALF = (mx.float16, mx.bfloat16)
+
+
+def accumulate_at(x: mx.array, key, vals: mx.array, how: str = "add") -> mx.array:
+    """``x.at[key].add(vals)`` (``how="multiply"``: ``.multiply``), the one place lowerings
+    accumulate into repeated positions. MLX's CPU stream accumulates in update order in the
+    array's dtype, as torch's CPU kernels do. MLX's GPU scatter accumulates with atomics in no
+    fixed order, so in float16/bfloat16, which round at every step, the result changed from run
+    to run: there half types accumulate in float32 and round once."""
+    if x.dtype in _HALF and mx.default_device() == mx.gpu:
+        at, v = x.astype(mx.float32).at[key], vals.astype(mx.float32)
+        return (at.add(v) if how == "add" else at.multiply(v)).astype(x.dtype)
+    at = x.at[key]
+    return at.add(vals) if how == "add" else at.multiply(vals)
+
+
 def functional_kernel(op, low: Lowering):
     positions, names = operands(op)
 

@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import torch
 
-from .registry import lowering, to_mx_dtype, to_torch_dtype, torch_kernel
+from .registry import accumulate_at, lowering, to_mx_dtype, to_torch_dtype, torch_kernel
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -140,7 +140,7 @@ def _pad_backward(grad_output, self, padding, reflect: bool):
         src = _pad_source(self.shape[d], lo, hi, reflect)
         moved = mx.swapaxes(g, 0, d)
         acc = mx.zeros((self.shape[d],) + tuple(moved.shape[1:]), dtype=g.dtype)
-        g = mx.swapaxes(acc.at[src].add(moved), 0, d)
+        g = mx.swapaxes(accumulate_at(acc, src, moved), 0, d)
     return g
 
 
@@ -224,7 +224,7 @@ def unfold_backward(grad_in, input_sizes, dim, size, step):
         g = mx.where(mx.reshape(inside, (-1,) + (1,) * (g.ndim - 1)), g, 0)
         pos = mx.where(inside, pos, 0)
     acc = mx.zeros((input_sizes[d],) + tuple(g.shape[1:]), dtype=grad_in.dtype)
-    return mx.moveaxis(acc.at[pos].add(g), 0, d)
+    return mx.moveaxis(accumulate_at(acc, pos, g), 0, d)
 
 
 # ----------------------------------------------------------------------------------------------
