@@ -162,6 +162,12 @@ mx::array tensor_to_array(const at::Tensor& t) {
 at::Tensor array_to_tensor(mx::array arr) {
   auto scalar_type = to_torch_dtype(arr.dtype());
   run_first_use_hook();
+  auto options = at::TensorOptions().dtype(scalar_type).device(c10::DeviceType::PrivateUse1, 0);
+  std::vector<int64_t> sizes(arr.shape().begin(), arr.shape().end());
+  // An empty result needs no computation, and is never evaluated: MLX's CUDA backend kills the
+  // process launching some kernels over zero elements (exp, sigmoid, erfc of a (1, 0, 3) array:
+  // SIGFPE / SIGSEGV on the H100).
+  if (arr.size() == 0) return at::empty(sizes, options);
   mx::eval(arr);
   arr.wait();
   const int64_t itemsize = arr.itemsize();
@@ -172,10 +178,8 @@ at::Tensor array_to_tensor(mx::array arr) {
     mx::eval(arr);
     arr.wait();
   }
-  auto options = at::TensorOptions().dtype(scalar_type).device(c10::DeviceType::PrivateUse1, 0);
-  std::vector<int64_t> sizes(arr.shape().begin(), arr.shape().end());
   std::vector<int64_t> strides(arr.strides().begin(), arr.strides().end());
-  if (arr.size() == 0 || arr.buffer().ptr() == nullptr) {
+  if (arr.buffer().ptr() == nullptr) {
     return at::empty(sizes, options);
   }
   // Storage spans the whole buffer from its start, so views keep their offset and strides.

@@ -109,8 +109,13 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blo
   if (dst.is_privateuseone()) {
     at::Tensor dst_cpu = cpu_alias_with_math_bits(dst);
     dst_cpu.copy_(src);
+  } else if (dst.is_cpu()) {
+    const_cast<at::Tensor&>(dst).copy_(src, non_blocking);
   } else {
-    const_cast<at::Tensor&>(dst).copy_(src, non_blocking && dst.is_cpu());
+    // Another device's copy kernel sees the alias's pointer as its own memory when it is CUDA
+    // managed memory (MLX's CUDA backend) and refuses a CPU tensor over it: stage the bytes in
+    // ordinary host memory first.
+    const_cast<at::Tensor&>(dst).copy_(src.is_cpu() ? src.clone() : src);
   }
   return dst;
 }

@@ -7,7 +7,9 @@
 # in one command. Three steps (../shared/GPU.md has the facts behind them):
 #
 #   bash tools/device_kit.sh stage           # here, once: wheels -> .gpu/a (~60 MB), .gpu/b
+#   bash tools/device_kit.sh stage-vllm      # here, once, for vLLM: .gpu/c (~60 MB)
 #   device run, carry [".gpu/a"]:  bash tools/device_kit.sh hold
+#   (for vLLM, next:) carry [".gpu/c"]:  bash tools/device_kit.sh hold
 #   device run, carry [".gpu/b"]:  bash tools/device_kit.sh run SELECTION...   (right after:
 #                                  the machine is given back after 30 s idle)
 #
@@ -20,6 +22,8 @@
 #   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
 #   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
+#   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
+#   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
 #                MLX CUDA vs transformers on torch CUDA)
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
@@ -50,10 +54,59 @@ stage() {
   du -sh "$STAGE/a" "$STAGE/b"
 }
 
-hold() {  # device, first call: keep the first piece until the second call brings the rest
-  mkdir -p "$KIT/parts"
-  cp "$ROOT"/.gpu/a/* "$KIT/parts/"
-  ls -la "$KIT/parts"
+# vLLM on the device: its own Python files (vLLM's CUDA extensions are never loaded: the
+# platform is this plugin's) and the dependencies the image lacks, as cp312 wheels. The list is
+# the closure of vLLM's requirements in this venv minus the image's packages (../shared/GPU.md,
+# /work/.library/device/KINDS.md) and minus CUDA-only kernels packages.
+VLLM_SKIP='torch|torchaudio|torchvision|torchcodec|pynvvideocodec|flashinfer-python|tilelang|nvidia-.*|nvtx|fastsafetensors|instanttensor|quack-kernels|tokenspeed-mla|humming-kernels|numba|triton|xformers|ray'
+IMAGE_PACKAGES='absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi charset-normalizer click cloudpickle colorama einops filelock frozenlist fsspec grpcio h11 hf-xet httpcore httpx huggingface-hub idna jinja2 markdown-it-py markupsafe mdurl msgpack multidict networkx ninja numpy opencv-python-headless packaging pillow pip pluggy prometheus-client propcache protobuf psutil py-cpuinfo pygments pyyaml regex requests rich safetensors sentencepiece setuptools shellingham six sympy tiktoken tokenizers tqdm transformers typer typing-extensions urllib3 uvloop wheel wrapt yarl zipp'
+
+stage_vllm() {
+  local py="$ROOT/.venv/bin/python" c="$STAGE/c"
+  mkdir -p "$c"; rm -f "$c"/*
+  grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
+  local reqs
+  reqs=$("$py" - "$IMAGE_PACKAGES" "$VLLM_SKIP" <<'PYEOF'
+import importlib.metadata as md, re, sys
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+image, skip = {norm(n) for n in sys.argv[1].split()}, re.compile(f"^({sys.argv[2]})$")
+seen = {}
+def walk(name):
+    n = norm(name)
+    if n in seen or n in image or skip.match(n):
+        return
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        return  # a platform-specific requirement (win32, darwin) this venv never installed
+    seen[n] = dist.version
+    for r in dist.requires or []:
+        if "extra ==" in r and not re.search(r'extra == "(standard|image)"', r):
+            continue
+        walk(re.match(r"[A-Za-z0-9_.\-]+", r).group(0))
+walk("vllm")
+print("\n".join(f"{k}=={v}" for k, v in sorted(seen.items()) if k != "vllm"))
+PYEOF
+)
+  local r plats=()
+  for n in 39 35 34 31 28 27 24 17; do plats+=(--platform "manylinux_2_${n}_x86_64"); done
+  for r in $reqs; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp "${plats[@]}" --platform manylinux2014_x86_64 --platform any \
+      -d "$c" "$r"
+  done
+  local site
+  site=$("$py" -c 'import vllm, os; print(os.path.dirname(os.path.dirname(vllm.__file__)))')
+  tar -C "$site" --exclude='*.so' --exclude=__pycache__ -cJf "$c/vllm-py.tar.xz" vllm \
+    "$(cd "$site" && ls -d vllm-*.dist-info)"
+  du -sh "$c"
+}
+
+hold() {  # device, first calls: keep each carried piece until the last call brings the rest
+  mkdir -p "$KIT/parts" "$KIT/vllm"
+  [ -d "$ROOT/.gpu/a" ] && cp "$ROOT"/.gpu/a/* "$KIT/parts/"
+  [ -d "$ROOT/.gpu/c" ] && cp "$ROOT"/.gpu/c/* "$KIT/vllm/"
+  ls -la "$KIT/parts" "$KIT/vllm"
 }
 
 setup_device() {
@@ -70,6 +123,12 @@ setup_device() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$KIT/site" "$KIT"/wheels/*.whl
     touch "$KIT/installed"
+  fi
+  if [ -f "$KIT/vllm/vllm-py.tar.xz" ] && [ ! -f "$KIT/vllm-installed" ]; then
+    tar -C "$KIT/site" -xJf "$KIT/vllm/vllm-py.tar.xz"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$KIT/site" "$KIT"/vllm/*.whl
+    touch "$KIT/vllm-installed"
   fi
   export PYTHONPATH="$KIT/site:$ROOT"
   # The NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) and the CUDA headers its
@@ -122,6 +181,16 @@ run_item() {
     diff:*)
       python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
       tail -c 20000 "$LOG/diff.log" ;;
+    opcost)
+      python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
+      tail -1 "$LOG/opcost.log" >"$LOG/opcost.json" || true
+      cat "$LOG/opcost.log" ;;
+    vtests|vtests:*)
+      local vsel=()
+      [ "$item" != vtests ] && vsel=(-k "${item#vtests:}")
+      python3 -m pytest -q -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
+        --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
+      tail -80 "$LOG/vtests.log" ;;
     bench)
       python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" >"$LOG/bench.log" 2>&1 || status=1
       cat "$LOG/bench.log" ;;
@@ -149,6 +218,7 @@ run_selection() {
 
 case "${1:-}" in
   stage) stage ;;
+  stage-vllm) stage_vllm ;;
   hold) hold ;;
   run)
     shift
@@ -159,5 +229,5 @@ case "${1:-}" in
     trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null || true; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
     setup_device
     run_selection "$@" ;;
-  *) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 2 ;;
+  *) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac

@@ -61,11 +61,16 @@ def ensure() -> None:
     global _mode
     if _mode is not None or not _on_gpu():
         return
-    # 1 + 2**-20 needs 20 mantissa bits; TF32 keeps 10. A 32x32x32 product is a GEMM (MLX
-    # sends only vector products to its GEMV kernel): exact 32 + 2**-15 in float32, 32 in TF32.
-    a = mx.full((32, 32), 1 + 2.0 ** -20, mx.float32)
-    probe = (a @ mx.ones((32, 32), mx.float32))[0, 0].item()
-    _mode = "tf32" if probe == 32.0 else "ieee"
+    # MLX reads the variable at its first float32 GEMM (CUDA: as it builds its first cuBLASLt
+    # float32 plan), normally the probe below: torch's setting now is the one that counts.
+    if not _USER_SET:
+        os.environ["MLX_ENABLE_TF32"] = "1" if _wants_tf32() else "0"
+    # 1 + 2**-20 needs 20 mantissa bits; TF32 keeps 10. A 256-cube product is a GEMM large
+    # enough for cuBLASLt to pick tensor-core kernels when TF32 is allowed (for a 32-cube it may
+    # pick a float32 SIMT kernel either way): exact 256 + 2**-12 in float32, 256 in TF32.
+    a = mx.full((256, 256), 1 + 2.0 ** -20, mx.float32)
+    probe = (a @ mx.ones((256, 256), mx.float32))[0, 0].item()
+    _mode = "tf32" if probe == 256.0 else "ieee"
 
 
 def _split(x):
@@ -101,8 +106,20 @@ def needs_split(dtype) -> bool:
     return not _wants_tf32()
 
 
+def _empty_contraction(a, b):
+    """The zeros of an ``a @ b`` with nothing to sum (matrices with an inner size of 0), or None.
+    MLX's CUDA GEMM kills the process on K = 0 (addmm of (5, 0) @ (0, 10) on the H100)."""
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != 0:
+        return None
+    batch = mx.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return mx.zeros(batch + (a.shape[-2], b.shape[-1]), mx.result_type(a, b))
+
+
 def matmul(a, b):
     """``a @ b`` for floating and complex arrays, in the precision torch asks for."""
+    zeros = _empty_contraction(a, b)
+    if zeros is not None:
+        return zeros
     if needs_split(a.dtype):
         return _product_3xtf32(a, b)
     return mx.matmul(a, b)
@@ -110,6 +127,9 @@ def matmul(a, b):
 
 def addmm(c, a, b, alpha, beta):
     """``beta * c + alpha * (a @ b)``, fused by MLX unless the product must be split."""
+    zeros = _empty_contraction(a, b)
+    if zeros is not None:
+        return zeros + (c if beta == 1 else c * beta)
     if needs_split(a.dtype):
         product = _product_3xtf32(a, b)
         if alpha != 1:

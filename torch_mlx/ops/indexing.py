@@ -78,16 +78,18 @@ def _nonzero_flat(mask: mx.array) -> mx.array:
     """Row-major positions (int64) of the true entries of a flattened mask.
 
     The count is data dependent, so it is evaluated; positions are then scattered to their rank
-    (O(n), no sort). False entries are sent to a scratch slot past the end."""
+    (O(n), no sort). False entries are sent to a scratch slot past the end. Positions are int32
+    below 2**31 elements: MLX's GPU scatter takes no 8-byte types."""
     flat = mx.reshape(mask, (-1,)).astype(mx.bool_)
     n = int(mx.sum(flat.astype(mx.int64)).item())
     if n == flat.size:
         return mx.arange(n, dtype=mx.int64)
-    rank = mx.cumsum(flat.astype(mx.int64)) - 1
+    pos_dtype = mx.int32 if flat.size < 2**31 else mx.int64
+    rank = mx.cumsum(flat.astype(pos_dtype)) - 1
     dest = mx.where(flat, rank, n)
-    out = mx.zeros((n + 1,), dtype=mx.int64)
-    out[dest] = mx.arange(flat.size, dtype=mx.int64)
-    return out[:n]
+    out = mx.zeros((n + 1,), dtype=pos_dtype)
+    out[dest] = mx.arange(flat.size, dtype=pos_dtype)
+    return out[:n].astype(mx.int64)
 
 
 def _unravel(pos: mx.array, shape) -> list[mx.array]:

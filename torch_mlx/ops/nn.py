@@ -17,6 +17,7 @@ import math
 import mlx.core as mx
 import torch
 
+from .. import precision
 from .elementwise import fma32
 from .random import _alias, _cpu_generator
 from .registry import accumulate_at, lowering, torch_kernel, tracing
@@ -725,6 +726,8 @@ def _conv_general(x, w, groups, **kwargs):
     """mx.conv_general, with groups done one by one where MLX has no grouped kernel (3-d)."""
     if not mx.issubdtype(x.dtype, mx.inexact):
         return _integer_conv_general(x, w, groups, **kwargs)
+    if not tracing():  # MLX's GPU reads its TF32 switch at its first float32 GEMM or conv
+        precision.ensure()
     if groups == 1 or x.ndim < 5:
         return mx.conv_general(x, w, groups=groups, **kwargs)
     xs, ws = mx.split(x, groups, axis=-1), mx.split(w, groups, axis=0)

@@ -524,6 +524,11 @@ def inplace_kernel(op_inplace, functional_op):
         result = functional_op(*args, **kwargs)
         if isinstance(result, (tuple, list)):
             result = result[0]
+        # torch's in-place rule, checked here too: some torch versions' meta kernels skip it
+        # (2.11's div_ of an integer tensor by a float)
+        if not can_safe_cast_to(cast_from=result.dtype, cast_to=self.dtype):
+            raise RuntimeError(f"result type {_type_name(result.dtype)} can't be cast to the "
+                               f"desired output type {_type_name(self.dtype)}")
         return self.copy_(result)
 
     return kernel

@@ -279,5 +279,8 @@ def repeat_interleave(repeats, output_size=None):
     if total == 0:
         return mx.zeros((0,), dtype=repeats.dtype)
     starts = mx.cumsum(r) - r  # where each run begins; empty runs share a start
-    marks = mx.zeros((total + 1,), dtype=mx.int64).at[starts].add(mx.ones_like(starts))
+    # int32 marks below 2**31 outputs: MLX's GPU scatter takes no 8-byte types
+    mark_dtype = mx.int32 if total < 2**31 else mx.int64
+    marks = mx.zeros((total + 1,), dtype=mark_dtype).at[starts].add(
+        mx.ones(starts.shape, dtype=mark_dtype))
     return (mx.cumsum(marks[:total]) - 1).astype(repeats.dtype)
