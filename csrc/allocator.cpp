@@ -1,5 +1,6 @@
 // Allocator for device "mlx": every byte of a torch storage comes from MLX's allocator, so an
 // mx.array can be built over it without a copy (MLX's CPU allocator cannot adopt foreign memory).
+#include "launch.h"
 #include "storage.h"
 
 #include <atomic>
@@ -219,7 +220,7 @@ c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset) {
   ctx->buffer = arr.buffer();
   ctx->byte_offset = byte_offset;
   ctx->owner = arr.data_shared_ptr();
-  void* data = static_cast<char*>(ctx->buffer.raw_ptr()) + byte_offset;
+  void* data = static_cast<char*>(buffer_address(ctx->buffer)) + byte_offset;
   return {data, ctx, &delete_storage_ctx, c10::Device(c10::DeviceType::PrivateUse1, 0)};
 }
 

@@ -8,6 +8,7 @@
 #include <mlx/ops.h>
 #include <mlx/transforms.h>
 
+#include "launch.h"
 #include "storage.h"
 
 namespace mx = mlx::core;
@@ -155,7 +156,14 @@ mx::array tensor_to_array(const at::Tensor& t) {
   int64_t byte_offset = ctx.byte_offset + t.storage_offset() * itemsize;
   out.set_data(mx::allocator::Data(ctx.buffer, std::move(deleter)), data_size,
                std::move(strides), flags, byte_offset);
-  out.set_status(mx::array::Status::available);
+  if (ctx.producer && !ctx.producer->is_available()) {
+    // the GPU is still writing these bytes: MLX waits on the event where it must
+    out.set_status(mx::array::Status::evaluated);
+    out.attach_event(ctx.producer->event());
+  } else {
+    ctx.producer.reset();
+    out.set_status(mx::array::Status::available);
+  }
   return out;
 }
 
@@ -168,15 +176,13 @@ at::Tensor array_to_tensor(mx::array arr) {
   // process launching some kernels over zero elements (exp, sigmoid, erfc of a (1, 0, 3) array:
   // SIGFPE / SIGSEGV on the H100).
   if (arr.size() == 0) return at::empty(sizes, options);
-  mx::eval(arr);
-  arr.wait();
+  bool running = launch(arr);
   const int64_t itemsize = arr.itemsize();
   bool torch_layout = arr.offset() % itemsize == 0;
   for (auto s : arr.strides()) torch_layout &= s >= 0;
   if (!torch_layout) {
     arr = mx::contiguous(arr);
-    mx::eval(arr);
-    arr.wait();
+    running = launch(arr);
   }
   std::vector<int64_t> strides(arr.strides().begin(), arr.strides().end());
   if (arr.buffer().ptr() == nullptr) {
@@ -186,6 +192,7 @@ at::Tensor array_to_tensor(mx::array arr) {
   size_t nbytes = arr.buffer_size();
   c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, data_ptr_for_array(arr, 0),
                        mlx_allocator(), /*resizable=*/true);
+  if (running) storage_ctx(storage).producer = arr;
   at::Tensor t = at::empty({0}, options);
   t.unsafeGetTensorImpl()->set_storage_keep_dtype(std::move(storage));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, arr.offset() / itemsize);
@@ -196,6 +203,7 @@ at::Tensor cpu_alias(const at::Tensor& t) {
   TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
               "cpu_alias expects an 'mlx' tensor, got one on ", t.device());
   c10::Storage keep = t.storage();
+  host_data(keep);  // waits for the GPU; the storage's address may move (launch.h)
   auto options = t.options().device(c10::kCPU);
   if (!t.storage().data()) {
     return at::empty_strided(t.sizes(), t.strides(), options);

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <mlx/transforms.h>
 
+#include "launch.h"
+
 namespace torch_mlx {
 namespace {
 
@@ -47,9 +49,11 @@ struct MlxGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   // Every eager op has finished when it returns; only work queued directly on MLX by the user
   // can still be running.
   void synchronizeStream(const Stream&) const override {
+    wait_for_launches();
     mlx::core::synchronize();
   }
   void synchronizeDevice(const c10::DeviceIndex) const override {
+    wait_for_launches();
     mlx::core::synchronize();
   }
   bool queryStream(const Stream&) const override {

@@ -9,6 +9,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <cstring>
 
+#include "launch.h"
 #include "storage.h"
 
 namespace torch_mlx {
@@ -77,7 +78,7 @@ struct MlxHooks final : public at::PrivateUse1HooksInterface {
     at::DataPtr fresh = mlx_allocator()->allocate(newsize);
     size_t keep = std::min(newsize, impl->nbytes());
     if (keep > 0) {
-      std::memcpy(fresh.get(), impl->data(), keep);
+      std::memcpy(fresh.get(), host_data(storage), keep);
     }
     impl->set_data_ptr_noswap(std::move(fresh));
     impl->set_nbytes(newsize);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/Storage.h>
@@ -19,6 +20,8 @@ struct StorageCtx {
   mlx::core::allocator::Buffer buffer{nullptr};
   int64_t byte_offset = 0;  // storage data pointer minus buffer.raw_ptr()
   std::shared_ptr<mlx::core::array::Data> owner;
+  // Under async launch (csrc/launch.h): the array whose GPU work writes the bytes, while it runs.
+  std::optional<mlx::core::array> producer;
 };
 
 c10::Allocator* mlx_allocator();

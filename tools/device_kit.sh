@@ -181,9 +181,10 @@ run_item() {
     diff:*)
       python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
       tail -c 20000 "$LOG/diff.log" ;;
-    opcost)
+    opcost)  # both launch modes (csrc/launch.h)
       python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
-      tail -1 "$LOG/opcost.log" >"$LOG/opcost.json" || true
+      TORCH_MLX_ASYNC=1 python3 tools/gpu_op_cost.py >>"$LOG/opcost.log" 2>&1 || status=1
+      grep '^{' "$LOG/opcost.log" >"$LOG/opcost.json" || true
       cat "$LOG/opcost.log" ;;
     vtests|vtests:*)
       local vsel=()

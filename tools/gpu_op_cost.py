@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import mlx.core as mx
@@ -40,7 +41,8 @@ def main() -> int:
     b = mx.random.normal((n,))
     mx.eval(a, b)
     t_a, t_b = torch.randn(n).to("mlx"), torch.randn(n).to("mlx")
-    res: dict = {"device": str(mx.default_device()), "n": n, "reps": reps}
+    res: dict = {"device": str(mx.default_device()), "n": n, "reps": reps,
+                 "torch_mlx_async": os.environ.get("TORCH_MLX_ASYNC", "0")}
 
     res["mlx_eval_wait_us"] = _per_call(lambda: mx.eval(a + b), reps)
     res["mlx_async_eval_us"] = _per_call(lambda: mx.async_eval(a + b), reps)

@@ -1,0 +1,39 @@
+// How results become torch storages without waiting for the GPU, and how the host then reaches
+// "mlx" memory safely. Off unless TORCH_MLX_ASYNC=1 (to be measured on the GPU first).
+//
+// Eagerly, every op's result becomes a torch storage. Waiting for each one costs a GPU round
+// trip per op. With async launch, GPU work is launched (mx::async_eval encodes it and allocates
+// the outputs on the calling thread) and the array's completion event is kept in the storage's
+// context: an array made from that storage carries the event, so MLX itself waits where a host
+// read or another stream needs the data. torch_mlx's own host accesses of "mlx" memory (copies,
+// item, fill, in-place writes) wait for every launch first, which also orders a host write after
+// GPU kernels still reading the old bytes.
+//
+// On MLX CUDA a result lives in device memory, and Buffer::raw_ptr() moves it into managed
+// memory (a copy not ordered with MLX's stream): torch is given the device address instead,
+// and a host access moves the buffer and rebases the storage on the managed address.
+#pragma once
+
+#include <ATen/Tensor.h>
+#include <mlx/allocator.h>
+#include <mlx/array.h>
+
+namespace torch_mlx {
+
+bool async_launch();
+
+// Evaluates `arr`; under async launch, GPU work is only launched: returns whether it may still
+// be running (the array's event is signaled when it completes).
+bool launch(mlx::core::array& arr);
+
+// Waits for all GPU work launched by launch(); call before the host touches "mlx" memory.
+void wait_for_launches();
+
+// The address torch's DataPtr holds for a buffer.
+void* buffer_address(mlx::core::allocator::Buffer buffer);
+
+// Makes the storage's bytes host-accessible (waiting for launches, moving device memory to
+// managed memory on MLX CUDA) and returns the storage's data pointer, rebased if it moved.
+void* host_data(const c10::Storage& storage);
+
+}  // namespace torch_mlx
