@@ -1,10 +1,17 @@
 """The one list of OpInfo comparisons on "mlx" that are expected to fail, each with its reason.
 
-Read by tests/torch_mlx/test_opinfo.py and tools/conformance.py. Rules:
-- an entry is (OpInfo full name with its variant, dtype name) -> reason; the reason says why the
-  op cannot or does not yet match the CPU (not just "fails");
-- an entry whose op passes is reported as a failure ("unexpectedly passes"): delete it, so the
-  list only shrinks;
+Read by tests/torch_mlx/test_opinfo.py and tools/conformance.py. One table per kind of input
+(opinfo_harness.INPUT_KINDS), since an op may fail one kind and pass another:
+- EXPECTED_FAILURES: the op's samples (op.sample_inputs);
+- EXPECTED_REFERENCE_FAILURES: its reference inputs (op.reference_inputs) beyond the samples;
+- EXPECTED_ERROR_FAILURES: its error inputs (op.error_inputs), keyed by the OpInfo name alone
+  (error inputs have no dtype: the same ones run in every dtype's sweep).
+Rules:
+- an entry is (OpInfo full name with its variant, dtype name) -> reason (the OpInfo name alone
+  for error inputs); the reason says why the op cannot or does not yet match the CPU (not just
+  "fails") with what was measured;
+- an entry whose op passes that kind is reported as a failure ("unexpectedly passes"): delete it,
+  so the lists only shrink;
 - an op that merely has no lowering yet does not belong here: it fails visibly until its family
   module lowers it. Entries are for deliberate, explained deviations.
 
@@ -294,3 +301,12 @@ EXPECTED_FAILURES.update({
                          "sparse.sampled_addmm": ("float32",),
                          "to_sparse": ("float32", "float16", "bfloat16", "int64", "bool")}.items()
     for dtype in dtypes})
+
+
+# (OpInfo full name, dtype name) -> reason: reference inputs that are not among the samples
+EXPECTED_REFERENCE_FAILURES: dict[tuple[str, str], str] = {
+}
+
+# OpInfo full name -> reason: error inputs ("mlx" must raise the declared error, as the CPU does)
+EXPECTED_ERROR_FAILURES: dict[str, str] = {
+}
