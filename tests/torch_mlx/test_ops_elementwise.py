@@ -251,6 +251,15 @@ def test_gcd_lcm_including_wrapping(dtype):
     _same(torch.lcm, a.to(dtype), b.to(dtype), exact=True)
 
 
+def test_gcd_lcm_broadcast_when_no_euclid_step_runs():
+    # every a already 0: the result is b, broadcast to the common shape (was b's own shape)
+    for a, b in [(torch.tensor([0]), torch.tensor(9)), (torch.zeros(2, 3, dtype=torch.long),
+                                                        torch.tensor([4, -6, 0]))]:
+        _same(torch.gcd, a, b, exact=True)
+        _same(torch.gcd, b, a, exact=True)
+        _same(torch.lcm, a, b, exact=True)
+
+
 def test_equal():
     a = torch.tensor([1.0, 2.0, NAN])
     for b in (a.clone(), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])):

@@ -1331,8 +1331,9 @@ def _gcd(a, b):
     """torch's Euclid: |a|, |b| in the tensor dtype (|INT_MIN| stays negative, as in C), then
     a, b = b % a, a with C's truncated remainder until a is 0, all elements at once: in eager
     mode until every remainder is 0, in a compiled graph for the dtype's worst case
-    (consecutive Fibonacci numbers)."""
-    a, b = mx.abs(a), mx.abs(b)
+    (consecutive Fibonacci numbers). The operands are broadcast first: with every a already
+    0 no step runs, and the result is b (gcd(tensor([0]), tensor(9)) is tensor([9]))."""
+    a, b = mx.broadcast_arrays(mx.abs(a), mx.abs(b))
     steps = {1: 12, 2: 24, 4: 47, 8: 93}[a.dtype.size]
     for _ in range(steps):
         if not tracing() and not mx.any(a != 0).item():
