@@ -5,6 +5,7 @@ mx.array objects it returns and accepts are the same Python type as mlx.core.arr
 """
 import glob
 import os
+import sys
 
 import mlx
 import nanobind
@@ -32,7 +33,10 @@ ext = CppExtension(
     extra_compile_args=["-std=c++20", "-O2", "-fvisibility=hidden", "-Wno-unused-parameter",
                         "-ffp-contract=off"],
     # libmlx.so is loaded by `import mlx.core` before _C; the rpath makes _C loadable on its own too.
-    extra_link_args=[f"-Wl,-rpath,{MLX_LIB}"],
+    # The version script keeps every symbol but PyInit__C local (csrc/exports.map says why).
+    extra_link_args=[f"-Wl,-rpath,{MLX_LIB}"] + (
+        [f"-Wl,--version-script={os.path.abspath('csrc/exports.map')}"]
+        if sys.platform.startswith("linux") else []),
 )
 
 setup(

@@ -7,6 +7,8 @@
 #include <optional>
 #include <string>
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ScalarOps.h>
 #include <mlx/ops.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -153,6 +155,34 @@ void register_adapter(nb::module_& m) {
       "appended to buffers); fallback(x, buffers) converts anything else but plain values.");
 
   m.def(
+      "wrapped_number",
+      [](nb::handle value) {
+        PyObject* p = value.ptr();
+        c10::Scalar scalar;
+        if (PyBool_Check(p)) {
+          scalar = c10::Scalar(p == Py_True);
+        } else if (PyLong_Check(p)) {
+          const long long v = PyLong_AsLongLong(p);
+          if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+          scalar = c10::Scalar(static_cast<int64_t>(v));
+        } else if (PyFloat_Check(p)) {
+          scalar = c10::Scalar(PyFloat_AS_DOUBLE(p));
+        } else if (PyComplex_Check(p)) {
+          scalar = c10::Scalar(
+              c10::complex<double>(PyComplex_RealAsDouble(p), PyComplex_ImagAsDouble(p)));
+        } else {
+          throw nb::type_error("wrapped_number: expected a bool, int, float or complex");
+        }
+        at::Tensor t = at::scalar_to_tensor(scalar);
+        t.unsafeGetTensorImpl()->set_wrapped_number(true);
+        return nb::steal(wrap_tensor(std::move(t)));
+      },
+      nb::arg("value"),
+      "A Python number as torch's dispatcher passes it in a Tensor argument: a 0-d CPU tensor "
+      "(bool, int64, float64 or complex128) marked as a wrapped number, which type promotion "
+      "treats as a Python scalar and which reaches Python kernels as the number again.");
+
+  m.def(
       "cast_arrays",
       [](nb::list args, mx::Dtype dtype) {
         for (size_t i = 0; i < args.size(); ++i) {
@@ -178,8 +208,10 @@ void register_adapter(nb::module_& m) {
           nb::gil_scoped_release release;
           t = translate([&] { return array_to_tensor(std::move(result)); });
         }
-        // A functional op must return fresh storage, not an input's buffer.
-        if (aliases(t, buffers)) {
+        // A functional op must return fresh storage, not an input's buffer, and no element
+        // twice: MLX gives an elementwise op on a broadcast input the input's stride-0 layout
+        // (torch's result is dense, and an in-place op on it would raise torch's overlap error).
+        if (aliases(t, buffers) || at::has_internal_overlap(t) == at::MemOverlap::Yes) {
           t = translate([&] { return t.clone(at::MemoryFormat::Contiguous); });
         }
         return nb::steal(wrap_tensor(std::move(t)));
@@ -187,7 +219,8 @@ void register_adapter(nb::module_& m) {
       nb::arg("result"), nb::arg("shape").none(), nb::arg("dtype").none(), nb::arg("buffers"),
       nb::arg("op_name"),
       "An mx.array result as an 'mlx' tensor, checked against torch's shape and cast to its "
-      "dtype (each when given); a copy when it is the buffer of one of the inputs.");
+      "dtype (each when given); a dense copy when it is the buffer of one of the inputs or has "
+      "stride-0 (overlapping) dimensions.");
 }
 
 }  // namespace torch_mlx

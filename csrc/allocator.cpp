@@ -14,6 +14,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <ATen/Context.h>
 #include <ATen/core/CachingHostAllocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
@@ -38,6 +39,7 @@ namespace {
 void (*g_first_use_hook)(int) = nullptr;
 int g_first_use_arg = 0;
 std::once_flag g_first_use;
+bool g_tf32_follows_torch = false;
 
 }  // namespace
 
@@ -46,8 +48,18 @@ void set_first_use_hook(void (*hook)(int), int arg) {
   g_first_use_arg = arg;
 }
 
+void set_tf32_follows_torch(bool on) { g_tf32_follows_torch = on; }
+
 void run_first_use_hook() {
   std::call_once(g_first_use, [] {
+    // MLX's GPU backend reads MLX_ENABLE_TF32 once, as it first sets up; the device's first
+    // allocation comes before that, so torch's float32 matmul precision at this moment decides
+    // (torch_mlx/precision.py; unless the user set the variable).
+    if (g_tf32_follows_torch) {
+      const bool tf32 =
+          at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+      setenv("MLX_ENABLE_TF32", tf32 ? "1" : "0", 1);
+    }
     if (g_first_use_hook != nullptr) g_first_use_hook(g_first_use_arg);
   });
 }

@@ -101,15 +101,16 @@ at::Tensor cpu_alias_with_math_bits(const at::Tensor& t) {
 
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
   if (dst.numel() == 0) return dst;
-  at::Tensor src = self.is_privateuseone() ? cpu_alias_with_math_bits(self) : self;
-  TORCH_CHECK(src.is_cpu(), "mlx: cannot copy from device ", self.device(), " to ", dst.device(),
-              "; move it to the CPU first");
+  // "mlx" memory is host memory (unified, or CUDA managed memory under MLX's CUDA backend):
+  // copies to and from another device (torch's CUDA, say) go through the host.
+  at::Tensor src = self.is_privateuseone() ? cpu_alias_with_math_bits(self)
+                   : self.is_cpu()         ? self
+                                           : self.to(c10::kCPU);
   if (dst.is_privateuseone()) {
     at::Tensor dst_cpu = cpu_alias_with_math_bits(dst);
     dst_cpu.copy_(src);
   } else {
-    TORCH_CHECK(dst.is_cpu(), "mlx: cannot copy to device ", dst.device());
-    const_cast<at::Tensor&>(dst).copy_(src);
+    const_cast<at::Tensor&>(dst).copy_(src, non_blocking && dst.is_cpu());
   }
   return dst;
 }

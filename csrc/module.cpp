@@ -11,6 +11,7 @@
 #include "bridge.h"
 #include "errors.h"
 #include "fast_cpu.h"
+#include "polynomial_cpu.h"
 #include "slot_write.h"
 #include "storage.h"
 #include "torch_python.h"
@@ -42,6 +43,7 @@ NB_MODULE(_C, m) {
   register_adapter(m);
   register_slot_write(m);
   register_fast_cpu(m);
+  register_polynomial_cpu(m);
 
   m.def(
       "to_mlx",
@@ -90,6 +92,8 @@ NB_MODULE(_C, m) {
       "_set_first_use_hook",
       [](uintptr_t fn, int arg) { set_first_use_hook(reinterpret_cast<void (*)(int)>(fn), arg); },
       "Call the C function at address `fn` with `arg` once, at the device's first real use.");
+  m.def("_set_tf32_follows_torch", &set_tf32_follows_torch,
+        "At the device's first use, set MLX_ENABLE_TF32 from torch's float32 matmul precision.");
 
   m.def("array_data_address", [](const mx::array& a) {
     return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());

@@ -36,5 +36,7 @@ void delete_storage_ctx(void* ctx);
 // from_mlx), not at import: torch_mlx/blas.py uses it to start OpenBLAS's threads lazily.
 void set_first_use_hook(void (*hook)(int), int arg);
 void run_first_use_hook();
+// At the device's first use, set MLX_ENABLE_TF32 from torch's float32 matmul precision.
+void set_tf32_follows_torch(bool on);
 
 }  // namespace torch_mlx

@@ -28,7 +28,7 @@ COMMON = """
 import json, time, torch
 PROMPT = {prompt!r}
 def best_rate(generate, batch, n, repeats):
-    generate(batch, 2)  # warm-up (and compilation)
+    generate(batch, 1), generate(batch, n)  # warm-up: compiles each shape the timing uses
     rates = []
     for _ in range(repeats):
         t1, tn = generate(batch, 1), generate(batch, n)

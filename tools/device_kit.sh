@@ -18,6 +18,8 @@
 #                such and its worker replaced), junit XML
 #   tests:EXPR   the same, restricted with pytest -k EXPR
 #   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
+#   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
+#                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
 #   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
 #                MLX CUDA vs transformers on torch CUDA)
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
@@ -70,26 +72,33 @@ setup_device() {
     touch "$KIT/installed"
   fi
   export PYTHONPATH="$KIT/site:$ROOT"
-  # the NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) come with the image's torch
-  local nv
-  nv=$(python3 -c 'import glob, site; print(":".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/lib"))))')
+  # The NVIDIA libraries libmlx.so needs (cuBLASLt, cuDNN, NVRTC, ...) and the CUDA headers its
+  # JIT compiler (NVRTC) includes come with the image's torch, in site-packages/nvidia. MLX looks
+  # for them beside its own package, as a pip install would put them: link them there.
+  local img_site nv
+  img_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  [ -e "$KIT/site/nvidia" ] || [ ! -d "$img_site/nvidia" ] || ln -s "$img_site/nvidia" "$KIT/site/nvidia"
+  nv=$(ls -d "$img_site"/nvidia/*/lib 2>/dev/null | paste -sd: || true)
   export LD_LIBRARY_PATH="$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # the package's metadata, for its entry points (torch's backend autoload, dynamo's "mlx")
   if [ ! -d "$KIT/site/torch_mlx.egg-info" ]; then
-    (cd "$ROOT" && TORCH_MLX_SKIP_EXT=1 python3 setup.py -q egg_info --egg-base "$KIT/site" >/dev/null)
+    (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 TORCH_MLX_SKIP_EXT=1 python3 setup.py -q egg_info --egg-base "$KIT/site" >/dev/null)
   fi
   local so
   so=$(ls "$ROOT"/torch_mlx/_C*.so 2>/dev/null | head -n1 || true)
   if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" | head -n1)" ]; then
-    (cd "$ROOT" && MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$LOG/build.log" 2>&1) \
+    (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace >"$LOG/build.log" 2>&1) \
       || { tail -50 "$LOG/build.log"; exit 1; }
   fi
   python3 - <<'EOF' | tee "$LOG/env.txt"
 import subprocess, torch, mlx.core as mx, torch_mlx
 print("torch", torch.__version__, "| mlx", mx.__version__, "| default device", mx.default_device())
 print("device_info", {k: v for k, v in mx.device_info().items() if k in ("device_name", "architecture", "memory_size")})
-print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                     capture_output=True, text=True).stdout.strip())
+try:
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+except OSError:
+    print("no nvidia-smi")
 EOF
   echo "setup: $((SECONDS - t0)) s"
 }
@@ -110,6 +119,9 @@ run_item() {
       python3 tools/conformance.py --dtype float32 --json "$LOG/conformance-float32.json" \
         >"$LOG/conformance.log" 2>&1 || status=1
       tail -25 "$LOG/conformance.log" ;;
+    diff:*)
+      python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
+      tail -c 20000 "$LOG/diff.log" ;;
     bench)
       python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" >"$LOG/bench.log" 2>&1 || status=1
       cat "$LOG/bench.log" ;;
@@ -144,7 +156,7 @@ case "${1:-}" in
     export PYTHONUNBUFFERED=1
     LOG="$KIT/logs"; rm -rf "$LOG"; mkdir -p "$LOG"
     # at most 8 files come back: the JSON reports, and every log in one archive
-    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
+    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null || true; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
     setup_device
     run_selection "$@" ;;
   *) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 2 ;;

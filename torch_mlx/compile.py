@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
-from torch._prims_common import elementwise_dtypes
+from torch._prims_common import Number, elementwise_dtypes
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
@@ -84,7 +84,8 @@ def _const_to_mx(x):
 
 class _Step:
     """One graph node, prepared at compile time: its lowering, where its arguments come from,
-    the dtype its tensor inputs are promoted to and the dtype(s) torch says it returns."""
+    the dtype its tensor inputs are promoted to, the dtype each number in a Tensor operand
+    position becomes, and the dtype(s) torch says it returns."""
 
     def __init__(self, node: fx.Node, low: registry.Lowering):
         self.node = node
@@ -92,16 +93,33 @@ class _Step:
         self.compiled = low.compiled
         self.args = _const_to_mx(node.args)
         self.kwargs = {k: _const_to_mx(v) for k, v in node.kwargs.items()}
+        op = node.target
         if node.target is _AUTO_FUNCTIONALIZED:  # the mutating op's arguments, all by name
+            op = node.args[0]
             self.args = ()
             self.kwargs = {k: v for k, v in self.kwargs.items() if not k.startswith("_")}
-        self.compute = None
+        compute = None
         if low.promote is not None:
             inputs = [_meta_val(a) for a in node.args]
-            inputs = [a for a in inputs if isinstance(a, (torch.Tensor, bool, int, float))]
+            inputs = [a for a in inputs if isinstance(a, (torch.Tensor, *Number))]
             dtypes = elementwise_dtypes(*inputs, type_promotion_kind=low.promote)
-            self.compute = registry.to_mx_dtype(dtypes[0 if low.opmath else 1])
+            compute = dtypes[0 if low.opmath else 1]
+        self.compute = None if compute is None else registry.to_mx_dtype(compute)
+        self.numbers = self._numbers(op, compute)
         self.out_dtypes = _out_dtypes(node.meta.get("val"))
+
+    def _numbers(self, op, compute) -> list:
+        """(position or name, mx dtype) of the Python numbers (constants, or symbolic sizes
+        computed in the graph) in the op's Tensor operand positions: the lowering gets them as
+        arrays, as in eager mode (registry.number_dtype)."""
+        positions, names = registry.operands(op)
+        where = [i for i in positions if i < len(self.args)]
+        where += [k for k in self.kwargs if k in names]
+        values = {w: _meta_val(self.args[w] if isinstance(w, int) else self.kwargs[w])
+                  for w in where}
+        operand_values = [v for v in values.values() if isinstance(v, (torch.Tensor, *Number))]
+        return [(w, registry.to_mx_dtype(registry.number_dtype(v, operand_values, compute)))
+                for w, v in values.items() if isinstance(v, Number)]
 
 
 def _out_dtypes(val):
@@ -134,10 +152,14 @@ def _execute(step, env) -> None:
         env[step] = _size_op(step.target)(*_value(step.args, env))
         return
     args = [_value(a, env) for a in step.args]
+    kwargs = {k: _value(v, env) for k, v in step.kwargs.items()}
+    for where, dtype in step.numbers:
+        values = args if isinstance(where, int) else kwargs
+        values[where] = mx.array(values[where], dtype=dtype)
     if step.compute is not None:
         args = [a.astype(step.compute) if isinstance(a, mx.array)
                 and a.dtype != step.compute else a for a in args]
-    result = step.fn(*args, **{k: _value(v, env) for k, v in step.kwargs.items()})
+    result = registry.call_lowering(step.fn, args, kwargs)
     env[step.node] = _cast(result, step.out_dtypes)
 
 

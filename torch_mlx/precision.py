@@ -5,10 +5,10 @@ torch computes float32 products in full float32 unless told otherwise
 MLX's GPU backends use TF32 tensor cores for float32 GEMMs and convolutions unless
 ``MLX_ENABLE_TF32=0`` (CUDA: cuBLASLt's fast-TF32 compute type and cuDNN's tensor-core engines;
 Metal: the neural-accelerator path of chips that have one), and MLX reads that variable once
-per process, at its first float32 GEMM. So before torch_mlx's first float32 product on the GPU
-this module sets the variable from torch's setting at that moment (unless the user set it), and
-then checks with a probe product which mode MLX actually took (MLX may have run a product
-first). From then on:
+per process (on CUDA as its GPU backend sets up). So the C++ runtime sets it from torch's setting
+at the device's first use (unless the user set it), and torch_mlx's first float32 product on the
+GPU checks with a probe product which mode MLX actually took (MLX may have been used first).
+From then on:
 
 - torch asks for "highest" and MLX is in float32 mode: plain products (the default case);
 - torch allows TF32 and MLX is in TF32 mode: plain products, at tensor-core speed;
@@ -28,11 +28,14 @@ import warnings
 import mlx.core as mx
 import torch
 
-# Until the first product decides, MLX starts in torch's default mode, so that a convolution or
-# attention that happens to run MLX's first float32 GEMM is float32 too.
+from . import _C
+
+# torch's default until the device's first use, when the C++ runtime sets it from torch's
+# precision at that moment (MLX's CUDA backend reads it as it sets up: csrc/allocator.cpp).
 _USER_SET = "MLX_ENABLE_TF32" in os.environ
 if not _USER_SET:
     os.environ["MLX_ENABLE_TF32"] = "0"
+    _C._set_tf32_follows_torch(True)
 
 _mode: str | None = None  # "ieee" or "tf32": how MLX computes float32 GEMMs in this process
 _warned = False
@@ -53,13 +56,11 @@ def mlx_mode() -> str | None:
 
 
 def ensure() -> None:
-    """Fix MLX's float32 GEMM mode (see the module docstring) if the GPU is in use and it is not
-    fixed yet. Evaluates one small product: call outside mx.compile's tracing."""
+    """Find MLX's float32 GEMM mode (see the module docstring) if the GPU is in use and it is not
+    known yet. Evaluates one small product: call outside mx.compile's tracing."""
     global _mode
     if _mode is not None or not _on_gpu():
         return
-    if not _USER_SET:
-        os.environ["MLX_ENABLE_TF32"] = "1" if _wants_tf32() else "0"
     # 1 + 2**-20 needs 20 mantissa bits; TF32 keeps 10. A 32x32x32 product is a GEMM (MLX
     # sends only vector products to its GEMV kernel): exact 32 + 2**-15 in float32, 32 in TF32.
     a = mx.full((32, 32), 1 + 2.0 ** -20, mx.float32)
@@ -92,9 +93,9 @@ def needs_split(dtype) -> bool:
     if _mode == "ieee":
         if _wants_tf32() and not _warned:
             _warned = True
-            warnings.warn("torch_mlx: TF32 was allowed after MLX's first float32 product on the "
-                          "GPU, which fixed its mode for this process: float32 products stay in "
-                          "float32. Allow TF32 before the first product (or set "
+            warnings.warn("torch_mlx: TF32 was allowed after the first use of the 'mlx' device, "
+                          "which fixed MLX's mode for this process: float32 products stay in "
+                          "float32. Allow TF32 before the device's first use (or set "
                           "MLX_ENABLE_TF32=1) to use it.", stacklevel=3)
         return False
     return not _wants_tf32()

@@ -34,3 +34,18 @@ def kv_cache_budget(*, total: int, peak_in_use: int, needed_for_all_seqs: int,
         how = (f"VLLM_METAL_MEMORY_FRACTION={fraction}: {fraction} of {total} bytes minus "
                f"{peak_in_use} in use")
     return budget, how
+
+
+def check_fits_one_request(budget: int, how: str, *, per_request: int, peak_in_use: int,
+                           total: int, max_model_len: int) -> None:
+    """Refuse a KV budget that cannot hold one request of max_model_len tokens, with the
+    variable to change and the size needed (vLLM's own check would name only its settings)."""
+    if budget >= per_request:
+        return
+    needed = peak_in_use + per_request
+    raise ValueError(
+        f"The KV cache budget is {max(budget, 0)} bytes ({how}), but one request of "
+        f"max_model_len={max_model_len} tokens needs {per_request} bytes of KV cache, on top of "
+        f"the {peak_in_use} bytes in use: {needed} bytes of {total}. Set "
+        f"VLLM_METAL_MEMORY_FRACTION to at least {needed / total:.6f} (or 'auto'), or lower "
+        f"max_model_len.")

@@ -221,11 +221,11 @@ class MetalPlatform(Platform):
 
 
 def _mlx_runs_on_cpu() -> bool:
-    """Whether the worker's MLX default device is the CPU (VLLM_MLX_DEVICE, else Metal if
-    present). Reads device facts only: no stream, thread or allocation."""
+    """Whether the worker's MLX default device is the CPU (VLLM_MLX_DEVICE, else MLX's GPU,
+    Metal or CUDA, if present). Reads device facts only: no stream, thread or allocation."""
     import mlx.core as mx
 
     device = envs.mlx_device()
     if device is not None:
         return device == "cpu"
-    return not mx.metal.is_available()
+    return not mx.is_available(mx.gpu)

@@ -15,7 +15,7 @@ from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environmen
 from vllm.v1.worker.worker_base import CompilationTimes
 
 from . import envs
-from .memory import device_total_memory, kv_cache_budget
+from .memory import check_fits_one_request, device_total_memory, kv_cache_budget
 from .model_runner import MetalModelRunner
 
 logger = init_logger(__name__)
@@ -61,12 +61,15 @@ class MetalWorker(Worker):
         mx.clear_cache()
         specs = self.model_runner.get_kv_cache_spec().values()
         per_request = max_memory_usage_bytes(self.vllm_config, specs)
+        total = device_total_memory()
         budget, how = kv_cache_budget(
-            total=device_total_memory(),
+            total=total,
             peak_in_use=peak,
             needed_for_all_seqs=per_request * self.scheduler_config.max_num_seqs,
             gpu_memory_utilization=self.cache_config.gpu_memory_utilization,
         )
+        check_fits_one_request(budget, how, per_request=per_request, peak_in_use=peak,
+                               total=total, max_model_len=self.model_config.max_model_len)
         logger.info("KV cache: %d bytes (%s)", budget, how)
         return budget
 

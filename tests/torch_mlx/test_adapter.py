@@ -72,6 +72,31 @@ def test_a_result_on_an_input_buffer_is_copied():
     torch.testing.assert_close(y.cpu(), torch.arange(6.0) + 1)
 
 
+def _expanded_on_mlx(t, size):
+    """t.expand(size) on "mlx" with the CPU's stride-0 layout (as OpInfo moves samples)."""
+    return t.to("mlx").expand(size)
+
+
+def test_a_result_with_broadcast_strides_is_made_dense():
+    # MLX gives an elementwise op on a broadcast input that input's stride-0 layout; torch's
+    # functional result is dense, and an in-place op on it must work (OpInfo's reference input
+    # of mvlgamma with p = 1: arange(1).add(x.unsqueeze(-1)).lgamma_() raised the overlap error)
+    base = torch.randn(1, 3, generator=torch.Generator().manual_seed(0))
+    x = _expanded_on_mlx(base, (3, 3))
+    assert x.stride() == (0, 1)
+    y = x * 2
+    assert y.stride() == (3, 1)
+    y.add_(1)
+    torch.testing.assert_close(y.cpu(), base.expand(3, 3) * 2 + 1)
+    compiled = torch.compile(lambda t: t * 2 + 1, backend="mlx")(x)
+    assert compiled.stride() == (3, 1)
+    compiled.add_(1)
+    positive = _expanded_on_mlx(base.abs() + 2, (3, 1, 3))
+    for p in (1, 3):
+        torch.testing.assert_close(torch.mvlgamma(positive, p).cpu(),
+                                   torch.mvlgamma((base.abs() + 2).expand(3, 1, 3), p))
+
+
 def test_a_result_of_the_wrong_shape_is_a_lowering_bug():
     x = torch.arange(6.0).to("mlx")
     expected = r"wrong_shape returned shape \(12,\), torch expects \(6,\)"

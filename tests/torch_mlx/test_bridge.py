@@ -1,5 +1,6 @@
 """Zero-copy bridge between torch tensors on "mlx" and mlx.core arrays."""
 import gc
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -154,3 +155,16 @@ def test_to_mlx_rejects_cpu_tensors():
 def test_from_mlx_rejects_float64():
     with pytest.raises(TypeError, match="float64"):
         torch_mlx.from_mlx(mx.array([1.0], dtype=mx.float64))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF symbol tables: Linux")
+def test_extension_exports_only_its_init_function():
+    # csrc/exports.map: anything else exported could be bound by libmlx.so in place of its own
+    # libstdc++ (on the H100 image every mx.compile crashed inside such a borrowed function).
+    import shutil
+    import subprocess
+
+    assert shutil.which("nm"), "binutils' nm is needed to read the extension's symbols"
+    names = subprocess.run(["nm", "-D", "--defined-only", torch_mlx._C.__file__],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert [n for n in names if not n.startswith("0") and len(n) > 1] == ["PyInit__C"]

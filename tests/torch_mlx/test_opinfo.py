@@ -34,6 +34,7 @@ from torch.testing._internal.common_utils import TestCase  # noqa: E402
 
 import llm_ops  # noqa: E402
 import opinfo_harness as harness  # noqa: E402
+import expected_failures  # noqa: E402
 from expected_failures import (  # noqa: E402
     EXPECTED_ERROR_FAILURES, EXPECTED_FAILURES, EXPECTED_REFERENCE_FAILURES,
     NOT_VALUE_COMPARABLE)
@@ -200,8 +201,15 @@ if "TestOpInfoMLX" not in globals() and "TestOpInfoPRIVATEUSE1" not in globals()
 
 def test_expected_failures_are_well_formed():
     by_name = {op.full_name: op for op in op_db}
-    for table in (EXPECTED_FAILURES, EXPECTED_REFERENCE_FAILURES):
+    torch_version = tuple(int(p) for p in torch.__version__.split(".")[:2])
+    listed = {**EXPECTED_FAILURES, **expected_failures.GPU_BACKEND_ONLY}
+    assert expected_failures.CPU_BACKEND_ONLY <= set(listed) or expected_failures._on_gpu()
+    for table in (listed, EXPECTED_REFERENCE_FAILURES):
         for (name, dtype), reason in table.items():
+            newer = [since for prefix, since in expected_failures.OPINFO_SINCE_TORCH.items()
+                     if name.startswith(prefix)]
+            if name not in by_name and newer and torch_version < newer[0]:
+                continue  # an OpInfo this torch does not have yet
             assert name in by_name, f"expected_failures.py: {name!r} is not an op_db OpInfo"
             dtype_obj = harness.dtype_from_name(dtype)
             assert dtype_obj in by_name[name].supported_dtypes("cpu"), \

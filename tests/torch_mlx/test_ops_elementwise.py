@@ -2,7 +2,10 @@
 defines differently from torch, accuracy where MLX's own functions fall short, CPU dtype errors,
 and in-place / out= writes into the existing storage."""
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -224,6 +227,40 @@ def test_special_functions_over_wide_ranges(fn):
         _same(fn, x)
 
 
+# n! as torch's float32 kernel computes it, expf(lgammaf(n + 1)) (the C library's rounding; inf
+# from n = 35), in constant time: math.factorial(n) grew with n (a child process, so that a
+# regression times out instead of hanging) and its exact value overflowed MLX scalars at n = 30
+_POLYGAMMA_PROBE = """
+import resource, torch, torch_mlx
+x = torch.cat([torch.linspace(0.05, 30, 300), torch.tensor([1e-3, 100.0, float("inf"),
+                                                             float("nan")])])
+for n in list(range(2, 40)) + [100, 10**5, 10**9]:
+    torch.testing.assert_close(torch.polygamma(n, x.to("mlx")).cpu(), torch.polygamma(n, x),
+                               equal_nan=True, msg=lambda m: f"n = {n}: {m}")
+def peak_kib():
+    # VmHWM is this program's own peak: Linux carries ru_maxrss over from the forked parent
+    # (pytest, often over 1 GB) across exec
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak_kib())
+"""
+
+
+def test_polygamma_at_high_orders():
+    _peak_rss_kib_of_child(_POLYGAMMA_PROBE, 60)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_to_decimals_past_the_dtype_range(dtype):
+    # 10^|d| is inf from |d| = 39 (float32): NaN, as on the CPU; 10.0 ** 309 raised in Python
+    x = torch.tensor([1.2345, 2.5, -3.75, 0.0, 1e30, -7e-30]).to(dtype)
+    for d in (0, 3, 38, 39, 400, 10**6, -1, -38, -39, -400, -10**6):
+        _same(lambda t: torch.round(t, decimals=d), x)
+
+
 def test_ndtri_keeps_relative_precision_in_the_tails():
     _same(torch.special.ndtri, torch.logspace(-44, -0.31, 5000))
     _same(torch.special.ndtri, 1 - torch.logspace(-7, -0.31, 5000))
@@ -238,6 +275,11 @@ def test_hurwitz_zeta_domain_and_negative_q():
     _same(torch.special.zeta, torch.rand(4000, generator=g) * 10 + 1, q)
     x, q = torch.tensor([1.0, 0.5, 2.0, 2.0, 3.0, 2.0, INF, 2.0, -3.0]), \
         torch.tensor([1.0, 1.0, 0.0, -1.0, -2.5, -3.5, 2.0, INF, -4.0])
+    _same(torch.special.zeta, x, q)
+    # OpInfo's reference inputs: a nonpositive integer q gives inf before a non-integer (or NaN)
+    # x gives NaN, as torch tests them; -inf is such a q
+    x = torch.tensor([1.5707964, 3.1415827, 1001.2, NAN, NAN, NAN, 2.5, 2.0, NAN, 1.0, 0.5])
+    q = torch.tensor([0.0, -1.0, -501.0, -INF, -3.0, -2.5, -0.0, NAN, 2.0, NAN, -3.0])
     _same(torch.special.zeta, x, q)
 
 
@@ -267,6 +309,10 @@ def test_equal():
     assert torch.equal(a[:2].to("mlx"), torch.tensor([1, 2], device="mlx"))
 
 
+POLYNOMIALS = [f"{shift}chebyshev_polynomial_{kind}" for shift in ("", "shifted_")
+               for kind in "tuvw"] + ["hermite_polynomial_h", "hermite_polynomial_he",
+                                      "laguerre_polynomial_l", "legendre_polynomial_p"]
+
 # no NaN x: several of torch's CPU polynomial kernels return an uninitialised value for it
 # (mlx returns NaN)
 POLY_X = [-8.5, -3.0, -1.0, -0.999, -0.7, -0.5, -0.2, 0.0, 0.2, 0.5, 0.7, 0.999, 1.0, 1.5, 3.0,
@@ -275,10 +321,7 @@ POLY_N = [-3.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.7, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.
           20.0, 31.0, NAN]
 
 
-@pytest.mark.parametrize("name", [
-    f"{shift}chebyshev_polynomial_{kind}" for shift in ("", "shifted_") for kind in "tuvw"
-] + ["hermite_polynomial_h", "hermite_polynomial_he", "laguerre_polynomial_l",
-     "legendre_polynomial_p"])
+@pytest.mark.parametrize("name", POLYNOMIALS)
 def test_orthogonal_polynomials(name):
     # degrees are truncated (NaN and negative give 0), the ends +-1 are exact, recurrences use
     # fused multiply-adds as torch's compiled kernels do
@@ -288,6 +331,52 @@ def test_orthogonal_polynomials(name):
     _same(fn, torch.cat([x, (x + 1) / 2]), torch.cat([n, n]))
     _same(lambda a: fn(a, 5), torch.tensor(POLY_X))
     _same(lambda b: fn(0.3, b), torch.tensor(POLY_N))
+    if "chebyshev" in name:  # the trigonometric forms at a degree far past float32's integers
+        _same(lambda a: fn(a, 1e12), torch.tensor(POLY_X))
+
+
+# Every polynomial at large degrees, in a child process (a regression runs out of time or
+# memory rather than failing): x over [-1, 1] (0 and 1 are the shifted kinds' ends), just
+# outside it (1 + 2^-23 recurs 1.8e5 steps before T_n overflows), and the x whose shifted
+# argument 2x - 1 rounds to -1 (torch recurs there); n as a Python number and as a tensor.
+# 1e20 is past int64: torch's conversion gives INT64_MIN, a negative degree.
+_LARGE_DEGREE_PROBE = """
+import resource, torch, torch_mlx
+x = torch.cat([torch.linspace(-1, 1, 101), torch.tensor(
+    [1.0000001, -1.0000001, 1.0001, -1.0001, 1.01, -1.01, 1.2, -1.2, 0.99999994, -0.99999994,
+     1e-9, -1e-9, 5e-8, 0.5000001])])
+for name in NAMES:
+    fn = getattr(torch.special, name)
+    for n in (10, 1e4, 1e6, 1e20):
+        expected = fn(x, n)
+        for degree in (n, torch.full_like(x, n)):
+            got = fn(x.to("mlx"), degree.to("mlx") if isinstance(degree, torch.Tensor)
+                     else degree).cpu()
+            torch.testing.assert_close(got, expected, equal_nan=True,
+                                       msg=lambda m: f"{name}, n = {n}: {m}")
+def peak_kib():
+    # VmHWM is this program's own peak: Linux carries ru_maxrss over from the forked parent
+    # (pytest, often over 1 GB) across exec
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(l.split()[1]) for l in status if l.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak_kib())
+"""
+
+
+def _peak_rss_kib_of_child(code: str, timeout: float) -> int:
+    """Run ``code`` in a fresh interpreter (it prints its peak RSS last) within ``timeout`` s."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_orthogonal_polynomials_at_large_degrees():
+    peak_kib = _peak_rss_kib_of_child(f"NAMES = {POLYNOMIALS!r}\n" + _LARGE_DEGREE_PROBE, 60)
+    assert peak_kib < 1024 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
 
 
 @pytest.mark.parametrize("fn", [torch.special.modified_bessel_i0,
@@ -341,6 +430,34 @@ def test_complex_and_polar_keep_infinite_parts_and_broadcast():
         torch.complex(re.half().to("mlx"), re.half().to("mlx"))
 
 
+def test_fma32_rounds_once():
+    # the emulated fused multiply-add (grid_sample's coordinates) against the C library's fmaf,
+    # including products that land just past a tie of the sum, where rounding a * b + c twice
+    # gives the other neighbour
+    import ctypes
+    import ctypes.util
+
+    import mlx.core as mx
+    from torch_mlx.ops.elementwise import fma32
+    fmaf = ctypes.CDLL(ctypes.util.find_library("m")).fmaf
+    fmaf.restype, fmaf.argtypes = ctypes.c_float, [ctypes.c_float] * 3
+    g = torch.Generator().manual_seed(0)
+    scale = lambda: torch.float_power(10, torch.rand(4000, generator=g) * 16 - 8).float()
+    a, b = torch.randn(4000, generator=g) * scale(), torch.randn(4000, generator=g) * scale()
+    c = torch.cat([-(a[:2000].double() * b[:2000]).float(), (torch.randn(2000, generator=g)
+                                                             * scale()[:2000])])
+    k = torch.arange(-40, 40).float()
+    u = 2.0 ** -torch.arange(9, 12).float()
+    k, u = k.repeat_interleave(3), u.repeat(80)
+    a = torch.cat([a, (1 + u) * 2 ** k, torch.tensor([INF, 1e30, 3e38, NAN, 0.0])])
+    b = torch.cat([b, (1 - u + u * u) * 2 ** (-k - 24),
+                   torch.tensor([1.0, 1e30, 2.0, 1.0, -0.0])])
+    c = torch.cat([c, torch.ones(240), torch.tensor([1.0, -INF, -INF, 1.0, 0.0])])
+    expected = torch.tensor([fmaf(*v) for v in zip(a.tolist(), b.tolist(), c.tolist())])
+    got = torch.from_numpy(np.array(fma32(*(mx.array(t.numpy()) for t in (a, b, c)))))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_igamma_igammac_accuracy_and_boundaries():
     g = torch.Generator().manual_seed(0)
     a = torch.cat([torch.rand(1000, generator=g) * 20, torch.rand(200, generator=g) * 500,
@@ -353,6 +470,31 @@ def test_igamma_igammac_accuracy_and_boundaries():
         got = fn(a.to("mlx"), x.to("mlx")).cpu().double()
         # at least as close to the float64 values as the CPU's float32 kernel
         torch.testing.assert_close(got, reference, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_igamma_igammac_large_a_and_the_order_of_boundaries():
+    # from OpInfo's reference inputs: a = x = 4988429 and 1e20 (torch's uniform asymptotic
+    # expansion, where 300 series terms gave 0.543 and 1.0 for 0.5), and a NaN beside an
+    # infinite or zero argument (torch decides a = 0, x = 0, a = inf, x = inf first)
+    a = torch.tensor([4988429.0, 1e20, 25.0, 25.0, 150.0, 199.9, 200.1, 1e3, 1e4, 1e6, 1e8])
+    spread = torch.tensor([-0.29, -0.1, -0.02, 0.0, 0.02, 0.1, 0.29])
+    near = a[:, None] * (1 + spread * torch.where(a > 200, 4.5 / a.sqrt(), 1.0)[:, None])
+    pairs = torch.tensor([[INF, NAN], [NAN, INF], [NAN, NAN], [0.0, NAN], [NAN, 0.0],
+                          [INF, INF], [0.0, 0.0], [INF, 1.0], [1.0, INF], [-1.0, NAN],
+                          [NAN, -1.0], [0.0, 2.0], [2.0, 0.0]])
+    a_all = torch.cat([a[:, None].expand_as(near).reshape(-1), a, pairs[:, 0]])
+    x_all = torch.cat([near.reshape(-1), a, pairs[:, 1]])
+    for fn in (torch.igamma, torch.igammac):
+        _same(fn, a_all, x_all)
+
+
+def test_airy_ai_oscillates_with_the_cpus_float32_phase():
+    # OpInfo's reference input x = -13437.7: the phase 2/3 |x|^1.5 + pi/4 = 1e6 has a float32
+    # ulp of 0.06, and torch's kernel computes it in float32 (the CPU gave -0.0330, the exact
+    # phase -0.0304); far out to -1e20 the CPU's values follow the same rounding
+    x = torch.cat([-torch.logspace(0.5, 20, 20000),
+                   torch.tensor([-13437.7001953125, -501.0, -1e20, -8.0, -8.0001, -2.1])])
+    _same(torch.special.airy_ai, x)
 
 
 def test_airy_ai_is_as_accurate_as_the_cpu_over_its_range():

@@ -106,6 +106,30 @@ def test_unfold_backward():
     _same(lambda x: x.unfold(0, 2, 3) * 1.0, _randn(8), grad=True)
 
 
+@pytest.mark.parametrize("grad_shape, input_sizes, dim, size, step", [
+    ((1, 33, 8), [2, 72], 1, 8, 2),  # one row for every batch row (torch._refs.istft's envelope)
+    ((1, 1, 8), [2, 72], 1, 8, 2),  # fewer windows than fit: only those are added back
+    ((2, 1, 8), [2, 72], 1, 8, 2),
+    ((3, 1, 4, 3), [3, 2, 9], 2, 3, 2),
+    ((4, 3), [5], 0, 3, 2),  # more windows than fit: the overhang adds nothing
+    ((1, 0), [0], 0, 0, 1),  # empty input
+    ((3, 0, 1), [3, 0], 0, 1, 1),
+    ((0,), [], 0, 0, 1),  # 0-d input, a size-0 window: the CPU's gradient is 0-d
+])
+def test_unfold_backward_broadcasts_its_grad(grad_shape, input_sizes, dim, size, step):
+    # issue 22: a grad that broadcasts to the input (torch._refs.istft's window envelope) got
+    # the grad's shape instead of the input's
+    _same(lambda g: torch.ops.aten.unfold_backward(g, input_sizes, dim, size, step),
+          _randn(*grad_shape))
+
+
+def test_istft_of_a_batch():
+    x, window = _randn(3, 64), torch.hann_window(16)
+    spec = torch.stft(x, 16, hop_length=4, window=window, return_complex=True)
+    _same(lambda s, w: torch.istft(s, 16, hop_length=4, window=w), spec, window)
+    _same(lambda s, w: torch._refs.istft(s, 16, hop_length=4, window=w), spec, window)
+
+
 def test_sort_nan_and_ties_descending_is_stable():
     x = torch.tensor([1.0, math.nan, 3.0, 1.0, math.nan, -0.0, 0.0, 3.0])
     for descending in (False, True):

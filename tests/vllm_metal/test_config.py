@@ -81,13 +81,24 @@ def test_too_small_kv_budget_gives_vllms_error(model_dir):
     gc.collect()
 
 
-def test_memory_fraction_too_small_for_the_weights_gives_vllms_error(monkeypatch, model_dir):
+def test_memory_fraction_too_small_names_the_variable_and_the_size(monkeypatch, model_dir):
     # A fraction of memory below what the weights and activations already use leaves no KV
-    # budget at all: vLLM's "no available memory" error.
+    # budget at all: start-up stops with the variable to raise and the bytes one request needs.
     monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.0000001")
-    with pytest.raises(ValueError, match="No available memory for the cache blocks"):
+    with pytest.raises(ValueError, match=r"one request of max_model_len=512 tokens needs \d+ "
+                                         r"bytes.*Set VLLM_METAL_MEMORY_FRACTION to at least"):
         vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=512)
     gc.collect()
+
+
+def test_budget_that_holds_no_full_request_is_refused():
+    from vllm_metal.memory import check_fits_one_request
+
+    check_fits_one_request(4096, "x", per_request=4096, peak_in_use=10, total=10**6,
+                           max_model_len=64)  # exactly one request fits
+    with pytest.raises(ValueError, match=r"needs 4096 bytes.*at least 0\.004106"):
+        check_fits_one_request(4095, "VLLM_METAL_MEMORY_FRACTION=0.004", per_request=4096,
+                               peak_in_use=10, total=10**6, max_model_len=64)
 
 
 def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
@@ -104,13 +115,13 @@ def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
 
 
 def test_auto_dtype_of_a_float32_checkpoint_follows_the_mlx_device(model_dir):
-    # vLLM downcasts a float32 checkpoint to the platform's first dtype: bfloat16 on Metal; on
+    # vLLM downcasts a float32 checkpoint to the platform's first dtype: bfloat16 on MLX's GPU; on
     # MLX's CPU backend float32, the one its BLAS multiplies (half types run a single-threaded
     # loop there).
     import mlx.core as mx
     from vllm.platforms import current_platform
 
-    expected = torch.bfloat16 if mx.metal.is_available() else torch.float32
+    expected = torch.bfloat16 if mx.is_available(mx.gpu) else torch.float32
     assert current_platform.supported_dtypes[0] == expected
     llm = vllm.LLM(model=model_dir("LlamaForCausalLM"), max_model_len=256, max_num_seqs=2,
                    enforce_eager=True)

@@ -175,8 +175,8 @@ def _post(server, path, body, key=API_KEY, raw=None):
                          headers=headers, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["too_long", "negative_max_tokens", "malformed_json",
-                                  "unknown_model"])
+@pytest.mark.parametrize("case", ["too_long", "negative_max_tokens", "bad_top_p",
+                                  "negative_temperature", "malformed_json", "unknown_model"])
 def test_bad_requests_are_rejected_and_serving_continues(server, client, case):
     body = {"model": NAME, "prompt": "hello", "max_tokens": 4}
     raw = None
@@ -184,11 +184,16 @@ def test_bad_requests_are_rejected_and_serving_continues(server, client, case):
         body["prompt"] = "hello " * (MAX_MODEL_LEN * 2)
     elif case == "negative_max_tokens":
         body["max_tokens"] = -1
+    elif case == "bad_top_p":
+        body["top_p"] = 1.5
+    elif case == "negative_temperature":
+        body["temperature"] = -0.5
     elif case == "malformed_json":
         raw = '{"model": "tiny", "prompt": '
     else:
         body["model"] = "no-such-model"
     r = _post(server, "/v1/completions", body, raw=raw)
+    # vLLM answers an unknown model name with 404 (NotFoundError), as it does on CUDA
     assert r.status_code == (404 if case == "unknown_model" else 400), r.text
     assert "error" in r.json() and r.json()["error"]["message"]
     assert _greedy(client, PROMPTS[0], max_tokens=4)  # the next good request succeeds

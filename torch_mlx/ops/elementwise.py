@@ -10,11 +10,13 @@ out in MLX ops, and where MLX's function is less accurate than float32 allows (e
 |x| = 10, erf near 0) it is computed from an accurate core. Dtypes the CPU has no kernel for
 raise the CPU's NotImplementedError (meta kernels do not check dtypes).
 """
+import functools
 import math
 
 import mlx.core as mx
 import torch
 
+from .. import _C
 from . import registry as _registry
 from .registry import PROMOTE, lowering, torch_kernel, tracing
 
@@ -67,6 +69,37 @@ _TYPE_NAMES = {mx.bool_: "Bool", mx.uint8: "Byte", mx.int8: "Char", mx.int16: "S
                mx.int32: "Int", mx.int64: "Long", mx.float16: "Half", mx.bfloat16: "BFloat16",
                mx.float32: "Float", mx.uint16: "UInt16", mx.uint32: "UInt32",
                mx.uint64: "UInt64", mx.complex64: "ComplexFloat"}
+
+
+def _two_sum(a, b):
+    """(s, e): s = a + b rounded, e its exact rounding error (Knuth)."""
+    s = a + b
+    back = s - a
+    return s, (a - (s - back)) + (b - back)
+
+
+def fma32(a, b, c):
+    """a * b + c rounded once in float32, as the fused multiply-adds of torch's vectorised CPU
+    kernels (GCC contracts their a * b + c): Boldo and Melquiond's emulation (IEEE TC 2008),
+    a * b = p + e exactly (Dekker's product of 12-bit halves), c + p = s + t exactly, then
+    s + round_to_odd(t + e), whose one rounding is the fused one. Operands whose halves would
+    overflow (|a|, |b| >= 1e30) or non-finite results fall back to a * b + c."""
+    def split(v):
+        t = v * 4097.0
+        hi = t - (t - v)
+        return hi, v - hi
+    (ah, al), (bh, bl) = split(a), split(b)
+    p = a * b
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    s, t = _two_sum(c, p)
+    u, err = _two_sum(t, e)  # round t + e to odd: to the odd neighbour when inexact
+    bits = mx.view(u, mx.int32)
+    toward = mx.where((err > 0) == (u > 0), 1, -1).astype(mx.int32)
+    odd = mx.where((err != 0) & ((bits & 1) == 0), mx.view(bits + toward, mx.float32), u)
+    fused = s + mx.stop_gradient(odd)  # differentiable as a * b + c (no vjp through view)
+    safe = (mx.abs(a) < 1e30) & (mx.abs(b) < 1e30) & mx.isfinite(fused)
+    exact_product_plus_inf = mx.isinf(c) & mx.isfinite(a) & mx.isfinite(b)  # (p may be inf)
+    return mx.where(safe, fused, mx.where(exact_product_plus_inf, c, p + c))
 
 
 def _require(x, name: str, *, bool_=True, ints=True, floats=True):
@@ -275,11 +308,12 @@ lowering("round", promote=PROMOTE.DEFAULT)(_rounding("round", mx.round))  # half
 @lowering("round.decimals", promote=PROMOTE.DEFAULT)
 def round_decimals(self, decimals=0):
     _require(self, "round_cpu", bool_=False, ints=False)
-    # torch: nearbyint(x * 10^d) / 10^d for d > 0, nearbyint(x / 10^-d) * 10^-d otherwise
+    # torch: nearbyint(x * 10^d) / 10^d for d > 0, nearbyint(x / 10^-d) * 10^-d otherwise;
+    # 10^|d| is inf in the dtype from |d| = 39 on (Python's 10.0 ** 309 would raise)
+    scale = mx.array(10.0 ** abs(decimals) if abs(decimals) <= 308 else math.inf,
+                     self.dtype)
     if decimals > 0:
-        scale = mx.array(10.0 ** decimals, self.dtype)
         return mx.round(self * scale) / scale
-    scale = mx.array(10.0 ** -decimals, self.dtype)
     return mx.round(self / scale) * scale
 
 
@@ -389,11 +423,19 @@ def div(self, other):
     return mx.divide(self, other)
 
 
+def _float_remainder(a, b):
+    """mx.remainder for floats; half types in float32, rounded once, as torch's CPU kernels do
+    (MLX's CUDA remainder returns NaN for some bfloat16 inputs: tools/gpu_probe's test run)."""
+    if a.dtype in (mx.float16, mx.bfloat16):
+        return mx.remainder(a.astype(mx.float32), _as_array(b, a).astype(mx.float32)).astype(a.dtype)
+    return mx.remainder(a, b)
+
+
 def _fmod(a, b):
     """C's fmod / %: the remainder of truncated division (exact), with the dividend's sign.
     Floats: remainder() of the magnitudes is fmod; integers: the floor remainder, corrected."""
     if _is_float(a):
-        return _copysign(mx.remainder(mx.abs(a), mx.abs(b)), a)
+        return _copysign(_float_remainder(mx.abs(a), mx.abs(b)), a)
     r = mx.remainder(a, b)  # integers: from the floor remainder (|INT_MIN| is not representable)
     return mx.where((r != 0) & ((r < 0) != (a < 0)), r - b, r)
 
@@ -447,7 +489,8 @@ def remainder(self, other):
     _require(self, "remainder_cpu", bool_=False)
     if not _is_float(self):
         _check_no_zero_divisor(other)
-    return mx.remainder(self, other)  # both floor-mod: the result takes the divisor's sign
+        return mx.remainder(self, other)
+    return _float_remainder(self, other)  # both floor-mod: the result takes the divisor's sign
 
 
 @lowering("remainder.Scalar_Tensor", promote=PROMOTE.DEFAULT)
@@ -726,15 +769,113 @@ def digamma(self):
     return _digamma(self)
 
 
+def _checkpoint(step, *arrays, every=50):
+    """Evaluate a long elementwise loop's state every ``every`` steps in eager mode: MLX's CPU
+    backend allocates each node's output when it schedules the node, so an unevaluated graph
+    of thousands of tensor-sized nodes holds them all at once (igamma of 1e6 elements peaked
+    at 7.5 GB)."""
+    if step % every == 0 and not tracing():
+        mx.eval(*arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def _temme_coefficients(terms=10, powers=25):
+    """d[k][n]: c_k(eta) = sum_n d[k][n] eta^n, the coefficients of the uniform asymptotic
+    expansion of the incomplete gamma functions for large a (DLMF 8.12.8-8.12.10), in exact
+    rational arithmetic (0.3 s, once): sigma = x/a - 1 as a series in eta (eta^2 / 2 =
+    sigma - log(1 + sigma), inverted by Lagrange's formula), c_0 = 1/sigma - 1/eta,
+    c_k = c_(k-1)'(eta) / eta + (-1)^k g_k c_0 with Stirling's g_k (DLMF 5.11.3)."""
+    from fractions import Fraction
+
+    order = powers + 2 * terms + 2
+
+    def product(a, b):
+        out = [Fraction(0)] * order
+        for i, u in enumerate(a[:order]):
+            for j, v in enumerate(b[:order - i]):
+                out[i + j] += u * v
+        return out
+
+    def reciprocal(a):
+        out = [Fraction(0)] * order
+        out[0] = 1 / a[0]
+        for k in range(1, order):
+            out[k] = -sum(a[j] * out[k - j] for j in range(1, k + 1)) / a[0]
+        return out
+
+    # eta = sigma v(sigma), v = sqrt(2 sum_(m>=2) (-1)^m sigma^(m-2) / m)
+    inside = [Fraction(2 * (-1) ** m, m) for m in range(2, order + 2)]
+    v = [Fraction(1)] + [Fraction(0)] * (order - 1)
+    for k in range(1, order):
+        v[k] = (inside[k] - sum(v[j] * v[k - j] for j in range(1, k))) / 2
+    # sigma = eta u(eta): [eta^n] sigma = [s^(n-1)] v(s)^-n / n (Lagrange)
+    w, power, u = reciprocal(v), [Fraction(1)] + [Fraction(0)] * (order - 1), []
+    for n in range(1, order + 1):
+        power = product(power, w)
+        u.append(power[n - 1] / n)
+    inverse_u = reciprocal(u)
+    c0 = inverse_u[1:]  # (1/u - 1) / eta
+    # Stirling: Gamma(z) ~ e^-z z^z sqrt(2 pi / z) sum_k g_k z^-k, the sum being
+    # exp(sum_m B_2m / (2m (2m-1) z^(2m-1)))
+    bernoulli = [Fraction(1)]
+    for m in range(1, terms + 2):
+        bernoulli.append(-sum(math.comb(m + 1, j) * bernoulli[j] for j in range(m)) / (m + 1))
+    log_series = [Fraction(0)] * (terms + 1)
+    for m in range(1, terms // 2 + 2):
+        if 2 * m - 1 <= terms:
+            log_series[2 * m - 1] = bernoulli[2 * m] / (2 * m * (2 * m - 1))
+    g = [Fraction(1)]
+    for n in range(1, terms + 1):
+        g.append(sum(j * log_series[j] * g[n - j] for j in range(1, n + 1)) / n)
+    rows = [c0]
+    for k in range(1, terms):
+        rows.append([(-1) ** k * g[k] * c0[n] + (n + 2) * rows[-1][n + 2]
+                     for n in range(len(rows[-1]) - 2)])
+    return tuple(tuple(float(c) for c in row[:powers]) for row in rows)
+
+
+def _igamma_asymptotic(a, x, lower):
+    """P (lower) or Q for large a near x by the uniform expansion torch uses there (DLMF 8.12.3,
+    8.12.4), computed as its float32 kernel computes it:
+    1/2 erfc(-+eta sqrt(a/2)) -+ e^(-a eta^2 / 2) / sqrt(2 pi a) sum_k c_k(eta) a^-k with
+    eta = sign(x - a) sqrt(-2 (log1p(sigma) - sigma)), sigma = (x - a) / a in float32, the
+    sum in float32, the last term in double. eta's float32 cancellation is most of the CPU's
+    error for large a (2e-5 at a = 5e6, 6e-5 at a = 1e8, x - a ~ sqrt(a)); MLX's log1p rounds
+    as the C library's log1pf, so the same float32 steps give the same eta. ``a``, ``x``:
+    float32; returns float64."""
+    sign = -1.0 if lower else 1.0
+    sigma = (x - a) / a
+    root = mx.sqrt(-2 * (mx.log1p(sigma) - sigma))
+    eta = mx.where(x > a, root, mx.where(x < a, -root, 0))  # torch: lambda = x / a vs 1
+    total = mx.zeros_like(a)
+    scale = mx.ones_like(a)  # a^-k
+    for k, row in enumerate(_temme_coefficients()):
+        c, power = mx.full(a.shape, row[0], mx.float32), mx.ones_like(a)
+        for coefficient in row[1:]:
+            power = power * eta
+            c = c + coefficient * power
+        total = total + c * scale
+        scale = scale / a
+        _checkpoint(k, total, scale, every=2)
+    front = erfc(sign * eta * mx.sqrt(a / 2)).astype(mx.float64) * 0.5
+    a64, eta64 = a.astype(mx.float64), eta.astype(mx.float64)
+    root_2_pi_a = mx.sqrt((2 * mx.array(math.pi, mx.float32)) * a).astype(mx.float64)
+    return front + sign * mx.exp(-0.5 * a64 * eta64 * eta64) * total.astype(mx.float64) \
+        / root_2_pi_a
+
+
 def _igamma_pq(a, x):
     """(P(a, x), Q(a, x)), the regularised incomplete gamma functions, in float64 on MLX's CPU
-    stream: P by its power series where x < a or x <= 1.1, Q by the Legendre continued fraction
-    elsewhere (the regions of torch's Cephes-derived kernel), the other as the complement, and
-    torch's boundary values (NaN for a < 0 or x < 0, the limits at a = 0, x = 0 and infinity).
-    300 series terms / fraction steps: exact to float64 rounding for a up to ~1e4 near x = a."""
+    stream, in the regions of torch's kernel (calc_igamma / calc_igammac): its boundary values
+    first (NaN for a < 0 or x < 0; a = 0, x = 0, a = inf and x = inf decide before a NaN in the
+    other argument does), the uniform asymptotic expansion for large a near x (20 < a < 200
+    and |x - a| < 0.3 a, or a > 200 and |x - a| < 4.5 sqrt(a)); elsewhere P by its power series
+    where x < a or x <= 1.1, Q by the Legendre continued fraction, the other as the complement.
+    300 series terms / fraction steps: exact to float64 rounding outside the asymptotic region
+    for a up to 200, and beyond it (a > 200 and |x - a| >= 4.5 sqrt(a)) P or Q is below 3e-6."""
     with mx.stream(mx.cpu):
-        a, x = a.astype(mx.float64), x.astype(mx.float64)
-        a, x = mx.broadcast_arrays(a, x)
+        a32, x32 = mx.broadcast_arrays(a.astype(mx.float32), x.astype(mx.float32))
+        a, x = a32.astype(mx.float64), x32.astype(mx.float64)
         ok = (a > 0) & (x > 0) & mx.isfinite(a) & mx.isfinite(x)
         sa, sx = mx.where(ok, a, 1.0), mx.where(ok, x, 1.0)
         log_front = sa * mx.log(sx) - sx - _lgamma_positive(sa)  # log(x^a e^-x / Gamma(a))
@@ -744,6 +885,7 @@ def _igamma_pq(a, x):
         for n in range(1, 300):
             term = term * sx / (sa + n)
             total = total + term
+            _checkpoint(n, term, total)
         p_series = front * total
         tiny = 1e-300  # Q = front * 1 / (x + 1 - a - 1 (1 - a) / (x + 3 - a - ...)), Lentz
         b = sx + 1 - sa
@@ -758,18 +900,32 @@ def _igamma_pq(a, x):
             c = b + an / c
             c = mx.where(mx.abs(c) < tiny, tiny, c)
             h = h * d * c
+            _checkpoint(i, b, c, d, h)
         q_fraction = front * h
         use_fraction = (sx > 1.1) & (sx >= sa)
         p = mx.where(use_fraction, 1 - q_fraction, p_series)
         q = mx.where(use_fraction, q_fraction, 1 - p_series)
+        spread = mx.abs(x32 - a32) / a32  # torch's tests, in float32
+        asymptotic = ok & (((a32 > 20) & (a32 < 200) & (spread < 0.3))
+                           | ((a32 > 200) & (spread < 4.5 / mx.sqrt(a32))))
+        large = mx.where(asymptotic, a32, 100.0)
+        near = mx.where(asymptotic, x32, 100.0)
+        p = mx.where(asymptotic, _igamma_asymptotic(large, near, True), p)
+        q = mx.where(asymptotic, _igamma_asymptotic(large, near, False), q)
+        # torch's boundary values, in its order of tests (last here, so they win)
         nan = mx.array(math.nan, mx.float64)
-        invalid = (a < 0) | (x < 0) | mx.isnan(a) | mx.isnan(x) | ((a == 0) & (x == 0)) \
-            | (mx.isinf(a) & mx.isinf(x))
-        p = mx.where(a == 0, 1.0, mx.where(x == 0, 0.0, mx.where(mx.isinf(a), 0.0,
-                                                                 mx.where(mx.isinf(x), 1.0, p))))
-        q = mx.where(a == 0, 0.0, mx.where(x == 0, 1.0, mx.where(mx.isinf(a), 1.0,
-                                                                 mx.where(mx.isinf(x), 0.0, q))))
-        return mx.where(invalid, nan, p), mx.where(invalid, nan, q)
+        unordered = mx.isnan(a) | mx.isnan(x)  # reaches the computation
+        p, q = mx.where(unordered, nan, p), mx.where(unordered, nan, q)
+        p = mx.where(mx.isinf(x), 1.0, p)
+        q = mx.where(mx.isinf(x), 0.0, q)
+        p = mx.where(mx.isinf(a), mx.where(mx.isinf(x), nan, 0.0), p)
+        q = mx.where(mx.isinf(a), mx.where(mx.isinf(x), nan, 1.0), q)
+        p = mx.where(x == 0, 0.0, p)
+        q = mx.where(x == 0, 1.0, q)
+        p = mx.where(a == 0, mx.where(x > 0, 1.0, nan), p)
+        q = mx.where(a == 0, mx.where(x > 0, 0.0, nan), q)
+        negative = (a < 0) | (x < 0)
+        return mx.where(negative, nan, p), mx.where(negative, nan, q)
 
 
 @lowering("igamma", promote=PROMOTE.INT_TO_FLOAT)
@@ -812,10 +968,11 @@ def _hurwitz(x, q):
         s = s + mx.power(a, -x)
         a = a + 1
     s = s + mx.power(a, 1 - x) / (x - 1) + 0.5 * mx.power(a, -x)
-    rising = x  # x (x+1) ... (x+2j-2)
+    rising = x  # x (x+1) ... (x+2j-2): inf for large finite x (> ~900), where a^-x is 0
     apow = mx.power(a, -x - 1)
+    vanishing = (apow == 0) & mx.isfinite(x)  # (x = inf keeps torch's NaN)
     for j, c in enumerate(_EM_COEFFS):
-        s = s + c * rising * apow
+        s = s + mx.where(vanishing, 0, c * rising * apow)
         rising = rising * (x + 2 * j + 1) * (x + 2 * j + 2)
         apow = apow / (a * a)
     return s
@@ -838,16 +995,44 @@ def _zeta(x, q):
     negative = (mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)) + _hurwitz(x, f_safe + 1) \
         + sign * (_hurwitz(x, g_safe + 1) - _hurwitz(x, m + g_safe))
     out = mx.where(q < 0, negative, positive)
+    out = mx.where(mx.isnan(x) | mx.isnan(q) | mx.isposinf(q), math.nan, out)
+    # torch's tests, applied from its last to its first: x == 1, x < 1, then for q <= 0 an
+    # integer q (inf, also for a NaN or non-integer x) before a non-integer x (NaN)
     nonpositive = q <= 0
+    out = mx.where(nonpositive & (x != mx.floor(x)), math.nan, out)
     out = mx.where(nonpositive & (q == floor_q), math.inf, out)
-    out = mx.where((nonpositive & (x != mx.floor(x))) | mx.isposinf(q), math.nan, out)
-    out = mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))  # checked first by torch
-    return _where_nan(x, _where_nan(q, out))
+    return mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))
 
 
 lowering("special_zeta", "special_zeta.self_scalar", "special_zeta.other_scalar",
          promote=PROMOTE.INT_TO_FLOAT)(
     lambda self, other: _zeta(*mx.broadcast_arrays(_as_array(self, other), _as_array(other, self))))
+
+
+_LIBM = None
+
+
+def _libm():
+    """The platform's C math library, whose float functions torch's scalar CPU kernels call."""
+    global _LIBM
+    if _LIBM is None:
+        import ctypes
+        import ctypes.util
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        for fn in ("lgammaf", "expf"):
+            getattr(libm, fn).restype = ctypes.c_float
+            getattr(libm, fn).argtypes = [ctypes.c_float]
+        _LIBM = libm
+    return _LIBM
+
+
+def _factorial_float32(n: int) -> float:
+    """n! as torch's float32 polygamma computes it, expf(lgammaf(float(n) + 1)): the C library's
+    own rounding (its lgammaf is not correctly rounded, and exp magnifies an ulp of lgamma(21)
+    to 2e-6 of 20!), inf from n = 35 on. Constant time in n (math.factorial is not: n = 1e5
+    took 0.3 s, and its exact value overflowed MLX's scalars from n = 30)."""
+    libm = _libm()
+    return libm.expf(libm.lgammaf(float(n) + 1))  # rounded to float32 as ctypes passes it
 
 
 @lowering("polygamma", promote=PROMOTE.INT_TO_FLOAT)
@@ -856,9 +1041,10 @@ def polygamma(n, self):
         return _digamma(self)
     if n == 1:
         return _trigamma(self)
-    # psi^(n)(x) = (-1)^(n+1) n! zeta(n + 1, x)
+    # psi^(n)(x) = (-1)^(n+1) n! zeta(n + 1, x), each factor in float32 as torch's kernel
     order = mx.full(self.shape, n + 1, self.dtype)
-    return (1 if n % 2 else -1) * math.factorial(n) * _zeta(order, self)
+    factor = mx.array((1 if n % 2 else -1) * _factorial_float32(n), self.dtype)
+    return factor * _zeta(order, self)
 
 
 def _bessel_i(x, nu, scaled):
@@ -899,57 +1085,36 @@ lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self
 lowering("special_i1e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, True))
 
 
-# Orthogonal polynomials of integer degree n (torch truncates n toward zero; n < 0 gives 0) by
-# their three-term recurrences, evaluated as torch's kernels evaluate them. The number of steps
-# is the largest degree present, known only from the values: eager mode reads it, a compiled
-# graph cannot.
+# Orthogonal polynomials of integer degree n, as torch's CPU kernels (aten/src/ATen/native/Math.h,
+# *_polynomial_*_forward) evaluate them: n is converted to int64 (truncated; NaN, infinities and
+# values past int64 give INT64_MIN), n < 0 gives 0, then each kernel's closed forms (the ends of
+# the interval, the trigonometric forms of the Chebyshev kinds, Hermite's NaN past degree 128)
+# and elsewhere its float32 recurrence, stopped when the value becomes NaN. The closed forms are
+# MLX ops; the recurrences run step for step as torch's (fused multiply-adds included) in one
+# CPU node per op (csrc/polynomial_cpu.cpp): their memory is the tensor's size whatever n is, and
+# they take the CPU kernel's time, which grows with n where the CPU's does (Laguerre, Legendre
+# inside [-1, 1], Chebyshev until the value overflows).
+
+_INT64_LIMIT = 2.0 ** 63
 
 
 def _degree(n):
+    """torch's int64 conversion of n, as a float32 integer: -1 where it gives INT64_MIN."""
     if not _is_float(n):
-        return n.astype(mx.float32)
-    return mx.where(mx.isnan(n), -1, mx.trunc(n))  # NaN converts to a negative integer
-
-
-def _max_degree(d, name) -> int:
-    if tracing():
-        raise NotImplementedError(f"{name}: the recurrence length is the largest degree in n, "
-                                  f"a value; it cannot be traced into a compiled graph")
-    return int(mx.max(d).item()) if d.size else 0
-
-
-def _recurrence(d, p0, p1, step, max_degree):
-    """P_d for P_0 = p0, P_1 = p1, P_(k+1) = step(k, P_k, P_(k-1)); 0 where d < 0."""
-    p, q = mx.broadcast_arrays(p0, p1)
-    out = mx.where(d == 0, p, q)
-    for k in range(1, max_degree):
-        p, q = q, step(k, q, p)
-        out = mx.where(d == k + 1, q, out)
-    return mx.where(d < 0, 0, out)
-
-
-def _fma(a, b, c):
-    """a * b + c rounded once, as the fused multiply-add torch's compiled recurrences use:
-    a * b split exactly into P + E (Dekker's product of 12-bit halves), then P + c with its
-    rounding error recovered (Knuth's two-sum). Huge operands, whose halves would overflow,
-    fall back to the twice-rounded a * b + c."""
-    def split(v):
-        t = v * 4097.0
-        hi = t - (t - v)
-        return hi, v - hi
-    (ah, al), (bh, bl) = split(a), split(b)
-    product = a * b
-    error = ((ah * bh - product) + ah * bl + al * bh) + al * bl
-    total = product + c
-    back = total - product
-    sum_error = (product - (total - back)) + (c - back)
-    fused = total + (sum_error + error)
-    small = (mx.abs(a) < 1e30) & (mx.abs(b) < 1e30) & mx.isfinite(fused)
-    return mx.where(small, fused, total)
+        n = n.astype(mx.float32)
+    return mx.where(mx.abs(n) < _INT64_LIMIT, mx.trunc(n), -1)  # NaN compares false
 
 
 def _parity(d):
     return mx.where(mx.remainder(d, 2) == 0, 1, -1)
+
+
+def _recurrence(kind, x, first, d, needed):
+    """torch's recurrence P_d (P_0 = 1, P_1 = first) where ``needed``, 1 elsewhere."""
+    with mx.stream(mx.cpu):
+        steps = mx.where(needed & (d >= 0), d, 0).astype(mx.float32)
+        x, first = (mx.broadcast_to(a, d.shape).astype(mx.float32) for a in (x, first))
+        return _C.polynomial_recurrence(kind, x, first, steps)
 
 
 def _polynomial(name, fn):
@@ -957,34 +1122,49 @@ def _polynomial(name, fn):
     def lowered(x, n):
         x, n = _as_array(x, n), _as_array(n, x)
         x, d = mx.broadcast_arrays(x, _degree(n))
-        return fn(x, d, _max_degree(d, name))
+        return mx.where(d < 0, 0, fn(x, d)).astype(x.dtype)
     lowering(f"special_{name}", f"special_{name}.x_scalar", f"special_{name}.n_scalar",
              promote=PROMOTE.INT_TO_FLOAT)(lowered)
 
 
+# degree above which torch uses the trigonometric form inside (-1, 1)
+_TRIG_FROM = {False: {"t": 6, "u": 8, "v": 8, "w": 8}, True: {"t": 6, "u": 6, "v": 6, "w": 4}}
+
+
 def _chebyshev(kind, shifted):
-    """Chebyshev polynomials T, U, V, W of t = x (or t = 2x - 1, shifted): t + t times the last
-    minus the one before, started from 1 and T: t, U: 2t, V: 2t - 1, W: 2t + 1. For |t| < 1
-    and large n torch uses the trigonometric forms, e.g. T_n(cos a) = cos(n a)."""
-    def fn(x, d, max_degree):
+    """Chebyshev polynomials T, U, V, W of t = x (or t = 2x - 1, shifted): P_1 = T: t, U: 2t,
+    V: 2t - 1, W: 2t + 1, then t + t times the last minus the one before. For |t| < 1 and
+    large n torch uses the trigonometric forms, a = acos(t): T = cos(n a),
+    U = sin((n + 1) a) / sin a, V = cos((n + 1/2) a) / cos(a / 2),
+    W = sin((n + 1/2) a) / sin(a / 2), with its fallbacks where the divisor's sine or cosine
+    rounds to 0 or 1; at the ends (x = +-1; shifted: x = 1 and x = 0) its exact values."""
+    def fn(x, d):
         t = x + x - 1 if shifted else x
         first = {"t": t, "u": t + t, "v": t + t - 1, "w": t + t + 1}[kind]
-        out = _recurrence(d, mx.ones_like(t), first, lambda k, q, p: _fma(t + t, q, -p),
-                          max_degree)
-        a = mx.arccos(mx.clip(t, -1, 1))
-        trig = {"t": lambda: mx.cos(d * a),
-                "u": lambda: mx.sin((d + 1) * a) / mx.sin(a),
-                "v": lambda: mx.cos((d + 0.5) * a) / mx.cos(a / 2),
-                "w": lambda: mx.sin((d + 0.5) * a) / mx.sin(a / 2)}[kind]()
-        threshold = {"t": 6, "u": 8, "v": 8, "w": 8} if not shifted else \
-            {"t": 6, "u": 6, "v": 6, "w": 4}
-        out = mx.where((d > threshold[kind]) & (mx.abs(t) < 1), trig, out)
-        # the ends t = 1 and t = -1, exactly
-        at_one = {"t": mx.ones_like(t), "u": d + 1, "v": mx.ones_like(t), "w": d + d + 1}[kind]
-        at_minus_one = {"t": _parity(d), "u": _parity(d) * (d + 1),
-                        "v": _parity(d) * (d + d + 1), "w": _parity(d)}[kind]
-        out = mx.where(t == 1, at_one, mx.where(t == -1, at_minus_one, out))
-        return mx.where(d < 0, 0, out)
+        a = mx.arccos(t)
+        if kind == "t":
+            trig = mx.cos(d * a)
+        elif kind == "u":
+            sin_a = mx.sin(a)
+            trig = mx.where(sin_a != 0, mx.sin((d + 1) * a) / sin_a,
+                            (d + 1) * mx.cos((d + 1) * a) / t)
+        elif kind == "v":
+            trig = mx.where(mx.sin(a / 2) != 1, mx.cos((d + 0.5) * a) / mx.cos(a / 2),
+                            _parity(d) * (d + d + 1))
+        else:
+            fallback = _parity(d) if shifted else mx.where(x > 0, d + d + 1, _parity(d))
+            trig = mx.where(mx.cos(a / 2) != 1, mx.sin((d + 0.5) * a) / mx.sin(a / 2), fallback)
+        use_trig = (d > _TRIG_FROM[shifted][kind]) & (mx.abs(t) < 1)
+        if shifted:  # the ends x = 1 (t = 1) and x = 0 (t = -1); other x rounding to t = -1
+            at_end = (x == 1) | (x == 0)  # recur, as torch's kernel does
+        else:
+            at_end = mx.abs(x) == 1
+        one = {"t": mx.ones_like(t), "u": d + 1, "v": mx.ones_like(t), "w": d + d + 1}[kind]
+        minus_one = {"t": _parity(d), "u": _parity(d) * (d + 1),
+                     "v": _parity(d) * (d + d + 1), "w": _parity(d)}[kind]
+        end = mx.where(t > 0, one, minus_one)
+        recur = _recurrence("chebyshev", t, first, d, ~at_end & ~use_trig)
+        return mx.where(at_end, end, mx.where(use_trig, trig, recur))
     return fn
 
 
@@ -992,15 +1172,23 @@ for _kind in "tuvw":
     _polynomial(f"chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=False))
     _polynomial(f"shifted_chebyshev_polynomial_{_kind}", _chebyshev(_kind, shifted=True))
 
-_polynomial("hermite_polynomial_h", lambda x, d, m: _recurrence(
-    d, mx.ones_like(x), x + x, lambda k, q, p: _fma(x + x, q, -(2 * k) * p), m))
-_polynomial("hermite_polynomial_he", lambda x, d, m: _recurrence(
-    d, mx.ones_like(x), x, lambda k, q, p: _fma(x, q, -k * p), m))
-_polynomial("laguerre_polynomial_l", lambda x, d, m: mx.where((x == 0) & (d >= 0), 1, _recurrence(
-    d, mx.ones_like(x), 1 - x, lambda k, q, p: _fma(k + k + (1 - x), q, -k * p) / (k + 1), m)))
-_polynomial("legendre_polynomial_p", lambda x, d, m: mx.where(
-    (mx.abs(x) == 1) & (d >= 0), mx.where(x > 0, 1, _parity(d)), _recurrence(
-        d, mx.ones_like(x), x, lambda k, q, p: _fma((k + k + 1) * x, q, -k * p) / (k + 1), m)))
+_HERMITE_LIMIT = 128  # torch's float32 kernels return NaN past this degree
+
+
+def _hermite(kind):
+    def fn(x, d):
+        recur = _recurrence(kind, x, x + x if kind == "hermite_h" else x, d, d <= _HERMITE_LIMIT)
+        return mx.where(d > _HERMITE_LIMIT, math.nan, recur)
+    return fn
+
+
+_polynomial("hermite_polynomial_h", _hermite("hermite_h"))
+_polynomial("hermite_polynomial_he", _hermite("hermite_he"))
+_polynomial("laguerre_polynomial_l", lambda x, d: mx.where(  # L_n(0) = 1, also for -0.0
+    x == 0, 1, _recurrence("laguerre", x, 1 - x, d, x != 0)))
+_polynomial("legendre_polynomial_p", lambda x, d: mx.where(
+    mx.abs(x) == 1, mx.where(x > 0, 1, _parity(d)),
+    _recurrence("legendre", x, x, d, mx.abs(x) != 1)))
 
 
 lowering("special_modified_bessel_i0", promote=PROMOTE.INT_TO_FLOAT)(
@@ -1054,7 +1242,12 @@ def special_airy_ai(self):
         odd = odd * iz
         root = mx.sqrt(math.pi) * mx.power(ax, 0.25)
         positive = mx.exp(-zeta) / (2 * root) * decay
-        phase = zeta + math.pi / 4
+        # the phase zeta + pi/4 as torch's float32 kernel rounds it, -2x sqrt(-x) / 3 + pi/4 in
+        # float32: its ulp is 0.06 at x = -13438 (zeta = 1e6), so the CPU's values there
+        # follow its rounding, not the exact phase
+        x32 = mx.minimum(self.astype(mx.float32), -8.0)
+        quarter_pi = mx.array(math.pi, mx.float32) * 0.25
+        phase = ((-2 * x32 * mx.sqrt(-x32)) / 3 + quarter_pi).astype(mx.float64)
         negative = (mx.sin(phase) * even - mx.cos(phase) * odd) / root
         out = mx.where(x > 5, positive, mx.where(x < -8, negative, series))
         out = mx.where(mx.isinf(x), math.nan, out)

@@ -353,7 +353,7 @@ def index_put(self, indices, values, accumulate=False):
     lin = mx.reshape(plan.lin(), (-1,))
     vals = mx.reshape(vals, (math.prod(plan.bshape),) + plan.rest_shape)
     if accumulate:
-        x = x.at[lin].add(vals)
+        x = registry.accumulate_at(x, lin, vals)
     else:
         x = mx.reshape(x, x.shape)  # a new array object: __setitem__ rebinds only it
         x[lin] = vals
@@ -477,7 +477,7 @@ def index_add(self, dim, index, source, alpha=1):
     if self.dtype == mx.bool_:
         x = x.astype(mx.int32).at[idx].add(mx.swapaxes(src, 0, dim).astype(mx.int32)) != 0
     else:
-        x = x.at[idx].add(mx.swapaxes(src, 0, dim))
+        x = registry.accumulate_at(x, idx, mx.swapaxes(src, 0, dim))
     return mx.reshape(mx.swapaxes(x, 0, dim), self.shape)
 
 
@@ -523,7 +523,7 @@ def _scatter_reduce(x: mx.array, key, src: mx.array, reduce: str, include_self: 
     s = src.astype(work.dtype)
     if reduce in ("sum", "mean"):
         base = work if include_self else mx.where(hit, mx.zeros_like(work), work)
-        out = base.at[key].add(s)
+        out = registry.accumulate_at(base, key, s)
         if reduce == "mean":
             count = touched + (1 if include_self else 0)
             count = mx.maximum(count, 1)
@@ -533,7 +533,7 @@ def _scatter_reduce(x: mx.array, key, src: mx.array, reduce: str, include_self: 
                 out = mx.where(hit, mx.floor_divide(out, count.astype(out.dtype)), out)
     elif reduce == "prod":
         base = work if include_self else mx.where(hit, mx.ones_like(work), work)
-        out = base.at[key].multiply(s)
+        out = registry.accumulate_at(base, key, s, "multiply")
     elif reduce in ("amax", "amin"):
         ident = mx.array(_extreme(work.dtype, reduce), dtype=work.dtype)
         base = work if include_self else mx.where(hit, ident, work)
@@ -591,7 +591,7 @@ def put(self, index, source, accumulate=False):
     flat = mx.reshape(self, (-1,))
     src = mx.reshape(source, (-1,)).astype(self.dtype)
     if accumulate:
-        flat = flat.at[idx].add(src)
+        flat = registry.accumulate_at(flat, idx, src)
     else:
         flat = mx.reshape(flat, flat.shape)
         flat[idx] = src

@@ -17,8 +17,9 @@ import math
 import mlx.core as mx
 import torch
 
+from .elementwise import fma32
 from .random import _alias, _cpu_generator
-from .registry import lowering, torch_kernel, tracing
+from .registry import accumulate_at, lowering, torch_kernel, tracing
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -563,7 +564,12 @@ def hardshrink_backward(grad_out, self, lambd):
 
 @lowering("softshrink")
 def softshrink(self, lambd=0.5):
-    return mx.where(self > lambd, self - lambd, mx.where(self < -lambd, self + lambd, 0))
+    # torch's kernels test x > lambd, then x < -lambd; NaN fails both and comes out NaN. Half
+    # inputs are computed in float32 with lambd in float32 and rounded once, as torch's
+    x = self.astype(mx.float32) if self.dtype in (mx.float16, mx.bfloat16) else self
+    inside = mx.where(mx.isnan(x), x, 0)
+    out = mx.where(x > lambd, x - lambd, mx.where(x < -lambd, x + lambd, inside))
+    return out.astype(self.dtype)
 
 
 @lowering("softshrink_backward")
@@ -927,8 +933,8 @@ def _scatter_to_plane(grad_output, self, n, indices):
         return mx.reshape(grad, self.shape)
     per_row = math.prod(indices.shape[-n:])
     rows = mx.arange(lead)[:, None]
-    grad = grad.at[rows, mx.reshape(indices, (lead, per_row))].add(
-        mx.reshape(grad_output, (lead, per_row)))
+    grad = accumulate_at(grad, (rows, mx.reshape(indices, (lead, per_row))),
+                         mx.reshape(grad_output, (lead, per_row)))
     return mx.reshape(grad, self.shape)
 
 
@@ -1160,7 +1166,13 @@ def _multi_margin_terms(self, target, p, margin, weight):
     return mx.where(not_target, terms, 0), hinge, not_target, x.shape[1]
 
 
-@lowering("multi_margin_loss")
+def _multi_margin_loss_spec(spec, self, target, p=1, margin=1, weight=None, reduction=1):
+    """The CPU kernel gives the unreduced loss the target's shape: () for a 0-d target (one
+    unbatched sample). torch's meta kernel, its decomposition, gives (1,)."""
+    return ((), spec[1]) if reduction == 0 and target.dim() == 0 else spec
+
+
+@lowering("multi_margin_loss", spec=_multi_margin_loss_spec)
 def multi_margin_loss(self, target, p=1, margin=1, weight=None, reduction=1):
     terms, _, _, n_classes = _multi_margin_terms(self, target, p, margin, weight)
     loss = mx.sum(terms, axis=1) / n_classes
@@ -1199,7 +1211,14 @@ def _multilabel_active(self, target):
     return x, safe, mx.where(counts, hinge, 0), is_target
 
 
-@lowering("multilabel_margin_loss_forward")
+def _multilabel_margin_loss_spec(spec, self, target, reduction):
+    """The CPU kernel gives an unbatched (0-d or 1-d) input's unreduced loss shape ();
+    torch's meta kernel, its decomposition, gives (1,)."""
+    (_, loss_dtype), is_target = spec
+    return (((), loss_dtype), is_target) if reduction == 0 and self.dim() < 2 else spec
+
+
+@lowering("multilabel_margin_loss_forward", spec=_multilabel_margin_loss_spec)
 def multilabel_margin_loss_forward(self, target, reduction):
     x, _, hinge, is_target = _multilabel_active(self, target)
     loss = mx.sum(mx.maximum(hinge, 0), axis=(1, 2)) / x.shape[1]
@@ -1389,9 +1408,15 @@ for _name, _mode, _n, _aligned in [
 # 2 reflection (torch's GridSampler.h rules). grid[..., 0] indexes the last (W) dim.
 
 
-def _unnormalize(coord, size, align_corners):
+def _unnormalize(coord, size, align_corners, fused=False):
+    """The pixel coordinate of a grid value. ``fused``: as torch's vectorised 2-D float32
+    kernel computes it, (coord + 1) * (size / 2) - 1/2 with one rounding (GCC contracts it into
+    a fused multiply-add; a 1-ulp difference in the coordinate moves the output by that much
+    times the input's local gradient: 4e-3 on OpInfo's reference inputs)."""
     if align_corners:
         return (coord + 1) / 2 * (size - 1)
+    if fused:
+        return fma32(coord + 1, mx.array(size / 2, coord.dtype), mx.array(-0.5, coord.dtype))
     return ((coord + 1) * size - 1) / 2
 
 
@@ -1420,7 +1445,10 @@ def _grid_sample(input, grid, interpolation_mode, padding_mode, align_corners):
     n = grid.shape[-1]
     sizes = input.shape[2:]  # (D,) H, W; grid coordinates come as (x, y[, z])
     x = mx.reshape(_upcast(input), input.shape[:2] + (-1,))
-    coords = [_unnormalize(_upcast(grid[..., n - 1 - d]), sizes[d], align_corners)
+    # torch's 2-D float32 kernel is vectorised (GridSamplerKernel.cpp); 3-D and half inputs
+    # take its scalar code, which does not fuse
+    fused = n == 2 and input.dtype == mx.float32 and grid.dtype == mx.float32
+    coords = [_unnormalize(_upcast(grid[..., n - 1 - d]), sizes[d], align_corners, fused)
               for d in range(n)]
     out_shape = grid.shape[:-1]
 
@@ -1445,12 +1473,19 @@ def _grid_sample(input, grid, interpolation_mode, padding_mode, align_corners):
         base = [mx.floor(c) for c in coords]
         fracs = [c - b for c, b in zip(coords, base)]
         coeffs = [[far(t + 1), near(t), near(1 - t), far(2 - t)] for t in fracs]
+        # separably, as torch: along x within each row of taps, then the rows along y
+        # (one weight per tap, cy * cx, rounds otherwise: 1e-4 at values ~100)
+        rows = []
+        for ky in range(4):
+            row = 0
+            for kx in range(4):
+                points = [_pad_coordinate(b - 1 + k, size, padding_mode, align_corners)
+                          for b, k, size in zip(base, (ky, kx), sizes)]
+                row = row + sample([mx.floor(p) for p in points]) * weighted(coeffs[1][kx])
+            rows.append(row)
         out = 0
-        for taps in _product(range(4), n):
-            points = [_pad_coordinate(b - 1 + k, size, padding_mode, align_corners)
-                      for b, k, size in zip(base, taps, sizes)]
-            w = math.prod(coeffs[d][k] for d, k in enumerate(taps))
-            out = out + sample([mx.floor(p) for p in points]) * weighted(w)
+        for ky in range(4):
+            out = out + rows[ky] * weighted(coeffs[0][ky])
     else:
         coords = [_pad_coordinate(c, size, padding_mode, align_corners)
                   for c, size in zip(coords, sizes)]
@@ -1773,7 +1808,7 @@ def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sp
         return out, offset2bag, bag_size, max_indices
     if per_sample_weights is not None:
         rows = rows * per_sample_weights[:, None]
-    out = mx.zeros((bags, dim), rows.dtype).at[bag].add(mx.where(used[:, None], rows, 0))
+    out = accumulate_at(mx.zeros((bags, dim), rows.dtype), bag, mx.where(used[:, None], rows, 0))
     if mode == 1:
         out = out / mx.maximum(bag_size[:bags], 1)[:, None]
     return out, offset2bag, bag_size, empty

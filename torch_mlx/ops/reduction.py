@@ -9,7 +9,7 @@ import math
 
 import mlx.core as mx
 
-from .registry import lowering
+from .registry import accumulate_at, lowering
 
 
 def _axes(dim, ndim: int) -> tuple:
@@ -333,9 +333,9 @@ def segment_reduce(data, reduce, lengths=None, indices=None, offsets=None, axis=
     out = mx.full((b * (s + 1), r), start, data.dtype)
     if b * n * r:
         if reduce in ("sum", "mean"):
-            out = out.at[slots].add(vals)
+            out = accumulate_at(out, slots, vals)
         elif reduce == "prod":
-            out = out.at[slots].multiply(vals)
+            out = accumulate_at(out, slots, vals, "multiply")
         else:
             out = out.at[slots].maximum(vals) if reduce == "max" else out.at[slots].minimum(vals)
             if _is_float(data):

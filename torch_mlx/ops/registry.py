@@ -7,6 +7,9 @@ argument names of the aten schema. Everything torch-specific happens here, once:
   errors and dtype rules are torch's (the lowering's result is cast to the meta dtype);
 - elementwise type promotion: with ``promote=KIND`` tensor inputs are cast to torch's
   computation dtype before the lowering sees them;
+- Python numbers in Tensor operand positions (``torch.add(1, t)``, ``3.0 // t``, ``torch._refs``
+  and compiled graphs pass them) reach the lowering as ``mx.array`` values like any operand
+  (``number_dtype``), so no lowering handles them itself;
 - results become "mlx" tensors without copying (unless a lowering hands back an input's buffer:
   a functional op must return fresh storage);
 - in-place (``op_``) and ``out=`` variants are derived from the functional kernel and write into
@@ -22,6 +25,7 @@ from typing import Callable
 
 import mlx.core as mx
 import torch
+from torch import _prims_common as prims_utils
 from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND as PROMOTE
 from torch._prims_common import can_safe_cast_to, elementwise_dtypes
 from torch.utils._pytree import tree_flatten, tree_map
@@ -29,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import _C
 
 __all__ = ["PROMOTE", "Lowering", "lowering", "torch_kernel", "TABLE", "TORCH_KERNELS",
-           "AUTOGRAD_KERNELS", "to_mx_dtype", "to_torch_dtype"]
+           "AUTOGRAD_KERNELS", "to_mx_dtype", "to_torch_dtype", "operands", "number_dtype"]
 
 TORCH_TO_MX = {
     torch.float32: mx.float32,
@@ -75,6 +79,9 @@ class Lowering:
     # calls in the same lazy graph, because it reads state that changes per call (vLLM's
     # attention reads the step's metadata and KV cache).
     compiled: bool = True
+    # spec(meta_spec, *args, **kwargs) -> spec: the CPU kernel's result (shape, dtype) where
+    # torch's meta kernel for the op (a Python decomposition) gives another one; eager only.
+    spec: Callable | None = None
 
 
 TABLE: dict[str, Lowering] = {}
@@ -102,7 +109,8 @@ def compile_allowed() -> bool:
 
 
 def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
-             eager: bool = True, opmath: bool = True, compiled: bool = True):
+             eager: bool = True, opmath: bool = True, compiled: bool = True,
+             spec: Callable | None = None):
     """Register ``fn`` as the MLX lowering of the aten overloads ``names``.
 
     A name may carry another namespace, ``"ns::op.overload"``: a library's custom op (defined
@@ -116,13 +124,16 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
     ``compiled=False`` runs the lowering outside ``mx.compile`` in compiled graphs (see
     Lowering.compiled). A lowering of an op that mutates arguments (reached in compiled graphs
     through torch's ``auto_functionalized``) returns what auto_functionalized returns: the op's
-    result, then the new value of each mutated argument."""
+    result, then the new value of each mutated argument.
+
+    ``spec`` corrects the result spec of torch's meta kernel where it disagrees with the CPU
+    kernel (see Lowering.spec), so eager results have the CPU's shape."""
 
     def register(fn):
         for name in names:
             if name in TABLE:
                 raise RuntimeError(f"aten::{name} is lowered twice")
-            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled)
+            TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled, spec)
             if _registrar is not None and eager:  # a lowering added after import (a plugin's)
                 _registrar.functional(name, functional_kernel(overload(name), TABLE[name]))
         return fn
@@ -187,6 +198,138 @@ def _arg_to_meta(x):
     return x
 
 
+# ----------------------------------------------------------------------------------------------
+# Python numbers in Tensor operand positions. torch lets a number stand for a tensor in some
+# calls (``torch.add(1, t)``, ``3.0 // t``, ``torch._refs`` / prims, FX graphs of compiled code):
+# the dispatcher wraps it in a 0-d CPU tensor marked as a "wrapped number", which type promotion
+# treats as a Python scalar (``int16_t * 3`` stays int16, ``int_t + 2.5`` is the default float
+# dtype), and a Python kernel receives the number itself again. Lowerings never see one: in
+# every Tensor argument of the schema a number (or a 0-d CPU tensor) becomes an ``mx.array``,
+# of the dtype ``number_dtype`` gives; torch's meta kernel sees the number as the dispatcher
+# passes it, a wrapped number (``_C.wrapped_number``), so its checks and result dtype are
+# torch's.
+
+_NUMBER_TYPES = (bool, int, float, complex)
+_OPERANDS: dict = {}
+
+
+def operands(op) -> tuple[tuple[int, ...], frozenset[str]]:
+    """Where ``op``'s schema takes a ``Tensor`` or ``Tensor?`` operand: the positions of the
+    positional ones, and the names of all of them (for arguments passed by name)."""
+    found = _OPERANDS.get(op)
+    if found is None:
+        args = op._schema.arguments
+        is_operand = [str(a.type) in ("Tensor", "Optional[Tensor]")
+                      and not (a.alias_info is not None and a.alias_info.is_write and a.kwarg_only)
+                      for a in args]
+        found = (tuple(i for i, a in enumerate(args) if is_operand[i] and not a.kwarg_only),
+                 frozenset(a.name for i, a in enumerate(args) if is_operand[i]))
+        _OPERANDS[op] = found
+    return found
+
+
+def number_dtype(x, operand_values, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of the array a number ``x`` in a Tensor operand position becomes.
+
+    A lowering that promotes (``promote=``) gets all its operands in the computation dtype,
+    numbers included. Another one gets the dtype torch's type promotion gives the wrapped number
+    among ``operand_values`` (the call's values in its Tensor positions) when that is of the
+    number's own kind (an int with int16 tensors is int16, a float with float16 ones float16),
+    and otherwise the kind's default (bool, int64, the default float and complex dtypes): a
+    bool stays a bool next to float tensors (a mask, a condition), as in torch's kernels.
+    A 0-d CPU tensor is a tensor, not a number: it keeps its dtype unless the lowering
+    promotes, or MLX has no such dtype (float64, complex128: then it goes as a number would)."""
+    if compute_dtype is not None:
+        return compute_dtype
+    if isinstance(x, torch.Tensor):
+        if x.dtype in TORCH_TO_MX:
+            return x.dtype
+        x = x.item()
+    kind = prims_utils.number_type(x)
+    promoted = elementwise_dtypes(*operand_values, type_promotion_kind=PROMOTE.DEFAULT)[1]
+    if prims_utils.dtype_to_type(promoted) is kind and promoted in TORCH_TO_MX:
+        return promoted
+    return prims_utils.type_to_dtype(kind)
+
+
+def _is_number_operand(x) -> bool:
+    """A number, or a 0-d CPU tensor (which mixes with device tensors in torch). Runs for every
+    operand of every eager op: the cheapest tests first."""
+    if type(x) in _NUMBER_TYPES:
+        return True
+    return isinstance(x, torch.Tensor) and x.is_cpu and x.dim() == 0
+
+
+def _operand_values(args, kwargs, positions, names) -> list:
+    return [args[i] for i in positions if i < len(args)] + \
+        [v for k, v in kwargs.items() if k in names]
+
+
+def _numbers_to_mx(args: tuple, kwargs: dict, positions, names, compute_dtype):
+    """args and kwargs with the numbers (and 0-d CPU tensors) in Tensor operand positions as
+    mx.arrays; (args, kwargs) themselves when there are none."""
+    n = len(args)
+    found = [i for i in positions if i < n and _is_number_operand(args[i])]
+    found_kw = [k for k, v in kwargs.items() if k in names and _is_number_operand(v)] \
+        if kwargs else ()
+    if not found and not found_kw:
+        return args, kwargs
+    values = _operand_values(args, kwargs, positions, names)
+
+    def to_mx(x):
+        dtype = number_dtype(x, values, compute_dtype)
+        value = x.item() if isinstance(x, torch.Tensor) else x
+        return mx.array(value, dtype=to_mx_dtype(dtype))
+
+    args = list(args)
+    for i in found:
+        args[i] = to_mx(args[i])
+    kwargs = dict(kwargs)
+    for k in found_kw:
+        kwargs[k] = to_mx(kwargs[k])
+    return args, kwargs
+
+
+def _has_numbers(op, args, kwargs) -> bool:
+    """Whether a Python number is in one of op's Tensor operand positions."""
+    positions, names = operands(op)
+    return any(type(args[i]) in _NUMBER_TYPES for i in positions if i < len(args)) or \
+        any(type(v) in _NUMBER_TYPES for k, v in kwargs.items() if k in names)
+
+
+def _wrap_numbers(op, args, kwargs):
+    """args and kwargs with each Python number in a Tensor position as the dispatcher passes it
+    (a wrapped-number CPU tensor): for calling ``op`` itself (its meta kernel, the CPU, the
+    functional op from an in-place or out= kernel). torch.ops accepts a plain number in a Tensor
+    argument only for a few ops (add, mul, div, ...)."""
+    if not _has_numbers(op, args, kwargs):
+        return args, kwargs
+    positions, names = operands(op)
+    args = tuple(_C.wrapped_number(a) if i in positions and type(a) in _NUMBER_TYPES else a
+                 for i, a in enumerate(args))
+    kwargs = {k: _C.wrapped_number(v) if k in names and type(v) in _NUMBER_TYPES else v
+              for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _number_tensors(op, margs, mkwargs, args, kwargs):
+    """margs and mkwargs (meta arguments of a call with ``args``, ``kwargs``) with each number in
+    a Tensor position as a 0-d meta tensor of its ``number_dtype``."""
+    if not _has_numbers(op, margs, mkwargs):
+        return margs, mkwargs
+    positions, names = operands(op)
+    values = _operand_values(args, kwargs, positions, names)
+
+    def stand_in(x):
+        return torch.zeros((), dtype=number_dtype(x, values), device="meta")
+
+    margs = tuple(stand_in(a) if i in positions and type(a) in _NUMBER_TYPES else a
+                  for i, a in enumerate(margs))
+    mkwargs = {k: stand_in(v) if k in names and type(v) in _NUMBER_TYPES else v
+               for k, v in mkwargs.items()}
+    return margs, mkwargs
+
+
 def _wrap(result, spec, low: Lowering, buffers: list):
     """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype) spec."""
     if isinstance(result, (tuple, list)):
@@ -244,13 +387,13 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
         if hit is not None:
             return hit
     try:
-        margs, mkwargs = tree_map(_arg_to_meta, (args, kwargs))
+        margs, mkwargs = _wrap_numbers(op, *tree_map(_arg_to_meta, (args, kwargs)))
         spec = _spec_of(op(*margs, **mkwargs))
     except NotImplementedError:
         _NO_META.add(op)  # no meta kernel: the lowering's own result dtype stands
         return None, _compute_dtype(args, promote, opmath)
     except Exception as meta_error:
-        _raise_as_the_cpu_would(op, args, kwargs, meta_error)
+        spec = _as_the_cpu_would(op, args, kwargs, meta_error)
     info = (spec, _compute_dtype(args, promote, opmath))
     if key is not None:
         if len(_META_CACHE) >= _META_CACHE_SIZE:
@@ -259,19 +402,20 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
     return info
 
 
-def _cpu_stand_in(x):
-    """A CPU tensor with x's shape and dtype that allocates one element (stride 0); a 0-dim
-    tensor is copied (its value may be what a check is about: a fill value's type range)."""
+def _cpu_stand_in(x, fill=0):
+    """A CPU tensor with x's shape and dtype that allocates one element (stride 0), holding
+    ``fill``; a 0-dim tensor is copied (its value may be what a check is about: a fill value's
+    type range)."""
     if isinstance(x, torch.Tensor) and x.device.type == "mlx":
         if x.dim() == 0:
             return x.cpu()
-        return torch.zeros((), dtype=x.dtype).expand(x.shape)
+        return torch.full((), fill, dtype=x.dtype).expand(x.shape)
     if isinstance(x, torch.device) and x.type == "mlx":
         return torch.device("cpu")
     return x
 
 
-def _raise_as_the_cpu_would(op, args, kwargs, meta_error: Exception):
+def _as_the_cpu_would(op, args, kwargs, meta_error: Exception):
     """A meta kernel rejected the call. Some raise another exception type than the CPU kernel
     for the same mistake (RuntimeError where the CPU raises IndexError, e.g. argmax over an
     empty tensor), many another message (torch's Python meta kernels and refs word their checks
@@ -279,21 +423,42 @@ def _raise_as_the_cpu_would(op, args, kwargs, meta_error: Exception):
     same number of dimensions"); users catch the CPU's types and match its messages (as
     OpInfo's error inputs do). So a functional op is tried on CPU stand-ins of the same shapes
     and dtypes, and the CPU's exception is raised when it raises one, unless it only says that
-    the CPU has no kernel for the dtype. Only error paths pay for this."""
+    the CPU has no kernel for the dtype where the meta kernel raised a check of the same type
+    ("mlx" may have the kernel: the meta check stands). Only error paths pay for this.
+
+    Python refs serving as meta kernels also reject a Python number where the CPU kernel takes
+    the wrapped number (atan2, xlogy, ... refuse one as their first operand): when the CPU
+    accepts a call with numbers in Tensor operand positions, its result's spec is returned. An
+    in-place op cannot run on stand-ins; its meta kernel reruns with each number as a 0-d
+    tensor of ``number_dtype`` (type promotion treats the two alike next to the op's tensors),
+    and the functional op it calls next raises where the CPU would."""
     devices = {x.device.type for x in tree_flatten((args, kwargs))[0]
                if isinstance(x, torch.Tensor) and x.dim() > 0}
     if len(devices) > 1:  # the meta kernel would name "meta" instead of the user's devices
         other = sorted(devices - {"mlx"})[0]
         raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                            f"devices, mlx:0 and {other}!") from None
+    numbers = _has_numbers(op, args, kwargs)
     if any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
-        raise meta_error
+        if not numbers:
+            raise meta_error
+        margs, mkwargs = _number_tensors(op, *tree_map(_arg_to_meta, (args, kwargs)),
+                                         args, kwargs)
+        return _spec_of(op(*margs, **mkwargs))
+    # with numbers the call may be valid, so the stand-ins hold ones (integer division by the
+    # usual zeros would fail)
     try:
-        cargs, ckwargs = tree_map(_cpu_stand_in, (args, kwargs))
-        op(*cargs, **ckwargs)
+        cargs, ckwargs = _wrap_numbers(op, *tree_map(
+            lambda x: _cpu_stand_in(x, 1 if numbers else 0), (args, kwargs)))
+        cpu_result = op(*cargs, **ckwargs)
     except Exception as cpu_error:  # noqa: BLE001  (re-raised as is)
-        if "not implemented for" not in str(cpu_error):
+        # the CPU's lack of a kernel for the dtype stands only against a meta check of its kind
+        # (not against a meta kernel that cannot take a Python number: AttributeError)
+        if "not implemented for" not in str(cpu_error) or type(cpu_error) is not type(meta_error):
             raise cpu_error.with_traceback(None) from None
+        raise meta_error from None
+    if numbers:  # the meta kernel refused a number the CPU takes: the CPU's spec stands
+        return _spec_of(cpu_result)
     raise meta_error
 
 
@@ -304,18 +469,56 @@ def _compute_dtype(args, promote, opmath):
     return elementwise_dtypes(*inputs, type_promotion_kind=promote)[0 if opmath else 1]
 
 
+# MLX's GPU scatter takes no 8-byte element types (int64, uint64; complex64 for sums only), on
+# Metal as on CUDA, and raises while the graph is built, before anything runs. A lowering that
+# hits it runs again with MLX's CPU stream, which shares the memory.
+_GPU_UNSUPPORTED = ("GPU scatter does not yet support",)
+
+
+def call_lowering(fn, args, kwargs):
+    """``fn(*args, **kwargs)``, on MLX's CPU stream where MLX's GPU lacks the operation."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as exc:
+        if not any(m in str(exc) for m in _GPU_UNSUPPORTED) or mx.default_device() != mx.gpu:
+            raise
+    with mx.stream(mx.cpu):
+        return fn(*args, **kwargs)
+
+
+_HALF = (mx.float16, mx.bfloat16)
+
+
+def accumulate_at(x: mx.array, key, vals: mx.array, how: str = "add") -> mx.array:
+    """``x.at[key].add(vals)`` (``how="multiply"``: ``.multiply``), the one place lowerings
+    accumulate into repeated positions. MLX's CPU stream accumulates in update order in the
+    array's dtype, as torch's CPU kernels do. MLX's GPU scatter accumulates with atomics in no
+    fixed order, so in float16/bfloat16, which round at every step, the result changed from run
+    to run: there half types accumulate in float32 and round once."""
+    if x.dtype in _HALF and mx.default_device() == mx.gpu:
+        at, v = x.astype(mx.float32).at[key], vals.astype(mx.float32)
+        return (at.add(v) if how == "add" else at.multiply(v)).astype(x.dtype)
+    at = x.at[key]
+    return at.add(vals) if how == "add" else at.multiply(vals)
+
+
 def functional_kernel(op, low: Lowering):
+    positions, names = operands(op)
+
     def kernel(*args, **kwargs):
         if low.meta:
             spec, compute_dtype = _meta_info(op, args, kwargs, low.promote, low.opmath)
+            if low.spec is not None and spec is not None:
+                spec = low.spec(spec, *args, **kwargs)
         else:
             spec, compute_dtype = None, _compute_dtype(args, low.promote, low.opmath)
+        args, kwargs = _numbers_to_mx(args, kwargs, positions, names, compute_dtype)
         buffers = []
         margs = _C.lowering_args(list(args), buffers, _arg_to_mx)
         mkwargs = dict(zip(kwargs, _C.lowering_args(tuple(kwargs.values()), buffers, _arg_to_mx)))
         if compute_dtype is not None:  # the tensor arguments, cast to the computation dtype
             _C.cast_arrays(margs, to_mx_dtype(compute_dtype))
-        result = low.fn(*margs, **mkwargs)
+        result = call_lowering(low.fn, margs, mkwargs)
         return _wrap(result, spec, low, buffers)
 
     kernel.__name__ = f"mlx_{low.name.replace('.', '_')}"
@@ -327,7 +530,8 @@ def inplace_kernel(op_inplace, functional_op):
 
     def kernel(self, *args, **kwargs):
         _meta_info(op_inplace, (self, *args), kwargs, None)  # torch's in-place checks
-        result = functional_op(self, *args, **kwargs)
+        args, kwargs = _wrap_numbers(functional_op, (self, *args), kwargs)
+        result = functional_op(*args, **kwargs)
         if isinstance(result, (tuple, list)):
             result = result[0]
         return self.copy_(result)
@@ -341,6 +545,8 @@ def out_kernel(op_out, functional_op, out_names: list[str]):
 
     def kernel(*args, **kwargs):
         outs = [kwargs.pop(n) for n in out_names]
+        # numbers first: the CPU's out= op, which decides overlap errors, takes wrapped numbers
+        args, kwargs = _wrap_numbers(functional_op, args, kwargs)
         _check_out_overlap(op_out, args, kwargs, dict(zip(out_names, outs)), no_full_overlap)
         result = functional_op(*args, **kwargs)
         results = tuple(result) if isinstance(result, (tuple, list)) else (result,)

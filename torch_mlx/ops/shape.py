@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import torch
 
-from .registry import lowering, to_mx_dtype, to_torch_dtype, torch_kernel
+from .registry import accumulate_at, lowering, to_mx_dtype, to_torch_dtype, torch_kernel
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -140,7 +140,7 @@ def _pad_backward(grad_output, self, padding, reflect: bool):
         src = _pad_source(self.shape[d], lo, hi, reflect)
         moved = mx.swapaxes(g, 0, d)
         acc = mx.zeros((self.shape[d],) + tuple(moved.shape[1:]), dtype=g.dtype)
-        g = mx.swapaxes(acc.at[src].add(moved), 0, d)
+        g = mx.swapaxes(accumulate_at(acc, src, moved), 0, d)
     return g
 
 
@@ -193,21 +193,38 @@ def unfold_mx(self, dimension, size, step):
     return mx.as_strided(self, sizes, strides)
 
 
-@lowering("unfold_backward")
+def _unfold_backward_spec(spec, grad_in, input_sizes, dim, size, step):
+    """The gradient of a 0-d input is 0-d on the CPU; torch's meta kernel, its decomposition,
+    gives a size-0 window's gradient the shape (0,)."""
+    return ((), spec[1]) if len(input_sizes) == 0 else spec
+
+
+@lowering("unfold_backward", spec=_unfold_backward_spec)
 def unfold_backward(grad_in, input_sizes, dim, size, step):
-    """Every window element's gradient added back at the input position it viewed."""
+    """Every window element's gradient added back at the input position it viewed. As in
+    torch, grad_in's other dimensions broadcast to input_sizes (istft's window envelope passes
+    one batch row for all: torch._refs.istft, torch.compile), it holds grad_in.shape[dim]
+    windows, and window elements past the input's end add nothing."""
     input_sizes = [int(s) for s in input_sizes]
     nd = len(input_sizes)
     if nd == 0:
         return mx.reshape(mx.sum(grad_in), ())
     d = _dim(dim, nd)
+    grad_in = mx.reshape(grad_in, (1,) * (nd + 1 - grad_in.ndim) + tuple(grad_in.shape))
     nwin = grad_in.shape[d]
+    grad_in = mx.broadcast_to(grad_in, input_sizes[:d] + [nwin] + input_sizes[d + 1:] + [size])
+    if grad_in.size == 0:  # nothing to add back (MLX's scatter cannot take empty updates)
+        return mx.zeros(input_sizes, dtype=grad_in.dtype)
     # (..., nwin, ..., size) -> (nwin, size, ...) -> (nwin*size, ...)
     g = mx.moveaxis(mx.moveaxis(grad_in, -1, 0), d + 1, 0)
     g = mx.reshape(g, (nwin * size,) + tuple(g.shape[2:]))
     pos = mx.reshape(mx.arange(nwin)[:, None] * step + mx.arange(size)[None, :], (-1,))
+    if (nwin - 1) * step + size > input_sizes[d]:  # more windows than fit: drop the overhang
+        inside = pos < input_sizes[d]
+        g = mx.where(mx.reshape(inside, (-1,) + (1,) * (g.ndim - 1)), g, 0)
+        pos = mx.where(inside, pos, 0)
     acc = mx.zeros((input_sizes[d],) + tuple(g.shape[1:]), dtype=grad_in.dtype)
-    return mx.moveaxis(acc.at[pos].add(g), 0, d)
+    return mx.moveaxis(accumulate_at(acc, pos, g), 0, d)
 
 
 # ----------------------------------------------------------------------------------------------

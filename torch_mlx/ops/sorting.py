@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import registry
-from .registry import lowering, to_mx_dtype, to_torch_dtype
+from .registry import accumulate_at, lowering, to_mx_dtype, to_torch_dtype
 
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
@@ -500,7 +500,7 @@ def bincount(self, weights=None, minlength=0):
     n = int(mx.max(self).item()) + 1
     size = n if n > minlength else minlength
     add = mx.ones(self.shape, dtype=out_dtype) if weights is None else weights
-    return mx.zeros((size,), dtype=out_dtype).at[_i64(self)].add(add)
+    return accumulate_at(mx.zeros((size,), dtype=out_dtype), _i64(self), add)
 
 
 def _linspace(start: float, end: float, steps: int, dtype) -> mx.array:
@@ -532,8 +532,8 @@ def _histogramdd(points: mx.array, edges: list, weight, density: bool) -> mx.arr
         flat = flat * shape[d] + pos
     w = mx.ones((points.shape[0],), dtype=dtype) if weight is None else \
         mx.reshape(weight, (-1,)).astype(dtype)
-    hist = mx.zeros((math.prod(shape),), dtype=dtype).at[mx.where(inside, flat, 0)].add(
-        mx.where(inside, w, mx.zeros((), dtype)))
+    hist = accumulate_at(mx.zeros((math.prod(shape),), dtype=dtype), mx.where(inside, flat, 0),
+                         mx.where(inside, w, mx.zeros((), dtype)))
     hist = mx.reshape(hist, shape)
     if density:
         hist = hist / mx.sum(hist)

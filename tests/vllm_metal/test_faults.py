@@ -1,0 +1,122 @@
+"""`vllm serve` on "mlx" under faults: the engine process dies while requests are in flight
+(clients get errors, the server exits within bounded time, nothing hangs), and overload (the
+scheduler preempts, and no output changes).
+
+Not here yet: SIGTERM with streams in flight. vLLM's launcher aborts the engine and then lets
+uvicorn wait, with no time limit, for the streaming connections to close; alone on this machine
+that took about 2 s, in a loaded full-suite run it passed 10 s (see the session note)."""
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+from serving import Server, ensure_tiny_model  # noqa: E402
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ensure_tiny_model("LlamaForCausalLM")
+
+
+def _start(model):
+    return Server(model, name=NAME,
+                  extra_args=("--max-model-len", "512", "--max-num-seqs", "8")).start()
+
+
+def _streams_in_flight(server, n):
+    """n long streamed completions in threads; returns (threads, outcomes, first-token event)."""
+    outcomes, started = [], threading.Event()
+
+    def one(i):
+        client = server.client()
+        try:
+            tokens = 0
+            stream = client.completions.create(model=NAME, prompt=f"Story {i}:", max_tokens=400,
+                                               extra_body={"min_tokens": 400}, temperature=0.0,
+                                               stream=True)
+            for _ in stream:
+                tokens += 1
+                started.set()
+            outcomes.append(("finished", tokens))
+        except Exception as exc:  # noqa: BLE001  (the point is that it is an error)
+            started.set()
+            outcomes.append(("error", type(exc).__name__))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, outcomes, started
+
+
+def _engine_core(server) -> psutil.Process:
+    for pid in server.pids()[1:]:
+        proc = psutil.Process(pid)
+        if "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline()):
+            return proc
+    raise AssertionError(f"no engine core process among {server.pids()}")
+
+
+def test_engine_death_fails_requests_and_the_server_exits(model):
+    server = _start(model)
+    try:
+        threads, outcomes, started = _streams_in_flight(server, 4)
+        assert started.wait(120), "no stream produced a token"
+        _engine_core(server).send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # vLLM's launcher (platform-independent code: launcher.terminate_if_errored) stops
+        # uvicorn with should_exit once the engine is dead, so the exit status is uvicorn's
+        # normal 0 on every platform; what matters is that it exits, promptly
+        rc = server.proc.wait(timeout=30)  # raises TimeoutExpired: a hang
+        exit_s = time.monotonic() - killed
+        for t in threads:
+            t.join(timeout=30)
+        assert len(outcomes) == 4
+        assert all(kind == "error" or tokens < 400 for kind, tokens in outcomes), outcomes
+        print(f"server exited with {rc} {exit_s:.1f} s after the engine was killed")
+    finally:
+        server.stop()
+
+
+def test_overload_preempts_and_every_output_equals_the_request_alone(model):
+    # 64 concurrent greedy requests of 96 new tokens need ~6.5K tokens of KV; the cache holds
+    # 320 (20 blocks of 16). The scheduler admits short prompts a block each, then runs out as
+    # they grow, so it must preempt and recompute. Every request completes, and its tokens are
+    # those of the same request run alone.
+    import asyncio
+
+    server = Server(model, name=NAME, extra_args=(
+        "--max-model-len", "256", "--max-num-seqs", "64",
+        "--kv-cache-memory-bytes", str(320 * 1024))).start()
+    try:
+        prompts = [f"Number {i}" for i in range(64)]
+
+        async def one(client, prompt):
+            r = await client.completions.create(model=NAME, prompt=prompt, max_tokens=96,
+                                                extra_body={"min_tokens": 96}, temperature=0.0)
+            return r.choices[0].text
+
+        async def together():
+            client = server.async_client()
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+        concurrent = asyncio.run(together())
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        preemptions = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                          if line.startswith("vllm:num_preemptions_total"))
+        client = server.client()
+        alone = [client.completions.create(model=NAME, prompt=p, max_tokens=96,
+                                           extra_body={"min_tokens": 96},
+                                           temperature=0.0).choices[0].text for p in prompts]
+        assert preemptions > 0, "the cache never ran out: no preemption"
+        assert concurrent == alone
+        print(f"{preemptions:.0f} preemptions")
+    finally:
+        server.stop()
