@@ -13,6 +13,8 @@ Three kinds of input (INPUT_KINDS), each counted apart:
   every dtype's run): "mlx" must raise the ErrorInput's error_type with a message matching its
   error_regex, as the CPU does. An error input that the CPU does not raise as declared (a few
   generic ones for binary ops) is compared like a sample and counted (``cpu_not_raising``).
+  Error inputs that mix the device's tensors with CPU tensors (where's and dot's device checks)
+  cannot be made on the CPU: those are made for "mlx" and run there alone.
 
 How a sample is compared (the mirror image of test_ops.py's test_compare_cpu):
 - samples come from the generators above on the CPU (seeded); each tensor is copied to "mlx"
@@ -406,9 +408,36 @@ class ErrorCase:
     """An ErrorInput made on the CPU, and the error its generator declares for the same input
     on a device other than the CPU where that differs (``elsewhere``: an ErrorInput made for
     "meta"). A few generators branch on the device: narrow_copy's out-of-range dim is the CPU
-    kernel's RuntimeError on the CPU, the IndexError of torch's composite elsewhere."""
+    kernel's RuntimeError on the CPU, the IndexError of torch's composite elsewhere.
+
+    ``cross_device``: an ErrorInput made for "mlx" that mixes CPU and "mlx" tensors (where's,
+    dot's "Expected all tensors to be on the same device"): the CPU has no such call, so it
+    runs on "mlx" alone."""
     error_input: object
     elsewhere: object = None
+    cross_device: bool = False
+
+
+def _run_cross_device(op, error_input) -> SampleResult:
+    sample = error_input.sample_input
+    exc = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with no_fallback():
+                op(sample.input, *sample.args, **sample.kwargs)
+        except Exception as raised:
+            exc = raised
+    if _raised_as_declared(exc, error_input):
+        return SampleResult(PASS)
+    declared = f"{error_input.error_type.__name__} matching {error_input.error_regex!r}"
+    if exc is None:
+        return SampleResult(MISMATCH, f"expected {declared}; mlx raised nothing")
+    result = _exception_result(exc)
+    if result.status == ERROR:
+        return SampleResult(MISMATCH, f"expected {declared}; mlx raised "
+                                      f"{type(exc).__name__}: {exc}")
+    return result
 
 
 def run_error_input(op, case, keep_on_cpu=None) -> SampleResult:
@@ -417,10 +446,13 @@ def run_error_input(op, case, keep_on_cpu=None) -> SampleResult:
     the generator declares for other devices, where it says otherwise). Anything else is a
     mismatch (another exception, or none: a silent result), except a missing lowering
     (not_implemented) and the designed TypeError for float64/complex128 (unsupported_dtype).
-    Where the CPU itself does not raise as declared, the input is compared like a sample."""
+    Where the CPU itself does not raise as declared, the input is compared like a sample.
+    A cross-device case runs on "mlx" alone and must raise as declared."""
     if not isinstance(case, ErrorCase):
         case = ErrorCase(case)
     error_input = case.error_input
+    if case.cross_device:
+        return _run_cross_device(op, error_input)
     sample = error_input.sample_input
     run = _run_both(op, sample, keep_on_cpu)
     if run.move_error is None and not _raised_as_declared(run.cpu_error, error_input):
@@ -586,28 +618,64 @@ def reference_inputs_of(op, dtype: torch.dtype, samples=None) -> tuple[list, int
     return extra, duplicates
 
 
+def _devices_of(error_input) -> set:
+    sample = error_input.sample_input
+    return {t.device.type for t in _leaves((sample.input, sample.args, sample.kwargs))
+            if isinstance(t, torch.Tensor)}
+
+
+def _cross_device(error_input, device: str) -> bool:
+    """Does the input mix CPU tensors and tensors on ``device`` (a generator's device check)?"""
+    return _devices_of(error_input) == {"cpu", device}
+
+
+def _error_twins(op) -> list:
+    try:
+        return _generate(lambda: op.error_inputs("meta", set_seed=False))
+    except Exception:
+        return []
+
+
+def has_error_inputs(op) -> bool:
+    """Does error_inputs_of(op) yield anything? (Binary ufuncs that take Python numbers in
+    every position, add, mul, div, ..., have a generator that yields nothing.)"""
+    if op.error_inputs_func is None:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if next(iter(op.error_inputs("cpu")), None) is not None:
+            return True
+        return any(_cross_device(twin, "meta") for twin in _error_twins(op))
+
+
 def error_inputs_of(op) -> list:
     """The op's ErrorInputs made on the CPU, as (ErrorCase, keep_on_cpu) pairs. They have no
     dtype (test_ops.py's test_errors runs them once per op): the same in every dtype's run.
     Their twins made for "meta" give keep_on_cpu (_with_twins) and, where a twin declares
-    another error, ErrorCase.elsewhere."""
+    another error, ErrorCase.elsewhere. Where the generator also makes, for a device other
+    than the CPU, inputs that mix that device's tensors with CPU tensors (twins mixing "meta"
+    and the CPU), those made for "mlx" follow as cross-device cases."""
     if op.error_inputs_func is None:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         errors = _generate(lambda: op.error_inputs("cpu", set_seed=False))
-        try:
-            twins = _generate(lambda: op.error_inputs("meta", set_seed=False))
-        except Exception:
-            twins = []
+        twins = _error_twins(op)
+        mixed = [t for t in twins if _cross_device(t, "meta")]
+        twins = [t for t in twins if not _cross_device(t, "meta")]
+        crossing = []
+        if mixed:  # made on "mlx" itself: its make_tensor runs lowerings
+            crossing = [e for e in _generate(lambda: op.error_inputs(DEVICE, set_seed=False))
+                        if _cross_device(e, DEVICE)]
+    crossing = [(ErrorCase(e, cross_device=True), None) for e in crossing]
     if len(twins) != len(errors):
-        return [(ErrorCase(error), None) for error in errors]
+        return [(ErrorCase(error), None) for error in errors] + crossing
     cases = []
     for error, twin in zip(errors, twins):
         differs = (twin.error_type, twin.error_regex) != (error.error_type, error.error_regex)
         cases.append((ErrorCase(error, twin if differs else None),
                       _cpu_pinned_leaves(error.sample_input, twin.sample_input)))
-    return cases
+    return cases + crossing
 
 
 def inputs_of(op, dtype: torch.dtype, kind: str, samples=None) -> tuple[list, int]:
