@@ -283,6 +283,23 @@ def test_hurwitz_zeta_domain_and_negative_q():
     _same(torch.special.zeta, x, q)
 
 
+def test_polygamma_and_zeta_as_the_cpus_float64_sum():
+    # polygamma(4, x) near the negative half-integers (the reference inputs'): the two terms
+    # nearest the pole (~2^5 each) cancel; the CPU sums in float64 (-4.4998498 gave 2.3011733
+    # there, 2.3011258 here in float32), from a first term q^-x rounded to float32, which is the
+    # CPU's whole error for q in (-1, 0) (-0.49911: 10.243277, float64 10.243232)
+    x = torch.tensor([-1.4992325, -5.5002775, -7.500052, -4.4991312, -2.5007877, -0.5006729,
+                      -8.501023, -6.4997625, -4.4998498, -0.4991076, -0.4995357, -0.4997932,
+                      -3.4991379, -8.5, -0.25, -0.75])
+    for n in (2, 3, 4, 5):
+        _same(lambda t: torch.polygamma(n, t), x)
+    # every term underflowed: the CPU's Euler-Maclaurin factor overflows, inf * 0 = NaN
+    # (zeta(1e20, q)); terms that overflow on both sides of a pole: inf - inf = NaN
+    x = torch.tensor([1e20, 1e20, 1e20, 4988429.0, 1000.0, 2.0])
+    q = torch.tensor([501.0, 1001.2, 1e20, -13437.7, 2.0, 1e20])
+    _same(torch.special.zeta, x, q)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
 def test_gcd_lcm_including_wrapping(dtype):
     g = torch.Generator().manual_seed(0)

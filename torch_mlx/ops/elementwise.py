@@ -978,13 +978,15 @@ def _hurwitz(x, q):
     return s
 
 
-def _zeta(x, q):
-    """Hurwitz zeta(x, q). For q < 0 (x an integer), with q = f - m, 0 < f < 1, g = 1 - f:
+def _zeta_sum(x, q):
+    """Hurwitz zeta(x, q) for finite x > 1 and q not a nonpositive integer, in x's dtype. For
+    q < 0 (x an integer), with q = f - m, 0 < f < 1, g = 1 - f:
     zeta(x, q) = zeta(x, f) + sum_(i=1..m) (f - i)^-x
                = f^-x + (-g)^-x + zeta(x, f + 1) + (-1)^x (zeta(x, g + 1) - zeta(x, m + g)),
-    the two terms nearest the pole added first (they nearly cancel). Poles and domain as torch:
-    x == 1 -> inf, x < 1 -> NaN, q a nonpositive integer -> inf, q <= 0 with x not an integer
-    -> NaN, q = +inf -> NaN."""
+    the two terms nearest the pole added first. For odd x they nearly cancel near the
+    half-integers (each ~2^x, their difference near 0): there f^-x - g^-x is formed as
+    g^-x expm1(x log1p((g - f) / f)), g - f exact (Sterbenz) for 1/4 <= f <= 3/4, which keeps
+    the dtype's relative accuracy."""
     floor_q = mx.floor(q)
     f = q - floor_q
     g = (floor_q + 1) - q  # 1 - f, exact where f is near 1 (q just below an integer)
@@ -992,15 +994,50 @@ def _zeta(x, q):
     positive = _hurwitz(x, mx.where(q > 0, q, 1))
     sign = mx.where(mx.remainder(x, 2) == 0, 1, -1)
     m = mx.maximum(-floor_q, 1)
-    negative = (mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)) + _hurwitz(x, f_safe + 1) \
+    pair = mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)
+    # (where a power overflows the direct form's inf - inf is NaN, as the CPU's sum gives)
+    middle = (sign < 0) & (f_safe >= 0.25) & (f_safe <= 0.75) & mx.isfinite(pair)
+    f_mid = mx.where(middle, f_safe, 0.5)
+    g_mid = mx.where(middle, g_safe, 0.5)
+    difference = mx.power(g_mid, -x) * mx.expm1(x * mx.log1p((g_mid - f_mid) / f_mid))
+    pair = mx.where(middle, difference, pair)
+    negative = pair + _hurwitz(x, f_safe + 1) \
         + sign * (_hurwitz(x, g_safe + 1) - _hurwitz(x, m + g_safe))
-    out = mx.where(q < 0, negative, positive)
+    return mx.where(q < 0, negative, positive)
+
+
+def _zeta(x, q):
+    """Hurwitz zeta(x, q) as torch's CPU kernel (aten/src/ATen/native/Math.h, zeta) computes
+    it: its sum runs in acc_type (float64 for float32, float32 for half types) from a first
+    term q^-x that std::pow(float, float) rounds to float32, and is rounded once at the end.
+    So for float32 the sum here is float64 on MLX's CPU stream (bounded work, _zeta_sum) with
+    that first term's float32 rounding put back: near q's poles in (-1, 0) the first term is
+    ~2^x and its rounding is the CPU's whole error (polygamma(4, -0.49911): the CPU 10.243277,
+    float64 10.243232). Poles and domain as torch: x == 1 -> inf, x < 1 -> NaN, q a nonpositive
+    integer -> inf, q <= 0 with x not an integer -> NaN, q = +inf -> NaN."""
+    dtype = x.dtype
+    acc = mx.float64 if dtype == mx.float32 else mx.float32
+    with mx.stream(mx.cpu):
+        x_acc, q_acc = x.astype(acc), q.astype(acc)
+        if dtype == mx.float32:
+            first = mx.power(q, -x)  # float32, as the CPU's first term
+            rest = _zeta_sum(x_acc, q_acc) - mx.power(q_acc, -x_acc)
+            out = mx.where(mx.isinf(first), first, first.astype(acc) + rest)
+        else:
+            out = _zeta_sum(x_acc, q_acc)
+        # Every term 0 (underflowed): the CPU's Euler-Maclaurin loop, which returns once a
+        # correction is small against the sum, runs to its end and its rising factorial
+        # x (x+1) ... (x+22) overflows for large x (float64: x > ~2.5e13): inf * 0 = NaN
+        rising = x_acc
+        for k in range(1, 23):
+            rising = rising * (x_acc + k)
+        out = mx.where((out == 0) & mx.isinf(rising), math.nan, out).astype(dtype)
     out = mx.where(mx.isnan(x) | mx.isnan(q) | mx.isposinf(q), math.nan, out)
     # torch's tests, applied from its last to its first: x == 1, x < 1, then for q <= 0 an
     # integer q (inf, also for a NaN or non-integer x) before a non-integer x (NaN)
     nonpositive = q <= 0
     out = mx.where(nonpositive & (x != mx.floor(x)), math.nan, out)
-    out = mx.where(nonpositive & (q == floor_q), math.inf, out)
+    out = mx.where(nonpositive & (q == mx.floor(q)), math.inf, out)
     return mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))
 
 
