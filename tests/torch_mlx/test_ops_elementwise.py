@@ -168,6 +168,21 @@ def test_half_precision_rounds_like_the_cpu():
         _same(torch.logit, torch.rand(256, generator=g).to(dtype), exact=True)
 
 
+def test_add_and_sub_take_numbers_and_alpha_in_the_half_dtype():
+    # the CPU's add kernel (also sub's) converts a number, a 0-d tensor and alpha to the result
+    # dtype before its float32 arithmetic: mvlgamma's x.add_(5.7239) on half gave -0.1406 on the
+    # CPU, -0.1394 here (OpInfo's reference inputs, 157 of 16384 elements)
+    c = 5.7239
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.full((256,), 5.86328125).to(dtype)
+        for fn in (lambda t: -t + c, lambda t: t - c, lambda t: c - t, lambda t: t - torch.tensor(c),
+                   lambda t: torch.add(-t, torch.ones_like(t), alpha=c),
+                   lambda t: torch.sub(t, 1.0, alpha=c), lambda t: torch.rsub(t, 1.0, alpha=c),
+                   lambda t: t.clone().sub_(c), lambda t: torch.add(t, -c, out=torch.empty_like(t)),
+                   lambda t: torch.mvlgamma(t - 8.7734375, 5)):
+            _same(fn, x, exact=True)
+
+
 @pytest.mark.parametrize("fn, dtype", [
     (torch.abs, torch.bool), (torch.ceil, torch.bool), (torch.frac, torch.int64),
     (torch.hypot, torch.int32), (torch.logaddexp, torch.int64), (torch.nextafter, torch.int64),

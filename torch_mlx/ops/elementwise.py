@@ -387,28 +387,45 @@ def frexp(self):
 # Arithmetic
 
 
-# add/sub compute self + alpha * other in float32 for half inputs, as torch's vectorised CPU loop
-# does (its scalar tail loop, used for tensors shorter than a SIMD vector, rounds alpha * other
-# to half first; 1-ulp differences there).
-@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT)
+# add/sub/rsub: torch's CPU kernel (ufunc-generated, add_stub also for sub) takes its operands
+# in the result dtype, so a Python number or a 0-d tensor beside a half tensor is rounded to
+# half first, and so is alpha (alpha.to<scalar_t>()); its vectorised loop then computes
+# self + alpha * other in float32 and rounds once. Hence opmath=False here: the inputs arrive in
+# the result dtype and half types are computed in float32 with alpha rounded to the dtype.
+# (Its scalar tail loop, which handles the last numel mod 2 SIMD widths of an inner loop, rounds
+# alpha * other to half first; that depends on the machine's vector width and is not copied:
+# 1-ulp differences there.)
+def _plus_scaled(a, b, alpha, sign):
+    """a + sign * alpha * b, as the CPU's add kernel (b a number for add.Scalar / sub.Scalar:
+    a Scalar argument, which the adapter passes as it is)."""
+    b = _as_array(b, a)
+    if a.dtype in (mx.float16, mx.bfloat16):
+        scale = sign * mx.array(alpha, a.dtype).astype(mx.float32)  # alpha rounded to the dtype
+        return (a.astype(mx.float32) + scale * b.astype(mx.float32)).astype(a.dtype)
+    if alpha == 1:
+        return mx.add(a, b) if sign > 0 else mx.subtract(a, b)
+    return mx.add(a, mx.multiply(b, alpha)) if sign > 0 else mx.subtract(a, mx.multiply(b, alpha))
+
+
+@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def add(self, other, alpha=1):
     if self.dtype == mx.bool_:  # bool + bool stays boolean: a logical or
         return mx.logical_or(self, mx.logical_and(other, bool(alpha)))
-    return mx.add(self, other if alpha == 1 else mx.multiply(other, alpha))
+    return _plus_scaled(self, other, alpha, 1)
 
 
-@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT)
+@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def sub(self, other, alpha=1):
-    return mx.subtract(self, other if alpha == 1 else mx.multiply(other, alpha))
+    return _plus_scaled(self, other, alpha, -1)
 
 
-@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT)
+@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def rsub(self, other, alpha=1):
     if self.dtype == mx.bool_:
         raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
                            "If you are trying to invert a mask, use the `~` or "
                            "`logical_not()` operator instead.")
-    return mx.subtract(other, self if alpha == 1 else mx.multiply(self, alpha))
+    return _plus_scaled(_as_array(other, self), self, alpha, -1)  # rsub.Scalar: a number
 
 
 @lowering("mul.Tensor", "mul.Scalar", promote=PROMOTE.DEFAULT)
