@@ -205,6 +205,12 @@ SAME_MESSAGE_CALLS = {
     "masked_scatter_float_mask": lambda d: _ones(3, d).masked_scatter(_ones(3, d), _ones(3, d)),
     "multi_margin_empty_classes": lambda d: F.multi_margin_loss(_ones((5, 0), d),
                                                                 _ones(5, d, torch.int64)),
+    # torch's sub_check, which the meta kernel (a Python reference) lacks: was -1, False, 1
+    "sub_bool_and_number": lambda d: _ones(3, d, torch.bool) - 1,
+    "sub_number_bool": lambda d: _ones(3, d) - True,
+    "sub_two_bools": lambda d: _ones(3, d, torch.bool) - _ones(3, d, torch.bool),
+    "rsub_bool": lambda d: 2 - _ones(3, d, torch.bool),
+    "sub__bool": lambda d: _ones(3, d, torch.int64).sub_(_ones(3, d, torch.bool)),
     # a check on a 0-dim tensor's value: a complex fill value for an integer tensor
     "masked_fill_complex_into_long": lambda d: _ones(2, d, torch.int64).masked_fill(
         _ones(2, d, torch.bool), torch.tensor(1j, device=d)),

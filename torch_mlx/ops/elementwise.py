@@ -414,17 +414,34 @@ def add(self, other, alpha=1):
     return _plus_scaled(self, other, alpha, 1)
 
 
-@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+_SUB_BOOLS = ("Subtraction, the `-` operator, with two bool tensors is not supported. "
+              "Use the `^` or `logical_xor()` operator instead.")
+_SUB_BOOL = ("Subtraction, the `-` operator, with a bool tensor is not supported. "
+             "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
+
+
+def _sub_check(spec, self, other, alpha=1):
+    """torch's sub_check (a bool operand: a tensor, a wrapped number or a Python bool), which
+    the CPU's sub and rsub run and torch's meta kernel for them (a Python reference) does not:
+    bool_t - 1 computed -1 instead of raising. Runs before the lowering, as a spec hook."""
+    def is_bool(x):
+        return isinstance(x, bool) or isinstance(x, torch.Tensor) and x.dtype == torch.bool
+    if is_bool(self) and is_bool(other):
+        raise RuntimeError(_SUB_BOOLS)
+    if is_bool(self) or is_bool(other):
+        raise RuntimeError(_SUB_BOOL)
+    return spec
+
+
+@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False, spec=_sub_check)
 def sub(self, other, alpha=1):
     return _plus_scaled(self, other, alpha, -1)
 
 
-@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
+@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False, spec=_sub_check)
 def rsub(self, other, alpha=1):
-    if self.dtype == mx.bool_:
-        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
-                           "If you are trying to invert a mask, use the `~` or "
-                           "`logical_not()` operator instead.")
+    if self.dtype == mx.bool_:  # (compiled graphs: no spec hook there)
+        raise RuntimeError(_SUB_BOOL)
     return _plus_scaled(_as_array(other, self), self, alpha, -1)  # rsub.Scalar: a number
 
 
