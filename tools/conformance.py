@@ -42,7 +42,7 @@ STARTUP_TIMEOUT_S = 600  # importing torch and op_db in a fresh child on a busy 
 # The child: runs ops, reports every sample's start and every op's result over a pipe
 
 
-def _worker(conn, dtype_name: str, names: list[str], stack_file: str) -> None:
+def _worker(conn, dtype_name: str, names: list[str], kinds: list[str], stack_file: str) -> None:
     import faulthandler
     import warnings
 
@@ -59,26 +59,35 @@ def _worker(conn, dtype_name: str, names: list[str], stack_file: str) -> None:
         conn.send(("op_start", name))
         started = time.perf_counter()
         report = harness.new_report(op, dtype)
-        try:
-            samples = harness.samples_of(op, dtype)
-        except Exception as exc:  # op_db's sample generator itself failed: nothing ran
-            samples = []
-            harness.record(report, harness.SampleResult(
-                harness.ERROR, f"making the samples failed: {type(exc).__name__}: {exc}"))
-        for index, (sample, keep_on_cpu) in enumerate(samples):
-            conn.send(("sample", name, index))
-            result = harness.run_sample(op, sample, keep_on_cpu)
-            harness.record(report, result)
-            conn.send(("sample_done", name, result.status))
+        samples = None
+        for kind in kinds:
+            part = report.kind(kind)
+            try:
+                if kind in (harness.KIND_SAMPLES, harness.KIND_REFERENCE) and samples is None:
+                    samples = harness.samples_of(op, dtype)
+                items, part.duplicates = harness.inputs_of(op, dtype, kind, samples)
+            except Exception as exc:  # op_db's generator itself failed: nothing of it ran
+                items = []
+                harness.record(report, kind, harness.SampleResult(
+                    harness.ERROR, f"making the {kind} inputs failed: {type(exc).__name__}: {exc}"))
+            for index, (item, keep_on_cpu) in enumerate(items):
+                conn.send(("sample", name, kind, index))
+                result = harness.run_input(op, kind, item, keep_on_cpu)
+                harness.record(report, kind, result)
+                conn.send(("sample_done", name, kind, result.status))
         conn.send(("op_done", name, {
             "status": report.status,
-            "counts": report.counts,
-            "first_error": report.first_message,
+            "kinds": {kind: _kind_result(part) for kind, part in report.kinds.items()},
             "missing_ops": report.missing_ops,
             "value_compared": report.value_compared,
             "seconds": round(time.perf_counter() - started, 3),
         }))
     conn.send(("done",))
+
+
+def _kind_result(part) -> dict:
+    return {"status": part.status, "counts": part.counts, "first_error": part.first_message,
+            "duplicates": part.duplicates, "cpu_not_raising": part.cpu_not_raising}
 
 
 def _list_ops(dtype_name: str, names: list[str] | None) -> list[str]:
@@ -88,7 +97,8 @@ def _list_ops(dtype_name: str, names: list[str] | None) -> list[str]:
                                                          names)]
 
 
-def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> dict:
+def run_sweep(dtype_name: str, names: list[str], kinds: list[str], timeout_s: float,
+              progress) -> dict:
     """{op name: result} for ``names``, restarting the child after a timeout or a crash."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with us
     results: dict[str, dict] = {}
@@ -96,12 +106,14 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
     stack_file = tempfile.NamedTemporaryFile(prefix="conformance-stack-", delete=False).name
     while remaining:
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(child, dtype_name, remaining, stack_file),
+        proc = ctx.Process(target=_worker,
+                           args=(child, dtype_name, remaining, list(kinds), stack_file),
                            daemon=True)
         proc.start()
         child.close()
-        current, sample_index, started = None, -1, time.perf_counter()
-        done_so_far = collections.Counter()  # statuses of the current op's finished samples
+        current, kind, sample_index, started = None, None, -1, time.perf_counter()
+        # statuses of the current op's finished inputs, per kind
+        done_so_far: dict[str, collections.Counter] = {}
         deadline = STARTUP_TIMEOUT_S
         while True:
             if not parent.poll(deadline):
@@ -120,29 +132,45 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
                 break
             deadline = timeout_s
             if msg[0] == "op_start":
-                current, sample_index, started = msg[1], -1, time.perf_counter()
-                done_so_far.clear()
+                current, kind, sample_index, started = msg[1], None, -1, time.perf_counter()
+                done_so_far = {}
             elif msg[0] == "sample":
-                sample_index = msg[2]
+                kind, sample_index = msg[2], msg[3]
+                done_so_far.setdefault(kind, collections.Counter())
             elif msg[0] == "sample_done":
-                done_so_far[msg[2]] += 1
+                done_so_far[msg[2]][msg[3]] += 1
             elif msg[0] == "op_done":
                 results[msg[1]] = msg[2]
                 progress(msg[1], msg[2])
                 current = None
             elif msg[0] == "done":
                 proc.join()
+                os.unlink(stack_file)
                 return results
         parent.close()
         if current is None:  # died or hung outside any op: nothing left to attribute it to
             raise RuntimeError(f"the sweep's child process {failure}ed outside an op "
                                f"(exit code {proc.exitcode})")
-        detail = (f"sample {sample_index} ran longer than {timeout_s:g} s" if failure == TIMEOUT
-                  else f"the process died (exit code {proc.exitcode}) in sample {sample_index}")
+        where = f"{kind} input {sample_index}" if kind else "making the inputs"
+        detail = (f"{where} ran longer than {timeout_s:g} s" if failure == TIMEOUT
+                  else f"the process died (exit code {proc.exitcode}) in {where}")
+        # the kinds that ran, as far as they got; the one that died records the failure
+        failed_kind = kind or kinds[0]
+        parts = {}
+        for k in kinds:
+            counts = done_so_far.get(k)
+            if k == failed_kind:
+                counts = (counts or collections.Counter()) + collections.Counter({failure: 1})
+            if counts is None:
+                continue
+            parts[k] = {"status": failure if k == failed_kind else _worst(counts),
+                        "counts": dict(counts),
+                        "first_error": ({failure: detail + _stack_tail(stack_file)}
+                                        if k == failed_kind else {}),
+                        "duplicates": 0, "cpu_not_raising": 0}
         results[current] = {
             "status": failure,
-            "counts": dict(done_so_far + collections.Counter({failure: 1})),
-            "first_error": {failure: detail + _stack_tail(stack_file)},
+            "kinds": parts,
             "missing_ops": [],
             "value_compared": True,
             "seconds": round(time.perf_counter() - started, 3),
@@ -151,6 +179,17 @@ def run_sweep(dtype_name: str, names: list[str], timeout_s: float, progress) -> 
         remaining = remaining[remaining.index(current) + 1:]
     os.unlink(stack_file)
     return results
+
+
+def _worst(counts) -> str:
+    """A kind's status from its counts (as opinfo_harness.KindReport.status)."""
+    counted = sum(n for k, n in counts.items() if k != "unsupported_dtype")
+    if not counted:
+        return "unsupported_dtype" if counts.get("unsupported_dtype") else "no_samples"
+    for failure in ("mismatch", "error", "not_implemented"):
+        if counts.get(failure):
+            return failure
+    return "pass"
 
 
 def _stack_tail(path: str, lines: int = 12) -> str:
@@ -170,49 +209,107 @@ def _stack_tail(path: str, lines: int = 12) -> str:
 # The summary
 
 
-def summarize(dtype_name: str, results: dict, elapsed_s: float) -> dict:
-    from expected_failures import EXPECTED_FAILURES
+_SEVERITY = (CRASH, TIMEOUT, "mismatch", "error", "not_implemented", "pass")
 
+
+def summarize(dtype_name: str, results: dict, elapsed_s: float, kinds=None) -> dict:
+    import opinfo_harness as harness
+
+    kinds = list(kinds or harness.INPUT_KINDS)
     per_op, no_samples, only_unsupported = {}, [], []
     blocked_by = collections.Counter()
-    unexpected_passes, expected_failing = [], []
-    mismatches_unexplained = 0
+    crashed, timed_out = [], []
+    by_kind = {kind: {"ops_total": 0, "ops_passing": 0, "inputs_total": 0, "inputs_passing": 0,
+                      "inputs_unsupported_dtype": 0, "mismatches_unexplained": 0,
+                      "ops_by_status": collections.Counter(), "expected_failures_failing": [],
+                      "unexpected_passes": [], "ops_with_only_unsupported_dtype_inputs": []}
+               for kind in kinds}
+    if harness.KIND_REFERENCE in by_kind:
+        by_kind[harness.KIND_REFERENCE]["duplicates_of_samples"] = 0
+    if harness.KIND_ERROR in by_kind:
+        by_kind[harness.KIND_ERROR]["cpu_not_raising"] = 0
     by_status = collections.Counter()
     for name, res in sorted(results.items()):
-        # samples needing float64/complex128 raise the designed TypeError: counted apart
-        samples = sum(n for k, n in res["counts"].items() if k != "unsupported_dtype")
-        if res["status"] == "no_samples":
-            no_samples.append(name)
-            continue
-        reason = EXPECTED_FAILURES.get((name, dtype_name))
-        if res["status"] == "unsupported_dtype":  # not a failure: its entry is stale
-            only_unsupported.append(name)
-            if reason is not None:
-                unexpected_passes.append(name)
-            continue
-        passed = res["counts"].get("pass", 0)
-        if reason is not None:
-            (unexpected_passes if res["status"] == "pass" else expected_failing).append(name)
-        else:
-            mismatches_unexplained += res["counts"].get("mismatch", 0)
-        by_status[res["status"]] += 1
+        if res["status"] == CRASH:
+            crashed.append(name)
+        elif res["status"] == TIMEOUT:
+            timed_out.append(name)
+        parts, statuses = {}, []
+        for kind, part in res["kinds"].items():
+            tally = by_kind[kind]
+            # inputs needing float64/complex128 raise the designed TypeError: counted apart
+            inputs = sum(n for k, n in part["counts"].items() if k != "unsupported_dtype")
+            unsupported = part["counts"].get("unsupported_dtype", 0)
+            tally["inputs_unsupported_dtype"] += unsupported
+            if "duplicates_of_samples" in tally:
+                tally["duplicates_of_samples"] += part.get("duplicates", 0)
+            if "cpu_not_raising" in tally:
+                tally["cpu_not_raising"] += part.get("cpu_not_raising", 0)
+            reason = harness.expected_failure_reason(name, dtype_name, kind)
+            entry = dict(part, inputs=inputs, passed=part["counts"].get("pass", 0),
+                         expected_failure_reason=reason)
+            parts[kind] = entry
+            if inputs == 0:  # nothing of this kind counts: an entry for it is stale
+                if unsupported:
+                    tally["ops_with_only_unsupported_dtype_inputs"].append(name)
+                if reason is not None:
+                    tally["unexpected_passes"].append(name)
+                continue
+            statuses.append(part["status"])
+            tally["ops_total"] += 1
+            tally["inputs_total"] += inputs
+            tally["inputs_passing"] += entry["passed"]
+            tally["ops_by_status"][part["status"]] += 1
+            if part["status"] == "pass":
+                tally["ops_passing"] += 1
+                if reason is not None:
+                    tally["unexpected_passes"].append(name)
+            elif reason is not None:
+                tally["expected_failures_failing"].append(name)
+            else:
+                tally["mismatches_unexplained"] += part["counts"].get("mismatch", 0)
         blocked_by.update(res["missing_ops"])
-        per_op[name] = dict(res, samples=samples, passed=passed, expected_failure_reason=reason)
+        if not statuses:
+            if res["status"] in (CRASH, TIMEOUT):
+                statuses = [res["status"]]
+            elif any(k["counts"].get("unsupported_dtype") for k in res["kinds"].values()):
+                only_unsupported.append(name)
+                continue
+            else:
+                no_samples.append(name)
+                continue
+        status = res["status"] if res["status"] in (CRASH, TIMEOUT) else \
+            next(s for s in _SEVERITY if s in statuses)
+        by_status[status] += 1
+        per_op[name] = dict(res, status=status, kinds=parts)
 
+    for tally in by_kind.values():
+        tally["pass_rate"] = (round(tally["ops_passing"] / tally["ops_total"], 4)
+                              if tally["ops_total"] else 0.0)
+        tally["ops_by_status"] = dict(tally["ops_by_status"].most_common())
+        tally["expected_failures_failing"] = len(tally["expected_failures_failing"])
     ops_passing = sum(1 for r in per_op.values() if r["status"] == "pass")
+    samples = by_kind.get(harness.KIND_SAMPLES, {})
     summary = {
         "dtype": dtype_name,
+        "inputs": kinds,
+        # ops passing every kind of input they have (expected failures count as failing)
         "ops_total": len(per_op),
         "ops_passing": ops_passing,
         "pass_rate": round(ops_passing / len(per_op), 4) if per_op else 0.0,
-        "samples_total": sum(r["samples"] for r in per_op.values()),
-        "samples_passing": sum(r["passed"] for r in per_op.values()),
-        "mismatches_unexplained": mismatches_unexplained,
+        "by_kind": by_kind,
+        # the samples-only figures under their former names
+        "samples_total": samples.get("inputs_total"),
+        "samples_passing": samples.get("inputs_passing"),
+        "ops_crashed": crashed,
+        "ops_timed_out": timed_out,
+        "mismatches_unexplained": sum(t["mismatches_unexplained"] for t in by_kind.values()),
         "ops_by_status": dict(by_status.most_common()),
-        "expected_failures_failing": len(expected_failing),
-        "unexpected_passes": unexpected_passes,
-        "samples_unsupported_dtype": sum(r["counts"].get("unsupported_dtype", 0)
-                                         for r in results.values()),
+        "expected_failures_failing": sum(t["expected_failures_failing"]
+                                         for t in by_kind.values()),
+        "unexpected_passes": [f"{name} [{kind}]" for kind, t in by_kind.items()
+                              for name in t["unexpected_passes"]],
+        "samples_unsupported_dtype": sum(t["inputs_unsupported_dtype"] for t in by_kind.values()),
         "ops_with_no_samples": no_samples,
         "ops_with_only_unsupported_dtype_samples": only_unsupported,
         "ops_with_structure_only_samples": sorted(
@@ -261,30 +358,59 @@ def _environment() -> dict:
 def summary_line(s: dict) -> str:
     statuses = ", ".join(f"{k}={v}" for k, v in s["ops_by_status"].items())
     llm = s["llm"]
-    return (f"{s['dtype']}: {s['ops_passing']}/{s['ops_total']} ops pass "
-            f"({100 * s['pass_rate']:.1f}%), {s['samples_passing']}/{s['samples_total']} samples "
-            f"pass; mismatches_unexplained={s['mismatches_unexplained']}; ops by status: "
+    kinds = []
+    for kind, t in s["by_kind"].items():
+        text = (f"{kind} {t['ops_passing']}/{t['ops_total']} ops, "
+                f"{t['inputs_passing']}/{t['inputs_total']} inputs")
+        if "duplicates_of_samples" in t:
+            text += f" (+{t['duplicates_of_samples']} equal to a sample, not rerun)"
+        kinds.append(text)
+    return (f"{s['dtype']} [{','.join(s['inputs'])}]: {s['ops_passing']}/{s['ops_total']} ops "
+            f"pass ({100 * s['pass_rate']:.1f}%); per kind: {'; '.join(kinds)}; "
+            f"crashed={len(s['ops_crashed'])}, timed out={len(s['ops_timed_out'])}; "
+            f"mismatches_unexplained={s['mismatches_unexplained']}; ops by status: "
             f"{statuses}; expected failures still failing={s['expected_failures_failing']}, "
             f"unexpected passes={len(s['unexpected_passes'])}; LLM OpInfos "
             f"{llm['opinfo_passing']}/{llm['opinfo_swept']} pass, LLM aten ops with an mlx "
             f"kernel {llm['aten_with_mlx_kernel']}/{llm['aten_total']}; {s['elapsed_s']} s")
 
 
+def _parse_inputs(text: str) -> list[str]:
+    import opinfo_harness as harness
+
+    if text == "all":
+        return list(harness.INPUT_KINDS)
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in harness.INPUT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"--inputs: {text!r}; use all or a comma-separated selection of "
+                         f"{', '.join(harness.INPUT_KINDS)}")
+    return [k for k in harness.INPUT_KINDS if k in kinds]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="float32",
                         help="float32, float16, bfloat16, int64, bool, ... (a torch dtype name)")
+    parser.add_argument("--inputs", default="all",
+                        help="which OpInfo inputs to run: all (default), or a comma-separated "
+                             "selection of samples, reference, error (samples alone: the "
+                             "figure before reference and error inputs were added)")
     parser.add_argument("--json", metavar="OUT", help="write the full report here")
     parser.add_argument("--ops", help="comma-separated OpInfo full names (default: all op_db)")
     parser.add_argument("--llm", action="store_true",
                         help="only the OpInfo ops of tests/torch_mlx/llm_ops.py")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds one sample may run before its op counts as hung")
+                        help="seconds one input may run before its op counts as hung")
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per op")
     args = parser.parse_args(argv)
 
     import llm_ops
 
+    try:
+        kinds = _parse_inputs(args.inputs)
+    except ValueError as exc:
+        parser.error(str(exc))
     names = [n.strip() for n in args.ops.split(",") if n.strip()] if args.ops else None
     if args.llm:
         names = sorted(set(names or llm_ops.LLM_OPINFOS) & set(llm_ops.LLM_OPINFOS))
@@ -297,17 +423,21 @@ def main(argv=None) -> int:
 
     def progress(name, res):
         if args.verbose:
-            counts = ", ".join(f"{k}={v}" for k, v in sorted(res["counts"].items()))
+            counts = "; ".join(
+                f"{kind}: " + ", ".join(f"{k}={v}" for k, v in sorted(part["counts"].items()))
+                for kind, part in res["kinds"].items())
             print(f"{res['status']:>16}  {name}  ({counts}; {res['seconds']} s)", flush=True)
 
     started = time.perf_counter()
-    results = run_sweep(args.dtype, op_names, args.timeout, progress)
-    summary = summarize(args.dtype, results, time.perf_counter() - started)
+    results = run_sweep(args.dtype, op_names, kinds, args.timeout, progress)
+    summary = summarize(args.dtype, results, time.perf_counter() - started, kinds)
     print(summary_line(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, sort_keys=False)
-    return 1 if summary["mismatches_unexplained"] or summary["unexpected_passes"] else 0
+    failed = (summary["mismatches_unexplained"] or summary["unexpected_passes"]
+              or summary["ops_crashed"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -183,3 +183,75 @@ def test_bad_call_raises_like_cpu(case):
     assert type(actual) is type(expected), (
         f"{case}: CPU raises {type(expected).__name__} ({expected}), mlx "
         + (f"raises {type(actual).__name__} ({actual})" if actual else "raises nothing"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU's message as well as its type (OpInfo's error inputs match messages), and out= checks
+
+
+def _ones(shape, device, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def _aliased(device, make):
+    """``make(base)`` on a fresh 6-element base tensor: out= arguments that share its memory."""
+    return make(torch.arange(6.0, device=device))
+
+
+SAME_MESSAGE_CALLS = {
+    # meta kernels (Python refs) word these differently from the CPU kernels
+    "cat_ranks": lambda d: torch.cat([_ones((2, 3), d), _ones((2, 3, 4), d)]),
+    "mean_of_integers": lambda d: _ones(3, d, torch.int64).mean(),
+    "masked_scatter_float_mask": lambda d: _ones(3, d).masked_scatter(_ones(3, d), _ones(3, d)),
+    "multi_margin_empty_classes": lambda d: F.multi_margin_loss(_ones((5, 0), d),
+                                                                _ones(5, d, torch.int64)),
+    # torch's sub_check, which the meta kernel (a Python reference) lacks: was -1, False, 1
+    "sub_bool_and_number": lambda d: _ones(3, d, torch.bool) - 1,
+    "sub_number_bool": lambda d: _ones(3, d) - True,
+    "sub_two_bools": lambda d: _ones(3, d, torch.bool) - _ones(3, d, torch.bool),
+    "rsub_bool": lambda d: 2 - _ones(3, d, torch.bool),
+    "sub__bool": lambda d: _ones(3, d, torch.int64).sub_(_ones(3, d, torch.bool)),
+    # a check on a 0-dim tensor's value: a complex fill value for an integer tensor
+    "masked_fill_complex_into_long": lambda d: _ones(2, d, torch.int64).masked_fill(
+        _ones(2, d, torch.bool), torch.tensor(1j, device=d)),
+    # out= with the wrong dtype: the CPU kernel's own check
+    "amax_out_dtype": lambda d: torch.amax(_ones((2, 3), d), 1,
+                                           out=torch.empty(2, dtype=torch.int32, device=d)),
+    # out= sharing memory with itself or an input
+    "index_select_out_expanded": lambda d: torch.index_select(
+        _ones((3, 6), d), 1, torch.tensor([0, 1], device=d), out=_ones((1, 6), d).expand(2, 6)),
+    "add_out_expanded": lambda d: torch.add(_ones(3, d), 1, out=_ones(1, d).expand(3)),
+    "add_out_partial_overlap": lambda d: _aliased(d, lambda b: torch.add(b[:3], 1, out=b[1:4])),
+    "take_out_is_input": lambda d: _aliased(
+        d, lambda b: torch.take(b, torch.tensor([2, 1, 0], device=d), out=b)),
+    "cat_out_is_input": lambda d: _aliased(d, lambda b: torch.cat([b, b], out=b)),
+    "gather_out_overlaps_index_after_resize": lambda d: (lambda i: torch.gather(
+        i.clone(), 0, i[1:], out=i[:1]))(torch.tensor([2, 1, 0], device=d)),
+    # lowerings without a meta kernel in front of them
+    "logcumsumexp_dim": lambda d: torch.logcumsumexp(_ones((2, 3), d), 3),
+    "bucketize_2d_boundaries": lambda d: torch.bucketize(_ones(3, d), _ones((2, 2), d)),
+    "histogramdd_bin_count": lambda d: torch.histogramdd(_ones((5, 6), d), [1, 1, 1, 1, 1]),
+    "lstsq_vector": lambda d: torch.linalg.lstsq(_ones(3, d), _ones(3, d)),
+    "index_add_source_shape": lambda d: torch.index_add(
+        _ones((3, 2), d), 0, torch.tensor([0, 2], device=d), _ones(2, d)),
+    "index_add__source_shape": lambda d: _ones((3, 2), d).index_add_(
+        0, torch.tensor([0, 2], device=d), _ones((2, 3), d)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_MESSAGE_CALLS))
+def test_bad_call_raises_the_cpus_error(case):
+    expected = _raised(SAME_MESSAGE_CALLS[case], "cpu")
+    assert expected is not None, f"{case} does not fail on the CPU: the test case is wrong"
+    actual = _raised(SAME_MESSAGE_CALLS[case], "mlx")
+    assert (type(actual), str(actual)) == (type(expected), str(expected)), (
+        f"{case}: CPU raises {type(expected).__name__} ({expected}), mlx "
+        + (f"raises {type(actual).__name__} ({actual})" if actual else "raises nothing"))
+
+
+def test_out_that_is_an_input_is_allowed_where_the_cpu_allows_it():
+    for device in ("cpu", "mlx"):
+        x = torch.arange(4.0, device=device)
+        torch.add(x, 1, out=x)  # full overlap: elementwise kernels accept it
+        torch.testing.assert_close(x.cpu(), torch.arange(4.0) + 1)
+        torch.sum(_ones((3, 3), device), 0, out=torch.empty(3, device=device))

@@ -168,6 +168,21 @@ def test_half_precision_rounds_like_the_cpu():
         _same(torch.logit, torch.rand(256, generator=g).to(dtype), exact=True)
 
 
+def test_add_and_sub_take_numbers_and_alpha_in_the_half_dtype():
+    # the CPU's add kernel (also sub's) converts a number, a 0-d tensor and alpha to the result
+    # dtype before its float32 arithmetic: mvlgamma's x.add_(5.7239) on half gave -0.1406 on the
+    # CPU, -0.1394 here (OpInfo's reference inputs, 157 of 16384 elements)
+    c = 5.7239
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.full((256,), 5.86328125).to(dtype)
+        for fn in (lambda t: -t + c, lambda t: t - c, lambda t: c - t, lambda t: t - torch.tensor(c),
+                   lambda t: torch.add(-t, torch.ones_like(t), alpha=c),
+                   lambda t: torch.sub(t, 1.0, alpha=c), lambda t: torch.rsub(t, 1.0, alpha=c),
+                   lambda t: t.clone().sub_(c), lambda t: torch.add(t, -c, out=torch.empty_like(t)),
+                   lambda t: torch.mvlgamma(t - 8.7734375, 5)):
+            _same(fn, x, exact=True)
+
+
 @pytest.mark.parametrize("fn, dtype", [
     (torch.abs, torch.bool), (torch.ceil, torch.bool), (torch.frac, torch.int64),
     (torch.hypot, torch.int32), (torch.logaddexp, torch.int64), (torch.nextafter, torch.int64),
@@ -283,6 +298,43 @@ def test_hurwitz_zeta_domain_and_negative_q():
     _same(torch.special.zeta, x, q)
 
 
+def test_lgamma_to_float32_precision():
+    # float32 Stirling left errors up to 4e-6 (the CPU's lgammaf: 5e-7); mvlgamma(x, 5) sums five
+    # lgamma values, which differed from the CPU by 1.3e-5 at OpInfo's reference inputs
+    x = torch.cat([torch.linspace(-10, 10, 400001),
+                   torch.tensor([1e-30, -1e-30, 1e30, 3e38, -3e38, INF, -INF, NAN, 0.0, -1.0])])
+    _same(torch.lgamma, x)
+    x = torch.tensor([-2.9283595, -2.9080939, -2.7380538, -2.3310885, -2.8540473])
+    _same(lambda t: torch.mvlgamma(t, 5), x)
+    _same(torch.lgamma, x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fn", [torch.special.i1, torch.special.modified_bessel_i1])
+def test_i1_as_the_cpus_chebyshev_series(fn):
+    # the CPU's Cephes series (Clenshaw, fused steps): the power series differed by 1.4e-6
+    # relative near x = 7.7 (5 and 4 elements of this grid; OpInfo's reference inputs)
+    x = torch.cat([torch.linspace(-90, 90, 400001), torch.linspace(7.0, 8.5, 200001),
+                   torch.tensor([0.0, -0.0, 8.0, -8.0, 88.7, 89.5, INF, -INF, NAN])])
+    _same(fn, x)
+
+
+def test_polygamma_and_zeta_as_the_cpus_float64_sum():
+    # polygamma(4, x) near the negative half-integers (the reference inputs'): the two terms
+    # nearest the pole (~2^5 each) cancel; the CPU sums in float64 (-4.4998498 gave 2.3011733
+    # there, 2.3011258 here in float32), from a first term q^-x rounded to float32, which is the
+    # CPU's whole error for q in (-1, 0) (-0.49911: 10.243277, float64 10.243232)
+    x = torch.tensor([-1.4992325, -5.5002775, -7.500052, -4.4991312, -2.5007877, -0.5006729,
+                      -8.501023, -6.4997625, -4.4998498, -0.4991076, -0.4995357, -0.4997932,
+                      -3.4991379, -8.5, -0.25, -0.75])
+    for n in (2, 3, 4, 5):
+        _same(lambda t: torch.polygamma(n, t), x)
+    # every term underflowed: the CPU's Euler-Maclaurin factor overflows, inf * 0 = NaN
+    # (zeta(1e20, q)); terms that overflow on both sides of a pole: inf - inf = NaN
+    x = torch.tensor([1e20, 1e20, 1e20, 4988429.0, 1000.0, 2.0])
+    q = torch.tensor([501.0, 1001.2, 1e20, -13437.7, 2.0, 1e20])
+    _same(torch.special.zeta, x, q)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
 def test_gcd_lcm_including_wrapping(dtype):
     g = torch.Generator().manual_seed(0)
@@ -291,6 +343,15 @@ def test_gcd_lcm_including_wrapping(dtype):
     b[:100], a[50:150] = 0, 0
     _same(torch.gcd, a.to(dtype), b.to(dtype), exact=True)
     _same(torch.lcm, a.to(dtype), b.to(dtype), exact=True)
+
+
+def test_gcd_lcm_broadcast_when_no_euclid_step_runs():
+    # every a already 0: the result is b, broadcast to the common shape (was b's own shape)
+    for a, b in [(torch.tensor([0]), torch.tensor(9)), (torch.zeros(2, 3, dtype=torch.long),
+                                                        torch.tensor([4, -6, 0]))]:
+        _same(torch.gcd, a, b, exact=True)
+        _same(torch.gcd, b, a, exact=True)
+        _same(torch.lcm, a, b, exact=True)
 
 
 def test_equal():

@@ -147,6 +147,18 @@ def test_pooling_and_resampling_backward(fn):
     _grads_match(fn, torch.randn(2, 3, 9, 7))
 
 
+@pytest.mark.parametrize("mode", ["linear", "bilinear", "bicubic", "trilinear"])
+def test_interpolation_coordinates_are_the_cpus_fused_multiply_add(mode):
+    # the CPU kernels compute scale * (dst + 0.5) - 0.5 as one fused multiply-add: output row
+    # 200 of 345 -> 270 rows reads the input at 255.69444 (fused), not 255.69446 (two roundings)
+    dims = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}[mode]
+    x = torch.randn((1, 2) + (345,) + (3,) * (dims - 1), generator=torch.Generator().manual_seed(0))
+    size = (270,) + (4,) * (dims - 1)
+    expected = F.interpolate(x, size=size, mode=mode, align_corners=False)
+    actual = F.interpolate(x.to("mlx"), size=size, mode=mode, align_corners=False).cpu()
+    torch.testing.assert_close(actual, expected)
+
+
 def test_grid_sample_backward():
     torch.manual_seed(0)
     x, grid = torch.randn(2, 3, 5, 6), torch.rand(2, 4, 3, 2) * 2 - 1

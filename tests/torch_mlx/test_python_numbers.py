@@ -103,13 +103,7 @@ CANNOT_TAKE_A_NUMBER: dict[str, str] = {
 # reason: checks the meta kernel lacks, or torch's meta and CPU kernels disagreeing; none is
 # about how a number reaches the lowering. The test checks that each entry still differs in at
 # least one of its calls, so the list only shrinks.
-_BOOL_SUB = ("the CPU rejects a bool operand of a subtraction (sub_check); torch's meta kernel "
-             "does not check it and the lowering sees the operands promoted, so mlx computes. A "
-             "bool tensor operand does the same (not specific to numbers)")
 DIFFERS_FROM_THE_CPU = {
-    ("sub.Tensor", 0, bool): _BOOL_SUB,
-    ("sub.Tensor", 1, bool): _BOOL_SUB,
-    ("rsub.Tensor", 1, bool): _BOOL_SUB,
     ("ldexp.Tensor", 1, bool): "the CPU has no ldexp kernel for a bool exponent; torch's meta "
                                "kernel does not check it and the lowering sees the exponent "
                                "promoted to float, so mlx computes. A bool tensor exponent does "

@@ -387,28 +387,62 @@ def frexp(self):
 # Arithmetic
 
 
-# add/sub compute self + alpha * other in float32 for half inputs, as torch's vectorised CPU loop
-# does (its scalar tail loop, used for tensors shorter than a SIMD vector, rounds alpha * other
-# to half first; 1-ulp differences there).
-@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT)
+# add/sub/rsub: torch's CPU kernel (ufunc-generated, add_stub also for sub) takes its operands
+# in the result dtype, so a Python number or a 0-d tensor beside a half tensor is rounded to
+# half first, and so is alpha (alpha.to<scalar_t>()); its vectorised loop then computes
+# self + alpha * other in float32 and rounds once. Hence opmath=False here: the inputs arrive in
+# the result dtype and half types are computed in float32 with alpha rounded to the dtype.
+# (Its scalar tail loop, which handles the last numel mod 2 SIMD widths of an inner loop, rounds
+# alpha * other to half first; that depends on the machine's vector width and is not copied:
+# 1-ulp differences there.)
+def _plus_scaled(a, b, alpha, sign):
+    """a + sign * alpha * b, as the CPU's add kernel (b a number for add.Scalar / sub.Scalar:
+    a Scalar argument, which the adapter passes as it is)."""
+    b = _as_array(b, a)
+    if a.dtype in (mx.float16, mx.bfloat16):
+        scale = sign * mx.array(alpha, a.dtype).astype(mx.float32)  # alpha rounded to the dtype
+        return (a.astype(mx.float32) + scale * b.astype(mx.float32)).astype(a.dtype)
+    if alpha == 1:
+        return mx.add(a, b) if sign > 0 else mx.subtract(a, b)
+    return mx.add(a, mx.multiply(b, alpha)) if sign > 0 else mx.subtract(a, mx.multiply(b, alpha))
+
+
+@lowering("add.Tensor", "add.Scalar", promote=PROMOTE.DEFAULT, opmath=False)
 def add(self, other, alpha=1):
     if self.dtype == mx.bool_:  # bool + bool stays boolean: a logical or
         return mx.logical_or(self, mx.logical_and(other, bool(alpha)))
-    return mx.add(self, other if alpha == 1 else mx.multiply(other, alpha))
+    return _plus_scaled(self, other, alpha, 1)
 
 
-@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT)
+_SUB_BOOLS = ("Subtraction, the `-` operator, with two bool tensors is not supported. "
+              "Use the `^` or `logical_xor()` operator instead.")
+_SUB_BOOL = ("Subtraction, the `-` operator, with a bool tensor is not supported. "
+             "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
+
+
+def _sub_check(spec, self, other, alpha=1):
+    """torch's sub_check (a bool operand: a tensor, a wrapped number or a Python bool), which
+    the CPU's sub and rsub run and torch's meta kernel for them (a Python reference) does not:
+    bool_t - 1 computed -1 instead of raising. Runs before the lowering, as a spec hook."""
+    def is_bool(x):
+        return isinstance(x, bool) or isinstance(x, torch.Tensor) and x.dtype == torch.bool
+    if is_bool(self) and is_bool(other):
+        raise RuntimeError(_SUB_BOOLS)
+    if is_bool(self) or is_bool(other):
+        raise RuntimeError(_SUB_BOOL)
+    return spec
+
+
+@lowering("sub.Tensor", "sub.Scalar", promote=PROMOTE.DEFAULT, opmath=False, spec=_sub_check)
 def sub(self, other, alpha=1):
-    return mx.subtract(self, other if alpha == 1 else mx.multiply(other, alpha))
+    return _plus_scaled(self, other, alpha, -1)
 
 
-@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT)
+@lowering("rsub.Tensor", "rsub.Scalar", promote=PROMOTE.DEFAULT, opmath=False, spec=_sub_check)
 def rsub(self, other, alpha=1):
-    if self.dtype == mx.bool_:
-        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
-                           "If you are trying to invert a mask, use the `~` or "
-                           "`logical_not()` operator instead.")
-    return mx.subtract(other, self if alpha == 1 else mx.multiply(self, alpha))
+    if self.dtype == mx.bool_:  # (compiled graphs: no spec hook there)
+        raise RuntimeError(_SUB_BOOL)
+    return _plus_scaled(_as_array(other, self), self, alpha, -1)  # rsub.Scalar: a number
 
 
 @lowering("mul.Tensor", "mul.Scalar", promote=PROMOTE.DEFAULT)
@@ -731,14 +765,25 @@ def _lgamma_positive(x):
     return (z - 0.5) * mx.log(z) - z + 0.5 * math.log(2 * math.pi) + series - mx.log(prod)
 
 
-@lowering("lgamma", promote=PROMOTE.INT_TO_FLOAT)
-def lgamma(self):
-    x = self
+def _lgamma(x):
     positive = _lgamma_positive(mx.where(x > 0, x, 1 - x))
     # reflection: lgamma(x) = log(pi / |sin(pi x)|) - lgamma(1 - x); inf at 0 and negative integers
     reflected = mx.log(math.pi / mx.abs(_sin_pi(x))) - positive
     out = mx.where(x > 0, positive, reflected)
     return _where_nan(x, mx.where(mx.isinf(x) | (x == 0), math.inf, out))
+
+
+@lowering("lgamma", promote=PROMOTE.INT_TO_FLOAT)
+def lgamma(self):
+    """Computed a precision above the result's and rounded once, as the C library's lgammaf
+    (torch's CPU kernel) is accurate to ~5e-7: in float32 Stirling's (z - 1/2) log z - z
+    cancels terms ~16 and log(z (z+1) ...) is ~10, which left errors up to 4e-6 everywhere
+    (mvlgamma's sum of five lgamma values then differed from the CPU by 1.3e-5). float64 lives
+    on MLX's CPU stream."""
+    if self.dtype == mx.float32:
+        with mx.stream(mx.cpu):
+            return _lgamma(self.astype(mx.float64)).astype(mx.float32)
+    return _lgamma(self.astype(mx.float32)).astype(self.dtype)
 
 
 def _digamma_positive(x):
@@ -978,13 +1023,15 @@ def _hurwitz(x, q):
     return s
 
 
-def _zeta(x, q):
-    """Hurwitz zeta(x, q). For q < 0 (x an integer), with q = f - m, 0 < f < 1, g = 1 - f:
+def _zeta_sum(x, q):
+    """Hurwitz zeta(x, q) for finite x > 1 and q not a nonpositive integer, in x's dtype. For
+    q < 0 (x an integer), with q = f - m, 0 < f < 1, g = 1 - f:
     zeta(x, q) = zeta(x, f) + sum_(i=1..m) (f - i)^-x
                = f^-x + (-g)^-x + zeta(x, f + 1) + (-1)^x (zeta(x, g + 1) - zeta(x, m + g)),
-    the two terms nearest the pole added first (they nearly cancel). Poles and domain as torch:
-    x == 1 -> inf, x < 1 -> NaN, q a nonpositive integer -> inf, q <= 0 with x not an integer
-    -> NaN, q = +inf -> NaN."""
+    the two terms nearest the pole added first. For odd x they nearly cancel near the
+    half-integers (each ~2^x, their difference near 0): there f^-x - g^-x is formed as
+    g^-x expm1(x log1p((g - f) / f)), g - f exact (Sterbenz) for 1/4 <= f <= 3/4, which keeps
+    the dtype's relative accuracy."""
     floor_q = mx.floor(q)
     f = q - floor_q
     g = (floor_q + 1) - q  # 1 - f, exact where f is near 1 (q just below an integer)
@@ -992,15 +1039,50 @@ def _zeta(x, q):
     positive = _hurwitz(x, mx.where(q > 0, q, 1))
     sign = mx.where(mx.remainder(x, 2) == 0, 1, -1)
     m = mx.maximum(-floor_q, 1)
-    negative = (mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)) + _hurwitz(x, f_safe + 1) \
+    pair = mx.power(f_safe, -x) + sign * mx.power(g_safe, -x)
+    # (where a power overflows the direct form's inf - inf is NaN, as the CPU's sum gives)
+    middle = (sign < 0) & (f_safe >= 0.25) & (f_safe <= 0.75) & mx.isfinite(pair)
+    f_mid = mx.where(middle, f_safe, 0.5)
+    g_mid = mx.where(middle, g_safe, 0.5)
+    difference = mx.power(g_mid, -x) * mx.expm1(x * mx.log1p((g_mid - f_mid) / f_mid))
+    pair = mx.where(middle, difference, pair)
+    negative = pair + _hurwitz(x, f_safe + 1) \
         + sign * (_hurwitz(x, g_safe + 1) - _hurwitz(x, m + g_safe))
-    out = mx.where(q < 0, negative, positive)
+    return mx.where(q < 0, negative, positive)
+
+
+def _zeta(x, q):
+    """Hurwitz zeta(x, q) as torch's CPU kernel (aten/src/ATen/native/Math.h, zeta) computes
+    it: its sum runs in acc_type (float64 for float32, float32 for half types) from a first
+    term q^-x that std::pow(float, float) rounds to float32, and is rounded once at the end.
+    So for float32 the sum here is float64 on MLX's CPU stream (bounded work, _zeta_sum) with
+    that first term's float32 rounding put back: near q's poles in (-1, 0) the first term is
+    ~2^x and its rounding is the CPU's whole error (polygamma(4, -0.49911): the CPU 10.243277,
+    float64 10.243232). Poles and domain as torch: x == 1 -> inf, x < 1 -> NaN, q a nonpositive
+    integer -> inf, q <= 0 with x not an integer -> NaN, q = +inf -> NaN."""
+    dtype = x.dtype
+    acc = mx.float64 if dtype == mx.float32 else mx.float32
+    with mx.stream(mx.cpu):
+        x_acc, q_acc = x.astype(acc), q.astype(acc)
+        if dtype == mx.float32:
+            first = mx.power(q, -x)  # float32, as the CPU's first term
+            rest = _zeta_sum(x_acc, q_acc) - mx.power(q_acc, -x_acc)
+            out = mx.where(mx.isinf(first), first, first.astype(acc) + rest)
+        else:
+            out = _zeta_sum(x_acc, q_acc)
+        # Every term 0 (underflowed): the CPU's Euler-Maclaurin loop, which returns once a
+        # correction is small against the sum, runs to its end and its rising factorial
+        # x (x+1) ... (x+22) overflows for large x (float64: x > ~2.5e13): inf * 0 = NaN
+        rising = x_acc
+        for k in range(1, 23):
+            rising = rising * (x_acc + k)
+        out = mx.where((out == 0) & mx.isinf(rising), math.nan, out).astype(dtype)
     out = mx.where(mx.isnan(x) | mx.isnan(q) | mx.isposinf(q), math.nan, out)
     # torch's tests, applied from its last to its first: x == 1, x < 1, then for q <= 0 an
     # integer q (inf, also for a NaN or non-integer x) before a non-integer x (NaN)
     nonpositive = q <= 0
     out = mx.where(nonpositive & (x != mx.floor(x)), math.nan, out)
-    out = mx.where(nonpositive & (q == floor_q), math.inf, out)
+    out = mx.where(nonpositive & (q == mx.floor(q)), math.inf, out)
     return mx.where(x == 1, math.inf, mx.where(x < 1, math.nan, out))
 
 
@@ -1081,8 +1163,66 @@ def _bessel_limit(x, nu, scaled):
 
 lowering("i0", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 0, False))
 lowering("special_i0e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 0, True))
-lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, False))
 lowering("special_i1e", promote=PROMOTE.INT_TO_FLOAT)(lambda self: _bessel_i(self, 1, True))
+
+
+# I1 as torch's CPU kernels compute it (aten/src/ATen/native/Math.h, Cephes): Chebyshev series
+# of e^-x I1(x) / x on [0, 8] and of e^-x sqrt(x) I1(x) on (8, inf), summed by Clenshaw's
+# recurrence b0 = y b1 - b2 + c in float32, y b1 - b2 fused (the compiler contracts it into a
+# multiply-add). mlx's power series differed from them by 1.4e-6 relative near x = 7.7 (over
+# float32's rtol; both within 5e-4 of float64). calc_i1 (special.i1) has float32 tables of 17
+# and 7 coefficients, modified_bessel_i1_forward the 29 and 25 of float64, rounded to float32.
+_I1_A = [
+    2.77791411276104639959E-18, -2.11142121435816608115E-17, 1.55363195773620046921E-16,
+    -1.10559694773538630805E-15, 7.60068429473540693410E-15, -5.04218550472791168711E-14,
+    3.22379336594557470981E-13, -1.98397439776494371520E-12, 1.17361862988909016308E-11,
+    -6.66348972350202774223E-11, 3.62559028155211703701E-10, -1.88724975172282928790E-9,
+    9.38153738649577178388E-9, -4.44505912879632808065E-8, 2.00329475355213526229E-7,
+    -8.56872026469545474066E-7, 3.47025130813767847674E-6, -1.32731636560394358279E-5,
+    4.78156510755005422638E-5, -1.61760815825896745588E-4, 5.12285956168575772895E-4,
+    -1.51357245063125314899E-3, 4.15642294431288815669E-3, -1.05640848946261981558E-2,
+    2.47264490306265168283E-2, -5.29459812080949914269E-2, 1.02643658689847095384E-1,
+    -1.76416518357834055153E-1, 2.52587186443633654823E-1]
+_I1_B = [
+    7.51729631084210481353E-18, 4.41434832307170791151E-18, -4.65030536848935832153E-17,
+    -3.20952592199342395980E-17, 2.96262899764595013876E-16, 3.30820231092092828324E-16,
+    -1.88035477551078244854E-15, -3.81440307243700780478E-15, 1.04202769841288027642E-14,
+    4.27244001671195135429E-14, -2.10154184277266431302E-14, -4.08355111109219731823E-13,
+    -7.19855177624590851209E-13, 2.03562854414708950722E-12, 1.41258074366137813316E-11,
+    3.25260358301548823856E-11, -1.89749581235054123450E-11, -5.58974346219658380687E-10,
+    -3.83538038596423702205E-9, -2.63146884688951950684E-8, -2.51223623787020892529E-7,
+    -3.88256480887769039346E-6, -1.10588938762623716291E-4, -9.76109749136146840777E-3,
+    7.78576235018280120474E-1]
+
+
+def _chbevl_float32(y, coeffs):
+    """Cephes' chbevl in float32 with y * b1 - b2 fused: the product is exact in float64 and so
+    is the difference's one rounding to float32 (MLX's CPU stream holds float64)."""
+    b0, b1, b2 = mx.full(y.shape, coeffs[0], mx.float32), mx.zeros_like(y), mx.zeros_like(y)
+    with mx.stream(mx.cpu):
+        y64 = y.astype(mx.float64)
+        for c in coeffs[1:]:
+            b2, b1 = b1, b0
+            fused = (y64 * b1.astype(mx.float64) - b2.astype(mx.float64)).astype(mx.float32)
+            b0 = fused + mx.array(c, mx.float32)
+    return 0.5 * (b0 - b2)
+
+
+def _i1_chebyshev(x, small_table, large_table, small_form):
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    a = mx.abs(x)
+    small, large = mx.minimum(a, 8.0), mx.maximum(a, 8.0)  # NaN takes the large branch
+    series = _chbevl_float32(small / 2 - 2, small_table)
+    low = (_exp(small) * small) * series if small_form == "exp_x_cheb" \
+        else (series * small) * _exp(small)
+    high = (_exp(large) * _chbevl_float32(32 / large - 2, large_table)) / mx.sqrt(large)
+    out = mx.where(a <= 8, low, high)
+    return mx.where(x < 0, -out, out).astype(dtype)
+
+
+lowering("special_i1", promote=PROMOTE.INT_TO_FLOAT)(
+    lambda self: _i1_chebyshev(self, _I1_A[12:], _I1_B[18:], "exp_x_cheb"))
 
 
 # Orthogonal polynomials of integer degree n, as torch's CPU kernels (aten/src/ATen/native/Math.h,
@@ -1198,7 +1338,7 @@ _polynomial("legendre_polynomial_p", lambda x, d: mx.where(
 lowering("special_modified_bessel_i0", promote=PROMOTE.INT_TO_FLOAT)(
     lambda self: _bessel_i(self, 0, False))
 lowering("special_modified_bessel_i1", promote=PROMOTE.INT_TO_FLOAT)(
-    lambda self: _bessel_i(self, 1, False))
+    lambda self: _i1_chebyshev(self, _I1_A, _I1_B, "cheb_x_exp"))
 
 # sin(x)/x = sum_k (-1)^k x^(2k) / (2k+1)!, by its series below |x| = 1/2 (as torch)
 _SINC_SERIES = [(-1) ** k / math.factorial(2 * k + 1) for k in range(7)]
@@ -1528,8 +1668,9 @@ def _gcd(a, b):
     """torch's Euclid: |a|, |b| in the tensor dtype (|INT_MIN| stays negative, as in C), then
     a, b = b % a, a with C's truncated remainder until a is 0, all elements at once: in eager
     mode until every remainder is 0, in a compiled graph for the dtype's worst case
-    (consecutive Fibonacci numbers)."""
-    a, b = mx.abs(a), mx.abs(b)
+    (consecutive Fibonacci numbers). The operands are broadcast first: with every a already
+    0 no step runs, and the result is b (gcd(tensor([0]), tensor(9)) is tensor([9]))."""
+    a, b = mx.broadcast_arrays(mx.abs(a), mx.abs(b))
     steps = {1: 12, 2: 24, 4: 47, 8: 93}[a.dtype.size]
     for _ in range(steps):
         if not tracing() and not mx.any(a != 0).item():

@@ -458,9 +458,19 @@ def index_copy(self, dim, index, source):
     return mx.reshape(mx.swapaxes(x, 0, dim), self.shape)
 
 
+def _check_source_shape(self_shape, source_shape, dim: int) -> None:
+    """index_add's CPU check, which its meta kernel lacks: source has self's shape but at dim."""
+    if len(self_shape) != len(source_shape) or any(
+            a != b for i, (a, b) in enumerate(zip(self_shape, source_shape)) if i != dim):
+        raise RuntimeError("source tensor shape must match self tensor shape, excluding the "
+                           f"specified dimension. Got self.shape = {list(self_shape)} "
+                           f"source.shape = {list(source_shape)}")
+
+
 @lowering("index_add")
 def index_add(self, dim, index, source, alpha=1):
     dim, idx, size = _index_copy_args(self, dim, index, "index_add")
+    _check_source_shape(self.shape, source.shape, dim)
     idx = _wrap_checked(idx, size, dim, negative=False, exc=RuntimeError)
     src = _source_nd(source, 1).astype(self.dtype)
     if alpha != 1:
@@ -621,9 +631,10 @@ def index_copy_(self, dim, index, source):
 def index_add_(self, dim, index, source, *, alpha=1):
     _check(torch.ops.aten.index_add_.default, self, dim, index, source, alpha=alpha)
     _check_writable(self)
+    d = _dim(dim, self.dim())
+    _check_source_shape(self.shape, source.shape, d)
     if self.numel() == 0 or index.numel() == 0:
         return self
-    d = _dim(dim, self.dim())
     size = self.shape[d] if self.dim() else 1
     idx = _wrap_checked(_index_1d(_mx(index), "index_add"), size, d, negative=False,
                         exc=RuntimeError)

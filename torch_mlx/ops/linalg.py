@@ -768,6 +768,8 @@ def linalg_lstsq(self, b, rcond=None, driver=None):
     rank for gelsy/gelsd/gelss (default gelsy), singular values for gelsd/gelss, residuals
     |A x - b|^2 per column when m > n (gels always, gelsd/gelss when every matrix has full
     rank, gelsy never)."""
+    if self.ndim < 2:
+        raise RuntimeError("torch.linalg.lstsq: input must have at least 2 dimensions.")
     driver = driver or "gelsy"
     m, n = self.shape[-2:]
     vector = b.ndim == self.ndim - 1

@@ -1267,7 +1267,12 @@ def _source_index(in_size, out_size, align_corners, scale, clamp_at_zero):
     dst = mx.arange(out_size, dtype=mx.float32)
     if align_corners:
         return s * dst
-    src = s * (dst + 0.5) - 0.5
+    # torch's CPU kernels compute scale * (dst + 0.5) - 0.5 as one fused multiply-add (the
+    # compiler contracts it), rounded once: the product is exact in float64, so is the
+    # subtraction, and one rounding to float32 gives the fused result (two roundings moved
+    # whole output rows by one ulp of the coordinate: 2e-4 at 345 -> 270 rows)
+    with mx.stream(mx.cpu):
+        src = (s.astype(mx.float64) * (dst + 0.5).astype(mx.float64) - 0.5).astype(mx.float32)
     return mx.maximum(src, 0) if clamp_at_zero else src
 
 

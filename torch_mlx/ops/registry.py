@@ -403,8 +403,12 @@ def _meta_info(op, args, kwargs, promote, opmath=True):
 
 
 def _cpu_stand_in(x, fill=0):
-    """A CPU tensor with x's shape and dtype that allocates one element (stride 0)."""
+    """A CPU tensor with x's shape and dtype that allocates one element (stride 0), holding
+    ``fill``; a 0-dim tensor is copied (its value may be what a check is about: a fill value's
+    type range)."""
     if isinstance(x, torch.Tensor) and x.device.type == "mlx":
+        if x.dim() == 0:
+            return x.cpu()
         return torch.full((), fill, dtype=x.dtype).expand(x.shape)
     if isinstance(x, torch.device) and x.type == "mlx":
         return torch.device("cpu")
@@ -414,9 +418,13 @@ def _cpu_stand_in(x, fill=0):
 def _as_the_cpu_would(op, args, kwargs, meta_error: Exception):
     """A meta kernel rejected the call. Some raise another exception type than the CPU kernel
     for the same mistake (RuntimeError where the CPU raises IndexError, e.g. argmax over an
-    empty tensor); users catch the CPU's types. So a functional op is tried on CPU stand-ins
-    of the same shapes and dtypes, and the CPU's exception is raised when it is of another
-    type. Only error paths pay for this.
+    empty tensor), many another message (torch's Python meta kernels and refs word their checks
+    differently: "Number of dimensions of tensors must match" for the CPU's "Tensors must have
+    same number of dimensions"); users catch the CPU's types and match its messages (as
+    OpInfo's error inputs do). So a functional op is tried on CPU stand-ins of the same shapes
+    and dtypes, and the CPU's exception is raised when it raises one, unless it only says that
+    the CPU has no kernel for the dtype where the meta kernel raised a check of the same type
+    ("mlx" may have the kernel: the meta check stands). Only error paths pay for this.
 
     Python refs serving as meta kernels also reject a Python number where the CPU kernel takes
     the wrapped number (atan2, xlogy, ... refuse one as their first operand): when the CPU
@@ -444,7 +452,9 @@ def _as_the_cpu_would(op, args, kwargs, meta_error: Exception):
             lambda x: _cpu_stand_in(x, 1 if numbers else 0), (args, kwargs)))
         cpu_result = op(*cargs, **ckwargs)
     except Exception as cpu_error:  # noqa: BLE001  (re-raised as is)
-        if type(cpu_error) is not type(meta_error):
+        # the CPU's lack of a kernel for the dtype stands only against a meta check of its kind
+        # (not against a meta kernel that cannot take a Python number: AttributeError)
+        if "not implemented for" not in str(cpu_error) or type(cpu_error) is not type(meta_error):
             raise cpu_error.with_traceback(None) from None
         raise meta_error from None
     if numbers:  # the meta kernel refused a number the CPU takes: the CPU's spec stands
@@ -536,14 +546,18 @@ def inplace_kernel(op_inplace, functional_op):
 
 def out_kernel(op_out, functional_op, out_names: list[str]):
     """``op(..., out=...)``: the functional result, checked and written into the out tensors."""
+    no_full_overlap = op_out.name().removeprefix("aten::") in _NO_FULL_OVERLAP
 
     def kernel(*args, **kwargs):
         outs = [kwargs.pop(n) for n in out_names]
+        # numbers first: the CPU's out= op, which decides overlap errors, takes wrapped numbers
         args, kwargs = _wrap_numbers(functional_op, args, kwargs)
+        _check_out_overlap(op_out, args, kwargs, dict(zip(out_names, outs)), no_full_overlap)
         result = functional_op(*args, **kwargs)
         results = tuple(result) if isinstance(result, (tuple, list)) else (result,)
         for out, res in zip(outs, results):
             if not can_safe_cast_to(cast_from=res.dtype, cast_to=out.dtype):
+                _raise_cpu_out_error(op_out, args, kwargs, dict(zip(out_names, outs)))
                 raise RuntimeError(f"result type {_type_name(res.dtype)} can't be cast to the "
                                    f"desired output type {_type_name(out.dtype)}")
             torch._refs._maybe_resize_out(out, res.shape)
@@ -551,6 +565,89 @@ def out_kernel(op_out, functional_op, out_names: list[str]):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return kernel
+
+
+# An out tensor that shares memory with itself (expanded) or with an input: the CPU's out=
+# kernels refuse some of these calls and not others (TensorIterator and at::assert_no_*overlap
+# checks, before or after resizing the out tensor, per op). Such calls are rare (bad input), so
+# the CPU decides: the call is repeated on CPU copies with the same aliasing and its error is
+# raised. An out tensor that *is* an input (full overlap) is common and allowed, except by the
+# kernels that call at::assert_no_overlap (e.g. index_select(x, 0, i, out=x)): those are listed.
+_NO_FULL_OVERLAP = {"cat.out", "gather.out", "index_select.out", "kthvalue.values",
+                    "masked_select.out", "take.out"}
+_OVERLAP = ("unsupported operation: some elements of the input tensor and the written-to tensor "
+            "refer to a single memory location. Please clone() the tensor before performing the "
+            "operation.")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements tile a contiguous range of memory."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _full_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """at::get_overlap_status(a, b) == Full: the same tensor, or the same dense elements."""
+    if a._cdata == b._cdata:
+        return True
+    return (a.numel() > 0 and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset() and a.dtype == b.dtype and _dense(a)
+            and a.untyped_storage()._cdata == b.untyped_storage()._cdata)
+
+
+def _check_out_overlap(op_out, args, kwargs, outs: dict, no_full_overlap: bool) -> None:
+    inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+    aliased = False
+    for out in outs.values():
+        if not isinstance(out, torch.Tensor):
+            continue
+        if no_full_overlap and any(_full_overlap(out, x) for x in inputs):
+            raise RuntimeError(_OVERLAP)
+        if out.numel() > 1 and not _dense(out):
+            aliased = True  # perhaps expanded: the CPU decides
+        storage = out.untyped_storage()._cdata
+        aliased = aliased or any(x.untyped_storage()._cdata == storage
+                                 and not _full_overlap(out, x) for x in inputs)
+    if aliased:
+        _raise_cpu_out_error(op_out, args, kwargs, outs, keep_aliasing=True)
+
+
+def _cpu_mirror(value, storages: dict):
+    """An "mlx" tensor's CPU copy with the same storage extent, strides and offset; tensors
+    sharing a storage share the copy's."""
+    if not (isinstance(value, torch.Tensor) and value.device.type == "mlx"):
+        return _cpu_stand_in(value)
+    storage = value.untyped_storage()
+    flat = storages.get((storage._cdata, value.dtype))
+    if flat is None:
+        whole = torch.empty(0, dtype=value.dtype, device=value.device).set_(
+            storage, 0, (storage.nbytes() // value.element_size(),), (1,))
+        flat = storages[storage._cdata, value.dtype] = whole.cpu()
+    return flat.as_strided(value.shape, value.stride(), value.storage_offset())
+
+
+def _raise_cpu_out_error(op_out, args, kwargs, outs: dict, keep_aliasing=False) -> None:
+    """Raise the CPU's error for an out= call, if it raises one: tried on CPU stand-ins and
+    fresh out tensors (an out the functional result cannot be cast to: the CPU kernels word
+    their dtype checks per op), or with ``keep_aliasing`` on CPU copies that share memory as the
+    "mlx" tensors do."""
+    try:
+        if keep_aliasing:
+            storages = {}
+            cargs, ckwargs, couts = tree_map(lambda x: _cpu_mirror(x, storages),
+                                             (args, kwargs, outs))
+        else:
+            cargs, ckwargs = tree_map(_cpu_stand_in, (args, kwargs))
+            couts = {name: (torch.empty(o.shape, dtype=o.dtype)
+                            if isinstance(o, torch.Tensor) else o) for name, o in outs.items()}
+        op_out(*cargs, **ckwargs, **couts)
+    except Exception as cpu_error:  # noqa: BLE001  (re-raised as is)
+        if "not implemented for" not in str(cpu_error):
+            raise cpu_error.with_traceback(None) from None
 
 
 def _type_name(dtype: torch.dtype) -> str:

@@ -27,6 +27,9 @@ _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
 def _dim(d: int, ndim: int) -> int:
     n = max(ndim, 1)
+    if not -n <= d < n:  # torch's check (ops without a meta kernel reach the lowering)
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], "
+                         f"but got {d})")
     return d + n if d < 0 else d
 
 
@@ -429,6 +432,8 @@ def searchsorted(sorted_sequence, self, out_int32=False, right=False, side=None,
 
 @lowering("bucketize.Tensor", "bucketize.Scalar")
 def bucketize(self, boundaries, out_int32=False, right=False):
+    if boundaries.ndim != 1:
+        raise RuntimeError(f"boundaries tensor must be 1 dimension, but got dim({boundaries.ndim})")
     values = self if isinstance(self, mx.array) else mx.array(self)
     if boundaries.size == 0:
         return mx.zeros(values.shape, dtype=mx.int32 if out_int32 else mx.int64)
@@ -598,7 +603,14 @@ def _points(self) -> mx.array:
     return mx.reshape(self, (-1, self.shape[-1]))
 
 
+def _check_bin_count(self, bins) -> None:
+    if len(bins) != self.shape[-1]:
+        raise RuntimeError("histogramdd: The size of bins must be equal to the innermost "
+                           "dimension of the input.")
+
+
 def _bin_edges(self, bins, range_):
+    _check_bin_count(self, bins)
     pts = _points(self)
     pairs = _outer_edges(pts, range_, "torch.histogramdd")
     return [_linspace(lo, hi, n + 1, self.dtype) for (lo, hi), n in zip(pairs, bins)]
@@ -616,4 +628,5 @@ def histogramdd_from_bin_cts(self, bins, range=None, weight=None, density=False)
 
 @lowering("_histogramdd_from_bin_tensors")
 def histogramdd_from_bin_tensors(self, bins, weight=None, density=False):
+    _check_bin_count(self, bins)
     return _histogramdd(_points(self), [b.astype(self.dtype) for b in bins], weight, density)
