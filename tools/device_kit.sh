@@ -26,6 +26,8 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
 #                MLX CUDA vs transformers on torch CUDA)
+# KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
+# the XML are still written.
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
 # machine may run `bash tools/device_kit.sh run ...` again without carrying anything: the
 # install and the build are kept in /tmp/kit.
@@ -34,7 +36,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAGE="$ROOT/.gpu"
 KIT=/tmp/kit                      # on the device: wheels, installed packages, build stamp
 PART_BYTES=60000000               # the first piece: leaves room for the tree in a 64 MiB carry
-WHEELS=(mlx==0.32.4 mlx-cuda-13==0.32.4 nanobind==3.1.0 mlx-lm==0.32.2 expecttest==0.3.0)
+WHEELS=(mlx==0.32.4 mlx-cuda-13==0.32.4 nanobind==3.1.0 mlx-lm==0.32.2 expecttest==0.3.0
+        pycountry==26.2.16)   # pycountry: mistral_common's tokenizer (an extra vLLM's walk skips)
 
 stage() {
   mkdir -p "$STAGE/dl" "$STAGE/a" "$STAGE/b"
@@ -171,8 +174,12 @@ run_item() {
     tests|tests:*)
       local sel=()
       [ "$item" != tests ] && sel=(-k "${item#tests:}")
-      python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 600 tests/torch_mlx "${sel[@]}" \
+      # -v names each result as it lands, so a visit cut short still says which failed; SIGINT
+      # at KIT_ITEM_S seconds makes pytest print its summary and write the XML
+      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" python3 -m pytest -v -p no:cacheprovider -n 12 \
+        --timeout 600 tests/torch_mlx "${sel[@]}" \
         --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
+      grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
       tail -60 "$LOG/tests.log" ;;
     conformance)
       python3 tools/conformance.py --dtype float32 --json "$LOG/conformance-float32.json" \
@@ -189,7 +196,8 @@ run_item() {
     vtests|vtests:*)
       local vsel=()
       [ "$item" != vtests ] && vsel=(-k "${item#vtests:}")
-      python3 -m pytest -q -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
+      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" \
+        python3 -m pytest -v -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
         --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
       tail -80 "$LOG/vtests.log" ;;
     bench)

@@ -4,6 +4,7 @@
 every process when it resolves ``current_platform``, so nothing needs importing in user code.
 """
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -26,4 +27,8 @@ def register() -> str | None:
     except ImportError as e:
         logger.debug("vllm_metal inactive: %s", e)
         return None
+    # vLLM picks its V2 model runner by default wherever Triton imports (a CUDA image has it);
+    # this platform's runner is the V1 one. Set here, before any VllmConfig reads it; an explicit
+    # VLLM_USE_V2_MODEL_RUNNER=1 is refused by the worker with a message.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return PLATFORM
