@@ -1,0 +1,48 @@
+"""MLX affine group-wise quantized matmul and embedding lookup as torch ops on "mlx".
+
+The format is MLX's (``mx.quantize``, what ``mlx_lm.convert -q`` writes): a weight [N, K] is
+stored as ``weight`` [N, K * bits / 32] uint32 (each row's values packed little-end first, a value
+may straddle two words at 3, 5 and 6 bits), ``scales`` and ``biases`` [N, K / group_size], and
+element k of row n is ``scales[n, k // g] * q[n, k] + biases[n, k // g]``.
+
+``quantized_matmul(x, weight, scales, biases, group_size, bits)`` is ``x @ dequantized.T``, run on
+the packed weights (``mx.quantized_matmul``): the weights are never unpacked in memory.
+``quantized_embedding`` dequantizes only the rows of the looked-up tokens. Both lowerings sit in
+torch_mlx's table, so they run eagerly and inside compiled forwards alike.
+"""
+import mlx.core as mx
+import torch
+
+from torch_mlx.ops.registry import lowering
+
+from .library import define
+
+
+def _matmul_fake(x, weight, scales, biases, group_size, bits):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _embedding_fake(ids, weight, scales, biases, group_size, bits):
+    return scales.new_empty((*ids.shape, weight.shape[1] * 32 // bits))
+
+
+quantized_matmul_op = define(
+    "quantized_matmul(Tensor x, Tensor weight, Tensor scales, Tensor biases, int group_size, "
+    "int bits) -> Tensor", _matmul_fake)
+quantized_embedding_op = define(
+    "quantized_embedding(Tensor ids, Tensor weight, Tensor scales, Tensor biases, "
+    "int group_size, int bits) -> Tensor", _embedding_fake)
+
+
+@lowering("vllm_metal::quantized_matmul")
+def quantized_matmul(x, weight, scales, biases, group_size, bits):
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size,
+                               bits=bits)
+
+
+@lowering("vllm_metal::quantized_embedding")
+def quantized_embedding(ids, weight, scales, biases, group_size, bits):
+    flat = ids.flatten()
+    rows = mx.dequantize(mx.take(weight, flat, axis=0), mx.take(scales, flat, axis=0),
+                         mx.take(biases, flat, axis=0), group_size=group_size, bits=bits)
+    return rows.reshape(*ids.shape, rows.shape[-1])
