@@ -186,7 +186,7 @@ def test_quantized_matmul_op(bits, group_size):
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     dense = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
     params = [torch_mlx.from_mlx(a) for a in (wq, scales, biases)]
-    for m in (1, 3, 17):
+    for m in (1, 3, 17, 80):  # 80 rows: dequantized once, then BLAS (on MLX's CPU backend)
         x = mx.random.normal((m, 256))
         got = quantized_matmul_op(torch_mlx.from_mlx(x), *params, group_size, bits)
         assert got.shape == (m, 96) and got.dtype == torch.float32
@@ -196,6 +196,32 @@ def test_quantized_matmul_op(bits, group_size):
     rows = quantized_embedding_op(ids, *params, group_size, bits)
     expected = torch.from_numpy(__import__("numpy").array(dense))[ids.cpu()]
     torch.testing.assert_close(rows.cpu(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_cpu_kernels_share_rows_across_threads(bits):
+    # torch_mlx's CPU kernels (csrc/quantized_cpu.cpp) over enough rows for several of the thread
+    # pool's chunks, every row-block shape of the AVX-512 kernel (1..4 rows of x, odd N), half
+    # precision scales and x, against MLX's own kernels
+    from torch_mlx import _C
+
+    mx.random.seed(bits)
+    w = mx.random.normal((2051, 512))
+    for dtype in (mx.float32, mx.bfloat16):
+        wq, scales, biases = mx.quantize(w.astype(dtype), group_size=64, bits=bits)
+        for m in (1, 2, 3, 4, 5, 7, 9):
+            x = mx.random.normal((m, 512)).astype(dtype)
+            got = _C.affine_quantized_matmul(x, wq, scales, biases, 64, bits)
+            ref = mx.quantized_matmul(x.astype(mx.float32), wq, scales.astype(mx.float32),
+                                      biases.astype(mx.float32), group_size=64, bits=bits)
+            assert got.dtype == dtype and got.shape == (m, 2051)
+            tol = 1e-3 if dtype == mx.float32 else 0.1
+            assert mx.allclose(got.astype(mx.float32), ref, rtol=tol, atol=tol).item(), (dtype, m)
+        dense = _C.affine_dequantize(wq, scales, biases, 64, bits)
+        ref = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32),
+                            group_size=64, bits=bits)
+        assert dense.dtype == mx.float32
+        assert mx.allclose(dense, ref, rtol=1e-6, atol=1e-6).item()
 
 
 def test_quantized_matmul_compiles():
