@@ -311,32 +311,105 @@ void qmm_rows(const Qmm& a, int64_t n0, int64_t n1) {
   qmm_rows_generic(a, n0, n1);
 }
 
+// An array as rows of its last axis, with any strides: element offsets of each row's start (its
+// leading axes flattened) and the last axis' stride. Taken in eval_cpu, where the inputs' layouts
+// are final (a lazy array's layout flags say nothing yet: a transposed or gathered x inside a
+// compiled graph is only known to be strided then).
+struct Rows {
+  const char* data;
+  std::vector<int64_t> starts;
+  int64_t step;
+  bool dense;  // row-contiguous: starts[r] == r * columns, step 1
+};
+
+Rows rows_of(const mx::array& a) {
+  Rows rows{a.data<char>(), {}, a.ndim() ? a.strides().back() : 1, a.flags().row_contiguous};
+  int nd = static_cast<int>(a.ndim());
+  int64_t count = nd > 1 ? a.size() / a.shape(-1) : 1;
+  if (rows.dense) return rows;
+  rows.starts.assign(count, 0);
+  for (int64_t r = 0; r < count; ++r) {
+    int64_t rest = r, offset = 0;
+    for (int axis = nd - 2; axis >= 0; --axis) {
+      offset += (rest % a.shape(axis)) * a.strides()[axis];
+      rest /= a.shape(axis);
+    }
+    rows.starts[r] = offset;
+  }
+  return rows;
+}
+
+// Element i of row r, as float.
+template <typename T>
+TMX_INLINE float at(const Rows& rows, int64_t columns, int64_t r, int64_t i) {
+  const T* base = reinterpret_cast<const T*>(rows.data);
+  return static_cast<float>(rows.dense ? base[r * columns + i]
+                                       : base[rows.starts[r] + i * rows.step]);
+}
+
+// A row-contiguous copy of a strided [rows, columns] array in `buffer`, or the array's own data.
+const void* dense_data(const Rows& rows, int64_t count, int64_t columns, size_t itemsize,
+                       std::vector<char>& buffer) {
+  if (rows.dense) return rows.data;
+  buffer.resize(count * columns * itemsize);
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t i = 0; i < columns; ++i) {
+      std::memcpy(buffer.data() + (r * columns + i) * itemsize,
+                  rows.data + (rows.starts[r] + i * rows.step) * itemsize, itemsize);
+    }
+  }
+  return buffer.data();
+}
+
 // x [M, K] of dtype T -> float32 (permuted within 32-blocks for the AVX-512 4-bit kernel, whose
 // unpacked vectors hold a block's even, then odd values); and its group sums.
 template <typename T>
-void prepare_x(const T* x, int64_t m, int64_t k, int group, bool permute, float* xf,
+void prepare_x(const Rows& x, int64_t m, int64_t k, int group, bool permute, float* xf,
                float* xsum) {
   int64_t groups = k / group;
   for (int64_t r = 0; r < m; ++r) {
-    const T* src = x + r * k;
     float* dst = xf + r * k;
+    for (int64_t i = 0; i < k; ++i) dst[i] = at<T>(x, k, r, i);
     for (int64_t g = 0; g < groups; ++g) {
       float s = 0.0f;
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) s += static_cast<float>(src[i]);
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) s += dst[i];
       xsum[r * groups + g] = s;
     }
     if (permute) {
+      float block[32];
       for (int64_t b = 0; b < k; b += 32) {
+        std::memcpy(block, dst + b, sizeof(block));
         for (int i = 0; i < 16; ++i) {
-          dst[b + i] = static_cast<float>(src[b + 2 * i]);
-          dst[b + 16 + i] = static_cast<float>(src[b + 2 * i + 1]);
+          dst[b + i] = block[2 * i];
+          dst[b + 16 + i] = block[2 * i + 1];
         }
       }
-    } else {
-      for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<float>(src[i]);
     }
   }
 }
+
+// The packed weight, scales and biases of a layer (inputs [first, first + 3)), row-contiguous
+// (copied, in the dispatched work, in the rare case a view is strided).
+struct Packed {
+  Rows w, scales, biases;
+  int64_t n, k, groups;
+  size_t scale_size;
+  int kind;
+
+  Packed(const std::vector<mx::array>& inputs, int first, int64_t k_, int group)
+      : w(rows_of(inputs[first])), scales(rows_of(inputs[first + 1])),
+        biases(rows_of(inputs[first + 2])), n(inputs[first].shape(0)), k(k_),
+        groups(k_ / group), scale_size(inputs[first + 1].itemsize()),
+        kind(scale_kind(inputs[first + 1].dtype())) {}
+
+  // Fills a's weight/scale pointers; `buffers` keeps any copies alive.
+  void fill(Qmm& a, std::vector<char> (&buffers)[3]) const {
+    a.w = static_cast<const uint8_t*>(dense_data(w, n, a.row_bytes / 4, 4, buffers[0]));
+    a.scales = dense_data(scales, n, groups, scale_size, buffers[1]);
+    a.biases = dense_data(biases, n, groups, scale_size, buffers[2]);
+    a.kind = kind;
+  }
+};
 
 // About 64 KiB of packed weights per claimed chunk.
 int64_t rows_per_chunk(int64_t row_bytes) {
@@ -372,19 +445,20 @@ class AffineQuantizedMatmul : public mx::UnaryPrimitive {
     const mx::array& x = inputs[0];
     auto& encoder = prepare(stream(), inputs, out);
     int64_t k = x.shape(-1), n = out.shape(-1), m = k == 0 ? 0 : x.size() / k;
-    Qmm a{inputs[1].data<uint8_t>(), k * bits_ / 8, inputs[2].data<void>(),
-          inputs[3].data<void>(), scale_kind(inputs[2].dtype()), nullptr, nullptr, nullptr,
+    Qmm a{nullptr, k * bits_ / 8, nullptr, nullptr, 0, nullptr, nullptr, nullptr,
           m, n, k, group_, bits_};
-    const void* xp = x.data<void>();
+    Rows xr = rows_of(x);
+    Packed packed(inputs, 1, k, group_);
     void* op = out.data<void>();
     mx::Dtype x_dtype = x.dtype(), out_dtype = out.dtype();
     encoder.dispatch([=]() mutable {
+      std::vector<char> buffers[3];
+      packed.fill(a, buffers);
       std::vector<float> xf(m * k), xsum(m * (k / a.group));
       std::vector<float> y(out_dtype == mx::float32 ? 0 : m * n);
       with_float_type(x_dtype, [&](auto t) {
         using T = decltype(t);
-        prepare_x(static_cast<const T*>(xp), m, k, a.group, a.bits == 4 && use_avx512(4),
-                  xf.data(), xsum.data());
+        prepare_x<T>(xr, m, k, a.group, a.bits == 4 && use_avx512(4), xf.data(), xsum.data());
       });
       a.x = xf.data();
       a.xsum = xsum.data();
@@ -490,11 +564,13 @@ class AffineDequantize : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = prepare(stream(), inputs, out);
     int64_t n = out.shape(0), k = out.shape(1);
-    Qmm a{inputs[0].data<uint8_t>(), k * bits_ / 8, inputs[1].data<void>(),
-          inputs[2].data<void>(), scale_kind(inputs[1].dtype()), nullptr, nullptr, nullptr,
+    Qmm a{nullptr, k * bits_ / 8, nullptr, nullptr, 0, nullptr, nullptr, nullptr,
           0, n, k, group_, bits_};
+    Packed packed(inputs, 0, k, group_);
     float* op = out.data<float>();
-    encoder.dispatch([=]() {
+    encoder.dispatch([=]() mutable {
+      std::vector<char> buffers[3];
+      packed.fill(a, buffers);
       parallel_chunks(n, rows_per_chunk(a.row_bytes),
                       [&a, op](int64_t n0, int64_t n1) { dequantize_rows(a, op, n0, n1); });
     });
@@ -520,10 +596,6 @@ mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
 
 bool is_float(const mx::array& a) {
   return a.dtype() == mx::float32 || a.dtype() == mx::float16 || a.dtype() == mx::bfloat16;
-}
-
-mx::array row_contiguous(const mx::array& a) {
-  return a.flags().row_contiguous ? a : mx::contiguous(a, false, cpu_stream());
 }
 
 // Checks the packed weight and its scales/biases for [N, K] at (group, bits); returns K.
@@ -557,9 +629,7 @@ mx::array affine_quantized_matmul(const mx::array& x, const mx::array& w, const 
   mx::Shape shape = x.shape();
   shape.back() = w.shape(0);
   auto prim = std::make_shared<AffineQuantizedMatmul>(cpu_stream(), group, bits);
-  return mx::array(shape, x.dtype(), prim,
-                   {row_contiguous(x), row_contiguous(w), row_contiguous(scales),
-                    row_contiguous(biases)});
+  return mx::array(shape, x.dtype(), prim, {x, w, scales, biases});
 }
 
 mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
@@ -567,7 +637,7 @@ mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const m
   int64_t k = check_packed(w, scales, biases, group, bits, "affine_dequantize");
   auto prim = std::make_shared<AffineDequantize>(cpu_stream(), group, bits);
   return mx::array({w.shape(0), static_cast<int>(k)}, mx::float32, prim,
-                   {row_contiguous(w), row_contiguous(scales), row_contiguous(biases)});
+                   {w, scales, biases});
 }
 
 }  // namespace
