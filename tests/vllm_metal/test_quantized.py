@@ -224,6 +224,39 @@ def test_cpu_kernels_share_rows_across_threads(bits):
         assert mx.allclose(dense, ref, rtol=1e-6, atol=1e-6).item()
 
 
+def test_cpu_kernels_read_strides_at_evaluation():
+    # Inside an MLX graph (a compiled forward) the kernel's inputs are lazy: their layout is only
+    # known when evaluated. A gathered, transposed or 3-D strided x and strided weight views must
+    # be read by their strides then (a GPTQ act-order gather of x once gave wrong numbers).
+    from torch_mlx import _C
+
+    w = mx.random.normal((64, 256))
+    wq, s, b = mx.quantize(w, group_size=32, bits=4)
+    order = mx.random.permutation(256)
+    x = mx.random.normal((3, 256))
+
+    def gathered(x):
+        return _C.affine_quantized_matmul(mx.take(x, order, axis=1), wq, s, b, 32, 4)
+
+    ref = mx.quantized_matmul(mx.take(x, order, axis=1), wq, s, b, group_size=32, bits=4)
+    for f in (gathered, mx.compile(gathered)):
+        assert mx.allclose(f(x), ref, rtol=1e-4, atol=1e-4).item()
+    xt = mx.random.normal((256, 3))
+    ref = mx.quantized_matmul(xt.T, wq, s, b, group_size=32, bits=4)
+    got = mx.compile(lambda a: _C.affine_quantized_matmul(a.T, wq, s, b, 32, 4))(xt)
+    assert mx.allclose(got, ref, rtol=1e-4, atol=1e-4).item()
+    x3 = mx.random.normal((2, 5, 256)).transpose(1, 0, 2)
+    ref = mx.quantized_matmul(x3, wq, s, b, group_size=32, bits=4)
+    assert mx.allclose(_C.affine_quantized_matmul(x3, wq, s, b, 32, 4), ref, rtol=1e-4,
+                       atol=1e-4).item()
+    ref = mx.quantized_matmul(x, wq[::2], s[::2], b[::2], group_size=32, bits=4)
+    got = _C.affine_quantized_matmul(x, wq[::2], s[::2], b[::2], 32, 4)
+    assert mx.allclose(got, ref, rtol=1e-4, atol=1e-4).item()
+    dense = _C.affine_dequantize(wq[::2], s[::2], b[::2], 32, 4)
+    assert mx.allclose(dense, mx.dequantize(wq[::2], s[::2], b[::2], group_size=32, bits=4),
+                       rtol=1e-6, atol=1e-6).item()
+
+
 def test_quantized_matmul_compiles():
     # the op inside torch.compile(backend="mlx"): the same lowering in the MLX graph
     import torch_mlx
