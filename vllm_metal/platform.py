@@ -26,7 +26,7 @@ class MetalPlatform(Platform):
     simple_compile_backend: str = "eager"
     # Quantized checkpoints that run here (vllm_metal/quantization): vLLM checks every method it
     # detects or is given against this list at start-up, through verify_quantization.
-    supported_quantization: list[str] = ["mlx"]
+    supported_quantization: list[str] = ["mlx", "mlx_gptq", "mlx_awq"]
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -83,7 +83,8 @@ class MetalPlatform(Platform):
                 f"quantization method {quant!r} (the checkpoint's format, or the quantization "
                 f"argument) is not supported on mlx: its kernels are CUDA/ROCm ones. Supported: "
                 f"{', '.join(sorted(set(cls.supported_quantization)))} ('mlx' is what "
-                f"mlx_lm.convert -q writes)")
+                f"mlx_lm.convert -q writes; GPTQ and AWQ checkpoints whose layout maps onto it "
+                f"run as mlx_gptq / mlx_awq)")
 
     @classmethod
     def get_compile_backend(cls) -> str:

@@ -3,23 +3,38 @@
 ``mlx`` (mlx_affine.py): checkpoints made by ``mlx_lm.convert -q``, the format Mac users
 download. Importing this package registers it with vLLM (``register_quantization_config``).
 
+``mlx_gptq`` / ``mlx_awq`` (gptq_awq.py): GPTQ and AWQ checkpoints whose layout maps exactly
+onto MLX's affine format, repacked at load.
+
 Detection. vLLM recognises a checkpoint's format while it builds its ModelConfig, from
 config.json's ``quantization_config``, by asking every registered method's
 ``override_quantization_method``. mlx_lm writes its settings as ``"quantization"`` and, since
 2024, copies them to ``"quantization_config"`` (with no ``quant_method``). The platform plugin
 cannot register the method before that first ModelConfig is built (vLLM resolves the platform
-lazily, from inside its own config code), so ``enable_for_checkpoint``, called by
+lazily, from inside its own config code); ``register``, a general plugin, does, in every vLLM
+process. For the old key, and where the package was installed without that entry point,
+``enable_for_checkpoint``, called by
 ``MetalPlatform.check_and_update_config``, finishes the job on the finished VllmConfig: it
 recognises either key, sets the model's quantization to ``mlx`` and builds the quantization
 config vLLM would have built. In a process where this package is already imported (the engine
 process, a second ``LLM``), vLLM's own detection finds it first and this is a no-op.
 """
+from .gptq_awq import AWQConfig, GPTQConfig
 from .mlx_affine import NAME as MLX, MLXQuantConfig, is_mlx_quantization
 
-__all__ = ["MLX", "MLXQuantConfig", "enable_for_checkpoint", "SUPPORTED"]
+__all__ = ["MLX", "MLXQuantConfig", "GPTQConfig", "AWQConfig", "enable_for_checkpoint",
+           "register"]
 
-# what MetalPlatform.supported_quantization lists (vLLM checks every configured method against it)
-SUPPORTED = [MLX]
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point (setup.py): vLLM loads general plugins in every
+    process before it reads a model's config, so the methods above are registered when its own
+    detection runs, and a GPTQ/AWQ checkpoint resolves to ``mlx_gptq``/``mlx_awq`` before vLLM's
+    CUDA methods are tried. Only on the mlx platform: elsewhere vLLM keeps its own."""
+    from vllm.platforms import current_platform
+
+    if getattr(current_platform, "device_type", None) == "mlx":
+        from . import gptq_awq, mlx_affine  # noqa: F401  (imported above: registered)
 
 
 def _mlx_settings(hf_config) -> dict | None:

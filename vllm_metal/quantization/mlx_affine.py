@@ -191,22 +191,33 @@ class MLXAffineLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        from ..ops.quantized import quantized_matmul_op
+        return affine_linear(layer, x, bias)
 
-        layout: ShardLayout = layer.mlx_layout
-        if layout.uniform:
-            spec = layout.specs[0]
-            out = quantized_matmul_op(x, layer.weight, layer.scales, layer.biases,
-                                      spec.group_size, spec.bits)
-        else:
-            out = torch.cat([
-                quantized_matmul_op(x, layout.view(layer.weight, i, 0),
-                                    layout.view(layer.scales, i, 1),
-                                    layout.view(layer.biases, i, 1), spec.group_size, spec.bits)
-                for i, spec in enumerate(layout.specs)], dim=-1)
-        if bias is not None:
-            out = out + bias
-        return out
+
+def affine_linear(layer: torch.nn.Module, x: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a layer holding MLX-packed ``weight``, ``scales``, ``biases`` laid
+    out by ``layer.mlx_layout`` (and, for repacked GPTQ act-order weights, the input columns'
+    order ``layer.mlx_input_order``)."""
+    from ..ops.quantized import quantized_matmul_op
+
+    layout: ShardLayout = layer.mlx_layout
+    order = getattr(layer, "mlx_input_order", None)
+    if order is not None:
+        x = x.index_select(-1, order)
+    if layout.uniform:
+        spec = layout.specs[0]
+        out = quantized_matmul_op(x, layer.weight, layer.scales, layer.biases, spec.group_size,
+                                  spec.bits)
+    else:
+        out = torch.cat([
+            quantized_matmul_op(x, layout.view(layer.weight, i, 0),
+                                layout.view(layer.scales, i, 1),
+                                layout.view(layer.biases, i, 1), spec.group_size, spec.bits)
+            for i, spec in enumerate(layout.specs)], dim=-1)
+    if bias is not None:
+        out = out + bias
+    return out
 
 
 class MLXAffineEmbeddingMethod(MLXAffineLinearMethod):
