@@ -27,6 +27,16 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 pytestmark = pytest.mark.usefixtures("in_process_engine")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def general_plugin_installed():
+    import importlib.metadata as metadata
+
+    names = {e.name for e in metadata.entry_points(group="vllm.general_plugins")}
+    assert "metal_quantization" in names, (
+        "the vllm.general_plugins entry point of setup.py is not installed: rerun "
+        "tools/bootstrap.sh (pip install -e .)")
+
+
 def quantize(w: torch.Tensor, bits: int, group: int, sym: bool, order: torch.Tensor,
              min_zero: int = 0):
     """Group-wise quantization of w [N, K] over the input features taken in `order` (act-order):
