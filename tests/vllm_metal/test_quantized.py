@@ -108,6 +108,8 @@ CASES = [
     ("Qwen2ForCausalLM", 3, 64, None, False, False),  # qkv biases stay float
     ("LlamaForCausalLM", 6, 128, None, False, False),
     ("Qwen3ForCausalLM", 4, 64, None, True, False),  # the LM head is the quantized embedding
+    # tied too, and vLLM's Gemma builds its embedding without a quantization config
+    ("GemmaForCausalLM", 4, 64, None, False, False),
     ("Phi3ForCausalLM", 4, 32, None, False, False),  # qkv_proj / gate_up_proj fused on disk
     ("LlamaForCausalLM", 4, 64, "mixed_3_6", False, False),  # per-layer overrides
 ]

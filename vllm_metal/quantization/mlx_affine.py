@@ -232,8 +232,18 @@ class MLXAffineEmbeddingMethod(MLXAffineLinearMethod):
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module):
         if not isinstance(embed_tokens.quant_method, MLXAffineEmbeddingMethod):
-            raise ValueError(f"{self.prefix}: the LM head is tied to an embedding that is not "
-                             "MLX-quantized")
+            # The checkpoint's embedding is quantized (this head's spec is its spec) but the model
+            # built it without a quantization config (vLLM's Gemma and Gemma 2 pass none): give
+            # it this method's packed parameters in place of its float weight.
+            if not isinstance(embed_tokens.quant_method, UnquantizedEmbeddingMethod):
+                raise ValueError(f"{self.prefix}: the LM head is tied to an embedding quantized "
+                                 f"another way ({type(embed_tokens.quant_method).__name__})")
+            method = MLXAffineEmbeddingMethod(self.specs, "embed_tokens")
+            del embed_tokens.weight
+            method.create_weights(embed_tokens, embed_tokens.input_size_per_partition,
+                                  embed_tokens.output_partition_sizes, embed_tokens.input_size,
+                                  embed_tokens.output_size, embed_tokens.params_dtype)
+            embed_tokens.quant_method = method
         for name in ("weight", "scales", "biases"):
             setattr(layer, name, getattr(embed_tokens, name))
         layer.mlx_layout = embed_tokens.mlx_layout
