@@ -91,7 +91,8 @@ def _generate_and_compare(path: str, enforce_eager: bool = False, prompts=PROMPT
         got = list(output.outputs[0].token_ids)
         expected, gaps = mlx_reference.greedy(path, list(output.prompt_token_ids), MAX_TOKENS)
         problem = mlx_reference.compare(got, expected, gaps)
-        assert problem is None, f"{path}, prompt of {len(output.prompt_token_ids)} tokens: {problem}"
+        assert problem is None, \
+            f"{path}, prompt of {len(output.prompt_token_ids)} tokens: {problem}"
         ties += mlx_reference.near_ties(got, expected, gaps)
     assert ties <= len(prompts) // 4, f"{ties} near-tie divergences in {len(prompts)} prompts"
     del llm
