@@ -52,6 +52,8 @@ setup(
     entry_points={
         "torch.backends": ["mlx = torch_mlx:_autoload"],
         "vllm.platform_plugins": ["metal = vllm_metal:register"],
+        # registers vllm_metal's quantization methods before vLLM reads a model's config
+        "vllm.general_plugins": ["metal_quantization = vllm_metal.quantization:register"],
         "torch_dynamo_backends": ["mlx = torch_mlx.compile:mlx_backend"],
     },
 )

@@ -12,6 +12,7 @@
 #include "errors.h"
 #include "fast_cpu.h"
 #include "polynomial_cpu.h"
+#include "quantized_cpu.h"
 #include "slot_write.h"
 #include "storage.h"
 #include "torch_python.h"
@@ -44,6 +45,7 @@ NB_MODULE(_C, m) {
   register_slot_write(m);
   register_fast_cpu(m);
   register_polynomial_cpu(m);
+  register_quantized_cpu(m);
 
   m.def(
       "to_mlx",

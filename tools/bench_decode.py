@@ -20,7 +20,12 @@ measurement is also compared with the bound of its own window: the faster of its
 (ratios.batch1_vs_bound_paired is the median of these). Separate processes probe before and after
 all engines; the global bound (batch1_vs_bound) uses the fastest probe of the whole run.
 
+With --quantized BITS the same model is converted by mlx_lm (``mlx_lm.convert -q``, group size
+--group-size) and vllm_metal and mlx-lm run those files (transformers cannot read them, so that
+line is left out); the bandwidth bound then counts the packed weights' bytes.
+
     python tools/bench_decode.py [--json OUT] [--tokens 32] [--repeats 3] [--model DIR]
+                                 [--quantized BITS [--group-size 64]]
 """
 import argparse
 import json
@@ -158,15 +163,33 @@ def batched(batch, tokens):
     start = time.perf_counter()
     batch_generate(model, tokenizer, [prompt] * batch, max_tokens=tokens)
     return time.perf_counter() - start
-def best(generate, batch):
+def best(generate, batch, n, repeats):
     generate(batch, 2)  # warm-up
     rates = []
-    for _ in range({repeats}):
-        t1, tn = generate(batch, 1), generate(batch, {n})
-        rates.append(batch * ({n} - 1) / (tn - t1))
+    for _ in range(repeats):
+        t1, tn = generate(batch, 1), generate(batch, n)
+        rates.append(batch * (n - 1) / (tn - t1))
     return max(rates)
-res = {{"batch1_tok_s": best(lambda batch, tokens: single(tokens), 1),
-        "batch_tok_s": best(batched, 32)}}
+def stepped(batch, n, repeats):
+    # 32 sequences decoding, timed per step after every sequence has its first token (one
+    # prefill, of 2-token prompts: mlx-lm's CPU prefill of 32 x 16 tokens at 4 bits takes many
+    # minutes, and the context length hardly changes a decode step here)
+    from mlx_lm.generate import BatchGenerator
+    rates = []
+    for _ in range(repeats):
+        gen = BatchGenerator(model, stop_tokens=None)
+        gen.insert([prompt[:2]] * batch, [n + 64] * batch)
+        seen = set()
+        while len(seen) < batch:
+            seen.update(r.uid for r in gen.next_generated())
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            assert len(gen.next_generated()) == batch
+        rates.append(batch * (n - 1) / (time.perf_counter() - start))
+    return max(rates)
+res = {{"batch1_tok_s": best(lambda batch, tokens: single(tokens), 1, {n}, {repeats})}}
+res["batch_tok_s"] = (stepped(32, {n_batched}, {repeats_batched}) if {stepped}
+                      else best(batched, 32, {n_batched}, {repeats_batched}))
 print(json.dumps(res))
 """
 
@@ -198,9 +221,21 @@ print(json.dumps({"bandwidth_gb_s": max(res.values()),
 """
 
 
+def make_quantized_model(float_dir: str, bits: int, group_size: int) -> str:
+    out = f"{float_dir}-{bits}bit-g{group_size}"
+    if not os.path.exists(os.path.join(out, "config.json")):
+        from mlx_lm.convert import convert
+
+        convert(float_dir, out, quantize=True, q_bits=bits, q_group_size=group_size)
+    return out
+
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1}
+
+
 def bytes_per_step(model_dir: str, context: int) -> float:
     """Bytes read per decode step at batch 1: every weight except the input embedding table
-    (only one row is read), plus the KV cache of `context` tokens."""
+    (only one row is read), plus the float32 KV cache of `context` tokens."""
     from safetensors import safe_open
 
     total = 0
@@ -213,7 +248,7 @@ def bytes_per_step(model_dir: str, context: int) -> float:
                         n = 1
                         for s in t.get_shape():
                             n *= s
-                        total += n * 4
+                        total += n * DTYPE_BYTES[t.get_dtype()]
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4 * context
@@ -227,23 +262,42 @@ def main():
     parser.add_argument("--repeats", type=int, default=3,
                         help="decode rates are the best of this many measurements")
     parser.add_argument("--json")
+    parser.add_argument("--quantized", type=int, choices=[2, 3, 4, 5, 6, 8],
+                        help="run an mlx_lm.convert -q copy of the model at this many bits")
+    parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument("--mlx-lm-batched-tokens", type=int,
+                        help="tokens per sequence for mlx-lm's 32-sequence rate (default --tokens; "
+                        "4, measured once, with --quantized: MLX's CPU quantized matmul takes "
+                        "tens of seconds per 32-sequence step there, so that rate is then timed "
+                        "per decode step after one prefill of 2-token prompts)")
     args = parser.parse_args()
     model = make_bench_model(args.model)
+    engines = (("vllm_metal", VLLM), ("mlx_lm", MLX_LM), ("hf_torch_cpu", HF))
+    if args.quantized:
+        model = make_quantized_model(model, args.quantized, args.group_size)
+        engines = engines[:2]  # transformers cannot read mlx_lm's packed format
     n = args.tokens
-    result = {"model": model}
+    n_batched = args.mlx_lm_batched_tokens or (4 if args.quantized else n)
+    repeats_batched = 1 if args.quantized and not args.mlx_lm_batched_tokens else args.repeats
+    result = {"model": model, "mlx_lm_batched_tokens": n_batched}
     import torch_mlx  # noqa: F401  (for blas_info)
     import torch
 
     result["blas"] = torch.mlx.blas_info()
     probe_start = run_json(BANDWIDTH)["bandwidth_gb_s"]
-    for key, code in (("vllm_metal", VLLM), ("mlx_lm", MLX_LM), ("hf_torch_cpu", HF)):
+    for key, code in engines:
         start = time.monotonic()
         try:
             result[key] = run_json(code.format(model=model, n=n, repeats=args.repeats,
-                                               probe=PROBE))
+                                               probe=PROBE, n_batched=n_batched,
+                                               repeats_batched=repeats_batched,
+                                               stepped=bool(args.quantized)))
         except Exception as e:  # noqa: BLE001  (reported in the output, not hidden)
             result[key] = {"error": str(e)[-2000:]}
         result[key]["wall_s"] = time.monotonic() - start
+        if args.json:  # what is measured so far survives a later engine's failure or timeout
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
     result.update(run_json(BANDWIDTH))  # the per-reader keys are the end probe's
     result["bandwidth_probe_start_gb_s"] = probe_start
     result["bandwidth_probe_end_gb_s"] = result["bandwidth_gb_s"]
@@ -269,7 +323,7 @@ def main():
         result.setdefault("ratios", {})["batch1_vs_bound_paired"] = \
             statistics.median(p["vs_bound"] for p in pairs)
     print(f"{'engine':14} {'batch1':>8} {'c8':>8} {'c32/batch':>10} {'prefill':>9}  tok/s")
-    for key in ("vllm_metal", "mlx_lm", "hf_torch_cpu"):
+    for key, _ in engines:
         r = result[key]
         print(f"{key:14} {r.get('batch1_tok_s', float('nan')):8.2f} "
               f"{r.get('c8_tok_s', float('nan')):8.2f} "

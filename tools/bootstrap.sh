@@ -39,9 +39,12 @@ so=$(ls "$ROOT"/torch_mlx/_C*.so 2>/dev/null | head -n1 || true)
 if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" 2>/dev/null | head -n1)" ]; then
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace >/dev/null)
 fi
-# Register the package and its entry points (torch.backends autoload, vllm.platform_plugins).
-# (Checked by import: an editable install made before a package existed does not map it.)
+# Register the package and its entry points (torch.backends autoload, vllm.platform_plugins,
+# vllm.general_plugins). (Checked by import: an editable install made before a package existed
+# does not map it; and by the newest entry point: one made before it was declared lacks it.)
 if ! (cd / && TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" -c "import torch_mlx, vllm_metal" 2>/dev/null) \
-   || ! "$PY" -c "import importlib.metadata as m; m.distribution('torch-mlx')" 2>/dev/null; then
+   || ! "$PY" -c "import importlib.metadata as m; m.distribution('torch-mlx'); assert any(
+        e.name == 'metal_quantization' for e in m.entry_points(group='vllm.general_plugins'))" \
+        2>/dev/null; then
   (cd "$ROOT" && TORCH_MLX_SKIP_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >/dev/null)
 fi

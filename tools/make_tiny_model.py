@@ -131,13 +131,14 @@ def save_tokenizer(tokenizer, out: str) -> None:
         f.write("\n")
 
 
-def make_config(arch: str, vocab_size: int, token_ids: dict):
+def make_config(arch: str, vocab_size: int, token_ids: dict, **config_overrides):
     import transformers
 
     class_name, overrides = ARCHITECTURES[arch]
     kwargs = dict(COMMON, vocab_size=vocab_size, bos_token_id=token_ids["<|bos|>"],
                   eos_token_id=token_ids["<|eos|>"], pad_token_id=token_ids["<|pad|>"])
     kwargs.update(overrides)
+    kwargs.update(config_overrides)
     config = getattr(transformers, class_name)(**kwargs)
     config.architectures = [arch]
     config.dtype = torch.float32
@@ -178,14 +179,16 @@ def rescale_weights(model, generator: torch.Generator) -> None:
     norm.fill_(scales["final_gain"] - 1.0 if gemma_style else scales["final_gain"])
 
 
-def make_model(arch: str, out: str, seed: int = 0) -> str:
+def make_model(arch: str, out: str, seed: int = 0, **config_overrides) -> str:
+    """config_overrides: config fields to change from ARCHITECTURES' (tie_word_embeddings=True
+    for a tied variant of an untied architecture, say)."""
     import transformers
 
     os.makedirs(out, exist_ok=True)
     tokenizer = build_tokenizer(seed)
     save_tokenizer(tokenizer, out)
     config = make_config(arch, tokenizer.get_vocab_size(),
-                         {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS})
+                         {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}, **config_overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     rescale_weights(model, torch.Generator().manual_seed(seed))

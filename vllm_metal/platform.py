@@ -24,6 +24,9 @@ class MetalPlatform(Platform):
     dist_backend: str = "gloo"  # one device per process; groups of size 1 need only gloo
     # torch.compile of vLLM's small helper functions (no inductor for "mlx")
     simple_compile_backend: str = "eager"
+    # Quantized checkpoints that run here (vllm_metal/quantization): vLLM checks every method it
+    # detects or is given against this list at start-up, through verify_quantization.
+    supported_quantization: list[str] = ["mlx", "mlx_gptq", "mlx_awq"]
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -74,6 +77,16 @@ class MetalPlatform(Platform):
             raise ValueError(f"{dtype} is not supported on mlx; use float32, float16 or bfloat16")
 
     @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        if quant not in cls.supported_quantization:
+            raise ValueError(
+                f"quantization method {quant!r} (the checkpoint's format, or the quantization "
+                f"argument) is not supported on mlx: its kernels are CUDA/ROCm ones. Supported: "
+                f"{', '.join(sorted(set(cls.supported_quantization)))} ('mlx' is what "
+                f"mlx_lm.convert -q writes; GPTQ and AWQ checkpoints whose layout maps onto it "
+                f"run as mlx_gptq / mlx_awq)")
+
+    @classmethod
     def get_compile_backend(cls) -> str:
         # vLLM's compilation (CompilationMode.VLLM_COMPILE) hands the model forward (or, with
         # splitting ops, each piece between them) to this compiler: one lazy MLX graph.
@@ -119,6 +132,9 @@ class MetalPlatform(Platform):
         if envs.debug():
             logging.getLogger("vllm_metal").setLevel(logging.DEBUG)
         from . import ops  # noqa: F401  (registers the MLX custom-op overrides)
+        from .quantization import enable_for_checkpoint
+
+        enable_for_checkpoint(vllm_config)
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:

@@ -1,0 +1,58 @@
+"""mlx-lm on the same files: the reference quantized checkpoints are compared with.
+
+``greedy`` runs mlx-lm's own generation loop (``generate_step``: its model code, KV cache and
+prompt handling) with greedy sampling, and returns for each generated token the gap between
+mlx-lm's top two logits there, so a comparison can tell a real divergence from a near-tie (two
+candidates within float rounding of each other).
+"""
+import functools
+
+NEAR_TIE = 1e-3  # a divergence where mlx-lm's top-2 logit gap is below this is a near-tie
+
+
+@functools.lru_cache(maxsize=2)
+def load(model_dir: str):
+    from mlx_lm import load as mlx_load
+
+    return mlx_load(model_dir)
+
+
+def greedy(model_dir: str, prompt_ids: list[int], max_tokens: int):
+    """mlx-lm's greedy continuation of exactly max_tokens tokens (EOS suppressed, as vLLM's
+    min_tokens does), and the top-1 minus top-2 logit gap at each step."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = load(model_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+
+    def suppress_eos(tokens, logits):  # vLLM's min_tokens does the same
+        logits[..., eos] = -float("inf")
+        return logits
+
+    tokens, gaps = [], []
+    for token, logprobs in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens,
+                                         logits_processors=[suppress_eos]):
+        top2 = mx.topk(logprobs, 2).tolist()
+        tokens.append(int(token))
+        gaps.append(abs(top2[0] - top2[1]))
+    return tokens, gaps
+
+
+def compare(got: list[int], expected: list[int], gaps: list[float]) -> str | None:
+    """None if `got` is mlx-lm's continuation up to the first near-tie divergence (after one,
+    the two contexts differ and nothing further is comparable); else what differs."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            if gaps[i] < NEAR_TIE:
+                return None
+            return (f"token {i}: {a} != mlx-lm's {b} (mlx-lm's top-2 gap {gaps[i]:.3g}); "
+                    f"got {got}, expected {expected}")
+    if len(got) != len(expected):
+        return f"{len(got)} tokens, mlx-lm {len(expected)}"
+    return None
+
+
+def near_ties(got: list[int], expected: list[int], gaps: list[float]) -> int:
+    """1 if the sequences part at a near-tie, else 0 (for reporting how often it happens)."""
+    return int(any(a != b for a, b in zip(got, expected)))

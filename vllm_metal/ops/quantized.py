@@ -1,0 +1,64 @@
+"""MLX affine group-wise quantized matmul and embedding lookup as torch ops on "mlx".
+
+The format is MLX's (``mx.quantize``, what ``mlx_lm.convert -q`` writes): a weight [N, K] is
+stored as ``weight`` [N, K * bits / 32] uint32 (each row's values packed little-end first, a value
+may straddle two words at 3, 5 and 6 bits), ``scales`` and ``biases`` [N, K / group_size], and
+element k of row n is ``scales[n, k // g] * q[n, k] + biases[n, k // g]``.
+
+``quantized_matmul(x, weight, scales, biases, group_size, bits)`` is ``x @ dequantized.T``, run on
+the packed weights: the weights are never unpacked in memory. On the GPU that is
+``mx.quantized_matmul``. MLX's CPU kernel for it unpacks one value at a time on one thread
+(0.1-0.9 GB/s of packed weights here, and M times slower again for M rows of x), so on MLX's CPU
+backend the product is torch_mlx's kernel (``csrc/quantized_cpu.cpp``: AVX-512 at 4 and 8 bits,
+multi-threaded) for up to ``DEQUANTIZE_ABOVE_ROWS`` rows of x, the decode steps; longer prefills
+dequantize the matrix once (same kernel file) and multiply with BLAS, which outpaces any fused
+kernel once the product is compute-bound.
+``quantized_embedding`` dequantizes only the rows of the looked-up tokens. Both lowerings sit in
+torch_mlx's table, so they run eagerly and inside compiled forwards alike.
+"""
+import math
+
+import mlx.core as mx
+import torch
+
+from torch_mlx import _C
+from torch_mlx.ops.registry import lowering
+
+from .library import cpu_backend, define
+
+DEQUANTIZE_ABOVE_ROWS = 64
+
+
+def _matmul_fake(x, weight, scales, biases, group_size, bits):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _embedding_fake(ids, weight, scales, biases, group_size, bits):
+    return scales.new_empty((*ids.shape, weight.shape[1] * 32 // bits))
+
+
+quantized_matmul_op = define(
+    "quantized_matmul(Tensor x, Tensor weight, Tensor scales, Tensor biases, int group_size, "
+    "int bits) -> Tensor", _matmul_fake)
+quantized_embedding_op = define(
+    "quantized_embedding(Tensor ids, Tensor weight, Tensor scales, Tensor biases, "
+    "int group_size, int bits) -> Tensor", _embedding_fake)
+
+
+@lowering("vllm_metal::quantized_matmul")
+def quantized_matmul(x, weight, scales, biases, group_size, bits):
+    if not cpu_backend():
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+                                   group_size=group_size, bits=bits)
+    if math.prod(x.shape[:-1]) <= DEQUANTIZE_ABOVE_ROWS:
+        return _C.affine_quantized_matmul(x, weight, scales, biases, group_size, bits)
+    dense = _C.affine_dequantize(weight, scales, biases, group_size, bits)  # float32 [N, K]
+    return mx.matmul(x.astype(mx.float32), dense.T)
+
+
+@lowering("vllm_metal::quantized_embedding")
+def quantized_embedding(ids, weight, scales, biases, group_size, bits):
+    flat = ids.flatten()
+    rows = mx.dequantize(mx.take(weight, flat, axis=0), mx.take(scales, flat, axis=0),
+                         mx.take(biases, flat, axis=0), group_size=group_size, bits=bits)
+    return rows.reshape(*ids.shape, rows.shape[-1])
