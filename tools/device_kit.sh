@@ -212,15 +212,16 @@ run_item() {
 # Items run one after another; items joined by '+' (tests+conformance) run side by side.
 run_selection() {
   cd "$ROOT"
-  local status=0 group item pids
+  local status=0 group item pids items
   for group in "$@"; do
     pids=()
-    for item in ${group//+/ }; do
+    IFS=+ read -ra items <<<"$group"  # only '+' separates: a -k EXPR may hold spaces
+    for item in "${items[@]}"; do
       run_item "$item" >"$LOG/console-${item%%:*}.txt" 2>&1 &
       pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-    for item in ${group//+/ }; do echo "=== $item"; cat "$LOG/console-${item%%:*}.txt"; done
+    for item in "${items[@]}"; do echo "=== $item"; cat "$LOG/console-${item%%:*}.txt"; done
   done
   return "$status"
 }

@@ -17,6 +17,7 @@ import operator
 import mlx.core as mx
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._prims_common import Number, elementwise_dtypes
@@ -429,8 +430,33 @@ def _decompositions():
             if not (isinstance(op, torch._ops.OpOverload) and _lowering_of(op) is not None)}
 
 
+def _with_tuple_output(gm: fx.GraphModule, example_inputs):
+    """AOTAutograd takes graphs that return a tuple. Dynamo's do; a graph handed over by other
+    means may not (vLLM's on torch 2.11 returned a bare tensor): compile it returning the
+    flattened outputs, and rebuild the original structure around each call."""
+    def plain(value):  # fx keeps a graph's structures immutable; its code returns plain ones
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat, spec = pytree.tree_flatten(plain(output.args[0]))
+    output.args = (tuple(flat),)
+    gm.recompile()
+    compiled = mlx_backend(gm, example_inputs)
+
+    def call(*args):
+        return pytree.tree_unflatten(list(compiled(*args)), spec)
+    return call
+
+
 def mlx_backend(gm: fx.GraphModule, example_inputs):
     """The ``torch.compile(backend="mlx")`` entry point."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if not isinstance(output.args[0], (tuple, list)):
+        return _with_tuple_output(gm, example_inputs)
     # AOTAutograd's on-disk cache stores inductor output code only; MLX graphs are rebuilt.
     # Ops that mutate arguments become auto_functionalized(op, **kwargs) (v1: mutated arguments
     # are passed as they are; v2 passes their bases and view metadata).

@@ -6,6 +6,8 @@ argument names. Only kernels on the plain (no speculative decoding, no context p
 are replaced; they compute small integer tables, which is host work under unified memory, done in
 numpy over zero-copy aliases of the "mlx" tensors.
 """
+import sys
+
 import numpy as np
 import torch
 
@@ -44,7 +46,23 @@ OVERRIDES = {
 }
 
 
+def triton_off() -> None:
+    """Make vLLM see no Triton in this process. vLLM picks Triton paths (the top-k/top-p
+    sampler, some layers' kernels) wherever Triton imports with an active driver, whatever the
+    tensors' device; on a CUDA host (MLX's CUDA backend) it does, and those kernels cannot take
+    "mlx" tensors. On a Mac, Triton is absent and these paths are never chosen: the same here.
+    The flag is read at import (``from vllm.triton_utils import HAS_TRITON``), so the modules
+    already imported are updated too."""
+    for name, module in list(sys.modules.items()):
+        if (name == "vllm" or name.startswith("vllm.")) and \
+                getattr(module, "HAS_TRITON", None) is True:
+            module.HAS_TRITON = False
+
+
 def register() -> None:
     from vllm.triton_utils.dispatcher import register_kernels
 
+    import vllm.triton_utils  # noqa: F401  (so the flag's home is updated before any reader)
+
+    triton_off()
     register_kernels(OVERRIDES)

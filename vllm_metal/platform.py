@@ -132,7 +132,10 @@ class MetalPlatform(Platform):
         if envs.debug():
             logging.getLogger("vllm_metal").setLevel(logging.DEBUG)
         from . import ops  # noqa: F401  (registers the MLX custom-op overrides)
+        from .kernel_overrides import triton_off
         from .quantization import enable_for_checkpoint
+
+        triton_off()  # in this (the front-end) process; the worker does the same at its start
 
         enable_for_checkpoint(vllm_config)
 

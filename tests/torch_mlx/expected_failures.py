@@ -379,6 +379,11 @@ CPU_BACKEND_ONLY: frozenset[tuple[str, str]] = frozenset({
     ("linalg.pinv.hermitian", "float32"),
     ("nansum", "float16"),
     ("nanmean", "float16"),
+    ("nn.functional.conv3d", "float32"),  # these three: H100 visit of 2026-12-06, 07:53
+    ("nn.functional.conv_transpose1d", "float16"),
+})
+CPU_BACKEND_ONLY_REFERENCE: frozenset[tuple[str, str]] = frozenset({
+    ("add", "bfloat16"),
 })
 # Entries for the GPU alone, each with the reason measured there (H100, MLX CUDA, 2026-12-06;
 # figures: the first failing sample against the op in float64).
@@ -391,6 +396,13 @@ _GPU_TIES = ("ties: MLX's GPU sort returns another index among equal values than
 _GPU_ORDER = ("MLX's GPU kernels sum or round in another order than the CPU's; the two results "
               "are equally far from the op in float64 (max error {mlx} on mlx, {cpu} on the "
               "CPU)")
+# Not the GPU's doing: the reference is the CPU of the GPU image, torch 2.11, whose bfloat16
+# fmod/remainder give NaN for these inputs (torch 2.13's CPU here gives the exact result).
+_IMAGE_FMOD_NAN = ("the divisor is bfloat16's smallest normal number, 1.18e-38: the exact "
+                   "remainder (float64) is below it and rounds to +-0, which mlx returns; the GPU "
+                   "image's CPU reference (torch 2.11) returns NaN wherever |x| / 1.18e-38 "
+                   "overflows float32 (|x| > ~4), torch 2.13's CPU returns +-0 "
+                   "(tools/op_diff.py fmod:bfloat16 on the H100, 2026-12-06)")
 GPU_BACKEND_ONLY: dict[tuple[str, str], str] = {
     ("_segment_reduce.lengths", "float16"): _GPU_ACCUMULATION.format(mlx="9.8e-4", cpu="2.9e-3"),
     ("_segment_reduce.offsets", "float16"): _GPU_ACCUMULATION.format(mlx="9.8e-4", cpu="2.9e-3"),
@@ -407,12 +419,23 @@ GPU_BACKEND_ONLY: dict[tuple[str, str], str] = {
     ("nn.functional.kl_div", "float16"): _HALF_ROUNDING.format(
         what=_INTERMEDIATE, mlx="6.5e-5", cpu="4.6e-4"),
     ("addbmm", "bfloat16"): _GPU_ORDER.format(mlx="0.22", cpu="0.22"),
-    ("nn.functional.gaussian_nll_loss", "bfloat16"): _GPU_ORDER.format(mlx="9.4", cpu="9.4"),
     ("polygamma.polygamma_n_0", "float16"): _GPU_ORDER.format(mlx="4.8", cpu="4.8"),
     ("special.polygamma.special_polygamma_n_0", "float16"): _GPU_ORDER.format(
         mlx="4.8", cpu="4.8"),
     ("kthvalue", "float16"): _GPU_TIES,
     ("topk", "bfloat16"): _GPU_TIES,
+    ("fmod", "bfloat16"): _IMAGE_FMOD_NAN,
+    ("remainder", "bfloat16"): _IMAGE_FMOD_NAN,
+}
+GPU_BACKEND_ONLY_REFERENCE: dict[tuple[str, str], str] = {
+    ("fmod", "bfloat16"): _IMAGE_FMOD_NAN,
+    ("remainder", "bfloat16"): _IMAGE_FMOD_NAN,
+    ("div.trunc_rounding", "bfloat16"): (
+        "the GPU image's CPU reference (torch 2.11) truncates the float32 quotient, as float64 "
+        "does; torch 2.13's CPU rounds the quotient to bfloat16 first and truncates that, which "
+        "mlx follows (torch.div(x, y, rounding_mode='trunc') here differs from float64 on 20928 "
+        "of 100000 random bfloat16 pairs). 1 of 105 inputs, max |mlx - f64| = 1 (H100, "
+        "2026-12-06)"),
 }
 
 # OpInfos newer than some torch a backend runs on (the GPU image has torch 2.11): an entry for
@@ -430,4 +453,7 @@ def _on_gpu() -> bool:
 if _on_gpu():
     for _key in CPU_BACKEND_ONLY:
         EXPECTED_FAILURES.pop(_key, None)
+    for _key in CPU_BACKEND_ONLY_REFERENCE:
+        EXPECTED_REFERENCE_FAILURES.pop(_key, None)
     EXPECTED_FAILURES.update(GPU_BACKEND_ONLY)
+    EXPECTED_REFERENCE_FAILURES.update(GPU_BACKEND_ONLY_REFERENCE)

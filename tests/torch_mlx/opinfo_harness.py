@@ -201,10 +201,13 @@ def _names_a_device(value) -> bool:
 
 
 def _other_devices(value) -> frozenset:
-    """Device types other than the CPU that a sample names (torch.device or a device string)."""
+    """Device types other than the CPU that a sample names: a torch.device, a device string, or
+    a tensor made there (``x.to(other)`` samples carry a "cuda" tensor where torch has CUDA)."""
     named = set()
     for v in _leaves(value):
-        if isinstance(v, (torch.device, str)):
+        if isinstance(v, torch.Tensor):
+            named.add(v.device.type)
+        elif isinstance(v, (torch.device, str)):
             try:
                 named.add(torch.device(v).type)
             except (RuntimeError, ValueError):

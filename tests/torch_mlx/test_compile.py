@@ -26,6 +26,26 @@ def test_elementwise_and_views_with_changing_shapes():
         _same(g(x, y), f(x, y))
 
 
+def test_graph_returning_a_bare_tensor_or_a_dict():
+    # dynamo's graphs return tuples; graphs handed over by other callers (vLLM's piecewise
+    # backend) may return one tensor or another pytree, which AOTAutograd refuses as it is
+    from torch_mlx.compile import mlx_backend
+
+    def one(x):
+        return torch.exp(x) + 1
+
+    def nested(x):
+        return {"a": x * 2, "b": [torch.sin(x), x.sum()]}
+
+    x = torch.randn(3, 4).to("mlx")
+    for f in (one, nested):
+        expected = torch.fx.symbolic_trace(f)(x)  # the structure the graph itself returns
+        out = mlx_backend(torch.fx.symbolic_trace(f), [x])(x)
+        assert type(out) is type(expected)
+        torch.testing.assert_close(torch.utils._pytree.tree_map(lambda t: t.cpu(), out),
+                                   torch.utils._pytree.tree_map(lambda t: t.cpu(), expected))
+
+
 def test_outputs_never_share_an_input_buffer():
     # MLX may return an input's own buffer for clone / a no-op reshape; torch callers own
     # these outputs and may write to them.

@@ -204,8 +204,12 @@ def test_expected_failures_are_well_formed():
     by_name = {op.full_name: op for op in op_db}
     torch_version = tuple(int(p) for p in torch.__version__.split(".")[:2])
     listed = {**EXPECTED_FAILURES, **expected_failures.GPU_BACKEND_ONLY}
-    assert expected_failures.CPU_BACKEND_ONLY <= set(listed) or expected_failures._on_gpu()
-    for table in (listed, EXPECTED_REFERENCE_FAILURES):
+    listed_reference = {**EXPECTED_REFERENCE_FAILURES,
+                        **expected_failures.GPU_BACKEND_ONLY_REFERENCE}
+    if not expected_failures._on_gpu():
+        assert expected_failures.CPU_BACKEND_ONLY <= set(listed)
+        assert expected_failures.CPU_BACKEND_ONLY_REFERENCE <= set(listed_reference)
+    for table in (listed, listed_reference):
         for (name, dtype), reason in table.items():
             newer = [since for prefix, since in expected_failures.OPINFO_SINCE_TORCH.items()
                      if name.startswith(prefix)]
@@ -217,7 +221,7 @@ def test_expected_failures_are_well_formed():
                 f"expected_failures.py: {name} has no {dtype} samples"
             assert isinstance(reason, str) and len(reason.strip()) >= 10, \
                 f"expected_failures.py: ({name}, {dtype}) needs a reason that explains it"
-    for (name, dtype) in EXPECTED_REFERENCE_FAILURES:
+    for (name, dtype) in listed_reference:
         assert by_name[name].reference_inputs_func is not None, \
             f"EXPECTED_REFERENCE_FAILURES: {name} has no reference inputs beyond its samples"
     for name, reason in EXPECTED_ERROR_FAILURES.items():

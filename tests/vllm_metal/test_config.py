@@ -1,5 +1,6 @@
 """Plugin registration, environment variables, platform configuration and bad configurations."""
 import gc
+import os
 
 import pytest
 import torch
@@ -18,6 +19,31 @@ def test_register_names_the_platform_when_mlx_imports():
 def test_register_stays_out_when_switched_off(monkeypatch):
     monkeypatch.setenv("VLLM_METAL_USE_MLX", "0")
     assert vllm_metal.register() is None
+
+
+def test_vllm_uses_its_v1_runner_and_no_triton_on_mlx(monkeypatch):
+    # On a CUDA host Triton imports, and vLLM would pick its V2 model runner and Triton kernels
+    # (top-k/top-p sampling) that cannot take "mlx" tensors; on a Mac neither is picked.
+    import sys
+    import types
+
+    from vllm_metal.kernel_overrides import triton_off
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    vllm_metal.register()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # the user's explicit choice stays
+    vllm_metal.register()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+    reader = types.ModuleType("vllm.some_triton_reader")
+    reader.HAS_TRITON = True
+    outsider = types.ModuleType("not_vllm_triton_reader")
+    outsider.HAS_TRITON = True
+    monkeypatch.setitem(sys.modules, reader.__name__, reader)
+    monkeypatch.setitem(sys.modules, outsider.__name__, outsider)
+    triton_off()
+    assert reader.HAS_TRITON is False and outsider.HAS_TRITON is True
 
 
 def test_entry_point_is_declared():

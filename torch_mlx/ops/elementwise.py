@@ -495,6 +495,12 @@ def _trunc_divide(a, b):
         _check_no_zero_divisor(b)
         q = mx.floor_divide(mx.abs(a), mx.abs(b))
         return mx.where((a < 0) != (b < 0), -q, q)
+    if a.dtype in (mx.float16, mx.bfloat16):
+        # torch 2.13's CPU kernel: the quotient rounded to half, then truncated (torch 2.11's
+        # truncated the float32 quotient). Formed in float32 and rounded once here, whatever
+        # MLX's half division does on a given backend.
+        b = _as_array(b, a)
+        return mx.trunc((a.astype(mx.float32) / b.astype(mx.float32)).astype(a.dtype))
     return mx.trunc(a / b)
 
 

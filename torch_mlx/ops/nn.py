@@ -955,6 +955,9 @@ def max_pool3d_with_indices_backward(grad_output, self, kernel_size, stride, pad
 
 def _avg_pool(self, n, kernel_size, stride, padding, ceil_mode, count_include_pad,
               divisor_override):
+    if divisor_override is not None and divisor_override == 0:
+        # the CPU kernel's check (torch 2.13's meta function has it too, 2.11's does not)
+        raise RuntimeError("divisor must be not zero")
     kernel, stride, padding, _ = _pool_params(n, kernel_size, stride, padding)
     geometry = (n, kernel, stride, padding, [1] * n, ceil_mode)
     win, out = _padded_windows(_upcast(self), *geometry, 0)
