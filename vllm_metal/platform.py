@@ -169,6 +169,10 @@ class MetalPlatform(Platform):
         vllm_config.scheduler_config.async_scheduling = False
 
         cls._choose_worker_start_method()
+        # SIGTERM with streams in flight: the API server's shutdown must end them (shutdown.py)
+        from . import shutdown
+
+        shutdown.install()
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config) -> None:
