@@ -13,21 +13,6 @@ from . import envs
 logger = init_logger(__name__)
 
 
-def _log_through_vllm() -> None:
-    """vLLM's logging configuration gives a handler to the "vllm" logger only, so the plugin's
-    INFO lines (the KV-cache budget, start-up timings) would reach no handler: the "vllm_metal"
-    logger uses vLLM's handlers and level, and so prints as vLLM does, in every process."""
-    ours, theirs = logging.getLogger("vllm_metal"), logging.getLogger("vllm")
-    if ours.handlers or not theirs.handlers:
-        return
-    for handler in theirs.handlers:
-        ours.addHandler(handler)
-    ours.setLevel(theirs.level)
-    ours.propagate = False
-
-
-_log_through_vllm()
-
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
 WORKER = "vllm_metal.worker.MetalWorker"
 
