@@ -37,9 +37,11 @@ MLX_LIB = os.path.join(MLX_DIR, "lib")
 NB_DIR = os.path.dirname(nanobind.__file__)
 
 SANITIZE = os.environ.get("TORCH_MLX_SANITIZE", "").strip()
-# -O1 and frame pointers give sanitizer reports usable stacks; -g their file:line
-SANITIZE_CFLAGS = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g", "-O1"] \
-    if SANITIZE else []
+# -O1 and frame pointers give sanitizer reports usable stacks; -g their file:line; -fno-wrapv
+# undoes Python's -fwrapv (extension flags), under which signed overflow is defined and UBSan
+# does not check it
+SANITIZE_CFLAGS = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-fno-wrapv", "-g",
+                   "-O1"] if SANITIZE else []
 SANITIZE_LDFLAGS = [f"-fsanitize={SANITIZE}"] if SANITIZE else []
 
 ext = CppExtension(
