@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 #include <variant>
+#include <vector>
 
 #include <unistd.h>
 #if defined(__linux__)
@@ -225,6 +226,54 @@ c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset) {
 }
 
 REGISTER_ALLOCATOR(c10::DeviceType::PrivateUse1, &g_allocator);
+
+// Zeroing by pages. A storage from the allocator above is, on MLX's CPU backend, private
+// anonymous memory from malloc. For such memory MADV_DONTNEED releases a page and the kernel
+// maps a zero page at the next touch (swapped-out pages included), so a large zero_ needs to
+// write only the pages that are resident: a fresh buffer (vLLM's KV cache, torch.zeros of
+// gigabytes) is zeroed without committing any memory, which then happens page by page as it is
+// written. Each run of resident pages is cleared with memset instead (as fast as a fill, and it
+// keeps its pages), so re-zeroing a buffer in use costs what it did. The unaligned head and tail
+// are cleared with memset too. Not for a GPU backend's memory (Metal buffers, CUDA managed
+// memory) nor for storages over an mx.array's buffer (from_mlx: memory MLX may have from
+// elsewhere).
+bool zero_by_pages(const c10::Storage& storage, void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+  constexpr size_t kMinBytes = size_t{16} << 20;
+  static const bool cpu_backend = !mx::is_available(mx::Device(mx::Device::gpu));
+  if (nbytes < kMinBytes || !cpu_backend) return false;
+  const auto& dp = storage.data_ptr();
+  if (dp.get_deleter() != &delete_storage_ctx ||
+      static_cast<StorageCtx*>(dp.get_context())->owner != nullptr) {
+    return false;
+  }
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + page - 1) & ~(page - 1);
+  const uintptr_t last = (begin + nbytes) & ~(page - 1);
+  if (last <= first) return false;
+  const size_t pages = (last - first) / page;
+  std::vector<unsigned char> resident(pages);
+  if (mincore(reinterpret_cast<void*>(first), last - first, resident.data()) != 0) return false;
+  std::memset(data, 0, first - begin);
+  std::memset(reinterpret_cast<void*>(last), 0, begin + nbytes - last);
+  for (size_t i = 0; i < pages;) {
+    const bool in_core = resident[i] & 1;
+    size_t j = i + 1;
+    while (j < pages && (resident[j] & 1) == in_core) ++j;
+    auto* run = reinterpret_cast<void*>(first + i * page);
+    const size_t run_bytes = (j - i) * page;
+    if (in_core || madvise(run, run_bytes, MADV_DONTNEED) != 0) std::memset(run, 0, run_bytes);
+    i = j;
+  }
+  return true;
+#else
+  (void)storage;
+  (void)data;
+  (void)nbytes;
+  return false;
+#endif
+}
 
 namespace {
 

@@ -141,7 +141,13 @@ at::Tensor& fill_tensor(at::Tensor& self, const at::Tensor& value) {
   return fill_scalar(self, value.item());
 }
 
+// Zero is all-bits-zero for every dtype "mlx" has. A large contiguous zero_ (torch.zeros of a
+// KV cache) is done by pages, committing no memory for pages not yet touched (zero_by_pages).
 at::Tensor& zero_(at::Tensor& self) {
+  if (self.numel() > 0 && self.is_contiguous() && !self.is_conj() && !self.is_neg() &&
+      zero_by_pages(self.storage(), self.data_ptr(), self.numel() * self.element_size())) {
+    return self;
+  }
   return fill_scalar(self, 0);
 }
 

@@ -97,6 +97,22 @@ NB_MODULE(_C, m) {
   m.def("_set_tf32_follows_torch", &set_tf32_follows_torch,
         "At the device's first use, set MLX_ENABLE_TF32 from torch's float32 matmul precision.");
 
+#if defined(__SANITIZE_ADDRESS__)
+  // Only in a sanitizer build (setup.py's TORCH_MLX_SANITIZE): one deliberate error of the kind
+  // named, so tools/sanitize.sh can show that its reports reach it before it trusts "no report".
+  m.def("_sanitizer_probe", [](const std::string& kind) {
+    if (kind == "undefined") {
+      volatile int one = 1, shift = 40;
+      return one << shift;  // shift exponent out of range: a UBSan report, execution goes on
+    }
+    char* bytes = new char[8];
+    char* volatile p = bytes;  // (UBSan's object-size check cannot see through it; ASan can)
+    p[8] = 1;                  // heap-buffer-overflow: an ASan report, the process stops
+    delete[] bytes;
+    return 0;
+  });
+#endif
+
   m.def("array_data_address", [](const mx::array& a) {
     return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());
   });

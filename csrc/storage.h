@@ -32,6 +32,11 @@ StorageCtx& storage_ctx(const c10::Storage& storage);
 // A DataPtr for a storage over an evaluated array's buffer (used by from_mlx).
 c10::DataPtr data_ptr_for_array(const mlx::core::array& arr, int64_t byte_offset);
 
+// Zeroes [data, data + nbytes) of `storage` by pages where that commits no memory (large ranges
+// of the CPU backend's malloc memory: allocator.cpp says how); false, with nothing written, where
+// it does not apply.
+bool zero_by_pages(const c10::Storage& storage, void* data, size_t nbytes);
+
 // Deleter of every storage context made here; identifies "mlx" storages.
 void delete_storage_ctx(void* ctx);
 

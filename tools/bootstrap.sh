@@ -26,18 +26,16 @@ if [ ! -f "$stamp" ] || [ "$reqs" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# An optimized BLAS for MLX's Linux CPU backend (torch_mlx/blas.py): the soname shims that hand
-# scipy-openblas32 (a requirement) to libmlx only; rebuilt when they point elsewhere.
-# TORCH_MLX_BLAS=reference turns it off at run time.
-if [ "$(uname -s)" = "Linux" ]; then
-  (cd "$ROOT" && TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" -c \
-    "import sys, runpy; sys.argv = ['blas', '--build']; runpy.run_path('torch_mlx/blas.py', run_name='__main__')")
-fi
-
-# Build the extension in place when a C++ source or setup.py is newer than the built module.
+# Build the extension in place when a C++ source or setup.py is newer than the built module, and
+# on Linux the BLAS shims (csrc/blas/: an optimized BLAS for MLX's CPU backend, torch_mlx/blas.py)
+# when they are missing or older than their sources. TORCH_MLX_BLAS=reference turns those off at
+# run time.
 so=$(ls "$ROOT"/torch_mlx/_C*.so 2>/dev/null | head -n1 || true)
-if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" 2>/dev/null | head -n1)" ]; then
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace >/dev/null)
+shims="$ROOT/torch_mlx/_blas/TARGET"
+if [ -z "$so" ] || [ -n "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" 2>/dev/null | head -n1)" ] \
+   || { [ "$(uname -s)" = "Linux" ] && { [ ! -f "$shims" ] \
+        || [ -n "$(find "$ROOT/csrc/blas" "$ROOT/setup.py" -newer "$shims" | head -n1)" ]; }; }; then
+  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" TORCH_DEVICE_BACKEND_AUTOLOAD=0 "$PY" setup.py -q build_ext --inplace >/dev/null)
 fi
 # Register the package and its entry points (torch.backends autoload, vllm.platform_plugins,
 # vllm.general_plugins). (Checked by import: an editable install made before a package existed

@@ -8,6 +8,28 @@ import os
 
 logger = logging.getLogger(__name__)
 
+
+class _ThroughVllm(logging.Handler):
+    """Hands vllm_metal's log records to the "vllm" logger's handlers, as they are when a record
+    is made: vLLM configures its logging (handler, level, format) after plugins are imported, and
+    gives a handler to its own logger only, so the plugin's INFO lines (the KV-cache budget,
+    start-up timings) would otherwise reach none. VLLM_METAL_DEBUG=1 lets DEBUG records through
+    too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        theirs = logging.getLogger("vllm")
+        debug = logger.level == logging.DEBUG  # set by the platform for VLLM_METAL_DEBUG=1
+        if record.levelno < theirs.getEffectiveLevel() and not debug:
+            return
+        for handler in theirs.handlers:
+            if record.levelno >= handler.level or debug:
+                handler.handle(record)
+
+
+logger.addHandler(_ThroughVllm())
+logger.setLevel(logging.DEBUG - 1)  # every record is made; emit() decides what is shown
+logger.propagate = False
+
 PLATFORM = "vllm_metal.platform.MetalPlatform"
 
 

@@ -12,6 +12,7 @@ from . import envs
 
 logger = init_logger(__name__)
 
+
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
 WORKER = "vllm_metal.worker.MetalWorker"
 
@@ -177,6 +178,14 @@ class MetalPlatform(Platform):
         for field in dataclasses.fields(passes):
             if field.name.startswith("fuse_") or field.name.endswith("_fusion"):
                 setattr(passes, field.name, False)
+        if "VLLM_USE_MEGA_AOT_ARTIFACT" not in os.environ:
+            # vLLM's AOT compile cache (on by default) saves the dynamo-traced forward, so a later
+            # start with the same model and settings skips dynamo. Its default "mega artifact"
+            # form stores inductor's compiled code, which MlxCompiler does not make: saving it
+            # fails, after seconds of pickling, at every start. The plain form stores the traced
+            # graph and hands it to MlxCompiler when loaded, which is what mlx needs. (Set in the
+            # environment so the engine process, spawned later, reads the same.)
+            os.environ["VLLM_USE_MEGA_AOT_ARTIFACT"] = "0"
         if compilation.compile_sizes is None:
             # no sizes compiled ahead: one MLX function per piece serves every batch size (MLX
             # retraces a piece for a new shape in milliseconds)
@@ -188,6 +197,10 @@ class MetalPlatform(Platform):
         vllm_config.scheduler_config.async_scheduling = False
 
         cls._choose_worker_start_method()
+        # SIGTERM with streams in flight: the API server's shutdown must end them (shutdown.py)
+        from . import shutdown
+
+        shutdown.install()
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config) -> None:

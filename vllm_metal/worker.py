@@ -3,6 +3,7 @@
 The GPU worker's device set-up, memory profiling and warm-up are CUDA-specific; this worker
 replaces those three and keeps the rest (model loading, KV-cache initialisation, execution).
 """
+import time
 from contextlib import nullcontext
 
 import mlx.core as mx
@@ -56,7 +57,10 @@ class MetalWorker(Worker):
             return explicit
         mx.synchronize()
         mx.reset_peak_memory()
+        start = time.perf_counter()
         self.model_runner.profile_run()
+        logger.info("vllm_metal: profiling run took %.2f s (%d tokens)",
+                    time.perf_counter() - start, self.scheduler_config.max_num_batched_tokens)
         peak = mx.get_peak_memory()
         mx.clear_cache()
         specs = self.model_runner.get_kv_cache_spec().values()
@@ -72,6 +76,14 @@ class MetalWorker(Worker):
                                total=total, max_model_len=self.model_config.max_model_len)
         logger.info("KV cache: %d bytes (%s)", budget, how)
         return budget
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        start = time.perf_counter()
+        super().initialize_from_config(kv_cache_config)
+        # the tensors share one backing allocation (vllm/v1/worker/utils.py allocate_kv_cache)
+        nbytes = max((t.size for t in kv_cache_config.kv_cache_tensors), default=0)
+        logger.info("vllm_metal: KV cache allocated (%d bytes, %d blocks) in %.2f s", nbytes,
+                    kv_cache_config.num_blocks, time.perf_counter() - start)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # The model was compiled (if it is) at its first forward, the profiling run in

@@ -157,3 +157,33 @@ def test_gemv_pool_returns_only_finished_products(spin_us):
     out = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True,
                          check=True, env=dict(os.environ, TORCH_MLX_GEMV_SPIN_US=spin_us))
     assert json.loads(out.stdout.strip().splitlines()[-1])["max_err"] < 2e-6
+
+
+def test_shims_are_built_with_the_package_and_record_their_mlx():
+    # setup.py's build_ext builds the shims from csrc/blas/ into torch_mlx/_blas/ beside _C
+    from torch_mlx import blas
+
+    if not blas._bundled_libraries():
+        pytest.skip("the installed mlx bundles no reference BLAS")
+    with open(os.path.join(blas.SHIM_DIR, "TARGET")) as f:
+        record = json.load(f)
+    assert record["sonames"] == blas._bundled_libraries()
+    assert record["mlx"] == blas._mlx_version(blas._site_packages())
+    assert blas.shim_state() == (True, "built for the installed mlx")
+
+
+def test_missing_or_stale_shims_keep_the_reference_blas_and_say_why(tmp_path, monkeypatch):
+    from torch_mlx import blas
+
+    if not blas._bundled_libraries():
+        pytest.skip("the installed mlx bundles no reference BLAS")
+    monkeypatch.setattr(blas, "SHIM_DIR", str(tmp_path))
+    ok, why = blas.shim_state()
+    assert not ok and "built without its BLAS shims" in why
+    (tmp_path / "TARGET").write_text(json.dumps({"mlx": "0.1.0", "sonames": ["libblas-x.so.3"]}))
+    ok, why = blas.shim_state()
+    assert not ok and "built for mlx 0.1.0" in why and blas._bundled_libraries()[0] in why
+    monkeypatch.setattr(blas, "_info", dict(blas._info))
+    with pytest.warns(RuntimeWarning, match="rebuild torch-mlx"):
+        info = blas._fall_back(why)
+    assert info["reason"] == why

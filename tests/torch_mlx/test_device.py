@@ -248,3 +248,36 @@ def test_large_buffers_ask_for_huge_pages():
         assert advised >= 60 << 20, advised
     if mode == "madvise":  # without the advice the buffer stays in 4 KiB pages
         assert off == 0, off
+
+
+ZERO_PAGES_PROBE = r"""
+import json, torch
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+torch.empty(1, device="mlx")
+before = rss()
+z = torch.zeros(256 << 20, dtype=torch.int8, device="mlx")  # a fresh 256 MiB buffer
+fresh = rss() - before
+ok = bool(z[::4093].cpu().eq(0).all()) and bool(z[-3:].cpu().eq(0).all())
+z.fill_(5)
+z[1:-1].zero_()  # written, then zeroed: resident pages by memset, unaligned ends too
+c = z.cpu()
+ok = ok and c[0].item() == 5 and c[-1].item() == 5 and bool(c[1:-1].eq(0).all())
+f = torch.empty(9 << 20, device="mlx")  # float32, 36 MiB: a third written (resident pages),
+f[: 3 << 20].fill_(2.5)                  # the rest as allocated
+f.zero_()
+ok = ok and bool(f.cpu().eq(0).all())
+print(json.dumps({"fresh_bytes": fresh, "ok": ok}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend")
+def test_zeros_of_a_large_buffer_commit_no_memory():
+    # vLLM's KV cache is torch.zeros of gigabytes: zeroed by pages, it costs nothing at start-up
+    # and is committed as it is written (csrc/allocator.cpp zero_by_pages)
+    out = subprocess.run([sys.executable, "-c", ZERO_PAGES_PROBE], capture_output=True,
+                         text=True, check=True)
+    result = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"], result
+    assert result["fresh_bytes"] < 32 << 20, result

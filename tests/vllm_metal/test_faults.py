@@ -1,10 +1,7 @@
 """`vllm serve` on "mlx" under faults: the engine process dies while requests are in flight
-(clients get errors, the server exits within bounded time, nothing hangs), and overload (the
-scheduler preempts, and no output changes).
-
-Not here yet: SIGTERM with streams in flight. vLLM's launcher aborts the engine and then lets
-uvicorn wait, with no time limit, for the streaming connections to close; alone on this machine
-that took about 2 s, in a loaded full-suite run it passed 10 s (see the session note)."""
+(clients get errors, the server exits within bounded time, nothing hangs), SIGTERM with streams
+in flight (the server and its engine are gone within 10 s), and overload (the scheduler
+preempts, and no output changes)."""
 import os
 import signal
 import sys
@@ -83,6 +80,62 @@ def test_engine_death_fails_requests_and_the_server_exits(model):
         print(f"server exited with {rc} {exit_s:.1f} s after the engine was killed")
     finally:
         server.stop()
+
+
+def test_sigterm_with_streams_in_flight_shuts_down_within_10_s(model):
+    server = _start(model)
+    try:
+        threads, outcomes, started = _streams_in_flight(server, 4)
+        assert started.wait(120), "no stream produced a token"
+        children = [psutil.Process(p) for p in server.pids()[1:]]
+        server.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        server.proc.wait(timeout=10)  # raises TimeoutExpired: too slow or hung
+        _, alive = psutil.wait_procs(children, timeout=max(0.1, 10 - (time.monotonic() - sent)))
+        assert not alive, f"processes left after SIGTERM: {alive}"
+        for t in threads:
+            t.join(timeout=30)
+        assert len(outcomes) == 4
+        assert all(kind == "error" or tokens < 400 for kind, tokens in outcomes), outcomes
+        print(f"shut down in {time.monotonic() - sent:.1f} s")
+    finally:
+        server.stop()
+
+
+def test_engine_shutdown_ends_every_request_in_flight():
+    # The race behind a SIGTERM hang, made deterministic (vllm_metal/shutdown.py): the API server
+    # shuts the engine client down from an executor thread; AsyncLLM.shutdown cancels the output
+    # handler that would have failed the requests in flight. Here the handler never delivers
+    # anything (it is cancelled first, the losing side of the race); the request must still end,
+    # with vLLM's EngineDeadError, instead of waiting forever.
+    import asyncio
+    import types
+
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
+    from vllm.v1.engine.output_processor import OutputProcessor, RequestOutputCollector
+
+    from vllm_metal import shutdown
+
+    shutdown.install()
+    shutdown.install()  # idempotent
+
+    async def scenario():
+        llm = object.__new__(AsyncLLM)  # no engine: shutdown has only the handler to cancel
+        collector = RequestOutputCollector(RequestOutputKind.DELTA, "request-0")
+        processor = types.SimpleNamespace(
+            request_states={"request-0": types.SimpleNamespace(queue=collector)})
+        processor.propagate_error = lambda e: OutputProcessor.propagate_error(processor, e)
+        llm.output_processor = processor
+        llm.output_handler = asyncio.create_task(asyncio.sleep(3600))
+        await asyncio.get_running_loop().run_in_executor(None, llm.shutdown, 0)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(collector.get(), timeout=10)
+        await asyncio.sleep(0)
+        assert llm.output_handler.cancelled()
+
+    asyncio.run(scenario())
 
 
 def test_overload_preempts_and_every_output_equals_the_request_alone(model):
