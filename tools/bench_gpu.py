@@ -1,4 +1,5 @@
-"""Decode on MLX's GPU: transformers' generate on "mlx" (eager and torch.compile(backend="mlx"))
+"""Decode on MLX's GPU: vLLM with vllm_metal (offline LLM, compiled; vllm_metal_eager with
+enforce_eager) and transformers' generate on "mlx" (eager and torch.compile(backend="mlx"))
 against mlx-lm on the same MLX backend, with transformers on torch CUDA as a reference line.
 
     python3 tools/bench_gpu.py [--json OUT] [--tokens 128] [--repeats 3] [--layers 16]
@@ -10,7 +11,9 @@ and 1 token after the same 31-token prompt, so prefill and set-up cancel; each r
 --repeats. The compiled run uses transformers' own compiled generation: a static KV cache and
 ``CompileConfig(backend="mlx")``, so each decode step is one captured graph of fixed shapes. Its
 greedy tokens are compared with the eager run's (``compiled_matches_eager``). Without CUDA in
-torch (MLX's CPU backend) the torch CUDA line is skipped and the rest still runs.
+torch (MLX's CPU backend) the torch CUDA line is skipped and the rest still runs. vLLM's
+``c32_tok_s`` (32 sequences decoded together) is set against mlx-lm's ``batch_tok_s``
+(batch_generate of 32) in ``ratios``.
 """
 import argparse
 import json
@@ -87,6 +90,27 @@ if {batch}:
 print(json.dumps(res))
 """
 
+# vLLM with this plugin, default settings (compiled; enforce_eager for the "_eager" engine): an
+# offline LLM, greedy, the same prompt; "c32" is 32 sequences decoded together (#16's key).
+VLLM_METAL = COMMON + """
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, dtype="bfloat16", max_model_len=1024, max_num_seqs=32,
+          max_num_batched_tokens=1024, seed=0, enforce_eager={eager})
+prompt = {{"prompt_token_ids": PROMPT}}
+def generate(batch, tokens, return_ids=False):
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens,
+                            ignore_eos=True)
+    start = time.perf_counter()
+    out = llm.generate([prompt] * batch, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return list(out[0].outputs[0].token_ids) if return_ids else elapsed
+res = {{"batch1_tok_s": best_rate(generate, 1, {n}, {repeats}),
+        "tokens": generate(1, 32, return_ids=True)}}
+if {batch}:
+    res["c32_tok_s"] = best_rate(generate, {batch}, {n}, {repeats})
+print(json.dumps(res))
+"""
+
 BENCH_LLAMA = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
                    num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
                    rope_theta=10000.0, tie_word_embeddings=False)
@@ -133,7 +157,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--model", help="checkpoint folder (made if missing)")
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--engines", default="mlx_lm,torch_cuda,mlx_eager,mlx_compiled")
+    parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
+                        help="comma-separated; also vllm_metal_eager")
     args = parser.parse_args()
 
     import torch
@@ -146,6 +171,8 @@ def main() -> int:
         "torch_cuda": TRANSFORMERS.format(device="cuda", mode="eager", **fmt),
         "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
+        "vllm_metal": VLLM_METAL.format(eager=False, **fmt),
+        "vllm_metal_eager": VLLM_METAL.format(eager=True, **fmt),
     }
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     for name in args.engines.split(","):
@@ -157,11 +184,18 @@ def main() -> int:
     eager, compiled, peer = (result.get(k, {}) for k in ("mlx_eager", "mlx_compiled", "mlx_lm"))
     if "tokens" in eager and "tokens" in compiled:
         result["compiled_matches_eager"] = eager["tokens"] == compiled["tokens"]
+    if "tokens" in eager and "tokens" in result.get("vllm_metal", {}):
+        result["vllm_metal_matches_mlx_eager"] = eager["tokens"] == result["vllm_metal"]["tokens"]
     if "batch1_tok_s" in peer:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
-                            for k in ("mlx_eager", "mlx_compiled", "torch_cuda")
+                            for k in ("mlx_eager", "mlx_compiled", "torch_cuda", "vllm_metal",
+                                      "vllm_metal_eager")
                             if "batch1_tok_s" in result.get(k, {})}
+        for k in ("vllm_metal", "vllm_metal_eager"):  # #16: 32 sequences vs mlx-lm batched
+            if "c32_tok_s" in result.get(k, {}) and "batch_tok_s" in peer:
+                result["ratios"][f"{k}_c32_vs_mlx_lm_batch"] = round(
+                    result[k]["c32_tok_s"] / peer["batch_tok_s"], 3)
     print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -24,8 +24,9 @@
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
-#   bench        tools/bench_gpu.py (transformers generate on "mlx" eager/compiled vs mlx-lm on
-#                MLX CUDA vs transformers on torch CUDA)
+#   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
+#                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
+#                (bench:mlx_lm,vllm_metal)
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
 # the XML are still written.
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
@@ -200,8 +201,11 @@ run_item() {
         python3 -m pytest -v -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
         --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
       tail -80 "$LOG/vtests.log" ;;
-    bench)
-      python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" >"$LOG/bench.log" 2>&1 || status=1
+    bench|bench:*)
+      local engines=()
+      [ "$item" != bench ] && engines=(--engines "${item#bench:}")
+      python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" "${engines[@]}" \
+        >"$LOG/bench.log" 2>&1 || status=1
       cat "$LOG/bench.log" ;;
     *) echo "unknown selection item: $item"; return 2 ;;
   esac
