@@ -30,7 +30,8 @@ namespace torch_mlx {
 
 void delete_storage_ctx(void* p) {
   auto* ctx = static_cast<StorageCtx*>(p);
-  if (!ctx->owner && ctx->buffer.ptr() != nullptr) {
+  // `owner`, `holder` or `pending_write` free the buffer with the last array that holds it
+  if (!ctx->owner && !ctx->holder && !ctx->pending_write && ctx->buffer.ptr() != nullptr) {
     mx::allocator::allocator().free(ctx->buffer);
   }
   delete ctx;
@@ -173,7 +174,11 @@ class MlxAllocator final : public c10::DeviceAllocator {
     if (nbytes > 0) {
       run_first_use_hook();
       try {
-        ctx->buffer = mx::allocator::allocator().malloc(nbytes);
+        // Owned by MLX's allocator (and held through an array): MLX writes into a buffer in
+        // place only when its allocator owns it, which the KV cache's writes need.
+        mx::allocator::Data data = mx::allocator::malloc(nbytes);
+        ctx->buffer = data.buffer();
+        if (ctx->buffer.ptr() != nullptr) ctx->holder = mx::array(std::move(data), {1}, mx::uint8);
       } catch (const std::exception& e) {
         delete ctx;
         TORCH_CHECK_WITH(OutOfMemoryError, false, "mlx: failed to allocate ", nbytes,

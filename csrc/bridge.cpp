@@ -140,6 +140,7 @@ mx::array tensor_to_array(const at::Tensor& t) {
 
   const c10::Storage& storage = t.storage();
   StorageCtx& ctx = storage_ctx(storage);
+  settle_write(ctx);
   // The array's deleter holds a reference to the torch storage: the bytes stay valid until both
   // the torch side and every array over them are gone.
   c10::intrusive_ptr<c10::StorageImpl> keep = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(
@@ -197,6 +198,53 @@ at::Tensor array_to_tensor(mx::array arr) {
   t.unsafeGetTensorImpl()->set_storage_keep_dtype(std::move(storage));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, arr.offset() / itemsize);
   return t;
+}
+
+void settle_write(StorageCtx& ctx) {
+  if (!ctx.pending_write) return;
+  mx::array result = *ctx.pending_write;
+  if (!result.is_available()) {
+    mx::eval(result);
+    result.wait();
+  }
+  // scatter_in_place checked every condition of MLX's donation, and nothing else held the lent
+  // array: a different buffer here means MLX changed its rule, and the storage's bytes are gone
+  TORCH_CHECK(result.buffer().ptr() == ctx.buffer.ptr(),
+              "torch_mlx internal error: an in-place write into an 'mlx' storage was done out "
+              "of place (MLX did not donate the buffer); please report it with your MLX "
+              "version");
+  ctx.holder = result;
+  ctx.pending_write.reset();
+}
+
+std::optional<mx::array> scatter_in_place(const at::Tensor& t,
+                                          const std::vector<mx::array>& indices,
+                                          const mx::array& updates, const std::vector<int>& axes) {
+  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
+              "scatter_in_place expects an 'mlx' tensor, got one on ", t.device());
+  StorageCtx& ctx = storage_ctx(t.storage());
+  settle_write(ctx);
+  // MLX's donation rule (mlx/backend/common/utils.h is_donatable, copy.h): the input is the
+  // sole array over data its allocator owns, row-contiguous, of the result's item size, and its
+  // buffer is at most 16 KiB bigger than the result. The holder must be donatable itself: no
+  // other array (a previous write's result still referenced, from_mlx's) shares the data.
+  // (A view that starts past the buffer's first byte is not lent: MLX's scatter output takes
+  // the buffer, not the input's offset.)
+  if (!ctx.holder || !ctx.holder->is_donatable() || !t.is_contiguous() || t.numel() < 2 ||
+      ctx.byte_offset != 0 || t.storage_offset() != 0 ||
+      mx::allocator::allocator().size(ctx.buffer) > static_cast<size_t>(t.nbytes()) + 16384) {
+    return std::nullopt;
+  }
+  mx::Shape shape(t.sizes().begin(), t.sizes().end());
+  mx::Strides strides(t.strides().begin(), t.strides().end());
+  mx::array lent(std::move(shape), to_mlx_dtype(t.scalar_type()), nullptr, {});
+  auto flags = layout_flags(lent.shape(), strides, t.numel());
+  lent.copy_shared_buffer(*ctx.holder, strides, flags, t.numel(), 0);
+  lent.set_status(mx::array::Status::available);
+  mx::array result = mx::scatter(lent, indices, updates, axes);  // may throw: nothing lent yet
+  ctx.holder.reset();  // `lent`, an input of `result` only, is the buffer's sole owner now
+  ctx.pending_write = result;
+  return result;
 }
 
 at::Tensor cpu_alias(const at::Tensor& t) {

@@ -75,6 +75,7 @@ void* host_data(const c10::Storage& storage) {
   wait_for_launches();
   StorageCtx& ctx = storage_ctx(storage);
   if (ctx.buffer.ptr() == nullptr) return storage.mutable_data();
+  settle_write(ctx);
   ctx.producer.reset();
   void* host = static_cast<char*>(ctx.buffer.raw_ptr()) + ctx.byte_offset;
   auto* impl = storage.unsafeGetStorageImpl();

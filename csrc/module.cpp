@@ -2,6 +2,7 @@
 // that mx.array arguments and results are mlx.core.array objects.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <mlx/array.h>
@@ -65,6 +66,21 @@ NB_MODULE(_C, m) {
       },
       nb::arg("array"),
       "A tensor on 'mlx' over the bytes of an mx.array (evaluated first; no copy).");
+
+  m.def(
+      "scatter_in_place",
+      [](nb::handle t, std::vector<mx::array> indices, mx::array updates,
+         std::vector<int> axes) -> nb::object {
+        auto result = translate([&] {
+          return scatter_in_place(as_tensor(t, "scatter_in_place"), indices, updates, axes);
+        });
+        if (!result) return nb::none();
+        return nb::cast(std::move(*result));
+      },
+      nb::arg("tensor"), nb::arg("indices"), nb::arg("updates"), nb::arg("axes"),
+      "mx.scatter(tensor, indices, updates, axes) done in the tensor's own buffer, lazily: the "
+      "result shares the buffer (read the new contents through it). None when the tensor "
+      "cannot lend its buffer (not contiguous, shared, or not from the allocator).");
 
   m.def(
       "cpu_alias",

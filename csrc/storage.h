@@ -16,15 +16,26 @@ namespace torch_mlx {
 //  - Storages from the allocator own `buffer` and free it through MLX's allocator.
 //  - Storages from from_mlx() keep the array's data alive through `owner` instead, so the
 //    buffer is freed when the last torch storage and the last mx.array let go of it.
+//  - Storages from the allocator own their buffer through `holder`, an array whose data MLX's
+//    allocator owns: MLX may then write such a buffer in place (lend_for_write, bridge.h).
 struct StorageCtx {
   mlx::core::allocator::Buffer buffer{nullptr};
   int64_t byte_offset = 0;  // storage data pointer minus buffer.raw_ptr()
   std::shared_ptr<mlx::core::array::Data> owner;
+  std::optional<mlx::core::array> holder;
+  // A write lent the buffer to (lend_for_write): the array that owns the buffer until it is
+  // evaluated, in place of `holder`; settled (bridge.h) before anything else reads the bytes.
+  std::optional<mlx::core::array> pending_write;
   // Under async launch (csrc/launch.h): the array whose GPU work writes the bytes, while it runs.
   std::optional<mlx::core::array> producer;
 };
 
 c10::Allocator* mlx_allocator();
+
+// Finishes a write the storage's buffer was lent to (StorageCtx::pending_write): evaluates it
+// and takes the buffer back. Called before the bytes are read through any other array or by the
+// host.
+void settle_write(StorageCtx& ctx);
 
 // The MLX context behind an "mlx" storage; throws if the storage was not made by this backend.
 StorageCtx& storage_ctx(const c10::Storage& storage);

@@ -22,6 +22,7 @@
 #   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
 #   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
+#   cachewrite   tools/bench_cache_write.py with VLLM_METAL_KV_WRITE=scatter and =rows
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
@@ -201,6 +202,12 @@ run_item() {
         python3 -m pytest -v -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
         --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
       tail -80 "$LOG/vtests.log" ;;
+    cachewrite)  # the KV-cache write, both paths (vllm_metal/ops/cache.py)
+      for path in scatter rows; do
+        VLLM_METAL_KV_WRITE=$path python3 tools/bench_cache_write.py \
+          --json "$LOG/cache_write_$path.json" >>"$LOG/cachewrite.log" 2>&1 || status=1
+      done
+      cat "$LOG/cachewrite.log" ;;
     bench|bench:*)
       local engines=()
       [ "$item" != bench ] && engines=(--engines "${item#bench:}")

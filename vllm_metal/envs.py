@@ -6,6 +6,7 @@
 | VLLM_METAL_MEMORY_FRACTION | auto | KV-cache budget. auto: enough for max_num_seqs requests of max_model_len tokens, capped by vLLM's gpu_memory_utilization of device memory; a number f in (0, 1]: this instance may use f of device memory for weights, activations and KV cache together, the rest goes to the KV cache |
 | VLLM_METAL_BLOCK_SIZE | 16 | tokens per KV-cache block (when the user does not pass block_size) |
 | VLLM_MLX_DEVICE | (MLX's default) | gpu or cpu: MLX's default device in the worker |
+| VLLM_METAL_KV_WRITE | auto | how new keys/values enter the cache. scatter: an MLX scatter on the default device, in place (the cache's buffer lent to it); rows: torch_mlx's row write on MLX's CPU stream; auto: scatter on a GPU, rows on the CPU backend |
 | VLLM_METAL_DEBUG | 0 | 1: debug logging for vllm_metal |
 
 Values are read when asked for (not at import), so a test or a launcher may set them late. A bad
@@ -22,6 +23,7 @@ VARIABLES = (
     "VLLM_METAL_MEMORY_FRACTION",
     "VLLM_METAL_BLOCK_SIZE",
     "VLLM_MLX_DEVICE",
+    "VLLM_METAL_KV_WRITE",
     "VLLM_METAL_DEBUG",
 )
 
@@ -79,6 +81,19 @@ def mlx_device() -> str | None:
     raise ValueError(f"VLLM_MLX_DEVICE must be 'gpu' or 'cpu', got {os.environ['VLLM_MLX_DEVICE']!r}")
 
 
+def kv_write() -> str:
+    """"scatter" or "rows" ("auto" resolved against MLX's default device)."""
+    value = _raw("VLLM_METAL_KV_WRITE", "auto").lower()
+    if value == "auto":
+        import mlx.core as mx
+
+        return "scatter" if mx.default_device() == mx.gpu else "rows"
+    if value in ("scatter", "rows"):
+        return value
+    raise ValueError("VLLM_METAL_KV_WRITE must be 'auto', 'scatter' or 'rows', got "
+                     f"{os.environ['VLLM_METAL_KV_WRITE']!r}")
+
+
 def validate() -> None:
     """Parse every variable once, raising on the first bad value."""
     use_mlx()
@@ -86,3 +101,4 @@ def validate() -> None:
     memory_fraction()
     block_size()
     mlx_device()
+    kv_write()

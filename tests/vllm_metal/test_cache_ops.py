@@ -16,6 +16,20 @@ def cache_and_snapshot(num_blocks=8, heads=2, block_size=4, head_size=3, token_m
     return cache, cache.cpu()
 
 
+@pytest.fixture(params=["scatter", "rows"], autouse=True)
+def kv_write(request, monkeypatch):
+    """Every write test runs through both paths (VLLM_METAL_KV_WRITE), and checks it was that
+    path which wrote."""
+    from vllm_metal.ops import cache as cache_ops
+
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE", request.param)
+    before = dict(cache_ops.WRITES)
+    yield request.param
+    if cache_ops.WRITES != before:
+        other = "rows" if request.param == "scatter" else "scatter"
+        assert cache_ops.WRITES[other] == before[other], f"the {other} path wrote"
+
+
 def test_write_kv_slots_writes_only_the_given_slots_in_place():
     for token_major in (True, False):
         cache, before = cache_and_snapshot(token_major=token_major)
@@ -73,14 +87,22 @@ def test_write_keeps_the_cache_buffer():
     assert torch_mlx._C.buffer_address(cache) == buffer
 
 
-def test_lazy_write_is_read_through_its_result_and_shares_the_cache_buffer():
+def test_lazy_write_is_read_through_its_result_and_shares_the_cache_buffer(kv_write):
     # In a compiled forward the write is a node of the step's MLX graph: nothing is written
     # until the graph is evaluated, a read of its result comes after the write, and the result
     # is the cache's own buffer.
-    cache, before = cache_and_snapshot()
-    key, value = mx.ones((2, 2, 3)), mx.full((2, 2, 3), 2.0)
-    written = write_kv_rows(torch_mlx.to_mlx(cache), key, value, mx.array([6, 13]))
-    torch.testing.assert_close(cache.cpu(), before, rtol=0, atol=0)  # lazy: not yet
+    for token_major in (True, False):
+        cache, before = cache_and_snapshot(token_major=token_major)
+        key, value = mx.ones((2, 2, 3)), mx.full((2, 2, 3), 2.0)
+        written = write_kv_rows(torch_mlx.to_mlx(cache), key, value, mx.array([6, 13]), cache)
+        if kv_write == "rows":
+            torch.testing.assert_close(cache.cpu(), before, rtol=0, atol=0)  # lazy: not yet
+        _check_lazy_write(cache, before, key, value, written)
+
+
+def _check_lazy_write(cache, before, key, value, written):
+    # (scatter: the cache's buffer is lent to the write until it is evaluated, and a torch read
+    # of the cache first finishes the write)
     block = mx.take(written.swapaxes(1, 2), mx.array([1]), axis=0)  # read through the result
     mx.eval(block)
     assert torch_mlx._C.buffer_address(written) == torch_mlx._C.buffer_address(cache)
@@ -91,9 +113,10 @@ def test_lazy_write_is_read_through_its_result_and_shares_the_cache_buffer():
     torch.testing.assert_close(cache.cpu(), expected, rtol=0, atol=0)
 
 
-def test_write_to_a_slot_outside_the_cache_raises():
+def test_write_to_a_slot_outside_the_cache_raises(kv_write):
     cache, before = cache_and_snapshot(num_blocks=2)  # 8 slots
-    with pytest.raises(RuntimeError, match="slot 8 is outside the cache"):
+    error = IndexError if kv_write == "scatter" else RuntimeError  # (rows: MLX's eval raises)
+    with pytest.raises(error, match="slot 8 is outside the cache"):
         write_kv_slots(cache, torch.ones(1, 2, 3).to("mlx"), torch.ones(1, 2, 3).to("mlx"),
                        torch.tensor([8]).to("mlx"))
     torch.testing.assert_close(cache.cpu(), before, rtol=0, atol=0)

@@ -98,11 +98,11 @@ def _record_cache_writes(worker):
             # its MLX graph; the cache it is given is the buffer the write lands in
             impl, attend = module.impl, module.impl.attend
 
-            def recorded(query, key, value, kv_cache, md, attend=attend,
+            def recorded(query, key, value, kv_cache, md, storage=None, attend=attend,
                          name=module.layer_name):
                 worker.cache_writes.append((name, _C.buffer_address(kv_cache),
                                             md.num_actual_tokens))
-                return attend(query, key, value, kv_cache, md)
+                return attend(query, key, value, kv_cache, md, storage=storage)
 
             impl.attend = recorded
     return _cache_buffers(worker)
@@ -133,6 +133,35 @@ def test_kv_cache_is_written_in_place(llama):
         assert buffers[0] in before
     # A decode step writes one slot per running request, not the whole cache.
     assert min(n for *_, n in writes) <= len(PROMPTS)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_kv_write_by_in_place_scatter_matches_transformers(model_dir, monkeypatch,
+                                                           enforce_eager):
+    # The GPU's write path (VLLM_METAL_KV_WRITE=scatter, the default there), run here on MLX's
+    # CPU backend: every write is an MLX scatter into the layer's own buffer (none falls back
+    # to the row write), and the tokens are transformers'.
+    from vllm_metal.ops import cache
+
+    monkeypatch.setenv("VLLM_METAL_KV_WRITE", "scatter")
+    path = model_dir("LlamaForCausalLM")
+    before = dict(cache.WRITES)
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   enforce_eager=enforce_eager)
+    buffers = [_buffer(t) for t in llm.llm_engine.model_executor.driver_worker.worker
+               .model_runner.kv_caches]
+    assert len(set(buffers)) == len(buffers) == 2  # one allocation per layer
+    assert_greedy_matches(path, llm.generate(PROMPTS, GREEDY))
+    assert cache.WRITES["scatter"] > before["scatter"]
+    assert cache.WRITES["rows"] == before["rows"]
+    del llm
+    gc.collect()
+
+
+def _buffer(tensor):
+    from torch_mlx import _C
+
+    return _C.buffer_address(tensor)
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])

@@ -50,16 +50,18 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             return output  # profiling run: no cache yet
         num_tokens = attn_metadata.num_actual_tokens
         result = self.attend(to_mlx(query), to_mlx(key), to_mlx(value), to_mlx(kv_cache),
-                             attn_metadata)
+                             attn_metadata, storage=kv_cache)
         out = output if num_tokens == output.shape[0] else output[:num_tokens]
         out.copy_(from_mlx(result))
         return output
 
     def attend(self, query: mx.array, key: mx.array | None, value: mx.array | None,
-               kv_cache: mx.array, md: MLXAttentionMetadata) -> mx.array:
+               kv_cache: mx.array, md: MLXAttentionMetadata,
+               storage: torch.Tensor | None = None) -> mx.array:
         """Write this step's keys/values into ``kv_cache`` (vLLM's logical [blocks, heads,
         block_size, K|V] view) and attend: [num_actual_tokens, Hq, Dv], lazy. query/key/value
-        may be padded past md.num_actual_tokens."""
+        may be padded past md.num_actual_tokens. ``storage``: the torch tensor of the cache
+        (ops/cache.py's scatter path writes through it)."""
         num_tokens = md.num_actual_tokens
         # MLX slices here (a torch slice of an "mlx" tensor is a dispatched op, an MLX one is
         # not), and none where nothing is cut off: each is a graph node
@@ -67,7 +69,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         writes = key is not None and self.kv_sharing_target_layer_name is None
         if writes:
             key, value = _first(key, num_tokens), _first(value, num_tokens)
-            kv_cache = write_kv_rows(kv_cache, key, value, md.slots)
+            kv_cache = write_kv_rows(kv_cache, key, value, md.slots, storage)
         result = self._attend(query, key, value, kv_cache, md)
         # a prefill reads its own keys from `key`, not the cache: the write must still happen
         # whenever the result is evaluated (decodes read the cache through the write's result)

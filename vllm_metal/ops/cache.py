@@ -1,37 +1,105 @@
 """KV-cache writes and block copies, in place, at a cost proportional to the bytes moved.
 
 A layer's cache is vLLM's logical view ``[num_blocks, kv_heads, block_size, Dk + Dv]`` over one
-MLX buffer. MLX arrays are immutable: an MLX scatter would produce a new array, i.e. copy the
-whole cache. New keys/values are written by torch_mlx's ``write_slots`` instead, an MLX graph
-node whose result shares the cache's buffer and which copies only the rows written; it works in
-a lazy graph (the compiled forward) as in eager mode. Block copies run outside any graph, through
-zero-copy CPU aliases of the same bytes (torch_mlx._C.cpu_alias): torch's CPU indexing then
-touches only the blocks named.
+MLX buffer. MLX arrays are immutable: a plain MLX scatter into the cache would produce a new
+array, i.e. copy the whole cache. New keys/values are written one of two ways, both in place and
+lazy (a node of the step's MLX graph whose result shares the cache's buffer; attention reads the
+cache through it), chosen by VLLM_METAL_KV_WRITE:
+
+- scatter (the default on a GPU): an MLX scatter on the default device, into the cache's own
+  buffer. MLX writes a result into its input's buffer ("donation") when that input is the sole
+  owner of allocator memory; torch_mlx's ``scatter_in_place`` lends the storage's buffer to such
+  an input for the write. No CPU work, no cross-stream synchronisation, and on MLX CUDA no
+  managed-memory migration.
+- rows (the default on MLX's CPU backend): torch_mlx's ``write_slots``, a primitive on MLX's
+  CPU stream that copies each row into its slot (reads strided key/value without a copy first).
+
+Where the cache cannot lend its buffer (not contiguous, shared with another live array), the
+scatter path falls back to rows, with a warning once. Block copies run outside any graph,
+through zero-copy CPU aliases of the same bytes (torch_mlx._C.cpu_alias): torch's CPU indexing
+then touches only the blocks named.
 """
+import logging
+
 import mlx.core as mx
+import numpy as np
 import torch
 
 from torch_mlx import _C, to_mlx
+
+from .. import envs
+
+logger = logging.getLogger(__name__)
+
+# writes done by each path in this process (tests check which path ran)
+WRITES = {"scatter": 0, "rows": 0}
+_warned_fallback = False
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
     return _C.cpu_alias(tensor) if tensor.device.type == "mlx" else tensor
 
 
-def write_kv_rows(kv_cache: mx.array, key: mx.array, value: mx.array,
-                  slots: mx.array) -> mx.array:
+def write_kv_rows(kv_cache: mx.array, key: mx.array, value: mx.array, slots: mx.array,
+                  storage: torch.Tensor | None = None) -> mx.array:
     """``kv_cache`` with token t's key and value stored at slot ``slots[t]`` (block *
     block_size + offset; slots < 0 are padding and skipped), lazily and in place: the result
     shares the cache's buffer, so read the cache through it. key [T, H, Dk], value [T, H, Dv],
-    any strides."""
+    any strides. ``storage``: the torch tensor ``kv_cache`` was made from, which the scatter
+    path writes through."""
+    if storage is not None and envs.kv_write() == "scatter":
+        result = _scatter_rows(storage, kv_cache, key, value, slots)
+        if result is not None:
+            WRITES["scatter"] += 1
+            return result
+    WRITES["rows"] += 1
     return _C.write_slots(kv_cache, key, value, slots)
+
+
+def _scatter_rows(storage: torch.Tensor, kv_cache: mx.array, key: mx.array, value: mx.array,
+                  slots: mx.array) -> mx.array | None:
+    global _warned_fallback
+    num_blocks, heads, block_size, width = kv_cache.shape
+    # the slots are host data (vLLM's model runner computes them): read them to drop padding
+    host = np.asarray(slots).astype(np.int64)
+    valid = host >= 0
+    if not valid.all():
+        keep = np.flatnonzero(valid)
+        if keep.size == 0:
+            return kv_cache  # nothing to write
+        pick = mx.array(keep.astype(np.int32))
+        key, value, host = key[pick], value[pick], host[keep]
+    if host.size and host.max() >= num_blocks * block_size:
+        raise IndexError(f"write_slots: slot {int(host.max())} is outside the cache "
+                         f"({num_blocks * block_size} slots)")
+    rows = mx.concatenate([key, value], axis=2).astype(kv_cache.dtype)  # [T, H, Dk + Dv]
+    blocks = mx.array((host // block_size).astype(np.int32))
+    offsets = mx.array((host % block_size).astype(np.int32))
+    result = None
+    if storage.is_contiguous():  # [B, H, N, C] in memory
+        result = _C.scatter_in_place(storage, [blocks, offsets],
+                                     rows.reshape(rows.shape[0], 1, heads, 1, width), [0, 2])
+    elif storage.transpose(1, 2).is_contiguous():  # vLLM's token-major layout: [B, N, H, C]
+        result = _C.scatter_in_place(storage.transpose(1, 2), [blocks, offsets],
+                                     rows.reshape(rows.shape[0], 1, 1, heads, width), [0, 1])
+        if result is not None:
+            result = result.swapaxes(1, 2)  # the logical view, read through the write
+    if result is None and not _warned_fallback:
+        _warned_fallback = True
+        logger.warning("vllm_metal: the KV cache (shape %s, strides %s, offset %d, %d of its "
+                       "storage's %d bytes) cannot lend its buffer to an in-place scatter; "
+                       "writing rows on MLX's CPU stream instead", tuple(storage.shape),
+                       storage.stride(), storage.storage_offset(),
+                       storage.numel() * storage.element_size(),
+                       storage.untyped_storage().nbytes())
+    return result
 
 
 def write_kv_slots(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """write_kv_rows on torch tensors on "mlx", evaluated now."""
     slots = to_mlx(slot_mapping)[: key.shape[0]]
-    mx.eval(write_kv_rows(to_mlx(kv_cache), to_mlx(key), to_mlx(value), slots))
+    mx.eval(write_kv_rows(to_mlx(kv_cache), to_mlx(key), to_mlx(value), slots, kv_cache))
 
 
 def zero_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> None:
