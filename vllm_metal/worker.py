@@ -63,13 +63,17 @@ class MetalWorker(Worker):
                     time.perf_counter() - start, self.scheduler_config.max_num_batched_tokens)
         peak = mx.get_peak_memory()
         mx.clear_cache()
-        specs = self.model_runner.get_kv_cache_spec().values()
-        per_request = max_memory_usage_bytes(self.vllm_config, specs)
+        specs = list(self.model_runner.get_kv_cache_spec().values())
+        # vLLM's block pool holds one block back for good (its null block): budget it too, or
+        # "auto" leaves room for one block less than max_num_seqs full-length requests
+        null_block = sum(spec.page_size_bytes for spec in specs)
+        per_request = max_memory_usage_bytes(self.vllm_config, specs) + null_block
         total = device_total_memory()
         budget, how = kv_cache_budget(
             total=total,
             peak_in_use=peak,
-            needed_for_all_seqs=per_request * self.scheduler_config.max_num_seqs,
+            needed_for_all_seqs=(per_request - null_block) * self.scheduler_config.max_num_seqs
+            + null_block,
             gpu_memory_utilization=self.cache_config.gpu_memory_utilization,
         )
         check_fits_one_request(budget, how, per_request=per_request, peak_in_use=peak,
@@ -80,7 +84,8 @@ class MetalWorker(Worker):
     def initialize_from_config(self, kv_cache_config) -> None:
         start = time.perf_counter()
         super().initialize_from_config(kv_cache_config)
-        # the tensors share one backing allocation (vllm/v1/worker/utils.py allocate_kv_cache)
+        # the tensors' backing size (vLLM's one allocation; one per layer here, same total:
+        # model_runner.allocate_per_layer)
         nbytes = max((t.size for t in kv_cache_config.kv_cache_tensors), default=0)
         logger.info("vllm_metal: KV cache allocated (%d bytes, %d blocks) in %.2f s", nbytes,
                     kv_cache_config.num_blocks, time.perf_counter() - start)

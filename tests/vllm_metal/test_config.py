@@ -107,6 +107,21 @@ def test_too_small_kv_budget_gives_vllms_error(model_dir):
     gc.collect()
 
 
+def test_auto_budget_holds_max_num_seqs_full_requests(model_dir):
+    # "auto" sizes the cache for max_num_seqs requests of max_model_len tokens; vLLM's pool
+    # also keeps one block back for good (its null block), which the budget must include: with
+    # max_num_seqs=1 a budget without it started at all only with max_model_len one block
+    # shorter (240 of 256)
+    llm = vllm.LLM(model=model_dir("LlamaForCausalLM"), dtype="float32", max_model_len=256,
+                   max_num_seqs=1, seed=0)
+    assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == 256 // 16 + 1
+    out = llm.generate([{"prompt_token_ids": list(range(10, 250))}],
+                       vllm.SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6))
+    assert len(out[0].outputs[0].token_ids) == 6
+    del llm
+    gc.collect()
+
+
 def test_memory_fraction_too_small_names_the_variable_and_the_size(monkeypatch, model_dir):
     # A fraction of memory below what the weights and activations already use leaves no KV
     # budget at all: start-up stops with the variable to raise and the bytes one request needs.
