@@ -3,7 +3,8 @@
     python tools/make_tiny_model.py ARCH OUT [--seed N]
 
 ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
-MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM). OUT receives config.json,
+MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM, and the mixtures of experts
+MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM). OUT receives config.json,
 generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with a chat
 template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizers` on
 text generated here from the seed, and the weights come from transformers' initialisation under
@@ -71,6 +72,28 @@ ARCHITECTURES = {
         # Fused qkv_proj and gate_up_proj checkpoints.
         dict(num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False,
              pad_token_id=0),
+    ),
+    # Mixtures of experts (vLLM's FusedMoE). Each token's top-2 of a few experts, so a batch
+    # of prompts routes to every expert and a single token to two.
+    "MixtralForCausalLM": (
+        "MixtralConfig",
+        # softmax, top-2, renormalized
+        dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+             tie_word_embeddings=False),
+    ),
+    "Qwen2MoeForCausalLM": (
+        "Qwen2MoeConfig",
+        # top-k not renormalized, and a shared expert scaled by its own sigmoid gate
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+             shared_expert_intermediate_size=256, norm_topk_prob=False, decoder_sparse_step=1,
+             rope_theta=1000000.0, tie_word_embeddings=False),
+    ),
+    "Qwen3MoeForCausalLM": (
+        "Qwen3MoeConfig",
+        # renormalized top-k of 8 experts; q/k RMSNorm as Qwen3
+        dict(head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+             norm_topk_prob=True, decoder_sparse_step=1, rope_theta=1000000.0,
+             tie_word_embeddings=False),
     ),
 }
 

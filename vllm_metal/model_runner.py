@@ -32,6 +32,13 @@ class MetalModelRunner(GPUModelRunner):
         super().__init__(vllm_config, device)
         self._unify_block_tables()
 
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        from .ops.moe import prepare_moe_layers
+
+        # MoE layers: their routing, and a forward that compiles into the step's graph
+        prepare_moe_layers(self.compilation_config.static_forward_context)
+
     def _make_buffer(self, *size, dtype: torch.dtype, numpy: bool = True) -> UnifiedBuffer:
         return UnifiedBuffer(*size, dtype=dtype, device=self.device, with_numpy=numpy)
 

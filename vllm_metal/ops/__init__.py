@@ -5,4 +5,4 @@ these classes wherever a model asks for the originals) and the MLX lowering of v
 op for compiled forwards; MetalPlatform.check_and_update_config
 imports it in every process that builds a model.
 """
-from . import activation, attention, layernorm, quantized, rotary  # noqa: F401
+from . import activation, attention, layernorm, moe, quantized, rotary  # noqa: F401
