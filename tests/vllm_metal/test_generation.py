@@ -28,9 +28,11 @@ def _layer_windows(worker):
 
 # Compiled (vLLM's default: the forward captured once and lowered whole, attention included, into
 # one lazy MLX graph per step) for every architecture; enforce_eager for the architectures with different
-# op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window).
+# op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window; Mixtral and
+# Qwen2-MoE: routed experts, a shared expert with its gate).
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
-    (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM")]
+    (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
+                              "MixtralForCausalLM", "Qwen2MoeForCausalLM")]
 
 
 @pytest.mark.parametrize("arch,enforce_eager", CASES,

@@ -251,10 +251,10 @@ class Routing:
         name = type(router).__name__
 
         def refuse(what: str):
-            return NotImplementedError(f"{prefix}: {what} is not supported on mlx (router "
-                                       f"{name}); the MoE layers here support softmax/sigmoid "
-                                       "top-k routing, grouped top-k, a correction bias and "
-                                       "models' own routing functions")
+            return NotImplementedError(
+                f"{prefix}: {what} is not supported on mlx; MoE layers here route by softmax or "
+                "sigmoid top-k, grouped top-k, a correction bias or the model's own routing "
+                "function")
 
         if router.eplb_state is not None:
             raise refuse("expert-parallel load balancing (EPLB)")
@@ -285,7 +285,7 @@ class Routing:
             return cls(router.top_k, router.scoring_func, router.renormalize,
                        routed_scaling_factor=router.routed_scaling_factor,
                        correction_bias=router.e_score_correction_bias)
-        raise refuse("this kind of routing")
+        raise refuse(f"routing by vLLM's {name}")
 
     def __call__(self, x: torch.Tensor, router_logits: torch.Tensor):
         if self.custom_function is not None:
