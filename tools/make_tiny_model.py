@@ -77,8 +77,9 @@ ARCHITECTURES = {
     # of prompts routes to every expert and a single token to two.
     "MixtralForCausalLM": (
         "MixtralConfig",
-        # softmax, top-2, renormalized
-        dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+        # softmax, top-2, renormalized. Mixtral's own rope base: mlx-lm (the quantized tests'
+        # reference) reads no rope_parameters and assumes it
+        dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0,
              tie_word_embeddings=False),
     ),
     "Qwen2MoeForCausalLM": (

@@ -230,7 +230,7 @@ def test_compiled_and_eager_share_the_lowering():
                                    rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 64), (6, 32)])
 @pytest.mark.parametrize("tokens", [1, 33])
 def test_quantized_experts_match_dequantized(bits, group_size, tokens):
     torch.manual_seed(bits + tokens)

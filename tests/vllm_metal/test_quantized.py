@@ -64,15 +64,19 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _quant_summary(worker) -> dict:
+    from vllm_metal.ops.moe import MLXQuantizedMoEMethod
     from vllm_metal.quantization.mlx_affine import MLXAffineLinearMethod
 
     methods = {}
     for name, m in worker.model_runner.model.named_modules():
         method = getattr(m, "quant_method", None)
+        specs = None
+        if isinstance(method, MLXAffineLinearMethod):
+            specs = [[s.bits, s.group_size] for s in m.mlx_layout.specs]
+        elif isinstance(method, MLXQuantizedMoEMethod):  # [gate and up, down]
+            specs = [[s.bits, s.group_size] for s in method.specs.values()]
         if method is not None:
-            methods[name] = (type(method).__name__,
-                             [[s.bits, s.group_size] for s in m.mlx_layout.specs]
-                             if isinstance(method, MLXAffineLinearMethod) else None)
+            methods[name] = (type(method).__name__, specs)
     model = worker.model_runner.model
     return {"methods": methods, "weights_bytes": _tensor_bytes(model.parameters()),
             "buffers_bytes": _tensor_bytes(model.buffers()),
@@ -113,6 +117,11 @@ CASES = [
     ("GemmaForCausalLM", 4, 64, None, False, False),
     ("Phi3ForCausalLM", 4, 32, None, False, False),  # qkv_proj / gate_up_proj fused on disk
     ("LlamaForCausalLM", 4, 64, "mixed_3_6", False, False),  # per-layer overrides
+    # MoE: experts stacked per projection (switch_mlp) and multiplied packed (gather_qmm); the
+    # router gates and the embedding, which vLLM's Mixtral builds unquantized, quantized too
+    ("MixtralForCausalLM", 4, 64, None, False, False),
+    ("MixtralForCausalLM", 4, 64, None, False, True),
+    ("MixtralForCausalLM", 4, 64, "mixed_3_6", False, False),  # down 6 bits, gate/up 3
 ]
 
 
@@ -128,9 +137,16 @@ def test_greedy_matches_mlx_lm(arch, bits, group_size, recipe, tied, enforce_eag
     assert linear and all(m[0] in ("MLXAffineLinearMethod", "MLXAffineEmbeddingMethod")
                           for m in linear.values()), linear
     assert methods["model.embed_tokens"][0] == "MLXAffineEmbeddingMethod"
+    if arch == "MixtralForCausalLM":
+        experts = [methods[f"model.layers.{i}.block_sparse_moe.experts.routed_experts"]
+                   for i in (0, 1)]
+        assert all(m[0] == "MLXQuantizedMoEMethod" for m in experts), experts
+        assert methods["model.layers.0.block_sparse_moe.gate"][0] == "MLXAffineLinearMethod"
     if recipe is None:
         assert {tuple(s) for _, specs in methods.values() if specs for s in specs} == \
             {(bits, group_size)}
+    elif arch == "MixtralForCausalLM":  # mixed_3_6: layer 1's experts' down projection 6 bits
+        assert [m[1] for m in experts] == [[[3, 64], [3, 64]], [[3, 64], [6, 64]]]
     else:  # mlx_lm's mixed_3_6: layer 1's v_proj (merged into qkv_proj) and down_proj at 6 bits
         assert methods["model.layers.1.self_attn.qkv_proj"][1] == [[3, 64], [3, 64], [6, 64]]
         assert methods["model.layers.1.mlp.down_proj"][1] == [[6, 64]]

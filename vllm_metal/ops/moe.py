@@ -37,11 +37,15 @@ from typing import Callable
 import mlx.core as mx
 import torch
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+from torch.nn import Parameter
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.utils import set_weight_attrs
 
 from torch_mlx.ops.registry import lowering
 
+from ..quantization.mlx_affine import QuantSpec, copy_rows
 from .activation import gated, gelu, silu
 from .library import cpu_backend, define
 
@@ -358,6 +362,98 @@ class MLXFusedMoEMethod(MLXMoEMixin, UnquantizedFusedMoEMethod):
                               getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None),
                               layer.activation.value, _clamp_limit(layer),
                               layer.apply_router_weight_on_input)
+
+
+class MLXQuantizedMoEMethod(MLXMoEMixin, FusedMoEMethodBase):
+    """Experts quantized by mlx_lm (quantization method "mlx"): per projection a packed
+    ``weight`` [E, N, K * bits / 32] uint32 and ``scales``, ``biases`` [E, N, K / group_size],
+    MLX's affine format per expert, multiplied with ``mx.gather_qmm`` without unpacking. As in
+    vLLM's layout, gate and up rows share the w13 tensors (gate first) and down is w2."""
+
+    def __init__(self, moe, w13_spec: QuantSpec, w2_spec: QuantSpec, prefix: str):
+        super().__init__(moe)
+        self.specs = {"w13": w13_spec, "w2": w2_spec}
+        self.prefix = prefix
+
+    def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs):
+        inter = intermediate_size_per_partition
+        gated_rows = 2 * inter if self.moe.is_act_and_mul else inter
+        for which, rows, k in (("w13", gated_rows, hidden_size), ("w2", hidden_size, inter)):
+            spec = self.specs[which]
+            if k % spec.group_size:
+                raise ValueError(f"{self.prefix}: {which}'s input size {k} is not a multiple of "
+                                 f"the group size {spec.group_size}")
+            for kind, shape, dtype in (
+                    ("weight", (num_experts, rows, spec.packed_columns(k)), torch.uint32),
+                    ("scales", (num_experts, rows, k // spec.group_size), params_dtype),
+                    ("biases", (num_experts, rows, k // spec.group_size), params_dtype)):
+                param = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                set_weight_attrs(param, {"weight_loader": self._loader(layer, inter)})
+                layer.register_parameter(f"{which}_{kind}", param)
+
+    def _loader(self, layer: RoutedExperts, inter: int):
+        """RoutedExperts.load_weights hands over one expert's tensor of one projection
+        (shard w1: gate, w3: up, w2: down), named by vLLM's expert mapping."""
+
+        def load(param, loaded_weight, weight_name, shard_id, expert_id,
+                 return_success=False):
+            expert = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if expert != -1:
+                rows = param.data[expert]
+                if shard_id in ("w1", "w3") and self.moe.is_act_and_mul:
+                    rows = rows[:inter] if shard_id == "w1" else rows[inter:]
+                copy_rows(rows, loaded_weight, False, f"{weight_name} (expert {expert_id})")
+            return (expert != -1) if return_success else None
+
+        return load
+
+    def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig:
+        return FusedMoEQuantConfig.make()  # what vLLM's runner asks for: nothing to add here
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        _check_activation_config(layer)
+        if getattr(layer, "w13_bias", None) is not None:
+            raise NotImplementedError(f"{self.prefix}: quantized experts with biases are not "
+                                      "supported on mlx")
+        self.moe_quant_config = self.get_fused_moe_quant_config(layer)
+
+    def experts(self, layer, x, topk_weights, topk_ids):
+        w13, w2 = self.specs["w13"], self.specs["w2"]
+        return quantized_moe_experts_op(
+            x, topk_weights, topk_ids, layer.w13_weight, layer.w13_scales, layer.w13_biases,
+            w13.group_size, w13.bits, layer.w2_weight, layer.w2_scales, layer.w2_biases,
+            w2.group_size, w2.bits, layer.activation.value, _clamp_limit(layer),
+            layer.apply_router_weight_on_input)
+
+
+# ---- checkpoints written by mlx_lm
+
+
+@RoutedExperts.register_oot
+class MLXRoutedExperts(RoutedExperts):
+    """vLLM's RoutedExperts, also loading mlx_lm's stacked experts: mlx_lm stores a layer's
+    experts as one tensor per projection (``switch_mlp.gate_proj.weight`` [E, ...]), which the
+    mlx quantization method's weight mapper (MLXQuantConfig.get_checkpoint_weight_mapper) puts
+    under this layer; each expert's slice goes through vLLM's per-expert loading."""
+
+    def load_weights(self, weights):
+        return super().load_weights(self._per_expert(weights))
+
+    def _per_expert(self, weights):
+        names = {"gate_proj": self.ckpt_gate_proj_name, "w1": self.ckpt_gate_proj_name,
+                 "up_proj": self.ckpt_up_proj_name, "w3": self.ckpt_up_proj_name,
+                 "down_proj": self.ckpt_down_proj_name, "w2": self.ckpt_down_proj_name}
+        for name, tensor in weights:
+            if not name.startswith("switch_mlp."):
+                yield name, tensor
+                continue
+            projection, _, kind = name.removeprefix("switch_mlp.").partition(".")
+            if names.get(projection) is None:
+                raise ValueError(f"{self.layer_name}: unexpected stacked expert tensor {name!r}")
+            for expert, one in enumerate(tensor.unbind(0)):
+                yield f"{expert}.{names[projection]}.{kind}", one
 
 
 def prepare_moe_layers(forward_context: dict) -> int:

@@ -16,10 +16,14 @@ kernel once the product is compute-bound.
 ``quantized_embedding`` dequantizes only the rows of the looked-up tokens. Both lowerings sit in
 torch_mlx's table, so they run eagerly and inside compiled forwards alike.
 """
+import inspect
 import math
 
 import mlx.core as mx
 import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.fused_moe import GateLinear
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from torch_mlx import _C
 from torch_mlx.ops.registry import lowering
@@ -62,3 +66,37 @@ def quantized_embedding(ids, weight, scales, biases, group_size, bits):
     rows = mx.dequantize(mx.take(weight, flat, axis=0), mx.take(scales, flat, axis=0),
                          mx.take(biases, flat, axis=0), group_size=group_size, bits=bits)
     return rows.reshape(*ids.shape, rows.shape[-1])
+
+
+# ---- layers vLLM builds unquantized that mlx_lm quantizes
+
+
+def _quantized_if_checkpoint_is(base: type, module_of=lambda config, prefix: prefix) -> type:
+    """An out-of-tree ``base`` that is given the "mlx" quantization config when the checkpoint
+    stores the layer quantized. mlx_lm quantizes every Linear and Embedding; some vLLM models
+    build a layer with no quantization config (Mixtral: its input embedding and its MoE router
+    gates), whose float parameters could not hold the packed tensors. ``module_of(config,
+    prefix)``: the layer's checkpoint module."""
+    signature = inspect.signature(base.__init__)
+
+    class Override(base):
+        def __init__(self, *args, **kwargs):
+            from ..quantization.mlx_affine import MLXQuantConfig
+
+            bound = signature.bind(self, *args, **kwargs)
+            if bound.arguments.get("quant_config") is None:
+                config = get_current_vllm_config().quant_config
+                module = module_of(config, bound.arguments.get("prefix", ""))
+                if isinstance(config, MLXQuantConfig) and config.quantizes(module):
+                    bound.arguments["quant_config"] = config
+            base.__init__(*bound.args, **bound.kwargs)
+
+    Override.__name__ = Override.__qualname__ = f"MLX{base.__name__}"
+    base.register_oot(Override)
+    return Override
+
+
+MLXGateLinear = _quantized_if_checkpoint_is(GateLinear)
+MLXVocabParallelEmbedding = _quantized_if_checkpoint_is(
+    VocabParallelEmbedding,
+    lambda config, prefix: config._embedding_module(prefix) if config is not None else prefix)

@@ -19,6 +19,7 @@ parameter and runs one quantized matmul per shard (``ShardLayout``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ def make_loader(layout: ShardLayout, which: int, name: str):
                 target = param.data[start:stop]
             else:
                 target = layout.view(param.data, shards[0], which)
-            _copy_rows(target, loaded, layout.pad_rows, name)
+            copy_rows(target, loaded, layout.pad_rows, name)
             return
         raise ValueError(f"{name}: a tensor covering shards {shards} of a layer whose shards are "
                          f"quantized differently ({layout.specs})")
@@ -148,7 +149,7 @@ def make_loader(layout: ShardLayout, which: int, name: str):
     return load
 
 
-def _copy_rows(target: torch.Tensor, loaded: torch.Tensor, pad_rows: bool, name: str) -> None:
+def copy_rows(target: torch.Tensor, loaded: torch.Tensor, pad_rows: bool, name: str) -> None:
     if loaded.shape[1:] != target.shape[1:] or loaded.shape[0] > target.shape[0] or (
             loaded.shape[0] < target.shape[0] and not pad_rows):
         raise ValueError(f"{name}: checkpoint tensor of shape {tuple(loaded.shape)} does not fit "
@@ -373,7 +374,56 @@ class MLXQuantConfig(QuantizationConfig):
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
         if isinstance(layer, RoutedExperts):
-            raise NotImplementedError(
-                f"{prefix}: MLX-quantized MoE experts are not supported on mlx yet (they need "
-                "the MoE lowering)")
+            specs = self._expert_specs(layer, prefix)
+            if specs is None:
+                return None  # float experts: vLLM's unquantized method (mlx's override)
+            from ..ops.moe import MLXQuantizedMoEMethod
+
+            return MLXQuantizedMoEMethod(layer.moe_config, *specs, prefix)
         return None
+
+    def quantizes(self, module: str) -> bool:
+        """Whether the checkpoint stores ``module`` quantized, for layers vLLM builds without a
+        quantization config (MoE router gates): only what the config or the files say."""
+        if module in self.modules:
+            return self.modules[module] is not None
+        return self.tensors is not None and f"{module}.scales" in self.tensors
+
+    def _expert_specs(self, layer, prefix: str) -> tuple[QuantSpec, QuantSpec] | None:
+        """(gate/up spec, down spec) of a MoE layer's experts, or None if they are float.
+
+        mlx_lm stores a layer's experts stacked, one tensor per projection for all experts, as
+        ``<block>.switch_mlp.{gate_proj,up_proj,down_proj}`` beside the router gate, where vLLM's
+        RoutedExperts is ``<block>.experts`` (names as the model's mapper leaves them: Mixtral
+        renames gate_proj/up_proj/down_proj to w1/w3/w2)."""
+        block = prefix.rpartition(".")[0]
+        projections = {"gate": (layer.ckpt_gate_proj_name, "gate_proj", "w1"),
+                       "up": (layer.ckpt_up_proj_name, "up_proj", "w3"),
+                       "down": (layer.ckpt_down_proj_name, "down_proj", "w2")}
+        if layer.ckpt_up_proj_name is None:  # experts without a gated activation
+            del projections["up"]
+        specs = {}
+        for role, names in projections.items():
+            modules = [f"{block}.switch_mlp.{n}" for n in dict.fromkeys(names) if n]
+            known = [m for m in modules
+                     if m in self.modules or f"{m}.scales" in (self.tensors or ())]
+            specs[role] = self.spec_of(known[0]) if known else (
+                self.default if self.tensors is None else None)
+        if all(s is None for s in specs.values()):
+            return None
+        if any(s is None for s in specs.values()):
+            raise NotImplementedError(f"{prefix}: the checkpoint quantizes only some of the "
+                                      f"experts' projections ({specs})")
+        if specs.get("up", specs["gate"]) != specs["gate"]:
+            raise NotImplementedError(f"{prefix}: the experts' gate and up projections are "
+                                      f"quantized differently ({specs}); vLLM merges them")
+        return specs["gate"], specs["down"]
+
+    def get_checkpoint_weight_mapper(self):
+        # mlx_lm's stacked experts (<block>.switch_mlp.*) go to the layer vLLM builds for them
+        # (<block>.experts), whose loader (vllm_metal.ops.moe.MLXRoutedExperts) splits them
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        stacked = re.compile(r"(?<!\.experts)\.switch_mlp\.")
+        return super().get_checkpoint_weight_mapper() | WeightsMapper(
+            orig_to_new_regex={stacked: ".experts.switch_mlp."})
