@@ -12,6 +12,7 @@
 #include "bridge.h"
 #include "errors.h"
 #include "fast_cpu.h"
+#include "moe_cpu.h"
 #include "polynomial_cpu.h"
 #include "quantized_cpu.h"
 #include "slot_write.h"
@@ -45,6 +46,7 @@ NB_MODULE(_C, m) {
   register_adapter(m);
   register_slot_write(m);
   register_fast_cpu(m);
+  register_moe_cpu(m);
   register_polynomial_cpu(m);
   register_quantized_cpu(m);
 

@@ -17,6 +17,11 @@
 // widths (2, 3, 5, 6) unpack each row to floats first. Rows of x are processed four at a time, so
 // a weight row unpacked once serves four rows of x.
 //
+// affine_gather_qmm is the same product for a mixture of experts: W [E, N, K] packed, each row of
+// x multiplied by its expert's matrix, consecutive rows of one expert (vllm_metal sorts them by
+// expert) sharing one pass over its weights; runs longer than kGatherDequantizeRows dequantize
+// the expert's matrix and multiply through MLX's BLAS, as prefills do in vllm_metal.
+//
 // Accumulation is float32 with fused multiply-adds (this file is compiled with fp contraction,
 // unlike the rest of csrc): results differ from MLX's kernel by float32 rounding only.
 #include <algorithm>
@@ -37,6 +42,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_blas.h"
 #include "cpu_pool.h"
 #include "quantized_cpu.h"
 
@@ -592,6 +598,110 @@ class AffineDequantize : public mx::UnaryPrimitive {
   int group_, bits_;
 };
 
+// Runs of more rows than this per expert are multiplied on the dequantized matrix with BLAS
+// (vllm_metal.ops.quantized.DEQUANTIZE_ABOVE_ROWS for dense layers).
+constexpr int64_t kGatherDequantizeRows = 64;
+
+class AffineGatherQmm : public mx::UnaryPrimitive {
+ public:
+  AffineGatherQmm(mx::Stream stream, int group, int bits)
+      : mx::UnaryPrimitive(stream), group_(group), bits_(bits) {}
+
+  // inputs: x [P, K], weight [E, N, K * bits / 32], scales and biases [E, N, K / group] (all
+  // row-contiguous), experts [P] uint32
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const mx::array& x = inputs[0];
+    auto& encoder = prepare(stream(), inputs, out);
+    int64_t rows = x.shape(0), k = x.shape(1), e_count = inputs[1].shape(0);
+    int64_t n = inputs[1].shape(1), groups = k / group_;
+    Qmm base{inputs[1].data<uint8_t>(), k * bits_ / 8, inputs[2].data<void>(),
+             inputs[3].data<void>(), scale_kind(inputs[2].dtype()), nullptr, nullptr, nullptr,
+             0, n, k, group_, bits_};
+    size_t scale_size = inputs[2].itemsize();
+    Rows xr = rows_of(x);
+    const uint32_t* ids = inputs[4].data<uint32_t>();
+    void* op = out.data<void>();
+    mx::Dtype x_dtype = x.dtype(), out_dtype = out.dtype();
+    encoder.dispatch([=]() {
+      bool permute = base.bits == 4 && use_avx512(4);
+      std::vector<float> xf(rows * k), xsum(rows * groups), plain, dense;
+      with_float_type(x_dtype, [&](auto t) {
+        using T = decltype(t);
+        prepare_x<T>(xr, rows, k, group_, permute, xf.data(), xsum.data());
+        if (!permute) return;
+        plain.resize(rows * k);  // x unpermuted, for the runs multiplied through BLAS
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < k; ++i) plain[r * k + i] = at<T>(xr, k, r, i);
+        }
+      });
+      const float* x_plain = permute ? plain.data() : xf.data();
+      std::vector<float> y_buffer(out_dtype == mx::float32 ? 0 : rows * n);
+      float* y = out_dtype == mx::float32 ? static_cast<float*>(op) : y_buffer.data();
+      SgemmFn sgemm = mlx_sgemm();
+      std::vector<Qmm> runs;  // the runs multiplied on the packed weights, done together below
+      for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
+        uint32_t e = ids[r0];
+        for (r1 = r0 + 1; r1 < rows && ids[r1] == e;) ++r1;
+        if (e >= e_count) {  // no such expert: rows of zeros (routing never yields one)
+          std::memset(y + r0 * n, 0, (r1 - r0) * n * sizeof(float));
+          continue;
+        }
+        Qmm a = base;
+        a.w = base.w + e * n * base.row_bytes;
+        a.scales = static_cast<const char*>(base.scales) + e * n * groups * scale_size;
+        a.biases = static_cast<const char*>(base.biases) + e * n * groups * scale_size;
+        a.m = r1 - r0;
+        a.x = xf.data() + r0 * k;
+        a.xsum = xsum.data() + r0 * groups;
+        a.y = y + r0 * n;
+        if (a.m <= kGatherDequantizeRows || sgemm == nullptr) {
+          runs.push_back(a);
+          continue;
+        }
+        dense.resize(n * k);
+        float* d = dense.data();
+        parallel_chunks(n, rows_per_chunk(a.row_bytes),
+                        [&a, d](int64_t n0, int64_t n1) { dequantize_rows(a, d, n0, n1); });
+        sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(a.m), static_cast<int>(n),
+              static_cast<int>(k), 1.0f, x_plain + r0 * k, static_cast<int>(k), d,
+              static_cast<int>(k), 0.0f, a.y, static_cast<int>(n));
+      }
+      // One job over every (run, chunk of weight rows): a decode step's runs are a row or two
+      // against a small matrix each, and waking the pool once per run would cost more than them
+      int64_t chunk = rows_per_chunk(base.row_bytes), per_run = (n + chunk - 1) / chunk;
+      parallel_chunks(static_cast<int64_t>(runs.size()) * per_run, 1,
+                      [&](int64_t i0, int64_t i1) {
+                        for (int64_t i = i0; i < i1; ++i) {
+                          int64_t n0 = (i % per_run) * chunk;
+                          qmm_rows(runs[i / per_run], n0, std::min(n, n0 + chunk));
+                        }
+                      });
+      if (out_dtype != mx::float32) {
+        with_float_type(out_dtype, [&](auto t) {
+          using T = decltype(t);
+          T* o = static_cast<T*>(op);
+          for (int64_t i = 0; i < rows * n; ++i) o[i] = static_cast<T>(y[i]);
+        });
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("affine_gather_qmm: torch_mlx's CPU kernel runs on MLX's CPU "
+                             "stream only");
+  }
+
+  const char* name() const override { return "TorchMlxAffineGatherQmm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AffineGatherQmm&>(other);
+    return group_ == o.group_ && bits_ == o.bits_;
+  }
+
+ private:
+  int group_, bits_;
+};
+
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
 
 bool is_float(const mx::array& a) {
@@ -632,6 +742,32 @@ mx::array affine_quantized_matmul(const mx::array& x, const mx::array& w, const 
   return mx::array(shape, x.dtype(), prim, {x, w, scales, biases});
 }
 
+mx::array affine_gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales,
+                            const mx::array& biases, const mx::array& experts, int group,
+                            int bits) {
+  const char* what = "affine_gather_qmm";
+  if (w.ndim() != 3 || scales.ndim() != 3 || biases.ndim() != 3 ||
+      scales.shape(0) != w.shape(0) || biases.shape(0) != w.shape(0)) {
+    throw nb::value_error("affine_gather_qmm: weight, scales and biases must be [E, N, ...]");
+  }
+  // each expert's matrix is checked as affine_quantized_matmul checks one
+  int64_t k = check_packed(mx::flatten(w, 0, 1), mx::flatten(scales, 0, 1),
+                           mx::flatten(biases, 0, 1), group, bits, what);
+  if (!is_float(x) || x.ndim() != 2 || x.shape(1) != k) {
+    throw nb::value_error("affine_gather_qmm: x must be a float array [P, K]");
+  }
+  if (experts.ndim() != 1 || experts.shape(0) != x.shape(0) ||
+      (experts.dtype() != mx::uint32 && experts.dtype() != mx::int32)) {
+    throw nb::value_error("affine_gather_qmm: experts must be [P] uint32 (one per row of x)");
+  }
+  mx::Stream s = cpu_stream();
+  auto prim = std::make_shared<AffineGatherQmm>(s, group, bits);
+  return mx::array({x.shape(0), w.shape(1)}, x.dtype(), prim,
+                   {x, mx::contiguous(w, false, s), mx::contiguous(scales, false, s),
+                    mx::contiguous(biases, false, s),
+                    mx::contiguous(mx::view(experts, mx::uint32, s), false, s)});
+}
+
 mx::array affine_dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases,
                             int group, int bits) {
   int64_t k = check_packed(w, scales, biases, group, bits, "affine_dequantize");
@@ -647,6 +783,12 @@ void register_quantized_cpu(nb::module_& m) {
         nb::arg("scales"), nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"),
         "x @ W.T for an MLX affine-quantized W (mx.quantize's weight, scales, biases), on the "
         "packed weights; one MLX CPU node, multi-threaded. Result in x's dtype.");
+  m.def("affine_gather_qmm", &affine_gather_qmm, nb::arg("x"), nb::arg("weight"),
+        nb::arg("scales"), nb::arg("biases"), nb::arg("experts"), nb::arg("group_size"),
+        nb::arg("bits"),
+        "y[p] = x[p] @ W[experts[p]].T for MLX affine-quantized experts W [E, N, K] (mx.quantize "
+        "of the stacked matrices), on the packed weights, one pass over an expert's weights per "
+        "run of rows with the same expert (sort rows by expert); one MLX CPU node.");
   m.def("affine_dequantize", &affine_dequantize, nb::arg("weight"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"),
         "The float32 matrix of an MLX affine-quantized W; one MLX CPU node, multi-threaded.");

@@ -32,6 +32,16 @@ def vllm_config():
         yield
 
 
+@pytest.fixture(params=["torch_mlx", "mlx"])
+def kernels(request, monkeypatch):
+    """The experts' products on MLX's CPU backend: torch_mlx's grouped kernels (the default),
+    or MLX's gather_mm / gather_qmm (what the GPU runs)."""
+    import vllm_metal.ops.moe as moe
+
+    monkeypatch.setattr(moe, "CPU_KERNELS", request.param == "torch_mlx")
+    return request.param
+
+
 # ---- torch references: vLLM's semantics written out
 
 
@@ -168,7 +178,7 @@ def test_unsupported_routing_says_which():
 @pytest.mark.parametrize("tokens", [1, 33])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_experts_match_torch(tokens, top_k, renormalize):
+def test_experts_match_torch(tokens, top_k, renormalize, kernels):
     torch.manual_seed(tokens * 10 + top_k)
     w13, w2 = random_experts(8, 64, 32)
     x = torch.randn(tokens, 64)
@@ -185,7 +195,7 @@ def test_experts_match_torch(tokens, top_k, renormalize):
 
 @pytest.mark.parametrize("tokens", [1, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_experts_with_biases_and_gelu(tokens, dtype):
+def test_experts_with_biases_and_gelu(tokens, dtype, kernels):
     torch.manual_seed(tokens)
     w13, w2 = random_experts(4, 64, 48, dtype)
     b13, b2 = torch.randn(4, 96).to(dtype), torch.randn(4, 64).to(dtype)
@@ -200,8 +210,8 @@ def test_experts_with_biases_and_gelu(tokens, dtype):
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
 
 
-def test_sorted_and_direct_paths_agree():
-    # the same pairs computed with and without sorting rows by expert
+def test_sorted_and_direct_paths_agree(kernels):
+    # the same pairs computed together (sorted by expert) and a token at a time
     torch.manual_seed(1)
     w13, w2 = random_experts(8, 64, 32)
     x = torch.randn(SORT_FROM_PAIRS // 2 + 1, 64)  # k=2: just past the threshold
@@ -215,7 +225,7 @@ def test_sorted_and_direct_paths_agree():
     torch.testing.assert_close(both, one_by_one, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_and_eager_share_the_lowering():
+def test_compiled_and_eager_share_the_lowering(kernels):
     torch.manual_seed(2)
     w13, w2 = mlx(random_experts(8, 64, 32)[0]), mlx(random_experts(8, 64, 32)[1])
 
@@ -232,7 +242,7 @@ def test_compiled_and_eager_share_the_lowering():
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 64), (6, 32)])
 @pytest.mark.parametrize("tokens", [1, 33])
-def test_quantized_experts_match_dequantized(bits, group_size, tokens):
+def test_quantized_experts_match_dequantized(bits, group_size, tokens, kernels):
     torch.manual_seed(bits + tokens)
     w13, w2 = random_experts(4, 128, 64)
     packed = {}
@@ -248,6 +258,29 @@ def test_quantized_experts_match_dequantized(bits, group_size, tokens):
                                    *packed["w2"], group_size, bits, "silu", None, False)
     want = reference_experts(x, weights.cpu(), ids.cpu(), packed["w13_dense"],
                              packed["w2_dense"])
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_long_runs_of_one_expert(quantized, kernels):
+    # a prefill: hundreds of rows per expert (BLAS's GEMM; quantized: the expert dequantized)
+    torch.manual_seed(3)
+    w13, w2 = random_experts(4, 128, 64)
+    x = torch.randn(300, 128)
+    weights, ids = moe_route_op(mlx(torch.randn(300, 4)), 2, "softmax", True, 1, 1, 1.0, None)
+    if quantized:
+        packed, dense = [], []
+        for w in (w13, w2):
+            q, scales, biases = mx.quantize(mx.array(w.numpy()), group_size=64, bits=4)
+            packed += [torch_mlx.from_mlx(a) for a in (q, scales, biases)] + [64, 4]
+            dense.append(torch.from_numpy(__import__("numpy").array(
+                mx.dequantize(q, scales, biases, group_size=64, bits=4))))
+        got = quantized_moe_experts_op(mlx(x), weights, ids, *packed, "silu", None, False)
+        w13, w2 = dense
+    else:
+        got = moe_experts_op(mlx(x), weights, ids, mlx(w13), mlx(w2), None, None, "silu", None,
+                             False)
+    want = reference_experts(x, weights.cpu(), ids.cpu(), w13, w2)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 

@@ -43,15 +43,19 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.utils import set_weight_attrs
 
+from torch_mlx import _C
 from torch_mlx.ops.registry import lowering
 
 from ..quantization.mlx_affine import QuantSpec, copy_rows
-from .activation import gated, gelu, silu
+from .activation import gated, gelu, silu, silu_and_mul
 from .library import cpu_backend, define
 
 logger = init_logger(__name__)
 
 SORT_FROM_PAIRS = 64  # (token, expert) pairs from which rows are sorted by expert
+# On MLX's CPU backend the experts' products run torch_mlx's grouped kernels; False runs MLX's
+# gather_mm / gather_qmm there too, as on the GPU (tests compare the two)
+CPU_KERNELS = True
 
 
 # ---- the ops
@@ -132,7 +136,7 @@ def _activate(h: mx.array, activation: str, clamp_limit: float | None) -> mx.arr
         raise NotImplementedError(f"MoE activation {activation!r} with a clamp limit is not "
                                   "supported on mlx")
     if activation == "silu":
-        return gated(h, silu)
+        return silu_and_mul(h)  # the dense MLP's SiluAndMul (one torch_mlx kernel on the CPU)
     if activation in ("gelu", "gelu_tanh"):
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         return gated(h, lambda a: gelu(a, approximate))
@@ -151,24 +155,27 @@ def _activate(h: mx.array, activation: str, clamp_limit: float | None) -> mx.arr
 
 
 def routed_experts(x: mx.array, topk_weights: mx.array, topk_ids: mx.array, project: Callable,
-                   activation: str, clamp_limit: float | None,
-                   weight_on_input: bool) -> mx.array:
-    """sum_j w[t, j] * down(act(up(x[t])))[expert ids[t, j]] for every token t.
+                   activation: str, clamp_limit: float | None, weight_on_input: bool,
+                   grouped: bool) -> mx.array:
+    """sum_j w[t, j] * down(act(gate_up(x[t]))) with expert ids[t, j], for every token t.
 
-    ``project(rows, experts, which, sorted_experts)``: rows [..., 1, K] times the transposed
-    matrix ``which`` ("w13" or "w2") of each row's expert; ``experts`` has the rows' batch
-    shape."""
+    ``project(rows, experts, which, sorted_experts)`` multiplies rows by the transposed matrix
+    ``which`` ("w13" or "w2") of each row's expert. ``grouped`` (the CPU kernels): always sort,
+    and rows are [pairs, K]; otherwise (``mx.gather_mm``) rows are [..., 1, K] with ``experts``
+    of their batch shape, sorted from SORT_FROM_PAIRS pairs on."""
     tokens, k = topk_ids.shape
     if weight_on_input:  # Llama 4: the (single) expert's weight scales its input
         x = (x.astype(mx.float32) * topk_weights).astype(x.dtype)
     ids = topk_ids.astype(mx.uint32)
-    if tokens * k >= SORT_FROM_PAIRS:
+    if grouped or tokens * k >= SORT_FROM_PAIRS:
         flat = ids.flatten()
         order = mx.argsort(flat)
         experts = flat[order]
-        rows = mx.take(x, order // k, axis=0)[:, None, :]  # [pairs, 1, H]
+        rows = mx.take(x, order // k, axis=0)  # [pairs, H]
+        if not grouped:
+            rows = rows[:, None, :]
         hidden = _activate(project(rows, experts, "w13", True), activation, clamp_limit)
-        out = project(hidden, experts, "w2", True)
+        out = project(hidden, experts, "w2", True).reshape(tokens * k, -1)
         out = mx.take(out, mx.argsort(order), axis=0).reshape(tokens, k, -1)  # token order
     else:
         rows = x[:, None, None, :]  # [tokens, 1, 1, H]: broadcast against ids [tokens, k]
@@ -182,27 +189,32 @@ def routed_experts(x: mx.array, topk_weights: mx.array, topk_ids: mx.array, proj
 def _add_bias(out: mx.array, bias: mx.array | None, experts: mx.array) -> mx.array:
     if bias is None:
         return out
-    return out + mx.expand_dims(mx.take(bias, experts, axis=0), -2)
+    bias = mx.take(bias, experts, axis=0)
+    return out + (bias if out.ndim == bias.ndim else mx.expand_dims(bias, -2))
 
 
 @lowering("vllm_metal::moe_experts")
 def moe_experts(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, activation, clamp_limit,
                 weight_on_input):
     weights = {"w13": (w13, w13_bias), "w2": (w2, w2_bias)}
-    # MLX's CPU gather_mm is float32 only: half-precision experts are widened per product
-    # there (the result is rounded back to x's dtype by the adapter)
+    # On MLX's CPU backend gather_mm is one BLAS call per row (and float32 only): torch_mlx's
+    # kernel makes one per run of rows sharing an expert, through the same BLAS
+    grouped = cpu_backend() and CPU_KERNELS and _C.has_cpu_blas()
     wide = cpu_backend() and x.dtype != mx.float32
 
     def project(rows, experts, which, sorted_experts):
         w, bias = weights[which]
-        if wide:
-            rows, w = rows.astype(mx.float32), w.astype(mx.float32)
-        out = mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=experts,
-                           sorted_indices=sorted_experts)
+        if grouped:
+            out = _C.gather_matmul(rows, w, experts)
+        else:
+            if wide:  # half-precision experts widened per product
+                rows, w = rows.astype(mx.float32), w.astype(mx.float32)
+            out = mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=experts,
+                               sorted_indices=sorted_experts)
         return _add_bias(out, bias, experts)
 
     return routed_experts(x, topk_weights, topk_ids, project, activation, clamp_limit,
-                          weight_on_input)
+                          weight_on_input, grouped)
 
 
 @lowering("vllm_metal::quantized_moe_experts")
@@ -211,14 +223,19 @@ def quantized_moe_experts(x, topk_weights, topk_ids, w13, w13_scales, w13_biases
                           w2_bits, activation, clamp_limit, weight_on_input):
     packed = {"w13": (w13, w13_scales, w13_biases, w13_group_size, w13_bits),
               "w2": (w2, w2_scales, w2_biases, w2_group_size, w2_bits)}
+    # MLX's CPU gather_qmm unpacks one value at a time, once per row: torch_mlx's kernel
+    # (csrc/quantized_cpu.cpp) makes one pass over an expert's packed weights per run of rows
+    grouped = cpu_backend() and CPU_KERNELS
 
     def project(rows, experts, which, sorted_experts):
         w, scales, biases, group_size, bits = packed[which]
+        if grouped:
+            return _C.affine_gather_qmm(rows, w, scales, biases, experts, group_size, bits)
         return mx.gather_qmm(rows, w, scales, biases, rhs_indices=experts, transpose=True,
                              group_size=group_size, bits=bits, sorted_indices=sorted_experts)
 
     return routed_experts(x, topk_weights, topk_ids, project, activation, clamp_limit,
-                          weight_on_input)
+                          weight_on_input, grouped)
 
 
 # ---- routing, as the router vLLM built for a layer computes it
