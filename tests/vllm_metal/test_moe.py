@@ -168,7 +168,8 @@ def test_unsupported_routing_says_which():
     zero = create_fused_moe_router(top_k=2, global_num_experts=32, zero_expert_type="identity",
                                    num_logical_experts=30,
                                    e_score_correction_bias=torch.zeros(32))
-    with pytest.raises(NotImplementedError, match="layer: routing by vLLM's ZeroExpertRouter is not supported on mlx"):
+    with pytest.raises(NotImplementedError,
+                       match="layer: routing by vLLM's ZeroExpertRouter is not supported on mlx"):
         Routing.of(_runner(zero), "layer")
 
 

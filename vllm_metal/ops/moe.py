@@ -6,12 +6,13 @@ holding a router (logits -> top-k expert ids and weights), the experts' weights 
 or, on vLLM's CPU platform, a C++ grouped GEMM. Here the method is replaced:
 
 - ``MLXFusedMoEMethod`` is vLLM's ``UnquantizedFusedMoEMethod`` registered out of tree (vLLM
-  builds it wherever a layer's experts are unquantized); the MLX-quantized experts of
-  ``quantization/mlx_affine.py`` share its routing (``MLXMoEMixin``). Both are *monolithic*
-  methods in vLLM's terms: the runner hands them the router logits and they route and compute
-  the experts themselves, through two torch ops whose MLX lowerings sit in torch_mlx's table
-  (eager and compiled forwards run the same code): ``vllm_metal::moe_route`` and
-  ``vllm_metal::moe_experts`` (``quantized_moe_experts`` for packed weights).
+  builds it wherever a layer's experts are unquantized); ``MLXQuantizedMoEMethod`` holds experts
+  quantized by mlx_lm (quantization method "mlx", quantization/mlx_affine.py). Both are
+  *monolithic* methods in vLLM's terms: the runner hands them the router logits and they route
+  and compute the experts themselves (``MLXMoEMixin``), through torch ops whose MLX lowerings
+  sit in torch_mlx's table, so eager and compiled forwards run the same code:
+  ``vllm_metal::moe_route`` and ``vllm_metal::moe_experts`` (``quantized_moe_experts`` on
+  packed weights).
 - The routing a layer needs is read once, at load time, from the router vLLM built for it
   (``Routing.of``): vLLM picks the router class from the model's options, and some classes
   drop options (a plain top-k router ignores ``routed_scaling_factor``), so the router, not
@@ -20,14 +21,18 @@ or, on vLLM's CPU platform, a C++ grouped GEMM. Here the method is replaced:
 - ``prepare_moe_layers`` (called by the model runner after loading) binds each layer's routing
   and makes its runner call its forward directly, as vLLM's CPU platform does, instead of
   through the opaque ``vllm::moe_forward`` op: dynamo then traces the router logits, the shared
-  experts and the two ops above into the step's graph, which torch_mlx lowers into one lazy MLX
+  experts and the ops above into the step's graph, which torch_mlx lowers into one lazy MLX
   computation.
+- ``MLXRoutedExperts`` (vLLM's RoutedExperts out of tree) also loads mlx_lm's stacked experts.
 
-The experts: each token's k (token, expert) pairs are sorted by expert, the pairs' rows of x
-gathered, and ``mx.gather_mm`` (``mx.gather_qmm`` on packed weights) multiplies each row by its
-expert's matrices, so consecutive rows share an expert's weights; the results are put back in
-token order, scaled by the routing weights and summed over the k experts. Fewer than
-``SORT_FROM_PAIRS`` pairs (decode steps) skip the sort: each row meets its experts directly.
+The experts: each token's k (token, expert) pairs are sorted by expert and the pairs' rows of x
+gathered, so consecutive rows share an expert; each row is multiplied by its expert's matrices,
+the results put back in token order, scaled by the routing weights and summed over the k
+experts. On the GPU the products are ``mx.gather_mm`` / ``mx.gather_qmm`` (with fewer than
+``SORT_FROM_PAIRS`` pairs, decode steps, rows meet their experts unsorted). MLX's CPU versions
+make one call per row, reading an expert's weights once per row; on MLX's CPU backend the
+products are torch_mlx's kernels (csrc/moe_cpu.cpp, csrc/quantized_cpu.cpp), one pass over an
+expert's weights per run of rows that share it.
 """
 from __future__ import annotations
 
@@ -36,7 +41,6 @@ from typing import Callable
 
 import mlx.core as mx
 import torch
-from vllm.logger import init_logger
 from torch.nn import Parameter
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
@@ -49,8 +53,6 @@ from torch_mlx.ops.registry import lowering
 from ..quantization.mlx_affine import QuantSpec, copy_rows
 from .activation import gated, gelu, silu, silu_and_mul
 from .library import cpu_backend, define
-
-logger = init_logger(__name__)
 
 SORT_FROM_PAIRS = 64  # (token, expert) pairs from which rows are sorted by expert
 # On MLX's CPU backend the experts' products run torch_mlx's grouped kernels; False runs MLX's

@@ -21,13 +21,14 @@ import math
 
 import mlx.core as mx
 import torch
-from vllm.config import get_current_vllm_config
+from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from torch_mlx import _C
 from torch_mlx.ops.registry import lowering
 
+from ..quantization.mlx_affine import MLXQuantConfig
 from .library import cpu_backend, define
 
 DEQUANTIZE_ABOVE_ROWS = 64
@@ -81,14 +82,12 @@ def _quantized_if_checkpoint_is(base: type, module_of=lambda config, prefix: pre
 
     class Override(base):
         def __init__(self, *args, **kwargs):
-            from ..quantization.mlx_affine import MLXQuantConfig
-
             bound = signature.bind(self, *args, **kwargs)
-            if bound.arguments.get("quant_config") is None:
-                config = get_current_vllm_config().quant_config
-                module = module_of(config, bound.arguments.get("prefix", ""))
-                if isinstance(config, MLXQuantConfig) and config.quantizes(module):
-                    bound.arguments["quant_config"] = config
+            vllm_config = get_current_vllm_config_or_none()
+            config = getattr(vllm_config, "quant_config", None)
+            if bound.arguments.get("quant_config") is None and isinstance(config, MLXQuantConfig) \
+                    and config.quantizes(module_of(config, bound.arguments.get("prefix", ""))):
+                bound.arguments["quant_config"] = config
             base.__init__(*bound.args, **bound.kwargs)
 
     Override.__name__ = Override.__qualname__ = f"MLX{base.__name__}"
@@ -98,5 +97,4 @@ def _quantized_if_checkpoint_is(base: type, module_of=lambda config, prefix: pre
 
 MLXGateLinear = _quantized_if_checkpoint_is(GateLinear)
 MLXVocabParallelEmbedding = _quantized_if_checkpoint_is(
-    VocabParallelEmbedding,
-    lambda config, prefix: config._embedding_module(prefix) if config is not None else prefix)
+    VocabParallelEmbedding, lambda config, prefix: config._embedding_module(prefix))
