@@ -1,7 +1,7 @@
 """Routed experts (vLLM's FusedMoE on mlx) against the dense MLP of equal active parameters.
 
-    python tools/bench_moe.py [--tokens 1 32] [--shape mixtral qwen3] [--bits 4] [--repeats N]
-                              [--json OUT]
+    python tools/bench_moe.py [--tokens 1 32] [--shape mixtral qwen3] [--bits 4] [--mlx-gather]
+                              [--repeats N] [--json OUT]
 
 One MoE layer as vllm_metal runs it: the router's logits (x @ gate.T), vllm_metal::moe_route
 (softmax top-k, renormalized) and vllm_metal::moe_experts (rows sorted by expert, the experts'
@@ -12,7 +12,8 @@ With --bits both sides are MLX affine-quantized (group 64), as an mlx_lm checkpo
 vllm_metal::quantized_moe_experts against vllm_metal::quantized_matmul. T tokens are a decode
 step of T sequences. MLX's default device (the CPU backend on Linux, with torch_mlx's BLAS);
 the two are timed alternately, and the ratio is of the medians. Issue 18's goal: at most 1.5x at
-1 and 32 sequences.
+1 and 32 sequences. --mlx-gather runs the experts' products with MLX's gather_mm / gather_qmm
+(what the GPU runs) instead of torch_mlx's grouped CPU kernels.
 
 What bounds the ratio at 32 sequences: the step reads every expert some token routed to
 (``experts_touched``, each whole) where the dense MLP reads k experts' worth; the JSON reports
@@ -95,9 +96,13 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=sorted(SHAPES))
     parser.add_argument("--bits", type=int, choices=[2, 3, 4, 5, 6, 8])
+    parser.add_argument("--mlx-gather", action="store_true")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json")
     args = parser.parse_args()
+    import vllm_metal.ops.moe
+
+    vllm_metal.ops.moe.CPU_KERNELS = not args.mlx_gather
     results = []
     for shape in args.shape:
         hidden, inter, experts, top_k = SHAPES[shape]
@@ -107,7 +112,8 @@ def main():
             x = mx.random.normal((tokens, hidden))
             moe_s, dense_s = time_alternately([moe, dense], x, args.repeats)
             touched = len(set(route(x)[1].flatten().tolist()))
-            row = {"shape": shape, "bits": args.bits or 32, "hidden": hidden,
+            row = {"shape": shape, "bits": args.bits or 32, "mlx_gather": args.mlx_gather,
+                   "hidden": hidden,
                    "expert_intermediate": inter, "experts": experts, "top_k": top_k,
                    "tokens": tokens, "moe_ms": statistics.median(moe_s) * 1e3,
                    "dense_ms": statistics.median(dense_s) * 1e3,
