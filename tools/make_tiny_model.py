@@ -47,6 +47,11 @@ COMMON = dict(
     rms_norm_eps=1e-6,
 )
 
+# Gemma 2's soft caps for the tiny model (its released models use 50 and 30). At 5 the
+# attention cap changes the tiny model's greedy tokens from the 4th on (transformers, eager
+# attention); the final cap cannot change a greedy token (tanh is monotonic), only logprobs.
+ATTN_CAP, FINAL_CAP = 5.0, 3.0
+
 # Per architecture: the config class and what differs from COMMON.
 ARCHITECTURES = {
     "LlamaForCausalLM": ("LlamaConfig", dict(rope_theta=10000.0, tie_word_embeddings=False)),
@@ -66,6 +71,15 @@ ARCHITECTURES = {
         # (1 + w) RMSNorm, tanh-GELU MLP, sqrt(hidden)-scaled embeddings, tied head.
         dict(head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh",
              tie_word_embeddings=True),
+    ),
+    "Gemma2ForCausalLM": (
+        "Gemma2Config",
+        # Gemma's, plus: attention logits and final logits soft-capped (caps small enough to
+        # change this model's tokens), a sliding-window layer then a global one, a query scale
+        # of its own (query_pre_attn_scalar), post-attention/MLP norms
+        dict(head_dim=32, num_key_value_heads=1, hidden_activation="gelu_pytorch_tanh",
+             tie_word_embeddings=True, sliding_window=40, attn_logit_softcapping=ATTN_CAP,
+             final_logit_softcapping=FINAL_CAP, query_pre_attn_scalar=24),
     ),
     "Phi3ForCausalLM": (
         "Phi3Config",

@@ -8,7 +8,13 @@ import transformers
 @functools.lru_cache(maxsize=2)
 def load(model_dir: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    # transformers applies attention logit soft-capping (Gemma 2) in its eager attention only:
+    # SDPA would silently compute uncapped attention
+    extra = ({"attn_implementation": "eager"}
+             if getattr(config, "attn_logit_softcapping", None) else {})
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                              **extra)
     return tokenizer, model.eval()
 
 

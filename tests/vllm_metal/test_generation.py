@@ -23,7 +23,8 @@ def _layer_windows(worker):
     from vllm.model_executor.layers.attention import Attention
 
     return sorted({(type(m.impl).__name__, m.impl.sliding_window)
-                   for m in worker.model_runner.model.modules() if isinstance(m, Attention)})
+                   for m in worker.model_runner.model.modules() if isinstance(m, Attention)},
+                  key=str)
 
 
 # Compiled (vLLM's default: the forward captured once and lowered whole, attention included, into
@@ -32,7 +33,7 @@ def _layer_windows(worker):
 # Qwen2-MoE: routed experts, a shared expert with its gate).
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
     (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
-                              "MixtralForCausalLM", "Qwen2MoeForCausalLM")]
+                              "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM")]
 
 
 @pytest.mark.parametrize("arch,enforce_eager", CASES,
@@ -50,8 +51,9 @@ def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
     assert type(current_platform).__name__ == "MetalPlatform"
     assert current_platform.device_type == "mlx"
     windows = llm.collective_rpc(_layer_windows)[0]
-    expected_window = 40 if arch == "MistralForCausalLM" else None
-    assert windows == [("MLXAttentionImpl", expected_window)]
+    expected_windows = {"MistralForCausalLM": [40],
+                        "Gemma2ForCausalLM": [40, None]}.get(arch, [None])  # sliding, global
+    assert windows == sorted((("MLXAttentionImpl", w) for w in expected_windows), key=str)
 
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
     outputs = llm.generate(PROMPTS, params)

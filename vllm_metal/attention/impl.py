@@ -26,8 +26,6 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
                  kv_sharing_target_layer_name: str | None = None, **unsupported) -> None:
         if alibi_slopes is not None:
             raise NotImplementedError("ALiBi attention is not supported on mlx")
-        if logits_soft_cap:
-            raise NotImplementedError("attention logit soft-capping is not supported on mlx")
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"{attn_type} attention is not supported on mlx")
         if unsupported:
@@ -37,6 +35,8 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
+        # Gemma 2: scores become cap * tanh(scores / cap) before the mask and softmax
+        self.soft_cap = float(logits_soft_cap) if logits_soft_cap else None
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
@@ -86,7 +86,8 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         # token-major view for the MLX paths below (never evaluated when none of them runs)
         cache = kv_cache.swapaxes(1, 2)
         decode_query = _first(query, md.num_decodes)
-        if md.num_decodes and cpu_backend():  # one kernel reading the cache in place
+        if md.num_decodes and cpu_backend() and self.soft_cap is None:
+            # one kernel reading the cache in place
             outputs.append(_C.paged_decode_attention(
                 decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
                 self.sliding_window, self.head_size))
@@ -94,7 +95,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(decode_query, cache, block_table,
                                             md.decode_mask(self.sliding_window), self.scale,
-                                            self.head_size))
+                                            self.head_size, self.soft_cap))
         for r in range(md.num_decodes, md.num_reqs):
             start, end = int(md.query_start[r]), int(md.query_start[r + 1])
             seq_len = int(md.seq_lens[r])
@@ -108,7 +109,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
                 keys, values = gather_kv(cache, md.block_table[r, :num_blocks], self.head_size)
                 keys, values = keys[:, :seq_len], values[:, :seq_len]
             outputs.append(prefill_attention(query[start:end], keys, values, self.scale,
-                                             self.sliding_window))
+                                             self.sliding_window, self.soft_cap))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
 

@@ -7,6 +7,9 @@ physical layout; the functions here take it token-major, ``cache.swapaxes(1, 2)`
 
 Sliding window W (vLLM's and transformers' convention): query position q sees keys k with
 q - W < k <= q, i.e. the last W positions including itself.
+
+Logit soft-capping C (Gemma 2): the scaled scores s become C * tanh(s / C) before the mask and
+the softmax. MLX's fused attention has no such step, so a capped prefill is written out.
 """
 import mlx.core as mx
 
@@ -43,8 +46,12 @@ def decode_mask(seq_lens: mx.array, num_keys: int, window: int | None) -> mx.arr
     return mask[:, None, None, :]
 
 
+def soft_cap(scores: mx.array, cap: float | None) -> mx.array:
+    return scores if cap is None else cap * mx.tanh(scores / cap)
+
+
 def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, mask: mx.array,
-                     scale: float, head_size: int) -> mx.array:
+                     scale: float, head_size: int, cap: float | None = None) -> mx.array:
     """One query token per request. query [R, Hq, D]; block_table [R, n] covering the longest
     request; mask from decode_mask. Returns [R, Hq, Dv].
 
@@ -56,18 +63,25 @@ def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, ma
     num_reqs, query_heads, _ = query.shape
     kv_heads = keys.shape[1]
     q = (query * scale).reshape(num_reqs, kv_heads, query_heads // kv_heads, head_size)
-    scores = mx.where(mask, q @ keys.swapaxes(-1, -2), -mx.inf)  # [R, H, G, S]
+    scores = mx.where(mask, soft_cap(q @ keys.swapaxes(-1, -2), cap), -mx.inf)  # [R, H, G, S]
     probs = mx.softmax(scores, axis=-1, precise=True)
     return (probs @ values).reshape(num_reqs, query_heads, values.shape[-1])
 
 
 def prefill_attention(query: mx.array, keys: mx.array, values: mx.array, scale: float,
-                      window: int | None) -> mx.array:
+                      window: int | None, cap: float | None = None) -> mx.array:
     """The queries are the last len(query) positions of a request whose keys/values (all
     positions so far, this chunk's included) are given. query [L, Hq, D], keys [H, S, Dk],
     values [H, S, Dv]; returns [L, Hq, Dv]."""
     num_queries, num_keys = query.shape[0], keys.shape[-2]
     q = query.transpose(1, 0, 2)[None]
+    if cap is not None:
+        positions = mx.arange(num_keys - num_queries, num_keys)
+        if window is None:
+            allowed = mx.arange(num_keys)[None, :] <= positions[:, None]
+        else:
+            allowed = sliding_window_mask(positions, num_keys, window)
+        return _capped_attention(query, keys, values, scale, cap, allowed)
     if window is None or num_keys <= window:
         mask = "causal"  # MLX aligns it lower-right: the last query sees every key
     else:
@@ -76,3 +90,18 @@ def prefill_attention(query: mx.array, keys: mx.array, values: mx.array, scale: 
     out = mx.fast.scaled_dot_product_attention(q, keys[None], values[None], scale=scale,
                                                mask=mask)
     return out[0].transpose(1, 0, 2)
+
+
+def _capped_attention(query: mx.array, keys: mx.array, values: mx.array, scale: float,
+                      cap: float, allowed: mx.array) -> mx.array:
+    """Attention with soft-capped scores, written out: query [L, Hq, D], keys [H, S, Dk],
+    values [H, S, Dv], allowed [L, S]; returns [L, Hq, Dv]. Scores in float32."""
+    num_queries, query_heads, head_size = query.shape
+    kv_heads = keys.shape[0]
+    q = (query * scale).transpose(1, 0, 2).reshape(kv_heads, query_heads // kv_heads,
+                                                    num_queries, head_size)
+    scores = soft_cap((q @ keys[:, None].swapaxes(-1, -2)).astype(mx.float32), cap)
+    scores = mx.where(allowed, scores, -mx.inf)  # [H, G, L, S]
+    probs = mx.softmax(scores, axis=-1, precise=True).astype(values.dtype)
+    out = probs @ values[:, None]  # [H, G, L, Dv]
+    return out.reshape(query_heads, num_queries, -1).transpose(1, 0, 2)
