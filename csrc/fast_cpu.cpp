@@ -37,36 +37,17 @@
 #include <nanobind/stl/vector.h>
 
 #include "fast_cpu.h"
+#include "simd.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
 // The float32 inner loops are built for several x86 ISAs and picked at load time (the extension
-// is built without -march); elsewhere (arm64) the baseline has NEON.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define TMX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define TMX_MULTIVERSION
-#endif
-
+// is built without -march; simd.h); elsewhere (arm64) the baseline has NEON.
 namespace torch_mlx {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
 
-// Unaligned 16-float loads and stores (macros: a function returning the vector type outside an
-// AVX-512 clone would have another ABI).
-#define LOAD16(p)                        \
-  ({                                     \
-    f32x16 v_;                           \
-    std::memcpy(&v_, (p), sizeof(v_));   \
-    v_;                                  \
-  })
-#define STORE16(p, v)                    \
-  do {                                   \
-    f32x16 v_ = (v);                     \
-    std::memcpy((p), &v_, sizeof(v_));   \
-  } while (0)
 
 TMX_MULTIVERSION float dot_f32(const float* a, const float* b, int64_t n) {
   f32x16 acc0 = {}, acc1 = {};

@@ -29,15 +29,11 @@
 #include <nanobind/stl/string.h>
 
 #include "polynomial_cpu.h"
+#include "simd.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define TMX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define TMX_MULTIVERSION
-#endif
 
 namespace torch_mlx {
 namespace {

@@ -45,6 +45,7 @@
 #include "cpu_blas.h"
 #include "cpu_pool.h"
 #include "quantized_cpu.h"
+#include "simd.h"
 
 #pragma GCC optimize("fp-contract=fast")
 // GCC 12 reports the AVX-512 intrinsics' own undefined-vector idiom as uninitialised use
@@ -53,31 +54,13 @@
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define TMX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define TMX_MULTIVERSION
-#endif
-#define TMX_INLINE inline __attribute__((always_inline))
 
 namespace torch_mlx {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
-#define LOAD16(p)                        \
-  ({                                     \
-    f32x16 v_;                           \
-    std::memcpy(&v_, (p), sizeof(v_));   \
-    v_;                                  \
-  })
-#define STORE16(p, v)                    \
-  do {                                   \
-    f32x16 v_ = (v);                     \
-    std::memcpy((p), &v_, sizeof(v_));   \
-  } while (0)
 
 enum ScaleKind : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
@@ -622,12 +605,13 @@ class AffineGatherQmm : public mx::UnaryPrimitive {
     const uint32_t* ids = inputs[4].data<uint32_t>();
     void* op = out.data<void>();
     mx::Dtype x_dtype = x.dtype(), out_dtype = out.dtype();
+    int group = group_;
     encoder.dispatch([=]() {
       bool permute = base.bits == 4 && use_avx512(4);
       std::vector<float> xf(rows * k), xsum(rows * groups), plain, dense;
       with_float_type(x_dtype, [&](auto t) {
         using T = decltype(t);
-        prepare_x<T>(xr, rows, k, group_, permute, xf.data(), xsum.data());
+        prepare_x<T>(xr, rows, k, group, permute, xf.data(), xsum.data());
         if (!permute) return;
         plain.resize(rows * k);  // x unpermuted, for the runs multiplied through BLAS
         for (int64_t r = 0; r < rows; ++r) {
