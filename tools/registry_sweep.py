@@ -1,0 +1,649 @@
+"""Sweep vLLM's model registry on device "mlx": every text-generation and pooling architecture
+that transformers can build from a small random config, run by vLLM on "mlx" and compared with
+transformers on the CPU (issue 18).
+
+    python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all]
+                                   [--timeout S] [--jobs 1] [--json OUT] [--max-tokens N]
+
+For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") and
+`_EMBEDDING_MODELS` (registry "pooling"), in a subprocess of its own with a timeout:
+
+1. build: transformers' class of the same name (none: not_buildable), its config class's
+   defaults shrunk (SHRINK: hidden 128, 2 layers, 4 heads, 4 experts, vocab of the local tokenizer
+   of tools/make_tiny_model.py, ...), random weights under a seed, rescaled as make_tiny_model.py
+   does (so greedy tokens are not decided by float32 noise). The architectures make_tiny_model.py
+   knows are made by it unchanged. A failure here (config validation, model construction,
+   save) is not_buildable with the reason; nothing is downloaded.
+2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
+   forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
+   model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN).
+   A failure here is not_buildable ("transformers reference failed").
+3. vLLM: `vllm.LLM(model, dtype="float32", enforce_eager=True)` on "mlx" (engine in the
+   process), the same token ids as prompts; generation greedy with EOS ignored, pooling
+   `LLM.embed`.
+
+Status per architecture:
+  pass      every prompt's tokens identical (pooling: cosine >= 0.9999 for every prompt)
+  near_tie  the first divergence is at a step where transformers' top-2 logit gap < 1e-4
+  mismatch  otherwise (the first divergence, its step and gap are recorded)
+  error     vLLM failed; `category` groups the cause (missing lowering <aten op>, unsupported
+            attention, cuda/triton-only kernel, vllm rejected config, timeout, crash, ...)
+  not_buildable  transformers could not build or run it (reason recorded)
+
+Results go to --json (one object per architecture, with timings and the traceback tail of an
+error) and a table with totals is printed. Nothing is skipped silently: an architecture not run
+is listed with the reason.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROMPT_SEED = 0
+NEAR_TIE_GAP = 1e-4
+COSINE_MIN = 0.9999
+
+
+def _model_maker():
+    spec = importlib.util.spec_from_file_location("make_tiny_model",
+                                                  ROOT / "tools" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def registry_architectures(which: str) -> list[tuple[str, str, str]]:
+    """[(registry, architecture, vLLM module)] from vLLM's own tables, in their order."""
+    from vllm.model_executor.models import registry
+
+    out = []
+    if which in ("generate", "all"):
+        out += [("generate", arch, mod) for arch, (mod, _) in
+                registry._TEXT_GENERATION_MODELS.items()]
+    if which in ("pooling", "all"):
+        out += [("pooling", arch, mod) for arch, (mod, _) in registry._EMBEDDING_MODELS.items()]
+    return out
+
+
+def transformers_lacks(arch: str) -> str | None:
+    """The not_buildable reason when transformers has no class of this name (checked in the
+    parent, so no subprocess is spent on it), else None."""
+    import transformers
+
+    if getattr(transformers, arch, None) is None:
+        return f"LookupError: transformers {transformers.__version__} has no class {arch}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a tiny random checkpoint
+
+# Config fields set wherever the config class has them (its init signature or attribute_map).
+SHRINK = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+    # GPT-2/GPT-J/Bloom/OPT/Falcon-style names
+    n_inner=256, ffn_dim=256, ffn_hidden_size=256, word_embed_proj_dim=128, rotary_dim=16,
+    # mixtures of experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
+    num_experts_per_tok=2, moe_k=2, moe_intermediate_size=64,
+    shared_expert_intermediate_size=128, n_shared_experts=1, num_shared_experts=1,
+    moe_num_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+    # MLA (DeepSeek-V2/V3 style)
+    q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+    # state-space mixers
+    state_size=16, mamba_d_state=16, mamba_n_heads=8, mamba_head_dim=32, mamba_d_conv=4,
+    ssm_state_size=16, mamba_expand=2, n_groups=1, mamba_n_groups=1, time_step_rank=8,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    # windows shorter than the longest prompt, so sliding-window attention is exercised
+    sliding_window=32,
+)
+# Layer-count fields (the first one the config has is set, the others are aliases).
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+SEQ_MIN_LAYERS = 2
+
+
+def _config_fields(config_cls) -> set[str]:
+    import inspect
+
+    fields = set(inspect.signature(config_cls.__init__).parameters)
+    return fields | set(getattr(config_cls, "attribute_map", {}) or {})
+
+
+def _canonical(config_cls, name: str) -> str:
+    return (getattr(config_cls, "attribute_map", {}) or {}).get(name, name)
+
+
+def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
+    """kwargs for config_cls: SHRINK where it has the field, the local tokenizer's vocabulary and
+    special tokens, and per-layer pattern fields (layer_types, hybrid patterns) cut to a few
+    layers that keep one of each kind of layer."""
+    fields = _config_fields(config_cls)
+    defaults = config_cls().to_dict()
+    kwargs = {}
+    for name, value in SHRINK.items():
+        if name in fields:
+            default = defaults.get(_canonical(config_cls, name))
+            if name == "sliding_window" and default is None:
+                continue  # a config without a window keeps none
+            if isinstance(default, int) and not isinstance(default, bool) and default < value \
+                    and name not in ("num_hidden_layers",):
+                value = default  # never grow a field (top-k above the expert count, say)
+            kwargs[_canonical(config_cls, name)] = value
+    num_layers = SEQ_MIN_LAYERS
+    default_layers = None
+    for name in LAYER_FIELDS:
+        if name in fields and isinstance(defaults.get(_canonical(config_cls, name)), int):
+            default_layers = defaults[_canonical(config_cls, name)]
+            break
+    # Per-layer sequences (list or pattern string as long as the default layer count): keep the
+    # first layer of each kind, in order, so a hybrid keeps its attention and its mixer.
+    if default_layers:
+        for name, value in defaults.items():
+            if isinstance(value, (list, str)) and len(value) == default_layers \
+                    and default_layers > 1 and name not in ("architectures",):
+                seen, kept = set(), []
+                for item in value:
+                    key = json.dumps(item, sort_keys=True) if not isinstance(item, str) else item
+                    if key not in seen:
+                        seen.add(key)
+                        kept.append(item)
+                while len(kept) < SEQ_MIN_LAYERS:
+                    kept.append(value[len(kept)])
+                num_layers = max(num_layers, len(kept))
+                kwargs[name] = "".join(kept) if isinstance(value, str) else kept
+    if default_layers is not None:
+        for name in LAYER_FIELDS:
+            if name in fields:
+                kwargs[_canonical(config_cls, name)] = num_layers
+    if "layer_types" in fields and "layer_types" not in kwargs:
+        kwargs["layer_types"] = None  # rebuilt for the new layer count by the config
+    for name in ("vocab_size", "padded_vocab_size"):
+        if name in fields:
+            kwargs[_canonical(config_cls, name)] = vocab_size
+    for field, token in (("bos_token_id", "<|bos|>"), ("eos_token_id", "<|eos|>"),
+                         ("pad_token_id", "<|pad|>")):
+        if field in fields:
+            kwargs[field] = token_ids[token]
+    return kwargs
+
+
+_OUT_PROJ = re.compile(r"(o_proj|down_proj|out_proj|dense_4h_to_h|c_proj|fc2|w2|\.dense\.)")
+
+
+def rescale_generic(model, generator, maker) -> None:
+    """make_tiny_model.py's SCALES by parameter role, for any module layout: embeddings, the
+    output head, output projections, other matrices, biases; the final norm's gain where one is
+    found outside the layers (the tied recipe needs it)."""
+    import torch
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    scales = maker.SCALES["tied" if tied else "untied"]
+    out_embed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = {id(p) for p in out_embed.parameters()} if out_embed is not None else set()
+    embed_params = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            embed_params |= {id(p) for p in module.parameters()}
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if id(param) in head_params and id(param) not in embed_params:
+                role = "lm_head"
+            elif id(param) in embed_params:
+                role = "embed"
+            elif name.endswith(".bias"):
+                role = "bias"
+            elif _OUT_PROJ.search(name):
+                role = "out_proj"
+            else:
+                role = "proj"
+            if param.dim() < 2 and role != "bias":
+                continue
+            if not param.is_floating_point():
+                continue
+            param.copy_(torch.randn(param.shape, generator=generator) * scales[role])
+        # The final norm: the last norm-like module outside numbered layers.
+        final = None
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1].lower()
+            if re.search(r"\.\d+(\.|$)", name) or not leaf:
+                continue
+            if ("norm" in leaf or leaf in ("ln_f",)) and getattr(module, "weight", None) is not None \
+                    and module.weight.dim() == 1:
+                final = module
+        if final is not None:
+            gemma_style = model.config.model_type.startswith("gemma")
+            final.weight.fill_(scales["final_gain"] - 1.0 if gemma_style else scales["final_gain"])
+
+
+def build_checkpoint(arch: str, out: str, seed: int) -> dict:
+    """Write a tiny random checkpoint of arch to out. Returns facts about it (config class,
+    sizes). Raises on any failure (the caller records not_buildable)."""
+    import torch
+    import transformers
+
+    maker = _model_maker()
+    if arch in maker.ARCHITECTURES:
+        maker.make_model(arch, out, seed=seed)
+        return {"builder": "make_tiny_model"}
+    model_cls = getattr(transformers, arch, None)
+    if model_cls is None:
+        raise LookupError(f"transformers {transformers.__version__} has no class {arch}")
+    config_cls = getattr(model_cls, "config_class", None)
+    if config_cls is None or config_cls is transformers.PretrainedConfig:
+        raise LookupError(f"transformers' {arch} names no config class")
+    os.makedirs(out, exist_ok=True)
+    tokenizer = maker.build_tokenizer(seed)
+    maker.save_tokenizer(tokenizer, out)
+    token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS}
+    kwargs = shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids)
+    try:
+        config = config_cls(**kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"config build failure: {type(exc).__name__}: {exc}") from exc
+    config.architectures = [arch]
+    config.dtype = torch.float32
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    rescale_generic(model, torch.Generator().manual_seed(seed), maker)
+    model.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
+            "shrunk": sorted(kwargs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and the transformers reference
+
+
+def prompt_ids(model_dir: str) -> list[list[int]]:
+    import transformers
+
+    maker = _model_maker()
+    sentences = maker.training_text(PROMPT_SEED)[3000:]
+    prompts = ["Hello, how are you today?", sentences[0], " ".join(sentences[1:5])]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def _load_hf(arch: str, model_dir: str, base: bool = False):
+    import torch
+    import transformers
+
+    cls = getattr(transformers, arch)
+    if base:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    except (ValueError, TypeError) as exc:
+        if "attn_implementation" not in str(exc) and "eager" not in str(exc):
+            raise
+        model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def reference_greedy(arch: str, model_dir: str, prompts: list[list[int]], max_tokens: int):
+    """[(tokens, [top1 - top2 gap per step])] by full forwards without a cache."""
+    import torch
+
+    model = _load_hf(arch, model_dir)
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            seq, tokens, gaps = list(ids), [], []
+            for _ in range(max_tokens):
+                x = torch.tensor([seq])
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x),
+                               use_cache=False).logits[0, -1].float()
+                top = torch.topk(logits, 2)
+                tokens.append(int(top.indices[0]))
+                gaps.append(float(top.values[0] - top.values[1]))
+                seq.append(tokens[-1])
+            results.append((tokens, gaps))
+    return results
+
+
+def reference_embeddings(arch: str, model_dir: str, prompts: list[list[int]], pooling: str):
+    import torch
+
+    base = not arch.endswith("Model")  # *ForCausalLM / *ForMaskedLM: the base model's states
+    model = _load_hf(arch, model_dir, base=base)
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            hidden = model(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state[0]
+            vec = {"CLS": hidden[0], "LAST": hidden[-1], "MEAN": hidden.mean(0)}[pooling]
+            out.append(vec.float())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Error categories
+
+_ATEN = re.compile(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
+
+
+def categorize(text: str) -> str:
+    """A short cause for grouping, from an exception's traceback text."""
+    last = [line for line in text.strip().splitlines() if line.strip()][-1:] or [""]
+    last = last[0]
+    low = text.lower()
+    if "timed out" in last or last.startswith("timeout"):
+        return "timeout"
+    if "NotImplementedError" in text:
+        m = _ATEN.search(text[text.rfind("NotImplementedError"):])
+        if m:
+            return f"missing lowering: {m.group(1).replace('::', '.')}"
+        if "attention" in last.lower() or "soft-capping" in last.lower():
+            return "unsupported attention"
+        return "NotImplementedError: " + last.split(":", 1)[-1].strip()[:80]
+    if "triton" in low and ("triton" in last.lower() or "jit" in last.lower()):
+        return "cuda/triton-only kernel"
+    if re.search(r"\b(cuda|_C\.|torch\.ops\._C|cutlass|flashinfer)", last, re.I):
+        return "cuda/triton-only kernel"
+    if "torch.ops._c" in low or "_C::" in text or "no attribute '_C'" in text:
+        return "cuda/triton-only kernel"
+    if "attention backend" in low or "no valid attention backend" in low:
+        return "unsupported attention"
+    if last.startswith(("pydantic", "ValidationError")) or "validation error" in low[-2000:]:
+        return "vllm rejected config"
+    m = re.match(r"([A-Za-z_.]+(Error|Exception))", last)
+    return (m.group(1).rsplit(".", 1)[-1] + ": " + last.split(":", 1)[-1].strip()[:60]
+            ) if m else last[:80]
+
+
+# ---------------------------------------------------------------------------------------------
+# One architecture (child process)
+
+
+def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) -> dict:
+    result = {"arch": arch, "registry": registry}
+    t0 = time.time()
+    model_dir = os.path.join(workdir, arch)
+    try:
+        result["build"] = build_checkpoint(arch, model_dir, seed)
+    except Exception as exc:
+        result.update(status="not_buildable", reason=f"{type(exc).__name__}: {exc}"[:300],
+                      stage="build")
+        return result
+    result["build_s"] = round(time.time() - t0, 1)
+    prompts = prompt_ids(model_dir)
+    result["prompt_tokens"] = [len(p) for p in prompts]
+
+    t1 = time.time()
+    if registry == "generate":
+        try:
+            expected = reference_greedy(arch, model_dir, prompts, max_tokens)
+        except Exception as exc:
+            result.update(status="not_buildable", stage="reference",
+                          reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
+            return result
+        result["reference_s"] = round(time.time() - t1, 1)
+        result["min_gap"] = min(min(g) for _, g in expected)
+
+    # vLLM on mlx, in this process.
+    t2 = time.time()
+    stage = "engine"
+    try:
+        import vllm
+        from vllm import SamplingParams
+
+        kw = dict(model=model_dir, dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
+                  enforce_eager=True)
+        if registry == "pooling":
+            kw["runner"] = "pooling"
+        llm = vllm.LLM(**kw)
+        result["engine_s"] = round(time.time() - t2, 1)
+        from vllm.platforms import current_platform
+
+        result["device"] = current_platform.device_type
+        stage = "run"
+        inputs = [{"prompt_token_ids": p} for p in prompts]
+        if registry == "generate":
+            params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
+                                    temperature=0.0, ignore_eos=True)
+            outputs = llm.generate(inputs, params, use_tqdm=False)
+            got = [list(o.outputs[0].token_ids) for o in outputs]
+        else:
+            pooler = llm.llm_engine.model_config.pooler_config
+            pooling = pooler.seq_pooling_type if pooler is not None else None
+            result["pooling"] = pooling
+            outputs = llm.embed(inputs, use_tqdm=False)
+            got = [list(o.outputs.embedding) for o in outputs]
+    except Exception:
+        tb = traceback.format_exc()
+        result.update(status="error", stage=stage, category=categorize(tb),
+                      detail=[l for l in tb.strip().splitlines() if l.strip()][-1][:300],
+                      traceback_tail=tb[-3000:])
+        return result
+    result["vllm_s"] = round(time.time() - t2, 1)
+
+    if registry == "generate":
+        result["status"] = "pass"
+        for i, ((want, gaps), have) in enumerate(zip(expected, got)):
+            if have == want:
+                continue
+            step = next((k for k, (a, b) in enumerate(zip(want, have)) if a != b),
+                        min(len(want), len(have)))
+            gap = gaps[step] if step < len(gaps) else None
+            tie = gap is not None and gap < NEAR_TIE_GAP
+            result.update(status="near_tie" if tie else "mismatch",
+                          first_divergence=dict(prompt=i, step=step, gap=gap,
+                                                expected=want, got=have))
+            if not tie:
+                break
+    else:
+        import torch
+
+        if pooling not in ("CLS", "LAST", "MEAN"):
+            result.update(status="error", stage="compare", category="unknown pooling type",
+                          detail=f"pooler seq_pooling_type={pooling!r}")
+            return result
+        try:
+            expected = reference_embeddings(arch, model_dir, prompts, pooling)
+        except Exception as exc:
+            result.update(status="not_buildable", stage="reference",
+                          reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
+            return result
+        cosines = []
+        for want, have in zip(expected, got):
+            have = torch.tensor(have, dtype=torch.float32)
+            if have.shape != want.shape:
+                cosines.append(None)
+                continue
+            cosines.append(float(torch.nn.functional.cosine_similarity(want, have, dim=0)))
+        result["cosines"] = cosines
+        ok = all(c is not None and c >= COSINE_MIN for c in cosines)
+        result["status"] = "pass" if ok else "mismatch"
+        if any(c is None for c in cosines):
+            result["detail"] = (f"embedding size {len(got[0])} vs the reference's "
+                                f"{expected[0].shape[0]}")
+    result["total_s"] = round(time.time() - t0, 1)
+    return result
+
+
+def child_main(args) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    result = run_one(args.registry, args.child, args.workdir, args.seed, args.max_tokens)
+    with open(args.result, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep (parent)
+
+
+def run_child(registry: str, arch: str, args, workdir: str) -> dict:
+    result_path = os.path.join(workdir, f"{registry}-{arch}.json")
+    log_path = os.path.join(workdir, f"{registry}-{arch}.log")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--registry", registry,
+           "--workdir", workdir, "--result", result_path, "--seed", str(args.seed),
+           "--max-tokens", str(args.max_tokens)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = None
+    elapsed = round(time.time() - t0, 1)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            result = json.load(f)
+    else:
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-3000:]
+        if rc is None:
+            category, detail = "timeout", f"no result after {args.timeout} s"
+        else:
+            category = (f"crash (signal {-rc})" if rc < 0 else categorize(tail)
+                        if "Traceback" in tail else f"crash (exit {rc})")
+            detail = ([l for l in tail.strip().splitlines() if l.strip()] or [""])[-1][:300]
+        result = dict(arch=arch, registry=registry, status="error", stage="process",
+                      category=category, detail=detail, traceback_tail=tail)
+    result["wall_s"] = elapsed
+    result["log"] = log_path
+    return result
+
+
+def summarize(results: list[dict]) -> str:
+    lines = [f"{'registry':9} {'architecture':34} {'status':13} {'s':>5}  cause"]
+    for r in results:
+        cause = (r.get("category") or r.get("reason") or "")
+        if r["status"] in ("mismatch", "near_tie") and r.get("first_divergence"):
+            d = r["first_divergence"]
+            cause = f"prompt {d['prompt']} step {d['step']} gap {d['gap']:.3g}" \
+                if d.get("gap") is not None else f"prompt {d['prompt']} step {d['step']}"
+        elif r["status"] == "mismatch" and r.get("cosines"):
+            cause = "cosines " + ", ".join("None" if c is None else f"{c:.6f}"
+                                           for c in r["cosines"])
+        lines.append(f"{r['registry']:9} {r['arch']:34} {r['status']:13} "
+                     f"{r.get('wall_s', 0):5.0f}  {cause[:110]}")
+    lines.append("")
+    for registry in sorted({r["registry"] for r in results}):
+        rs = [r for r in results if r["registry"] == registry]
+        counts = {}
+        for r in rs:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        buildable = len(rs) - counts.get("not_buildable", 0)
+        lines.append(f"{registry}: {len(rs)} run, " + ", ".join(
+            f"{k} {v}" for k, v in sorted(counts.items())) +
+            f"; pass {counts.get('pass', 0)}/{buildable} buildable")
+        cats = {}
+        for r in rs:
+            if r["status"] == "error":
+                cats[r["category"]] = cats.get(r["category"], 0) + 1
+        for cat, n in sorted(cats.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    error {n:3d}  {cat}")
+        reasons = {}
+        for r in rs:
+            if r["status"] == "not_buildable":
+                key = re.sub(r"class \w+", "class <arch>", r["reason"].split("\n")[0])[:90]
+                reasons[key] = reasons.get(key, 0) + 1
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            lines.append(f"    not buildable {n:3d}  {reason}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", help="comma-separated architectures (of the registries chosen)")
+    parser.add_argument("--skip", help="comma-separated architectures to leave out (listed as "
+                        "not run in the output)")
+    parser.add_argument("--registry", choices=["generate", "pooling", "all"], default="all")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
+    parser.add_argument("--jobs", type=int, default=1, help="architectures at once")
+    parser.add_argument("--json", help="write the results here (updated after each one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --json and run only the others")
+    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", help="checkpoints and logs (default: a temporary folder)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="registry-sweep-")
+    os.makedirs(workdir, exist_ok=True)
+    # Enumerating the registry imports vllm only in a child: keep this process light.
+    listing = subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, %r); "
+         "import registry_sweep as s; print(json.dumps([(r, a, s.transformers_lacks(a)) "
+         "for r, a, _ in s.registry_architectures(%r)]))"
+         % (str(ROOT / "tools"), args.registry)],
+        capture_output=True, text=True, check=True,
+        env=dict(os.environ, VLLM_METAL_USE_MLX="0", TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
+    todo = [tuple(x) for x in json.loads(listing.stdout.strip().splitlines()[-1])]
+    if args.only:
+        only = set(args.only.split(","))
+        unknown = only - {a for _, a, _ in todo}
+        if unknown:
+            sys.exit(f"not in the registry chosen: {', '.join(sorted(unknown))}")
+        todo = [t for t in todo if t[1] in only]
+    skip = set(args.skip.split(",")) if args.skip else set()
+
+    results = []
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = [r for r in json.load(f)["results"]]
+    done = {(r["registry"], r["arch"]) for r in results}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"vllm_registry": args.registry, "max_tokens": args.max_tokens,
+                           "timeout_s": args.timeout, "results": results}, f, indent=1)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    lacking = {(reg, arch): why for reg, arch, why in todo if why}
+    for reg, arch in lacking:
+        if (reg, arch) not in done and arch not in skip:
+            results.append(dict(arch=arch, registry=reg, status="not_buildable", stage="build",
+                                reason=lacking[(reg, arch)], wall_s=0.0))
+    done |= set(lacking)
+    pending = [(reg, arch) for reg, arch, _ in todo if (reg, arch) not in done]
+    for reg, arch in [p for p in pending if p[1] in skip]:
+        results.append(dict(arch=arch, registry=reg, status="not_run", reason="--skip"))
+    pending = [p for p in pending if p[1] not in skip]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_child, reg, arch, args, workdir): (reg, arch)
+                   for reg, arch in pending}
+        for future in futures:
+            r = future.result()
+            results.append(r)
+            print(f"[{len(results)}/{len(todo)}] {r['registry']} {r['arch']}: {r['status']} "
+                  f"{r.get('category') or r.get('reason') or ''} ({r.get('wall_s')} s)",
+                  flush=True)
+            save()
+    order = {(reg, arch): i for i, (reg, arch, _) in enumerate(todo)}
+    results.sort(key=lambda r: order.get((r["registry"], r["arch"]), 1 << 30))
+    save()
+    print(summarize(results))
+
+
+if __name__ == "__main__":
+    main()
