@@ -137,8 +137,10 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
     for name, value in SHRINK.items():
         if name in fields:
             default = defaults.get(_canonical(config_cls, name))
-            if name == "sliding_window" and default is None:
-                continue  # a config without a window keeps none
+            if default is None:
+                # None means "derived" (Falcon's ffn_hidden_size = 4 * hidden, a head_dim of
+                # hidden / heads) or "absent" (no window): keep it so
+                continue
             if isinstance(default, int) and not isinstance(default, bool) and default < value \
                     and name not in ("num_hidden_layers",):
                 value = default  # never grow a field (top-k above the expert count, say)
@@ -154,7 +156,7 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
     if default_layers:
         for name, value in defaults.items():
             if isinstance(value, (list, str)) and len(value) == default_layers \
-                    and default_layers > 1 and name not in ("architectures",):
+                    and default_layers > 1 and name in fields:
                 seen, kept = set(), []
                 for item in value:
                     key = json.dumps(item, sort_keys=True) if not isinstance(item, str) else item
@@ -169,6 +171,11 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         for name in LAYER_FIELDS:
             if name in fields:
                 kwargs[_canonical(config_cls, name)] = num_layers
+    if "kv_lora_rank" in fields and "num_key_value_heads" in kwargs:
+        # MLA: as many key/value heads as query heads (transformers' eager MLA attention does
+        # not repeat them)
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", SHRINK[
+            "num_attention_heads"])
     if "layer_types" in fields and "layer_types" not in kwargs:
         kwargs["layer_types"] = None  # rebuilt for the new layer count by the config
     for name in ("vocab_size", "padded_vocab_size"):
@@ -351,6 +358,13 @@ def categorize(text: str) -> str:
         if "attention" in last.lower() or "soft-capping" in last.lower():
             return "unsupported attention"
         return "NotImplementedError: " + last.split(":", 1)[-1].strip()[:80]
+    if "transformers_utils/config" in text and "parse" in text and "load_weights" not in text:
+        return "vllm config parsing: " + last.split(":", 1)[-1].strip()[:60]
+    m = re.search(r"'(\w+Config)' object has no attribute", last)
+    if m:
+        return "config field vLLM reads is absent from transformers' config"
+    if "load_weights" in text and "Error" in last:
+        return "weight loading: " + last.split(":", 1)[0].strip()[-40:]
     if "triton" in low and ("triton" in last.lower() or "jit" in last.lower()):
         return "cuda/triton-only kernel"
     if re.search(r"\b(cuda|_C\.|torch\.ops\._C|cutlass|flashinfer)", last, re.I):
@@ -608,7 +622,9 @@ def main():
     results = []
     if args.resume and args.json and os.path.exists(args.json):
         with open(args.json) as f:
-            results = [r for r in json.load(f)["results"]]
+            results = json.load(f)["results"]
+        if args.only:  # --resume --only A,B: run A and B again, replacing their results
+            results = [r for r in results if r["arch"] not in only]
     done = {(r["registry"], r["arch"]) for r in results}
 
     def save():
@@ -639,6 +655,9 @@ def main():
                   f"{r.get('category') or r.get('reason') or ''} ({r.get('wall_s')} s)",
                   flush=True)
             save()
+    for r in results:  # categories by the current rules (also for results kept by --resume)
+        if r["status"] == "error" and r.get("stage") in ("engine", "run"):
+            r["category"] = categorize(r["traceback_tail"])
     order = {(reg, arch): i for i, (reg, arch, _) in enumerate(todo)}
     results.sort(key=lambda r: order.get((r["registry"], r["arch"]), 1 << 30))
     save()

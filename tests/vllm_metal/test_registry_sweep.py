@@ -1,0 +1,45 @@
+"""tools/registry_sweep.py's own logic (no engine): config shrinking and error categories."""
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("registry_sweep",
+                                               ROOT / "tools" / "registry_sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+TOKENS = {"<|bos|>": 1, "<|eos|>": 2, "<|pad|>": 0}
+
+
+def test_shrink_uses_attribute_map_names():
+    import transformers
+
+    kwargs = sweep.shrink_kwargs(transformers.GPT2Config, 1024, TOKENS)
+    config = transformers.GPT2Config(**kwargs)
+    assert (config.n_embd, config.n_layer, config.n_head, config.vocab_size) == (128, 2, 4, 1024)
+    assert config.eos_token_id == 2
+
+
+def test_shrink_never_grows_a_field_and_keeps_layer_kinds():
+    import transformers
+
+    # Gemma 3: layer_types rebuilt for the new layer count by the config itself
+    config = transformers.Gemma3TextConfig(**sweep.shrink_kwargs(transformers.Gemma3TextConfig,
+                                                                 1024, TOKENS))
+    assert config.num_hidden_layers == len(config.layer_types) >= 2
+    assert config.sliding_window == 32
+
+
+@pytest.mark.parametrize("text,category", [
+    ("Traceback ...\nNotImplementedError: no mlx lowering for aten::_weird_op.default",
+     "missing lowering: aten._weird_op.default"),
+    ("Traceback ...\nNotImplementedError: attention logit soft-capping is not supported on mlx",
+     "unsupported attention"),
+    ("Traceback ...\nAttributeError: 'XConfig' object has no attribute 'y'",
+     "config field vLLM reads is absent from transformers' config"),
+    ("Traceback ...\nValueError: bad thing happened", "ValueError: bad thing happened"),
+])
+def test_categorize(text, category):
+    assert sweep.categorize(text) == category
