@@ -352,12 +352,17 @@ def categorize(text: str) -> str:
     if "timed out" in last or last.startswith("timeout"):
         return "timeout"
     if "NotImplementedError" in text:
-        m = _ATEN.search(text[text.rfind("NotImplementedError"):])
+        tail = text[text.rfind("NotImplementedError"):]
+        message = tail.split("\n", 1)[0].split(":", 1)[-1].strip()  # its first line
+        m = _ATEN.search(tail)
         if m:
             return f"missing lowering: {m.group(1).replace('::', '.')}"
-        if "attention" in last.lower() or "soft-capping" in last.lower():
-            return "unsupported attention"
-        return "NotImplementedError: " + last.split(":", 1)[-1].strip()[:80]
+        if "attention" in message.lower() or "soft-capping" in message.lower():
+            # "ALiBi attention is not supported on mlx" -> "unsupported attention: ALiBi"
+            what = re.sub(r"\s*(attention\s*)?(is |are )?not supported on mlx\s*", "", message)
+            what = re.sub(r"\{'(\w+)'.*", r"\1", what)  # an options dict: its first key
+            return "unsupported attention: " + what.strip(" :")[:60]
+        return "NotImplementedError: " + message[:80]
     if "transformers_utils/config" in text and "parse" in text and "load_weights" not in text:
         return "vllm config parsing: " + last.split(":", 1)[-1].strip()[:60]
     m = re.search(r"'(\w+Config)' object has no attribute", last)
