@@ -166,6 +166,8 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
                 while len(kept) < SEQ_MIN_LAYERS:
                     kept.append(value[len(kept)])
                 num_layers = max(num_layers, len(kept))
+                if name in SHRINK and all(isinstance(v, int) for v in kept):
+                    kept = [min(v, SHRINK[name]) for v in kept]  # per-layer sizes
                 kwargs[name] = "".join(kept) if isinstance(value, str) else kept
     if default_layers is not None:
         for name in LAYER_FIELDS:
@@ -176,7 +178,8 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         # not repeat them)
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", SHRINK[
             "num_attention_heads"])
-    if "layer_types" in fields and "layer_types" not in kwargs:
+    if "layer_types" in fields and "layer_types" not in kwargs \
+            and isinstance(defaults.get("layer_types"), list):
         kwargs["layer_types"] = None  # rebuilt for the new layer count by the config
     for name in ("vocab_size", "padded_vocab_size"):
         if name in fields:
