@@ -153,8 +153,15 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
             break
     # Per-layer sequences (list or pattern string as long as the default layer count): keep the
     # first layer of each kind, in order, so a hybrid keeps its attention and its mixer.
+    index_lists = {}
     if default_layers:
         for name, value in defaults.items():
+            if isinstance(value, list) and name in fields and value and \
+                    all(isinstance(v, int) and not isinstance(v, bool) for v in value) and \
+                    value == sorted(set(value)) and value[-1] < default_layers and \
+                    (len(value) < default_layers or value == list(range(default_layers))):
+                index_lists[name] = value  # layer indices (moe_layers, full_attn_idxs)
+                continue
             if isinstance(value, (list, str)) and len(value) == default_layers \
                     and default_layers > 1 and name in fields:
                 seen, kept = set(), []
@@ -169,10 +176,17 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
                 if name in SHRINK and all(isinstance(v, int) for v in kept):
                     kept = [min(v, SHRINK[name]) for v in kept]  # per-layer sizes
                 kwargs[name] = "".join(kept) if isinstance(value, str) else kept
+    for name, value in index_lists.items():
+        kept = [i for i in value if i < num_layers]
+        kwargs[name] = kept or value[:1]
     if default_layers is not None:
         for name in LAYER_FIELDS:
             if name in fields:
                 kwargs[_canonical(config_cls, name)] = num_layers
+    if "num_heads" in fields and "expand" in fields and "head_dim" in kwargs:
+        # Mamba-2 mixers: num_heads * head_dim == expand * hidden_size
+        kwargs["num_heads"] = (defaults.get("expand", 2) * kwargs.get("hidden_size", 128)
+                               // kwargs["head_dim"])
     if "kv_lora_rank" in fields and "num_key_value_heads" in kwargs:
         # MLA: as many key/value heads as query heads (transformers' eager MLA attention does
         # not repeat them)
