@@ -183,6 +183,9 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         for name in LAYER_FIELDS:
             if name in fields:
                 kwargs[_canonical(config_cls, name)] = num_layers
+    if "num_experts_per_tok" in fields and "num_experts_per_tok" not in kwargs and any(
+            k in kwargs for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        kwargs["num_experts_per_tok"] = SHRINK["num_experts_per_tok"]  # experts but no top-k
     if "num_heads" in fields and "expand" in fields and "head_dim" in kwargs:
         # Mamba-2 mixers: num_heads * head_dim == expand * hidden_size
         kwargs["num_heads"] = (defaults.get("expand", 2) * kwargs.get("hidden_size", 128)
