@@ -380,6 +380,7 @@ def categorize(text: str) -> str:
         if "attention" in message.lower() or "soft-capping" in message.lower():
             # "ALiBi attention is not supported on mlx" -> "unsupported attention: ALiBi"
             what = re.sub(r"\s*(attention\s*)?(is |are )?not supported on mlx\s*", "", message)
+            what = re.sub(r"\{'(\w+)': None\}.*", r"\1=None", what)  # passed as None
             what = re.sub(r"\{'(\w+)'.*", r"\1", what)  # an options dict: its first key
             return "unsupported attention: " + what.strip(" :")[:60]
         return "NotImplementedError: " + message[:80]
@@ -403,6 +404,20 @@ def categorize(text: str) -> str:
     m = re.match(r"([A-Za-z_.]+(Error|Exception))", last)
     return (m.group(1).rsplit(".", 1)[-1] + ": " + last.split(":", 1)[-1].strip()[:60]
             ) if m else last[:80]
+
+
+def recategorize(result: dict) -> None:
+    """An error's category by the current rules; where vLLM's model inspection (a subprocess of
+    its own) failed, the cause is in the child's log, not in the traceback."""
+    if result["status"] != "error" or result.get("stage") not in ("engine", "run"):
+        return
+    result["category"] = categorize(result["traceback_tail"])
+    if "failed to be inspected" in result["traceback_tail"] and result.get("log") \
+            and os.path.exists(result["log"]):
+        with open(result["log"], errors="replace") as f:
+            m = re.search(r"No module named '([\w.]+)'", f.read())
+        result["category"] = ("vLLM's model module does not import: no module named "
+                              f"{m.group(1)}" if m else "vLLM could not inspect the model class")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,11 +633,22 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="checkpoints and logs (default: a temporary folder)")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print the table and totals of saved results (no runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args)
+        return
+    if args.summarize:
+        results = []
+        for path in args.summarize:
+            with open(path) as f:
+                results += json.load(f)["results"]
+        for r in results:
+            recategorize(r)
+        print(summarize(results))
         return
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="registry-sweep-")
@@ -681,8 +707,7 @@ def main():
                   flush=True)
             save()
     for r in results:  # categories by the current rules (also for results kept by --resume)
-        if r["status"] == "error" and r.get("stage") in ("engine", "run"):
-            r["category"] = categorize(r["traceback_tail"])
+        recategorize(r)
     order = {(reg, arch): i for i, (reg, arch, _) in enumerate(todo)}
     results.sort(key=lambda r: order.get((r["registry"], r["arch"]), 1 << 30))
     save()
