@@ -95,7 +95,8 @@ SHRINK = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
     # GPT-2/GPT-J/Bloom/OPT/Falcon-style names
-    n_inner=256, ffn_dim=256, ffn_hidden_size=256, word_embed_proj_dim=128, rotary_dim=16,
+    n_inner=512, ffn_dim=256, ffn_hidden_size=512,  # 4 x hidden (vLLM's Falcon assumes it)
+    word_embed_proj_dim=128, rotary_dim=16,
     # mixtures of experts
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
     num_experts_per_tok=2, moe_k=2, moe_intermediate_size=64,
@@ -397,6 +398,8 @@ def categorize(text: str) -> str:
         return "cuda/triton-only kernel"
     if "torch.ops._c" in low or "_C::" in text or "no attribute '_C'" in text:
         return "cuda/triton-only kernel"
+    if "available kv cache memory" in last.lower():
+        return "KV cache budget: one request of max_model_len does not fit"
     if "attention backend" in low or "no valid attention backend" in low:
         return "unsupported attention"
     if last.startswith(("pydantic", "ValidationError")) or "validation error" in low[-2000:]:
