@@ -38,7 +38,7 @@ def test_shrink_never_grows_a_field_and_keeps_layer_kinds():
     ("Traceback ...\nNotImplementedError: attention logit soft-capping is not supported on mlx",
      "unsupported attention: attention logit soft-capping"),
     ("Traceback ...\nNotImplementedError: attention options not supported on mlx: {'sinks': None}",
-     "unsupported attention: attention options: sinks"),
+     "unsupported attention: attention options: sinks=None"),
     ("Traceback ...\nNotImplementedError: MLA attention is not supported on mlx",
      "unsupported attention: MLA"),
     ("Traceback ...\nAttributeError: 'XConfig' object has no attribute 'y'",
