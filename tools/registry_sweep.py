@@ -4,6 +4,10 @@ transformers on the CPU (issue 18).
 
     python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all]
                                    [--timeout S] [--jobs 1] [--json OUT] [--max-tokens N]
+    python tools/registry_sweep.py --json OUT --resume [--only ARCH,...]   # (re)run some again
+    python tools/registry_sweep.py --summarize OUT [OUT...]                 # table of saved runs
+
+Measured figures: docs/registry_sweep.md.
 
 For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") and
 `_EMBEDDING_MODELS` (registry "pooling"), in a subprocess of its own with a timeout:
