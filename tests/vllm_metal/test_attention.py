@@ -102,8 +102,15 @@ def test_forward_without_metadata_leaves_output_alone():
     assert bool((output.cpu() == 7).all())
 
 
-@pytest.mark.parametrize("option", [dict(alibi_slopes=[1.0]), dict(logits_soft_cap=30.0)])
+@pytest.mark.parametrize("option", [dict(alibi_slopes=[1.0]), dict(sinks=torch.zeros(4))])
 def test_unsupported_options_are_refused(option):
     kwargs = dict(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto") | option
     with pytest.raises(NotImplementedError, match="not supported on mlx"):
         MLXAttentionImpl(4, 32, 0.1, 4, **kwargs)
+
+
+def test_options_passed_as_none_are_not_used():
+    # Granite and Laguna pass sinks=None: no sinks, nothing to refuse; Gemma 2's soft cap is
+    # supported
+    impl = MLXAttentionImpl(4, 32, 0.1, 4, None, None, "auto", logits_soft_cap=30.0, sinks=None)
+    assert impl.soft_cap == 30.0

@@ -28,6 +28,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             raise NotImplementedError("ALiBi attention is not supported on mlx")
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"{attn_type} attention is not supported on mlx")
+        unsupported = {k: v for k, v in unsupported.items() if v is not None}  # None: not used
         if unsupported:
             raise NotImplementedError(f"attention options not supported on mlx: {unsupported}")
         self.num_heads = num_heads
