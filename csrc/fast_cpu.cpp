@@ -193,18 +193,6 @@ void check_index(const mx::array& a, const char* what) {
   }
 }
 
-// Calls f with a value of the C++ type of `dtype` (one of the three float dtypes).
-template <typename F>
-void with_float_type(mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else {
-    f(mx::bfloat16_t{});
-  }
-}
-
 // Calls f with values of the C++ types of two float dtypes.
 template <typename F>
 void with_float_types(mx::Dtype a, mx::Dtype b, F&& f) {

@@ -78,18 +78,12 @@ class GatherMatmul : public mx::UnaryPrimitive {
       const float* xf = as_float32(xp, x_dtype, rows * k, x_buffer);
       if (out_dtype != mx::float32) y_buffer.resize(rows * n);
       float* y = out_dtype == mx::float32 ? static_cast<float*>(op) : y_buffer.data();
-      for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
-        uint32_t e = ids[r0];
-        for (r1 = r0 + 1; r1 < rows && ids[r1] == e;) ++r1;
-        if (e >= e_count) {  // no such expert: rows of zeros (routing never yields one)
-          std::memset(y + r0 * n, 0, (r1 - r0) * n * sizeof(float));
-          continue;
-        }
+      for_each_expert_run(ids, rows, e_count, y, n, [&](int64_t r0, int64_t r1, uint32_t e) {
         const float* we = as_float32(wp + e * n * k * w_item, w_dtype, n * k, w_buffer);
         sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(r1 - r0), static_cast<int>(n),
               static_cast<int>(k), 1.0f, xf + r0 * k, static_cast<int>(k), we,
               static_cast<int>(k), 0.0f, y + r0 * n, static_cast<int>(n));
-      }
+      });
       store(y, op, out_dtype, rows * n);
     });
   }

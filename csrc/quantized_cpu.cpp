@@ -44,6 +44,7 @@
 
 #include "cpu_blas.h"
 #include "cpu_pool.h"
+#include "moe_cpu.h"
 #include "quantized_cpu.h"
 #include "simd.h"
 
@@ -405,17 +406,6 @@ int64_t rows_per_chunk(int64_t row_bytes) {
   return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(row_bytes, 1));
 }
 
-template <typename F>
-void with_float_type(mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else {
-    f(mx::bfloat16_t{});
-  }
-}
-
 mx::cpu::CommandEncoder& prepare(mx::Stream stream, const std::vector<mx::array>& inputs,
                                  mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -623,13 +613,7 @@ class AffineGatherQmm : public mx::UnaryPrimitive {
       float* y = out_dtype == mx::float32 ? static_cast<float*>(op) : y_buffer.data();
       SgemmFn sgemm = mlx_sgemm();
       std::vector<Qmm> runs;  // the runs multiplied on the packed weights, done together below
-      for (int64_t r0 = 0, r1; r0 < rows; r0 = r1) {
-        uint32_t e = ids[r0];
-        for (r1 = r0 + 1; r1 < rows && ids[r1] == e;) ++r1;
-        if (e >= e_count) {  // no such expert: rows of zeros (routing never yields one)
-          std::memset(y + r0 * n, 0, (r1 - r0) * n * sizeof(float));
-          continue;
-        }
+      for_each_expert_run(ids, rows, e_count, y, n, [&](int64_t r0, int64_t r1, uint32_t e) {
         Qmm a = base;
         a.w = base.w + e * n * base.row_bytes;
         a.scales = static_cast<const char*>(base.scales) + e * n * groups * scale_size;
@@ -640,7 +624,7 @@ class AffineGatherQmm : public mx::UnaryPrimitive {
         a.y = y + r0 * n;
         if (a.m <= kGatherDequantizeRows || sgemm == nullptr) {
           runs.push_back(a);
-          continue;
+          return;
         }
         dense.resize(n * k);
         float* d = dense.data();
@@ -649,7 +633,7 @@ class AffineGatherQmm : public mx::UnaryPrimitive {
         sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(a.m), static_cast<int>(n),
               static_cast<int>(k), 1.0f, x_plain + r0 * k, static_cast<int>(k), d,
               static_cast<int>(k), 0.0f, a.y, static_cast<int>(n));
-      }
+      });
       // One job over every (run, chunk of weight rows): a decode step's runs are a row or two
       // against a small matrix each, and waking the pool once per run would cost more than them
       int64_t chunk = rows_per_chunk(base.row_bytes), per_run = (n + chunk - 1) / chunk;

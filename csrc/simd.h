@@ -1,8 +1,11 @@
-// What the CPU kernels (fast_cpu.cpp, quantized_cpu.cpp, polynomial_cpu.cpp) share for explicit
-// vectorisation: function multiversioning and 16-float GCC vectors.
+// What the CPU kernels (fast_cpu.cpp, quantized_cpu.cpp, polynomial_cpu.cpp) share: function
+// multiversioning, 16-float GCC vectors, and dispatch on MLX's float element types.
 #pragma once
 
 #include <cstring>
+
+#include <mlx/dtype.h>
+#include <mlx/types/half_types.h>
 
 // One clone per instruction set, picked at load time: AVX-512 where the CPU has it, AVX2+FMA,
 // and a portable default (GCC on x86-64 Linux; elsewhere the compiler's own vectorisation).
@@ -16,6 +19,18 @@
 namespace torch_mlx {
 
 typedef float f32x16 __attribute__((vector_size(64)));
+
+// Calls f with a value of the C++ type of `dtype` (one of the three float dtypes).
+template <typename F>
+void with_float_type(mlx::core::Dtype dtype, F&& f) {
+  if (dtype == mlx::core::float32) {
+    f(float{});
+  } else if (dtype == mlx::core::float16) {
+    f(mlx::core::float16_t{});
+  } else {
+    f(mlx::core::bfloat16_t{});
+  }
+}
 
 }  // namespace torch_mlx
 
