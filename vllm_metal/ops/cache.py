@@ -56,25 +56,47 @@ def write_kv_rows(kv_cache: mx.array, key: mx.array, value: mx.array, slots: mx.
     return _C.write_slots(kv_cache, key, value, slots)
 
 
+# The last slots' (array, block_size, num_slots) and their indices: every layer of a step
+# writes the same slots, so they are read and split once per step, not once per layer.
+_last_indices: tuple | None = None
+
+
+def _slot_indices(slots: mx.array, block_size: int, num_slots: int):
+    """(rows to keep, or None for all; block of each kept row; offset in its block), or None
+    when every slot is padding. The slots are host data (vLLM's model runner computes them):
+    read here to drop padding."""
+    global _last_indices
+    if _last_indices is not None and _last_indices[0] is slots and \
+            _last_indices[1:3] == (block_size, num_slots):
+        return _last_indices[3]
+    host = np.asarray(slots).astype(np.int64)
+    valid = host >= 0
+    pick = None
+    if not valid.all():
+        keep = np.flatnonzero(valid)
+        pick = mx.array(keep.astype(np.int32))
+        host = host[keep]
+    if host.size and host.max() >= num_slots:
+        raise IndexError(f"write_slots: slot {int(host.max())} is outside the cache "
+                         f"({num_slots} slots)")
+    indices = None if host.size == 0 else (
+        pick, mx.array((host // block_size).astype(np.int32)),
+        mx.array((host % block_size).astype(np.int32)))
+    _last_indices = (slots, block_size, num_slots, indices)
+    return indices
+
+
 def _scatter_rows(storage: torch.Tensor, kv_cache: mx.array, key: mx.array, value: mx.array,
                   slots: mx.array) -> mx.array | None:
     global _warned_fallback
     num_blocks, heads, block_size, width = kv_cache.shape
-    # the slots are host data (vLLM's model runner computes them): read them to drop padding
-    host = np.asarray(slots).astype(np.int64)
-    valid = host >= 0
-    if not valid.all():
-        keep = np.flatnonzero(valid)
-        if keep.size == 0:
-            return kv_cache  # nothing to write
-        pick = mx.array(keep.astype(np.int32))
-        key, value, host = key[pick], value[pick], host[keep]
-    if host.size and host.max() >= num_blocks * block_size:
-        raise IndexError(f"write_slots: slot {int(host.max())} is outside the cache "
-                         f"({num_blocks * block_size} slots)")
+    indices = _slot_indices(slots, block_size, num_blocks * block_size)
+    if indices is None:
+        return kv_cache  # nothing to write
+    pick, blocks, offsets = indices
+    if pick is not None:
+        key, value = key[pick], value[pick]
     rows = mx.concatenate([key, value], axis=2).astype(kv_cache.dtype)  # [T, H, Dk + Dv]
-    blocks = mx.array((host // block_size).astype(np.int32))
-    offsets = mx.array((host % block_size).astype(np.int32))
     result = None
     if storage.is_contiguous():  # [B, H, N, C] in memory
         result = _C.scatter_in_place(storage, [blocks, offsets],
