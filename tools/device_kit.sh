@@ -18,7 +18,8 @@
 #                precision, bad input), so a crash is reported, not fatal
 #   tests        pytest tests/torch_mlx (pytest-xdist workers: a crashed test is reported as
 #                such and its worker replaced), junit XML
-#   tests:EXPR   the same, restricted with pytest -k EXPR
+#   tests:EXPR   the same, restricted with pytest -k EXPR; tests:@FILE runs the node ids listed
+#                in FILE (one a line, a path in the tree: an untracked file travels with it)
 #   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
 #   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
@@ -174,12 +175,15 @@ run_item() {
       python3 tools/gpu_probe.py --gdb --json "$LOG/probe.json" >"$LOG/probe.log" 2>&1 || status=1
       cat "$LOG/probe.log" ;;
     tests|tests:*)
-      local sel=()
-      [ "$item" != tests ] && sel=(-k "${item#tests:}")
+      local sel=() targets=(tests/torch_mlx)
+      case "$item" in
+        tests:@*) mapfile -t targets <"${item#tests:@}" ;;  # a file of node ids, one a line
+        tests:*) sel=(-k "${item#tests:}") ;;
+      esac
       # -v names each result as it lands, so a visit cut short still says which failed; SIGINT
       # at KIT_ITEM_S seconds makes pytest print its summary and write the XML
       timeout -s INT -k 30 "${KIT_ITEM_S:-560}" python3 -m pytest -v -p no:cacheprovider -n 12 \
-        --timeout 600 tests/torch_mlx "${sel[@]}" \
+        --timeout 600 "${targets[@]}" "${sel[@]}" \
         --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
       grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
       tail -60 "$LOG/tests.log" ;;

@@ -32,9 +32,13 @@ from . import _C
 
 # torch's default until the device's first use, when the C++ runtime sets it from torch's
 # precision at that moment (MLX's CUDA backend reads it as it sets up: csrc/allocator.cpp).
-_USER_SET = "MLX_ENABLE_TF32" in os.environ
+# A process started by one that imported torch_mlx (vLLM's engine core, a test's child) inherits
+# the variable as torch_mlx set it: the marker tells it apart from a user's choice
+_OURS = "TORCH_MLX_SET_TF32"
+_USER_SET = "MLX_ENABLE_TF32" in os.environ and _OURS not in os.environ
 if not _USER_SET:
     os.environ["MLX_ENABLE_TF32"] = "0"
+    os.environ[_OURS] = "1"
     _C._set_tf32_follows_torch(True)
 
 _mode: str | None = None  # "ieee" or "tf32": how MLX computes float32 GEMMs in this process

@@ -272,7 +272,9 @@ print(json.dumps({"fresh_bytes": fresh, "ok": ok}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or mx.default_device() != mx.cpu,
+                    reason="zeroing by pages is for MLX's Linux CPU backend (malloc'd memory); "
+                           "CUDA managed memory and Metal buffers are filled")
 def test_zeros_of_a_large_buffer_commit_no_memory():
     # vLLM's KV cache is torch.zeros of gigabytes: zeroed by pages, it costs nothing at start-up
     # and is committed as it is written (csrc/allocator.cpp zero_by_pages)

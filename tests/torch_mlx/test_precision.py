@@ -90,3 +90,21 @@ def test_backends_mlx_mirrors_torchs_switch():
     finally:
         torch.set_float32_matmul_precision(before)
     assert torch_mlx  # imported for the backend module
+
+
+@pytest.mark.parametrize("inherited,user_set", [({}, False),
+                                                ({"MLX_ENABLE_TF32": "1"}, True),
+                                                ({"MLX_ENABLE_TF32": "0", "TORCH_MLX_SET_TF32": "1"},
+                                                 False)])
+def test_a_child_tells_torch_mlx_setting_from_the_users(inherited, user_set):
+    # vLLM's engine core and other children inherit the variable torch_mlx set in their parent:
+    # they must still follow torch's switch, while a user's own MLX_ENABLE_TF32 is kept
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("MLX_ENABLE_TF32", "TORCH_MLX_SET_TF32")}
+    env.update(inherited)
+    done = subprocess.run([sys.executable, "-c", "import os, torch_mlx.precision as p; "
+                           "print(p._USER_SET, os.environ['MLX_ENABLE_TF32'])"],
+                          capture_output=True, text=True, env=env, timeout=300, check=True)
+    got_user_set, value = done.stdout.split()
+    assert got_user_set == str(user_set)
+    assert value == inherited.get("MLX_ENABLE_TF32", "0")

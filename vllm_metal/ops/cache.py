@@ -97,15 +97,25 @@ def _scatter_rows(storage: torch.Tensor, kv_cache: mx.array, key: mx.array, valu
     if pick is not None:
         key, value = key[pick], value[pick]
     rows = mx.concatenate([key, value], axis=2).astype(kv_cache.dtype)  # [T, H, Dk + Dv]
-    result = None
-    if storage.is_contiguous():  # [B, H, N, C] in memory
-        result = _C.scatter_in_place(storage, [blocks, offsets],
-                                     rows.reshape(rows.shape[0], 1, heads, 1, width), [0, 2])
-    elif storage.transpose(1, 2).is_contiguous():  # vLLM's token-major layout: [B, N, H, C]
-        result = _C.scatter_in_place(storage.transpose(1, 2), [blocks, offsets],
-                                     rows.reshape(rows.shape[0], 1, 1, heads, width), [0, 1])
-        if result is not None:
-            result = result.swapaxes(1, 2)  # the logical view, read through the write
+
+    def scatter():
+        if storage.is_contiguous():  # [B, H, N, C] in memory
+            return _C.scatter_in_place(storage, [blocks, offsets],
+                                       rows.reshape(rows.shape[0], 1, heads, 1, width), [0, 2])
+        if storage.transpose(1, 2).is_contiguous():  # vLLM's token-major layout: [B, N, H, C]
+            result = _C.scatter_in_place(storage.transpose(1, 2), [blocks, offsets],
+                                         rows.reshape(rows.shape[0], 1, 1, heads, width), [0, 1])
+            # the logical view, read through the write
+            return None if result is None else result.swapaxes(1, 2)
+        return None
+
+    result = scatter()
+    if result is None and not mx.default_device() == mx.cpu:
+        # On the GPU the last step's kernels may still hold the buffer for a moment after their
+        # results were waited for (MLX CUDA releases them from a completion callback: 7 of 800
+        # writes on the H100 fell back): once they are done it can be lent.
+        mx.synchronize()
+        result = scatter()
     if result is None and not _warned_fallback:
         _warned_fallback = True
         logger.warning("vllm_metal: the KV cache (shape %s, strides %s, offset %d, %d of its "

@@ -58,6 +58,11 @@ SORT_FROM_PAIRS = 64  # (token, expert) pairs from which rows are sorted by expe
 # On MLX's CPU backend the experts' products run torch_mlx's grouped kernels; False runs MLX's
 # gather_mm / gather_qmm there too, as on the GPU (tests compare the two)
 CPU_KERNELS = True
+# MLX CUDA 0.32.4's grouped GEMM (gather_mm with sorted_indices=True: cutlass, float weights)
+# returns wrong rows when the weights were made from host data (weights loaded through torch are),
+# and right ones for weights an MLX GPU op produced; measured on the H100, 2026-12-06 (devlog).
+# There the rows are still sorted by expert, and gather_mm runs its gathered GEMM.
+GROUPED_GEMM = not mx.cuda.is_available()
 
 
 # ---- the ops
@@ -212,7 +217,7 @@ def moe_experts(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, activatio
             if wide:  # half-precision experts widened per product
                 rows, w = rows.astype(mx.float32), w.astype(mx.float32)
             out = mx.gather_mm(rows, w.swapaxes(-1, -2), rhs_indices=experts,
-                               sorted_indices=sorted_experts)
+                               sorted_indices=sorted_experts and GROUPED_GEMM)
         return _add_bias(out, bias, experts)
 
     return routed_experts(x, topk_weights, topk_ids, project, activation, clamp_limit,
