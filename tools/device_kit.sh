@@ -26,6 +26,8 @@
 #   cachewrite   tools/bench_cache_write.py with VLLM_METAL_KV_WRITE=scatter and =rows
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
+#   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
+#                counts: where a decode step's time goes on the GPU
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
 #                (bench:mlx_lm,vllm_metal)
@@ -212,6 +214,15 @@ run_item() {
           --json "$LOG/cache_write_$path.json" >>"$LOG/cachewrite.log" 2>&1 || status=1
       done
       cat "$LOG/cachewrite.log" ;;
+    profile)  # where a vllm_metal decode step goes on the GPU: the bench_gpu model, bf16
+      local model=models/bench-llama-16x1536-bf16
+      python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
+bench_gpu.make_model('$model', 16, 1536)" >"$LOG/profile.log" 2>&1 || status=1
+      for batch in 1 32; do
+        python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
+          --batch "$batch" --json "$LOG/profile_b$batch.json" >>"$LOG/profile.log" 2>&1 || status=1
+      done
+      grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/profile.log" | tail -120 ;;
     bench|bench:*)
       local engines=()
       [ "$item" != bench ] && engines=(--engines "${item#bench:}")

@@ -11,13 +11,17 @@ per step of:
 - attention: the attention backend's eager forward (KV write, MLX attention, output copy): with
   ``--piecewise`` (vLLM's split at the attention op) or --enforce-eager;
 - sample: sample_tokens (logits to token ids);
-- host: the rest of the step (vLLM's input preparation, eager glue between the parts).
+- host: the rest of the step (vLLM's input preparation, eager glue between the parts);
+- eval: time spent in ``mx.eval`` (waiting for MLX's results), inside the parts above: on a GPU,
+  what the step waits for the device. Eager ops wait in torch_mlx's C++ instead (not counted).
+
+``--ops`` also counts the torch ops of a step (torch.profiler).
 
 Timers are wall-clock and inclusive; the parts do not nest in one another. The first step (the
 prompt's prefill) is included: with a 16-token prompt and 64 tokens it is a small share.
 
     python tools/profile_decode.py [--batch 1] [--tokens 64] [--piecewise | --enforce-eager]
-                                   [--model DIR] [--json OUT]
+                                   [--model DIR] [--dtype bfloat16] [--ops] [--json OUT]
 """
 import argparse
 import collections
@@ -25,6 +29,8 @@ import json
 import os
 import sys
 import time
+
+import torch
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +62,11 @@ def main():
     parser.add_argument("--piecewise", action="store_true",
                         help="split the compiled forward at the attention op (eager attention)")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (vLLM's --dtype)")
+    parser.add_argument("--ops", action="store_true",
+                        help="also count the torch ops dispatched per step (torch.profiler): "
+                             "outside the compiled graph each op on \"mlx\" is one eager MLX "
+                             "evaluation, a GPU round trip on a GPU")
     parser.add_argument("--json")
     args = parser.parse_args()
     from bench_decode import make_bench_model
@@ -72,10 +83,12 @@ def main():
     timed(MlxGraph, "forward", "compiled")
     timed(MlxGraph, "run_parts", "build")
     timed(MLXAttentionImpl, "forward", "attention")
+    import mlx.core as mx
+    timed(mx, "eval", "eval")  # every wait for MLX's results made through mx.eval
 
     compilation = {"splitting_ops": ["vllm::unified_attention_with_output"]} \
         if args.piecewise else None
-    llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=32,
+    llm = LLM(model=model, dtype=args.dtype, max_model_len=1024, max_num_seqs=32,
               max_num_batched_tokens=1024, seed=0, enforce_eager=args.enforce_eager,
               compilation_config=compilation)
     prompt = {"prompt_token_ids": list(range(10, 26))}
@@ -83,9 +96,15 @@ def main():
     llm.generate([prompt] * args.batch, params, use_tqdm=False)  # warm-up (compiles)
     TOTALS.clear()
     COUNTS.clear()
+    profiler = None
+    if args.ops:
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        profiler.__enter__()
     start = time.perf_counter()
     llm.generate([prompt] * args.batch, params, use_tqdm=False)
     wall = time.perf_counter() - start
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
 
     steps = COUNTS["sample"]
     ms = {name: TOTALS[name] / steps * 1e3 for name in TOTALS}
@@ -94,7 +113,8 @@ def main():
              "sample": ms["sample"]}
     parts["host"] = step - sum(parts.values())
     mode = "enforce_eager" if args.enforce_eager else "piecewise" if args.piecewise else "whole"
-    result = {"batch": args.batch, "mode": mode, "steps": steps,
+    result = {"batch": args.batch, "mode": mode, "dtype": args.dtype,
+              "device": str(mx.default_device()), "steps": steps,
               "wall_ms_per_step": wall / steps * 1e3, "step_ms": step, "parts_ms": parts,
               "build_ms": ms.get("build", 0.0),
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
@@ -106,6 +126,21 @@ def main():
               + (f"  ({calls:.0f} calls)" if calls else ""))
         if name == "compiled" and result["build_ms"]:
             print(f"    of which build {result['build_ms']:7.2f} ms (recording the lazy graph)")
+    print(f"  mx.eval (waits for MLX, inside the parts above) {ms.get('eval', 0.0):7.2f} ms "
+          f"({result['calls_per_step'].get('eval', 0):.1f} calls)")
+    if profiler is not None:
+        # top-level ops only: an op's own callees (aten::copy_ inside aten::to) are its cost
+        counts: dict[str, int] = collections.Counter()
+        self_us: dict[str, float] = collections.Counter()
+        for event in profiler.key_averages():
+            if event.key.startswith(("aten::", "vllm", "torch_mlx", "mlx")):
+                counts[event.key] += event.count
+                self_us[event.key] += event.self_cpu_time_total
+        top = sorted(counts, key=counts.get, reverse=True)[:40]
+        result["ops_per_step"] = {k: round(counts[k] / steps, 1) for k in top}
+        print(f"ops per step (all threads; {sum(counts.values()) / steps:.0f} in all):")
+        for k in top:
+            print(f"  {counts[k] / steps:7.1f}  {self_us[k] / steps / 1e3:7.3f} ms self  {k}")
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
