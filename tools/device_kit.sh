@@ -32,7 +32,8 @@
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
 #                (bench:mlx_lm,vllm_metal)
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
-# the XML are still written.
+# the XML are still written. KIT_WORKERS (default 16, one a core) sets tests' xdist workers; work
+# stealing keeps them busy through the slow tail (the whole suite is ~7100 test-seconds on the H100).
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
 # machine may run `bash tools/device_kit.sh run ...` again without carrying anything: the
 # install and the build are kept in /tmp/kit.
@@ -184,7 +185,7 @@ run_item() {
       esac
       # -v names each result as it lands, so a visit cut short still says which failed; SIGINT
       # at KIT_ITEM_S seconds makes pytest print its summary and write the XML
-      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" python3 -m pytest -v -p no:cacheprovider -n 12 \
+      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" python3 -m pytest -v -p no:cacheprovider -n "${KIT_WORKERS:-16}" --dist worksteal \
         --timeout 600 "${targets[@]}" "${sel[@]}" \
         --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
       grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
