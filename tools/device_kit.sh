@@ -178,15 +178,17 @@ run_item() {
       python3 tools/gpu_probe.py --gdb --json "$LOG/probe.json" >"$LOG/probe.log" 2>&1 || status=1
       cat "$LOG/probe.log" ;;
     tests|tests:*)
-      local sel=() targets=(tests/torch_mlx)
+      local sel=()
       case "$item" in
-        tests:@*) mapfile -t targets <"${item#tests:@}" ;;  # a file of node ids, one a line
+        # a file of node ids, one a line (tools/pytest_nodeids.py: ids this torch lacks are skipped)
+        tests:@*) sel=(-p pytest_nodeids --nodeids-file "${item#tests:@}") ;;
         tests:*) sel=(-k "${item#tests:}") ;;
       esac
       # -v names each result as it lands, so a visit cut short still says which failed; SIGINT
       # at KIT_ITEM_S seconds makes pytest print its summary and write the XML
-      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" python3 -m pytest -v -p no:cacheprovider -n "${KIT_WORKERS:-16}" --dist worksteal \
-        --timeout 600 "${targets[@]}" "${sel[@]}" \
+      PYTHONPATH="$ROOT/tools${PYTHONPATH:+:$PYTHONPATH}" timeout -s INT -k 30 "${KIT_ITEM_S:-560}" \
+        python3 -m pytest -v -p no:cacheprovider -n "${KIT_WORKERS:-16}" --dist worksteal \
+        --timeout 600 tests/torch_mlx "${sel[@]}" \
         --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
       grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
       tail -60 "$LOG/tests.log" ;;
