@@ -139,9 +139,10 @@ def make_model(out: str, layers: int, hidden: int) -> str:
     return out
 
 
-def run_engine(code: str, timeout: float) -> dict:
+def run_engine(code: str, timeout: float, env: dict | None = None) -> dict:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         return {"error": done.stderr[-3000:]}
     return json.loads(next(l for l in done.stdout.splitlines()[::-1] if l.startswith("{")))
@@ -158,7 +159,8 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder (made if missing)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
-                        help="comma-separated; also vllm_metal_eager")
+                        help="comma-separated; also vllm_metal_eager, vllm_metal_async "
+                             "(TORCH_MLX_ASYNC=1)")
     args = parser.parse_args()
 
     import torch
@@ -173,13 +175,16 @@ def main() -> int:
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
         "vllm_metal": VLLM_METAL.format(eager=False, **fmt),
         "vllm_metal_eager": VLLM_METAL.format(eager=True, **fmt),
+        # eager ops launched without waiting for the GPU (csrc/launch.h)
+        "vllm_metal_async": VLLM_METAL.format(eager=False, **fmt),
     }
+    env = {"vllm_metal_async": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     for name in args.engines.split(","):
         if name == "torch_cuda" and not torch.cuda.is_available():
             result[name] = {"skipped": "torch has no CUDA device here"}
             continue
-        result[name] = run_engine(engines[name], args.timeout)
+        result[name] = run_engine(engines[name], args.timeout, env.get(name))
         print(name, json.dumps(result[name])[:400], flush=True)
     eager, compiled, peer = (result.get(k, {}) for k in ("mlx_eager", "mlx_compiled", "mlx_lm"))
     if "tokens" in eager and "tokens" in compiled:
@@ -190,9 +195,9 @@ def main() -> int:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
                             for k in ("mlx_eager", "mlx_compiled", "torch_cuda", "vllm_metal",
-                                      "vllm_metal_eager")
+                                      "vllm_metal_eager", "vllm_metal_async")
                             if "batch1_tok_s" in result.get(k, {})}
-        for k in ("vllm_metal", "vllm_metal_eager"):  # #16: 32 sequences vs mlx-lm batched
+        for k in ("vllm_metal", "vllm_metal_eager", "vllm_metal_async"):  # #16: 32 sequences vs mlx-lm batched
             if "c32_tok_s" in result.get(k, {}) and "batch_tok_s" in peer:
                 result["ratios"][f"{k}_c32_vs_mlx_lm_batch"] = round(
                     result[k]["c32_tok_s"] / peer["batch_tok_s"], 3)
