@@ -93,6 +93,21 @@ mx_a, mx_b = mx.array(a.numpy()), mx.array(b.numpy())
 print("bare mx err", float((torch.from_numpy(__import__('numpy').array(mx_a @ mx_b)).double() - ref).abs().max()),
       "MLX_ENABLE_TF32=", os.environ.get("MLX_ENABLE_TF32"))
 """,
+    # MLX CUDA 0.32.4: the grouped GEMM of gather_mm(sorted_indices=True) was wrong for weights
+    # made from host data (vllm_metal/ops/moe.py GROUPED_GEMM turns it off there); prints the
+    # error for weights an MLX op made and for the same weights made from host data
+    "gather_mm_sorted_host_weights": """
+import numpy as np
+mx.random.seed(0)
+E, N, K, P = 8, 64, 64, 66
+w = mx.random.normal((E, N, K))
+ids = mx.sort(mx.random.randint(0, E, (P,)).astype(mx.uint32))
+x = mx.random.normal((P, 1, K))
+ref = np.einsum("pk,pnk->pn", np.array(x[:, 0]), np.array(w)[np.array(ids)])
+for name, weights in (("device-made", w), ("host-made", mx.array(np.array(w)))):
+    y = mx.gather_mm(x, weights.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True)
+    print(name, "max error", float(np.abs(np.array(y).reshape(P, N) - ref).max()))
+""",
 }
 
 
