@@ -13,6 +13,7 @@ import importlib.util
 import pytest
 import torch
 import vllm
+from vllm.config import PoolerConfig
 
 from conftest import PROMPTS, ROOT
 
@@ -48,15 +49,18 @@ def token_ids(model_dir: str) -> list[list[int]]:
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 
-@pytest.mark.parametrize("arch,pooling", [("BertModel", "CLS"), ("RobertaModel", "CLS"),
-                                          ("ModernBertModel", "CLS")])
-def test_embeddings_match_transformers(encoder_dir, arch, pooling):
+# (architecture, pooling asked for (None: the model's own), the pooling vLLM resolves)
+@pytest.mark.parametrize("arch,asked,pooling", [
+    ("BertModel", None, "CLS"), ("BertModel", "MEAN", "MEAN"), ("RobertaModel", None, "CLS"),
+    ("ModernBertModel", None, "CLS")])
+def test_embeddings_match_transformers(encoder_dir, arch, asked, pooling):
     path = encoder_dir(arch)
     prompts = token_ids(path)
     assert max(map(len, prompts)) > 100  # longer than one ModernBERT window many times over
     # the default compilation: the whole forward, attention included, is one MLX graph
     llm = vllm.LLM(model=path, runner="pooling", dtype="float32", max_model_len=256,
-                   max_num_seqs=8, seed=0)
+                   max_num_seqs=8, seed=0,
+                   pooler_config=PoolerConfig(seq_pooling_type=asked) if asked else None)
     try:
         assert llm.llm_engine.model_config.pooler_config.seq_pooling_type == pooling
         outputs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
