@@ -205,3 +205,18 @@ def test_encoder_decoder_attention_is_refused(attn_type):
     assert backend.MLXAttentionBackend.supports_attn_type(AttentionType.ENCODER_ONLY)
     with pytest.raises(NotImplementedError, match=f"{attn_type}.* not supported on mlx"):
         MLXAttentionImpl(4, 32, 0.1, 4, None, None, "auto", attn_type=attn_type)
+
+
+def test_non_causal_decoder_metadata_is_refused():
+    # decoder layers here are always causal: a step that asks otherwise (DiffusionGemma's
+    # per-request flags) must not get causal attention silently
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32)
+    builder = SimpleNamespace(kv_cache_spec=spec)
+    for causal in (False, torch.tensor([1, 0], dtype=torch.int32)):
+        with pytest.raises(NotImplementedError, match="non-causal decoder attention"):
+            backend.MLXAttentionMetadataBuilder.build(builder, 0, SimpleNamespace(causal=causal))

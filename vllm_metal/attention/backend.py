@@ -26,6 +26,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.kv_cache_interface import EncoderOnlyAttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from torch_mlx import to_mlx
@@ -162,6 +163,10 @@ class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MLXAttentionMetadata:
         common = common_attn_metadata
+        non_causal = isinstance(common.causal, torch.Tensor) or not common.causal
+        if non_causal and not isinstance(self.kv_cache_spec, EncoderOnlyAttentionSpec):
+            # DiffusionGemma's per-request flags, say: decoder layers here are always causal
+            raise NotImplementedError("non-causal decoder attention is not supported on mlx")
         num_reqs = common.num_reqs
         query_start = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         seq_lens = host_view(common.seq_lens[:num_reqs]).astype(np.int64)  # a copy
