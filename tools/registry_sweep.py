@@ -20,14 +20,17 @@ For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") 
    save) is not_buildable with the reason; nothing is downloaded.
 2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
    forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
-   model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN).
+   model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN);
+   for a token-level model with no embedding task (vLLM's BertForMaskedLM: per-token MLM logits,
+   "token_classify") the architecture's own per-token logits.
    A failure here is not_buildable ("transformers reference failed").
 3. vLLM: `vllm.LLM(model, dtype="float32", enforce_eager=True)` on "mlx" (engine in the
    process), the same token ids as prompts; generation greedy with EOS ignored, pooling
-   `LLM.embed`.
+   `LLM.embed` (token-level models: `LLM.encode(pooling_task="token_classify")`, raw logits).
 
 Status per architecture:
-  pass      every prompt's tokens identical (pooling: cosine >= 0.9999 for every prompt)
+  pass      every prompt's tokens identical (pooling: cosine >= 0.9999 for every prompt; for
+            token-level models every token's, the lowest per prompt recorded)
   near_tie  the first divergence is at a step where transformers' top-2 logit gap < 1e-4
   mismatch  otherwise (the first divergence, its step and gap are recorded)
   error     vLLM failed; `category` groups the cause (missing lowering <aten op>, unsupported
@@ -114,7 +117,7 @@ SHRINK = dict(
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
     linear_value_head_dim=32,
     # windows shorter than the longest prompt, so sliding-window attention is exercised
-    sliding_window=32,
+    sliding_window=32, local_attention=32,  # ModernBERT: a window of 16 tokens either side
 )
 # Layer-count fields (the first one the config has is set, the others are aliases).
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -363,6 +366,15 @@ def reference_embeddings(arch: str, model_dir: str, prompts: list[list[int]], po
     return out
 
 
+def reference_token_logits(arch: str, model_dir: str, prompts: list[list[int]]):
+    """The architecture's own per-token logits [tokens, vocab] (a masked-LM head)."""
+    import torch
+
+    model = _load_hf(arch, model_dir)
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in prompts]
+
+
 # ---------------------------------------------------------------------------------------------
 # Error categories
 
@@ -482,9 +494,18 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         else:
             pooler = llm.llm_engine.model_config.pooler_config
             pooling = pooler.seq_pooling_type if pooler is not None else None
+            if "embed" not in llm.supported_tasks and "token_classify" in llm.supported_tasks:
+                pooling = "token_classify"
             result["pooling"] = pooling
-            outputs = llm.embed(inputs, use_tqdm=False)
-            got = [list(o.outputs.embedding) for o in outputs]
+            if pooling == "token_classify":
+                from vllm import PoolingParams
+
+                outputs = llm.encode(inputs, PoolingParams(use_activation=False),
+                                     pooling_task="token_classify", use_tqdm=False)
+                got = [o.outputs.data.float().cpu() for o in outputs]
+            else:
+                outputs = llm.embed(inputs, use_tqdm=False)
+                got = [list(o.outputs.embedding) for o in outputs]
     except Exception:
         tb = traceback.format_exc()
         result.update(status="error", stage=stage, category=categorize(tb),
@@ -510,29 +531,32 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
     else:
         import torch
 
-        if pooling not in ("CLS", "LAST", "MEAN"):
+        if pooling not in ("CLS", "LAST", "MEAN", "token_classify"):
             result.update(status="error", stage="compare", category="unknown pooling type",
                           detail=f"pooler seq_pooling_type={pooling!r}")
             return result
         try:
-            expected = reference_embeddings(arch, model_dir, prompts, pooling)
+            expected = (reference_token_logits(arch, model_dir, prompts)
+                        if pooling == "token_classify" else
+                        reference_embeddings(arch, model_dir, prompts, pooling))
         except Exception as exc:
             result.update(status="not_buildable", stage="reference",
                           reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
             return result
         cosines = []
         for want, have in zip(expected, got):
-            have = torch.tensor(have, dtype=torch.float32)
+            have = torch.as_tensor(have, dtype=torch.float32)
             if have.shape != want.shape:
                 cosines.append(None)
                 continue
-            cosines.append(float(torch.nn.functional.cosine_similarity(want, have, dim=0)))
+            # per token for token-level outputs: the prompt's lowest
+            cosines.append(float(torch.nn.functional.cosine_similarity(want, have, dim=-1).min()))
         result["cosines"] = cosines
         ok = all(c is not None and c >= COSINE_MIN for c in cosines)
         result["status"] = "pass" if ok else "mismatch"
         if any(c is None for c in cosines):
-            result["detail"] = (f"embedding size {len(got[0])} vs the reference's "
-                                f"{expected[0].shape[0]}")
+            result["detail"] = (f"output shape {tuple(torch.as_tensor(got[0]).shape)} vs the "
+                                f"reference's {tuple(expected[0].shape)}")
     result["total_s"] = round(time.time() - t0, 1)
     return result
 

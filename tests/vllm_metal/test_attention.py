@@ -3,6 +3,8 @@
 A batch mixes decode requests (one new token) with prefills that have earlier context in the
 cache (chunked prefill / prefix-cache hits) and prefills without; blocks are scattered over the
 cache in random order. Covers MHA, GQA and MQA, sliding windows and both KV-cache layouts.
+Encoder-only attention (BERT-style): packed sequences attend bidirectionally within themselves,
+with no cache, against the same plain attention without the causal mask.
 """
 import math
 
@@ -11,6 +13,9 @@ import pytest
 import torch
 
 import torch_mlx
+from vllm.v1.attention.backend import AttentionType
+
+from vllm_metal.attention import backend
 from vllm_metal.attention.backend import MLXAttentionMetadata
 from vllm_metal.attention.impl import MLXAttentionImpl
 from vllm_metal.ops.cache import write_kv_slots
@@ -18,8 +23,9 @@ from vllm_metal.ops.cache import write_kv_slots
 BLOCK_SIZE = 16
 
 
-def reference_attention(q, k, v, scale, window):
-    """q [L, Hq, D] at the last L of S positions; k/v [S, H, D]; causal (+ window)."""
+def reference_attention(q, k, v, scale, window, causal=True):
+    """q [L, Hq, D] at the last L of S positions; k/v [S, H, D]; causal (+ window), or
+    bidirectional (+ symmetric window: |q - k| < window, vLLM's encoder-only convention)."""
     num_queries, num_keys = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -27,9 +33,14 @@ def reference_attention(q, k, v, scale, window):
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     q_pos = torch.arange(num_keys - num_queries, num_keys)[:, None]
     k_pos = torch.arange(num_keys)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= k_pos > q_pos - window
+    if causal:
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+    else:
+        allowed = torch.ones(num_queries, num_keys, dtype=torch.bool)
+        if window is not None:
+            allowed &= (k_pos - q_pos).abs() < window
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
@@ -114,3 +125,98 @@ def test_options_passed_as_none_are_not_used():
     # supported
     impl = MLXAttentionImpl(4, 32, 0.1, 4, None, None, "auto", logits_soft_cap=30.0, sinks=None)
     assert impl.soft_cap == 30.0
+
+
+def encoder_metadata(lengths):
+    """What vLLM's runner gives an encoder-only group: whole sequences, a zero block table and
+    slot mapping (no cache)."""
+    query_start = np.cumsum([0] + list(lengths))
+    return MLXAttentionMetadata(
+        num_actual_tokens=int(query_start[-1]), num_decodes=0, query_start=query_start,
+        seq_lens=np.array(lengths),
+        block_table=torch_mlx.to_mlx(torch.zeros(len(lengths), 1, dtype=torch.int32,
+                                                 device="mlx")),
+        slot_mapping=torch.zeros(int(query_start[-1]), dtype=torch.int64, device="mlx"),
+        block_size=BLOCK_SIZE)
+
+
+@pytest.mark.parametrize("pack_tokens", [1024, 40])  # 40: the batch splits into several runs
+@pytest.mark.parametrize("heads,kv_heads,window,cap", [(4, 4, None, None), (8, 2, None, None),
+                                                       (8, 1, None, None), (8, 2, 9, None),
+                                                       (8, 2, None, 5.0), (8, 2, 9, 5.0)])
+def test_encoder_only_packed_batch_matches_reference(monkeypatch, pack_tokens, heads, kv_heads,
+                                                     window, cap):
+    monkeypatch.setattr(backend, "ENCODER_PACK_TOKENS", pack_tokens)
+    gen = torch.Generator().manual_seed(1)
+    head_size = 32
+    lengths = [7, 1, 23, 16, 45, 3]  # 45: longer than one run of 40 and than the window
+    total = sum(lengths)
+    query = torch.randn(total, heads, head_size, generator=gen)
+    key = torch.randn(total, kv_heads, head_size, generator=gen)
+    value = torch.randn(total, kv_heads, head_size, generator=gen)
+    scale = head_size ** -0.5
+    impl = MLXAttentionImpl(heads, head_size, scale, kv_heads, None, window, "auto",
+                            logits_soft_cap=cap, attn_type=AttentionType.ENCODER_ONLY)
+    # padded past the real tokens, as vLLM's buffers are; the layer's cache is vLLM's empty
+    # CPU placeholder (encoder-only layers have none)
+    pad = lambda t: torch.cat([t, torch.zeros(5, *t.shape[1:])]).to("mlx")
+    output = torch.full((total + 5, heads, head_size), 7.0, device="mlx")
+    impl.forward(None, pad(query), pad(key), pad(value), torch.tensor([]),
+                 encoder_metadata(lengths), output)
+
+    got = output.cpu()
+    assert bool((got[total:] == 7).all())  # padding rows untouched
+    start = 0
+    for n in lengths:
+        q, k, v = query[start:start + n], key[start:start + n], value[start:start + n]
+        if cap is None:
+            expected = reference_attention(q, k, v, scale, window, causal=False)
+        else:
+            expected = capped_reference(q, k, v, scale, window, cap)
+        torch.testing.assert_close(got[start:start + n], expected, atol=2e-5, rtol=1e-4)
+        start += n
+
+
+def capped_reference(q, k, v, scale, window, cap):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if window is not None:
+        pos = torch.arange(q.shape[0])
+        scores = scores.masked_fill((pos[None, :] - pos[:, None]).abs() >= window, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def test_encoder_only_refuses_a_partial_sequence():
+    # chunked prefill would split a sequence: its attention would miss the other chunks' keys
+    impl = MLXAttentionImpl(4, 32, 0.1, 4, None, None, "auto",
+                            attn_type=AttentionType.ENCODER_ONLY)
+    md = encoder_metadata([5, 8])
+    md.seq_lens = np.array([5, 20])
+    x = torch.zeros(13, 4, 32, device="mlx")
+    with pytest.raises(NotImplementedError, match="whole in one step"):
+        impl.forward(None, x, x, x, torch.tensor([]), md, torch.empty_like(x))
+
+
+@pytest.mark.parametrize("attn_type", [AttentionType.ENCODER_DECODER, AttentionType.ENCODER])
+def test_encoder_decoder_attention_is_refused(attn_type):
+    assert not backend.MLXAttentionBackend.supports_attn_type(attn_type)
+    assert backend.MLXAttentionBackend.supports_attn_type(AttentionType.ENCODER_ONLY)
+    with pytest.raises(NotImplementedError, match=f"{attn_type}.* not supported on mlx"):
+        MLXAttentionImpl(4, 32, 0.1, 4, None, None, "auto", attn_type=attn_type)
+
+
+def test_non_causal_decoder_metadata_is_refused():
+    # decoder layers here are always causal: a step that asks otherwise (DiffusionGemma's
+    # per-request flags) must not get causal attention silently
+    from types import SimpleNamespace
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=32,
+                             dtype=torch.float32)
+    builder = SimpleNamespace(kv_cache_spec=spec)
+    for causal in (False, torch.tensor([1, 0], dtype=torch.int32)):
+        with pytest.raises(NotImplementedError, match="non-causal decoder attention"):
+            backend.MLXAttentionMetadataBuilder.build(builder, 0, SimpleNamespace(causal=causal))

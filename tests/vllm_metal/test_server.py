@@ -206,3 +206,48 @@ def test_api_key_is_enforced(server):
     r = _post(server, "/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2},
               key="wrong")
     assert r.status_code == 401
+
+
+# `vllm serve --runner pooling`: /v1/embeddings of a tiny BERT (encoder-only attention)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "registry_sweep", os.path.join(ROOT, "tools", "registry_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    path = str(tmp_path_factory.mktemp("tiny-bert") / "BertModel")
+    sweep.build_checkpoint("BertModel", path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedding_server(bert):
+    srv = Server(bert, name=NAME, extra_args=("--runner", "pooling", "--max-model-len", "256"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_embeddings_endpoint_equals_offline_embed(embedding_server, bert):
+    prompt = PROMPTS[1]
+    served = embedding_server.client().embeddings.create(model=NAME, input=[prompt])
+    code = textwrap.dedent(f"""
+        import json
+        from vllm import LLM
+        llm = LLM(model={bert!r}, runner="pooling", max_model_len=256, seed=0)
+        print("RESULT " + json.dumps(llm.embed([{prompt!r}])[0].outputs.embedding))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    offline = json.loads(next(l for l in out.stdout.splitlines()
+                              if l.startswith("RESULT "))[len("RESULT "):])
+    got = served.data[0].embedding
+    assert len(got) == len(offline) == 128
+    cosine = sum(a * b for a, b in zip(got, offline)) / (
+        sum(a * a for a in got) ** 0.5 * sum(b * b for b in offline) ** 0.5)
+    assert cosine >= 0.9999

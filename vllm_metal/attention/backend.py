@@ -4,6 +4,12 @@ The metadata is built once per step and shared by every layer of a KV-cache grou
 host copies of the few per-request integers the Python side needs (query offsets, sequence
 lengths) and zero-copy MLX views of the device tables; masks are built on first use and reused
 by the remaining layers.
+
+Encoder-only layers (BERT-style embedding models) get the same metadata from the same builder;
+vLLM gives them a group of their own with no cache (zero block table and slot mapping, unused).
+Their sequences are packed into runs of at most ENCODER_PACK_TOKENS tokens, each run one fused
+attention call with a block-diagonal mask: one call for a batch of short sequences, and no
+quadratic cost across a long batch (a longer sequence is a run of its own, with no mask).
 """
 import functools
 from dataclasses import dataclass, field
@@ -20,12 +26,15 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.kv_cache_interface import EncoderOnlyAttentionSpec
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from torch_mlx import to_mlx
 
 from ..kernel_overrides import host_view
-from .paged import decode_mask
+from .paged import decode_mask, encoder_mask
+
+ENCODER_PACK_TOKENS = 1024
 
 
 class MLXAttentionBackend(AttentionBackend):
@@ -67,7 +76,8 @@ class MLXAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
+        # encoder-only: bidirectional over each sequence, no cache (MLXAttentionImpl)
+        return attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class MLXAttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] on "mlx": cache slot of each new token
     block_size: int
     _decode_masks: dict = field(default_factory=dict)
+    _encoder_runs: dict = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -116,6 +127,30 @@ class MLXAttentionMetadata:
             self._decode_masks[window] = decode_mask(lengths, num_keys, window)
         return self._decode_masks[window]
 
+    def encoder_runs(self, window: int | None) -> list[tuple[int, int, mx.array | None]]:
+        """Encoder-only attention: [(start, end, mask)], consecutive whole sequences packed into
+        runs of at most ENCODER_PACK_TOKENS tokens (or one longer sequence), with each run's
+        mask from paged.encoder_mask. Shared by all layers with the same window."""
+        if window not in self._encoder_runs:
+            query_lens = np.diff(self.query_start)
+            partial = np.flatnonzero(query_lens != self.seq_lens)
+            if len(partial):
+                r = int(partial[0])
+                raise NotImplementedError(
+                    f"encoder-only attention on mlx needs each sequence whole in one step; "
+                    f"request {r} has {query_lens[r]} of {self.seq_lens[r]} tokens (chunked "
+                    f"prefill or prefix caching)")
+            runs, start, lengths = [], int(self.query_start[0]), []
+            for n in (int(n) for n in query_lens if n):
+                if lengths and sum(lengths) + n > ENCODER_PACK_TOKENS:
+                    runs.append((start, start + sum(lengths), encoder_mask(lengths, window)))
+                    start, lengths = start + sum(lengths), []
+                lengths.append(n)
+            if lengths:
+                runs.append((start, start + sum(lengths), encoder_mask(lengths, window)))
+            self._encoder_runs[window] = runs
+        return self._encoder_runs[window]
+
 
 class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
@@ -128,6 +163,10 @@ class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MLXAttentionMetadata:
         common = common_attn_metadata
+        non_causal = isinstance(common.causal, torch.Tensor) or not common.causal
+        if non_causal and not isinstance(self.kv_cache_spec, EncoderOnlyAttentionSpec):
+            # DiffusionGemma's per-request flags, say: decoder layers here are always causal
+            raise NotImplementedError("non-causal decoder attention is not supported on mlx")
         num_reqs = common.num_reqs
         query_start = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         seq_lens = host_view(common.seq_lens[:num_reqs]).astype(np.int64)  # a copy

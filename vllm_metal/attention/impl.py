@@ -6,6 +6,11 @@ through it. Eager forward evaluates it and copies the result into vLLM's output 
 (O(tokens)); in a compiled forward (vllm_metal/ops/attention.py) it joins the step's one MLX
 graph. Everything crosses to MLX as zero-copy views (torch_mlx.to_mlx): query, key, value, the
 cache and the block table.
+
+Encoder-only layers (``AttentionType.ENCODER_ONLY``: BERT, RoBERTa, ModernBERT) have no cache:
+nothing is written, and each sequence attends bidirectionally to its own keys and values, taken
+from this step's ``key``/``value`` (paged.encoder_attention). Encoder-decoder attention (the
+decoder's cross-attention and the encoder's own) is refused.
 """
 import mlx.core as mx
 import torch
@@ -16,7 +21,9 @@ from torch_mlx import _C, from_mlx, to_mlx
 from ..ops.cache import write_kv_rows
 from ..ops.library import cpu_backend
 from .backend import MLXAttentionMetadata
-from .paged import decode_attention, gather_kv, prefill_attention
+from .paged import decode_attention, encoder_attention, gather_kv, prefill_attention
+
+SUPPORTED_TYPES = (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
 
 class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
@@ -26,7 +33,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
                  kv_sharing_target_layer_name: str | None = None, **unsupported) -> None:
         if alibi_slopes is not None:
             raise NotImplementedError("ALiBi attention is not supported on mlx")
-        if attn_type != AttentionType.DECODER:
+        if attn_type not in SUPPORTED_TYPES:
             raise NotImplementedError(f"{attn_type} attention is not supported on mlx")
         unsupported = {k: v for k, v in unsupported.items() if v is not None}  # None: not used
         if unsupported:
@@ -40,6 +47,7 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         self.soft_cap = float(logits_soft_cap) if logits_soft_cap else None
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
+        self.uses_kv_cache = attn_type == AttentionType.DECODER  # the layer's kv_cache: unused
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -50,23 +58,28 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         if attn_metadata is None:
             return output  # profiling run: no cache yet
         num_tokens = attn_metadata.num_actual_tokens
-        result = self.attend(to_mlx(query), to_mlx(key), to_mlx(value), to_mlx(kv_cache),
-                             attn_metadata, storage=kv_cache)
+        cache = to_mlx(kv_cache) if self.uses_kv_cache else None  # encoder-only: an empty CPU one
+        result = self.attend(to_mlx(query), to_mlx(key), to_mlx(value), cache, attn_metadata,
+                             storage=kv_cache)
         out = output if num_tokens == output.shape[0] else output[:num_tokens]
         out.copy_(from_mlx(result))
         return output
 
     def attend(self, query: mx.array, key: mx.array | None, value: mx.array | None,
-               kv_cache: mx.array, md: MLXAttentionMetadata,
+               kv_cache: mx.array | None, md: MLXAttentionMetadata,
                storage: torch.Tensor | None = None) -> mx.array:
         """Write this step's keys/values into ``kv_cache`` (vLLM's logical [blocks, heads,
         block_size, K|V] view) and attend: [num_actual_tokens, Hq, Dv], lazy. query/key/value
         may be padded past md.num_actual_tokens. ``storage``: the torch tensor of the cache
-        (ops/cache.py's scatter path writes through it)."""
+        (ops/cache.py's scatter path writes through it). Encoder-only layers: no cache
+        (``kv_cache`` None), bidirectional attention within each sequence."""
         num_tokens = md.num_actual_tokens
         # MLX slices here (a torch slice of an "mlx" tensor is a dispatched op, an MLX one is
         # not), and none where nothing is cut off: each is a graph node
         query = _first(query, num_tokens)
+        if not self.uses_kv_cache:
+            return self._attend_encoder(query, _first(key, num_tokens),
+                                        _first(value, num_tokens), md)
         writes = key is not None and self.kv_sharing_target_layer_name is None
         if writes:
             key, value = _first(key, num_tokens), _first(value, num_tokens)
@@ -111,6 +124,18 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
                 keys, values = keys[:, :seq_len], values[:, :seq_len]
             outputs.append(prefill_attention(query[start:end], keys, values, self.scale,
                                              self.sliding_window, self.soft_cap))
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
+
+    def _attend_encoder(self, query: mx.array, key: mx.array, value: mx.array,
+                        md: MLXAttentionMetadata) -> mx.array:
+        """query [T, Hq, D], key/value [T, H, D]: whole sequences packed by md.query_start;
+        each run of packed sequences is one fused call (MLXAttentionMetadata.encoder_runs)."""
+        outputs = []
+        for start, end, mask in md.encoder_runs(self.sliding_window):
+            whole = start == 0 and end == query.shape[0]
+            q, k, v = (query, key, value) if whole else (query[start:end], key[start:end],
+                                                         value[start:end])
+            outputs.append(encoder_attention(q, k, v, self.scale, mask, self.soft_cap))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
 

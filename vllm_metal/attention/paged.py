@@ -8,10 +8,15 @@ physical layout; the functions here take it token-major, ``cache.swapaxes(1, 2)`
 Sliding window W (vLLM's and transformers' convention): query position q sees keys k with
 q - W < k <= q, i.e. the last W positions including itself.
 
+Encoder-only attention (BERT, RoBERTa, ModernBERT: vLLM's ``AttentionType.ENCODER_ONLY``) is
+bidirectional over each sequence's own tokens and keeps no cache. Its window W is symmetric, as in
+vLLM's FlashAttention backend (``(W - 1, W - 1)``): query q sees keys k with |q - k| < W.
+
 Logit soft-capping C (Gemma 2): the scaled scores s become C * tanh(s / C) before the mask and
 the softmax. MLX's fused attention has no such step, so a capped prefill is written out.
 """
 import mlx.core as mx
+import numpy as np
 
 
 def gather_kv(cache: mx.array, block_ids: mx.array, head_size: int) -> tuple[mx.array, mx.array]:
@@ -44,6 +49,25 @@ def decode_mask(seq_lens: mx.array, num_keys: int, window: int | None) -> mx.arr
     if window is not None:
         mask = mask & (keys >= lengths - window)
     return mask[:, None, None, :]
+
+
+def encoder_mask(lengths: list[int], window: int | None) -> mx.array | None:
+    """Boolean [T, T] for sequences of ``lengths`` packed one after another (T = their sum):
+    True where both tokens belong to the same sequence (and lie within the symmetric window).
+    None where nothing is masked: one sequence, with no window or one wider than it."""
+    total = sum(lengths)
+    if len(lengths) == 1 and (window is None or total <= window):
+        return None
+    allowed = None
+    if len(lengths) > 1:
+        segment = mx.array(np.repeat(np.arange(len(lengths)), lengths))
+        allowed = segment[:, None] == segment[None, :]  # block diagonal
+    if window is not None:
+        # within one sequence the distance in the packed batch is the positions' distance
+        idx = mx.arange(total)
+        near = mx.abs(idx[:, None] - idx[None, :]) < window
+        allowed = near if allowed is None else allowed & near
+    return allowed
 
 
 def soft_cap(scores: mx.array, cap: float | None) -> mx.array:
@@ -87,6 +111,22 @@ def prefill_attention(query: mx.array, keys: mx.array, values: mx.array, scale: 
     else:
         positions = mx.arange(num_keys - num_queries, num_keys)
         mask = sliding_window_mask(positions, num_keys, window)
+    out = mx.fast.scaled_dot_product_attention(q, keys[None], values[None], scale=scale,
+                                               mask=mask)
+    return out[0].transpose(1, 0, 2)
+
+
+def encoder_attention(query: mx.array, key: mx.array, value: mx.array, scale: float,
+                      mask: mx.array | None, cap: float | None = None) -> mx.array:
+    """Bidirectional attention of packed sequences over their own tokens (no cache): query
+    [T, Hq, D], key [T, H, Dk], value [T, H, Dv], mask from encoder_mask (None: every token
+    sees every token). Returns [T, Hq, Dv]."""
+    keys, values = key.transpose(1, 0, 2), value.transpose(1, 0, 2)
+    if cap is not None:
+        total = query.shape[0]
+        allowed = mx.ones((total, total), dtype=mx.bool_) if mask is None else mask
+        return _capped_attention(query, keys, values, scale, cap, allowed)
+    q = query.transpose(1, 0, 2)[None]
     out = mx.fast.scaled_dot_product_attention(q, keys[None], values[None], scale=scale,
                                                mask=mask)
     return out[0].transpose(1, 0, 2)

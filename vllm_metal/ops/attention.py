@@ -26,7 +26,8 @@ def unified_attention_with_output(query, key, value, output, layer_name, output_
     metadata, layer, kv_cache, _ = get_attention_context(_resolve_layer_name(layer_name))
     if metadata is None:  # profiling run: no cache yet
         return None, output, None
-    result = layer.impl.attend(query, key, value, to_mlx(kv_cache), metadata, storage=kv_cache)
+    cache = to_mlx(kv_cache) if layer.impl.uses_kv_cache else None  # encoder-only: no cache
+    result = layer.impl.attend(query, key, value, cache, metadata, storage=kv_cache)
     if result.shape[0] < output.shape[0]:  # padded tokens keep the buffer's values
         result = mx.concatenate([result, output[result.shape[0]:]], axis=0)
     # auto_functionalized's results: the op's (none), then the new `output`, `output_block_scale`
