@@ -23,9 +23,11 @@ from vllm_metal.ops.cache import write_kv_slots
 BLOCK_SIZE = 16
 
 
-def reference_attention(q, k, v, scale, window, causal=True):
+def reference_attention(q, k, v, scale, window, causal=True, sinks=None, alibi=None):
     """q [L, Hq, D] at the last L of S positions; k/v [S, H, D]; causal (+ window), or
-    bidirectional (+ symmetric window: |q - k| < window, vLLM's encoder-only convention)."""
+    bidirectional (+ symmetric window: |q - k| < window, vLLM's encoder-only convention).
+    sinks [Hq]: one more logit in each softmax denominator (gpt-oss); alibi [Hq]: slopes, the
+    bias slope * (k - q) added to the scaled scores (Bloom, MPT)."""
     num_queries, num_keys = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -41,8 +43,14 @@ def reference_attention(q, k, v, scale, window, causal=True):
         allowed = torch.ones(num_queries, num_keys, dtype=torch.bool)
         if window is not None:
             allowed &= (k_pos - q_pos).abs() < window
+    if alibi is not None:
+        scores = scores + alibi[:, None, None] * (k_pos - q_pos)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    if sinks is None:
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    sink = sinks[:, None, None].expand(-1, num_queries, 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return torch.einsum("hqk,khd->qhd", probs, v)
 
 
 def make_cache(num_blocks, heads, head_size, layout):
@@ -57,6 +65,10 @@ def make_cache(num_blocks, heads, head_size, layout):
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 4, None), (8, 2, None), (8, 1, None),
                                                    (8, 2, 20)])
 def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
+    check_mixed_batch(layout, heads, kv_heads, window)
+
+
+def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None):
     gen = torch.Generator().manual_seed(0)
     head_size = 32
     # (context already cached, new tokens): three decodes first, as vLLM orders the batch.
@@ -93,15 +105,36 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
         block_table=torch_mlx.to_mlx(block_table.to("mlx")), slot_mapping=slot_mapping,
         block_size=BLOCK_SIZE)
     scale = head_size ** -0.5
-    impl = MLXAttentionImpl(heads, head_size, scale, kv_heads, None, window, "auto")
+    impl = MLXAttentionImpl(heads, head_size, scale, kv_heads,
+                            None if alibi is None else alibi.tolist(), window, "auto",
+                            sinks=None if sinks is None else sinks.to("mlx"))
     output = torch.empty(len(query), heads, head_size, device="mlx")
     impl.forward(None, query.to("mlx"), key.to("mlx"), value.to("mlx"), cache, metadata, output)
 
     got = output.cpu()
     for r, (context, new) in enumerate(requests):
         start, end = query_start[r], query_start[r + 1]
-        expected = reference_attention(queries[r], full_k[r], full_v[r], scale, window)
+        expected = reference_attention(queries[r], full_k[r], full_v[r], scale, window,
+                                       sinks=sinks, alibi=alibi)
         torch.testing.assert_close(got[start:end], expected, atol=2e-5, rtol=1e-4)
+
+
+def alibi_slopes(heads):
+    """Bloom's and MPT's slopes for a power-of-two head count: 2 ** (-8 i / heads)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)])
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
+@pytest.mark.parametrize("heads,kv_heads,window", [(4, 4, None), (8, 2, None), (8, 1, 20),
+                                                   (8, 2, 20)])
+@pytest.mark.parametrize("feature", ["sinks", "alibi", "both"])
+def test_sinks_and_alibi_match_reference(layout, heads, kv_heads, window, feature):
+    # gpt-oss: sinks on sliding and full layers; Bloom/MPT: ALiBi. Sinks of a few units either
+    # way, so that they take a visible share of the softmax
+    sinks = 3 * torch.randn(heads, generator=torch.Generator().manual_seed(1))
+    check_mixed_batch(layout, heads, kv_heads, window,
+                      sinks=sinks if feature in ("sinks", "both") else None,
+                      alibi=alibi_slopes(heads) if feature in ("alibi", "both") else None)
 
 
 def test_forward_without_metadata_leaves_output_alone():
@@ -113,7 +146,11 @@ def test_forward_without_metadata_leaves_output_alone():
     assert bool((output.cpu() == 7).all())
 
 
-@pytest.mark.parametrize("option", [dict(alibi_slopes=[1.0]), dict(sinks=torch.zeros(4))])
+@pytest.mark.parametrize("option", [dict(use_alibi_sqrt=True),
+                                    dict(alibi_slopes=[1.0] * 4,
+                                         attn_type=AttentionType.ENCODER_ONLY),
+                                    dict(sinks=torch.zeros(4),
+                                         attn_type=AttentionType.ENCODER_ONLY)])
 def test_unsupported_options_are_refused(option):
     kwargs = dict(alibi_slopes=None, sliding_window=None, kv_cache_dtype="auto") | option
     with pytest.raises(NotImplementedError, match="not supported on mlx"):

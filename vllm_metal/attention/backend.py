@@ -75,6 +75,10 @@ class MLXAttentionBackend(AttentionBackend):
         return True
 
     @classmethod
+    def supports_sink(cls) -> bool:
+        return True  # gpt-oss's per-head sinks (MLXAttentionImpl, paged.py)
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         # encoder-only: bidirectional over each sequence, no cache (MLXAttentionImpl)
         return attn_type in (AttentionType.DECODER, AttentionType.ENCODER_ONLY)

@@ -11,6 +11,10 @@ Encoder-only layers (``AttentionType.ENCODER_ONLY``: BERT, RoBERTa, ModernBERT) 
 nothing is written, and each sequence attends bidirectionally to its own keys and values, taken
 from this step's ``key``/``value`` (paged.encoder_attention). Encoder-decoder attention (the
 decoder's cross-attention and the encoder's own) is refused.
+
+Attention sinks (gpt-oss) and ALiBi (Bloom, MPT) are supported on decoder layers (paged.py):
+decodes with either take the MLX composition (also on the CPU backend, whose one-node kernel
+has neither), prefills with sinks alone MLX's fused attention, with ALiBi the written-out one.
 """
 import mlx.core as mx
 import torch
@@ -30,11 +34,16 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes, sliding_window: int | None, kv_cache_dtype: str,
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name: str | None = None, **unsupported) -> None:
-        if alibi_slopes is not None:
-            raise NotImplementedError("ALiBi attention is not supported on mlx")
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None, **unsupported) -> None:
         if attn_type not in SUPPORTED_TYPES:
             raise NotImplementedError(f"{attn_type} attention is not supported on mlx")
+        if attn_type != AttentionType.DECODER and (alibi_slopes is not None or sinks is not None):
+            raise NotImplementedError(
+                f"ALiBi and attention sinks of {attn_type} attention are not supported on mlx")
+        if sinks is not None and sinks.shape != (num_heads,):
+            raise ValueError(f"attention sinks must be one per query head ({num_heads}), "
+                             f"got shape {tuple(sinks.shape)}")
         unsupported = {k: v for k, v in unsupported.items() if v is not None}  # None: not used
         if unsupported:
             raise NotImplementedError(f"attention options not supported on mlx: {unsupported}")
@@ -45,6 +54,11 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         self.sliding_window = sliding_window
         # Gemma 2: scores become cap * tanh(scores / cap) before the mask and softmax
         self.soft_cap = float(logits_soft_cap) if logits_soft_cap else None
+        # gpt-oss: the model's parameter, loaded after this; read (zero-copy) at each call
+        self.sinks = sinks
+        # Bloom, MPT: one slope per query head
+        self.alibi = None if alibi_slopes is None else mx.array(
+            [float(x) for x in alibi_slopes], dtype=mx.float32)
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.uses_kv_cache = attn_type == AttentionType.DECODER  # the layer's kv_cache: unused
@@ -100,7 +114,9 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
         # token-major view for the MLX paths below (never evaluated when none of them runs)
         cache = kv_cache.swapaxes(1, 2)
         decode_query = _first(query, md.num_decodes)
-        if md.num_decodes and cpu_backend() and self.soft_cap is None:
+        sinks = self._sinks()
+        written_out = self.soft_cap is not None or sinks is not None or self.alibi is not None
+        if md.num_decodes and cpu_backend() and not written_out:
             # one kernel reading the cache in place
             outputs.append(_C.paged_decode_attention(
                 decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
@@ -109,7 +125,8 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(decode_query, cache, block_table,
                                             md.decode_mask(self.sliding_window), self.scale,
-                                            self.head_size, self.soft_cap))
+                                            self.head_size, self.soft_cap, sinks, self.alibi,
+                                            md.decode_seq_lens))
         for r in range(md.num_decodes, md.num_reqs):
             start, end = int(md.query_start[r]), int(md.query_start[r + 1])
             seq_len = int(md.seq_lens[r])
@@ -123,8 +140,17 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
                 keys, values = gather_kv(cache, md.block_table[r, :num_blocks], self.head_size)
                 keys, values = keys[:, :seq_len], values[:, :seq_len]
             outputs.append(prefill_attention(query[start:end], keys, values, self.scale,
-                                             self.sliding_window, self.soft_cap))
+                                             self.sliding_window, self.soft_cap, sinks,
+                                             self.alibi))
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
+
+    def _sinks(self) -> mx.array | None:
+        """The sinks parameter as MLX [Hq] (a view of its current values), or None."""
+        if self.sinks is None:
+            return None
+        if self.sinks.device.type == "mlx":
+            return to_mlx(self.sinks)
+        return mx.array(self.sinks.detach().float().numpy())
 
     def _attend_encoder(self, query: mx.array, key: mx.array, value: mx.array,
                         md: MLXAttentionMetadata) -> mx.array:

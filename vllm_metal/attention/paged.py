@@ -14,6 +14,18 @@ vLLM's FlashAttention backend (``(W - 1, W - 1)``): query q sees keys k with |q 
 
 Logit soft-capping C (Gemma 2): the scaled scores s become C * tanh(s / C) before the mask and
 the softmax. MLX's fused attention has no such step, so a capped prefill is written out.
+
+Attention sinks (gpt-oss): a learned logit per query head that joins every query's softmax
+denominator and attends to nothing (vLLM's backends start the online softmax with it: the
+running max at the sink, the running sum at 1). MLX's fused attention takes them (``sinks=``,
+in the query's dtype); the written-out paths append them as one more score column.
+
+ALiBi (Bloom, MPT): the per-query-head slope times the key's distance, ``slope * (k - q)``,
+added to the scaled (and capped) scores before the mask. vLLM's Triton kernel adds
+``slope * (k - context_len)``, which differs by ``slope * (q - context_len)``, constant along a
+query's row, so the softmax is the same; ``k - q`` keeps the bias at most 0. Scores with a bias
+are float32 (a bias of a few hundred in bfloat16 would be off by whole units), so ALiBi layers
+take the written-out paths.
 """
 import mlx.core as mx
 import numpy as np
@@ -75,9 +87,12 @@ def soft_cap(scores: mx.array, cap: float | None) -> mx.array:
 
 
 def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, mask: mx.array,
-                     scale: float, head_size: int, cap: float | None = None) -> mx.array:
+                     scale: float, head_size: int, cap: float | None = None,
+                     sinks: mx.array | None = None, alibi: mx.array | None = None,
+                     seq_lens: mx.array | None = None) -> mx.array:
     """One query token per request. query [R, Hq, D]; block_table [R, n] covering the longest
-    request; mask from decode_mask. Returns [R, Hq, Dv].
+    request; mask from decode_mask. Returns [R, Hq, Dv]. sinks [Hq]; alibi slopes [Hq] with
+    seq_lens [R] (the query is at position seq_len - 1); with either the scores are float32.
 
     Written out rather than through mx.fast.scaled_dot_product_attention: with one query row
     per request, the query heads sharing a key/value head are the rows of one small matmul, and
@@ -87,32 +102,55 @@ def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, ma
     num_reqs, query_heads, _ = query.shape
     kv_heads = keys.shape[1]
     q = (query * scale).reshape(num_reqs, kv_heads, query_heads // kv_heads, head_size)
-    scores = mx.where(mask, soft_cap(q @ keys.swapaxes(-1, -2), cap), -mx.inf)  # [R, H, G, S]
-    probs = mx.softmax(scores, axis=-1, precise=True)
+    scores = soft_cap(q @ keys.swapaxes(-1, -2), cap)  # [R, H, G, S]
+    group = query_heads // kv_heads
+    if sinks is not None or alibi is not None:
+        scores = scores.astype(mx.float32)
+    if alibi is not None:
+        distance = mx.arange(keys.shape[-2])[None, :] - (seq_lens[:, None] - 1)  # [R, S]
+        scores = scores + alibi.reshape(1, kv_heads, group, 1) * distance[:, None, None, :]
+    scores = mx.where(mask, scores, -mx.inf)
+    if sinks is not None:
+        sinks = sinks.reshape(1, kv_heads, group, 1)
+    probs = softmax_with_sinks(scores, sinks).astype(values.dtype)
     return (probs @ values).reshape(num_reqs, query_heads, values.shape[-1])
 
 
+def softmax_with_sinks(scores: mx.array, sinks: mx.array | None) -> mx.array:
+    """Softmax over the last axis whose denominator also holds exp(sink) (sinks broadcast to
+    scores' shape with the last axis 1; None: a plain softmax)."""
+    if sinks is None:
+        return mx.softmax(scores, axis=-1, precise=True)
+    column = mx.broadcast_to(sinks.astype(scores.dtype), (*scores.shape[:-1], 1))
+    probs = mx.softmax(mx.concatenate([scores, column], axis=-1), axis=-1, precise=True)
+    return probs[..., :-1]
+
+
 def prefill_attention(query: mx.array, keys: mx.array, values: mx.array, scale: float,
-                      window: int | None, cap: float | None = None) -> mx.array:
+                      window: int | None, cap: float | None = None,
+                      sinks: mx.array | None = None, alibi: mx.array | None = None) -> mx.array:
     """The queries are the last len(query) positions of a request whose keys/values (all
     positions so far, this chunk's included) are given. query [L, Hq, D], keys [H, S, Dk],
-    values [H, S, Dv]; returns [L, Hq, Dv]."""
+    values [H, S, Dv]; returns [L, Hq, Dv]. sinks, alibi slopes: [Hq] or None."""
     num_queries, num_keys = query.shape[0], keys.shape[-2]
     q = query.transpose(1, 0, 2)[None]
-    if cap is not None:
+    if cap is not None or alibi is not None:
         positions = mx.arange(num_keys - num_queries, num_keys)
         if window is None:
             allowed = mx.arange(num_keys)[None, :] <= positions[:, None]
         else:
             allowed = sliding_window_mask(positions, num_keys, window)
-        return _capped_attention(query, keys, values, scale, cap, allowed)
+        return _written_attention(query, keys, values, scale, allowed, cap, sinks, alibi,
+                                  positions)
     if window is None or num_keys <= window:
         mask = "causal"  # MLX aligns it lower-right: the last query sees every key
     else:
         positions = mx.arange(num_keys - num_queries, num_keys)
         mask = sliding_window_mask(positions, num_keys, window)
+    if sinks is not None:
+        sinks = sinks.astype(query.dtype)  # MLX: sinks must promote to the output type
     out = mx.fast.scaled_dot_product_attention(q, keys[None], values[None], scale=scale,
-                                               mask=mask)
+                                               mask=mask, sinks=sinks)
     return out[0].transpose(1, 0, 2)
 
 
@@ -125,23 +163,31 @@ def encoder_attention(query: mx.array, key: mx.array, value: mx.array, scale: fl
     if cap is not None:
         total = query.shape[0]
         allowed = mx.ones((total, total), dtype=mx.bool_) if mask is None else mask
-        return _capped_attention(query, keys, values, scale, cap, allowed)
+        return _written_attention(query, keys, values, scale, allowed, cap)
     q = query.transpose(1, 0, 2)[None]
     out = mx.fast.scaled_dot_product_attention(q, keys[None], values[None], scale=scale,
                                                mask=mask)
     return out[0].transpose(1, 0, 2)
 
 
-def _capped_attention(query: mx.array, keys: mx.array, values: mx.array, scale: float,
-                      cap: float, allowed: mx.array) -> mx.array:
-    """Attention with soft-capped scores, written out: query [L, Hq, D], keys [H, S, Dk],
-    values [H, S, Dv], allowed [L, S]; returns [L, Hq, Dv]. Scores in float32."""
+def _written_attention(query: mx.array, keys: mx.array, values: mx.array, scale: float,
+                       allowed: mx.array, cap: float | None = None,
+                       sinks: mx.array | None = None, alibi: mx.array | None = None,
+                       positions: mx.array | None = None) -> mx.array:
+    """Attention written out, for what the fused op lacks (soft cap, ALiBi): query [L, Hq, D],
+    keys [H, S, Dk], values [H, S, Dv], allowed [L, S]; sinks [Hq]; alibi slopes [Hq] with the
+    queries' positions [L]. Returns [L, Hq, Dv]. Scores in float32."""
     num_queries, query_heads, head_size = query.shape
     kv_heads = keys.shape[0]
-    q = (query * scale).transpose(1, 0, 2).reshape(kv_heads, query_heads // kv_heads,
-                                                    num_queries, head_size)
+    group = query_heads // kv_heads
+    q = (query * scale).transpose(1, 0, 2).reshape(kv_heads, group, num_queries, head_size)
     scores = soft_cap((q @ keys[:, None].swapaxes(-1, -2)).astype(mx.float32), cap)
+    if alibi is not None:
+        distance = mx.arange(keys.shape[-2])[None, :] - positions[:, None]  # [L, S]
+        scores = scores + alibi.reshape(kv_heads, group, 1, 1) * distance
     scores = mx.where(allowed, scores, -mx.inf)  # [H, G, L, S]
-    probs = mx.softmax(scores, axis=-1, precise=True).astype(values.dtype)
+    if sinks is not None:
+        sinks = sinks.reshape(kv_heads, group, 1, 1)
+    probs = softmax_with_sinks(scores, sinks).astype(values.dtype)
     out = probs @ values[:, None]  # [H, G, L, Dv]
     return out.reshape(query_heads, num_queries, -1).transpose(1, 0, 2)
