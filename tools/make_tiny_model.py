@@ -109,6 +109,12 @@ ARCHITECTURES = {
         dict(head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
              norm_topk_prob=True, decoder_sparse_step=1, rope_theta=1000000.0,
              tie_word_embeddings=False),
+    ),    "GptOssForCausalLM": (
+        "GptOssConfig",
+        # attention sinks (a learned logit per head in each softmax), a sliding-window layer then
+        # a full one, biased q/k/v/o, top-2 of 4 biased experts with the clamped swiglu ("oai")
+        dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=40,
+             layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False),
     ),
 }
 
@@ -185,7 +191,8 @@ def make_config(arch: str, vocab_size: int, token_ids: dict, **config_overrides)
 
 # Standard deviations by parameter role, and the final norm's gain (module docstring).
 SCALES = {
-    "untied": dict(embed=0.5, proj=0.05, out_proj=0.05, lm_head=0.2, bias=0.05, final_gain=1.0),
+    "untied": dict(embed=0.5, proj=0.05, out_proj=0.05, lm_head=0.2, bias=0.05, final_gain=1.0,
+                   sinks=1.0),
     "tied": dict(embed=0.02, proj=0.08, out_proj=0.5, lm_head=None, bias=0.05, final_gain=10.0),
 }
 
@@ -195,8 +202,10 @@ def _role(name: str) -> str:
         return "embed"
     if "lm_head" in name:
         return "lm_head"
-    if name.endswith(".bias"):
+    if name.endswith(".bias") or name.endswith("_bias"):
         return "bias"
+    if name.endswith(".sinks"):
+        return "sinks"
     if "o_proj" in name or "down_proj" in name:
         return "out_proj"
     return "proj"
@@ -208,7 +217,7 @@ def rescale_weights(model, generator: torch.Generator) -> None:
     scales = SCALES["tied" if model.config.tie_word_embeddings else "untied"]
     for name, param in sorted(model.named_parameters()):
         role = _role(name)
-        if param.dim() < 2 and role != "bias":
+        if param.dim() < 2 and role not in ("bias", "sinks"):
             continue
         param.copy_(torch.randn(param.shape, generator=generator) * scales[role])
     norm = model.model.norm.weight

@@ -52,7 +52,8 @@ def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
     assert current_platform.device_type == "mlx"
     windows = llm.collective_rpc(_layer_windows)[0]
     expected_windows = {"MistralForCausalLM": [40],
-                        "Gemma2ForCausalLM": [40, None]}.get(arch, [None])  # sliding, global
+                        "Gemma2ForCausalLM": [40, None],
+                        "GptOssForCausalLM": [40, None]}.get(arch, [None])  # sliding, global
     assert windows == sorted((("MLXAttentionImpl", w) for w in expected_windows), key=str)
 
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
