@@ -216,6 +216,81 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
     return kwargs
 
 
+def _mimo_v2_flash_fields(c) -> dict:
+    rope = c.rope_parameters  # per layer type: {"full_attention": {...}, "sliding_attention": {...}}
+    full, swa = rope["full_attention"], rope["sliding_attention"]
+    factor = full.get("partial_rotary_factor", 0.334)
+    if swa.get("partial_rotary_factor", 0.334) != factor:
+        raise ValueError("MiMo-V2-Flash: vLLM has one partial_rotary_factor for both layer kinds")
+    return dict(
+        # transformers: layer_types / mlp_layer_types; vLLM: 0/1 lists (1 = sliding window, MoE)
+        hybrid_layer_pattern=[int(t == "sliding_attention") for t in c.layer_types],
+        moe_layer_freq=[int(t == "sparse") for t in c.mlp_layer_types],
+        # transformers' sliding layers: the same query heads and head sizes, twice the key/value
+        # heads, and a learned sink per head
+        swa_num_attention_heads=c.num_attention_heads,
+        swa_num_key_value_heads=2 * c.num_key_value_heads,
+        swa_head_dim=c.head_dim, swa_v_head_dim=c.v_head_dim,
+        sliding_window_size=c.sliding_window, add_swa_attention_sink_bias=True,
+        rope_theta=full["rope_theta"], swa_rope_theta=swa["rope_theta"],
+        partial_rotary_factor=factor, layernorm_epsilon=c.rms_norm_eps)
+
+
+def _nomic_bert_fields(c) -> dict:
+    if c.hidden_act != "silu":
+        # transformers' NomicBertMLP is always gated; nomic's remote code gates only "swiglu"
+        raise ValueError(f"NomicBert hidden_act {c.hidden_act!r}: no nomic equivalent")
+    return dict(
+        activation_function="swiglu", qkv_proj_bias=False, mlp_fc1_bias=False,
+        mlp_fc2_bias=False, rotary_emb_fraction=1.0, rotary_emb_base=c.rope_parameters["rope_theta"],
+        rotary_emb_scale_base=None, rotary_emb_interleaved=False,
+        n_embd=c.hidden_size, n_inner=c.intermediate_size, n_layer=c.num_hidden_layers,
+        layer_norm_epsilon=c.layer_norm_eps, position_embedding_type="rope")
+
+
+# Fields real checkpoints' config.json carry that vLLM 0.32's model code reads, but that
+# transformers 5.19's config class dropped or renamed (so a config it builds lacks them). Each
+# value is derived from the built config so that it is what transformers' own model computes
+# with: the checkpoint must describe one model to both. Keyed by config class name; a field
+# the built config already has is left alone.
+COMPAT_FIELDS = {
+    # transformers: getattr(config, "head_dim", hidden // heads); vLLM reads config.head_dim
+    "Glm4MoeConfig": lambda c: dict(head_dim=c.hidden_size // c.num_attention_heads),
+    # transformers renamed block_dim/conv_dim to hidden_size and block_ff_dim to
+    # intermediate_size (both sizes are hidden_size in its Lfm2ShortConv and Lfm2MLP)
+    "Lfm2Config": lambda c: dict(block_dim=c.hidden_size, conv_dim=c.hidden_size,
+                                 conv_dim_out=c.hidden_size, block_ff_dim=c.intermediate_size),
+    # transformers' AfmoeTokenChoiceRouter: sigmoid scores, bias-corrected top-k over all
+    # experts (no groups), weights renormalized then scaled by route_scale
+    "AfmoeConfig": lambda c: dict(score_func="sigmoid", route_norm=True, n_group=1,
+                                  topk_group=1),
+    # transformers' MiniMaxM2: sigmoid router with an e_score_correction_bias buffer, rotary on
+    # int(head_dim * partial_rotary_factor) of each head
+    "MiniMaxM2Config": lambda c: dict(
+        scoring_func="sigmoid", use_routing_bias=True,
+        rotary_dim=int((c.head_dim or c.hidden_size // c.num_attention_heads)
+                       * c.rope_parameters.get("partial_rotary_factor", 1.0))),
+    "MiMoV2FlashConfig": _mimo_v2_flash_fields,
+    # transformers 5.19's XLM-R has absolute positions only (the field was dropped)
+    "XLMRobertaConfig": lambda c: dict(position_embedding_type="absolute"),
+    # transformers' Gte and NomicBert are rotary models; vLLM reads the remote-code configs'
+    # names (Snowflake's GteConfig, nomic's NomicBertConfig)
+    "GteConfig": lambda c: dict(position_embedding_type="rope"),
+    "NomicBertConfig": _nomic_bert_fields,
+}
+
+
+def add_compat_fields(config) -> list[str]:
+    """Set COMPAT_FIELDS' fields the config lacks; returns their names."""
+    fn = COMPAT_FIELDS.get(type(config).__name__)
+    added = []
+    for name, value in (fn(config) if fn else {}).items():
+        if not hasattr(config, name):
+            setattr(config, name, value)
+            added.append(name)
+    return added
+
+
 _OUT_PROJ = re.compile(r"(o_proj|down_proj|out_proj|dense_4h_to_h|c_proj|fc2|w2|\.dense\.)")
 
 
@@ -291,13 +366,14 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
         raise RuntimeError(f"config build failure: {type(exc).__name__}: {exc}") from exc
     config.architectures = [arch]
     config.dtype = torch.float32
+    compat = add_compat_fields(config)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     rescale_generic(model, torch.Generator().manual_seed(seed), maker)
     model.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
-            "shrunk": sorted(kwargs)}
+            "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {})}
 
 
 # ---------------------------------------------------------------------------------------------
