@@ -14,6 +14,7 @@ logger = init_logger(__name__)
 
 
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
+MLA_BACKEND = "vllm_metal.attention.mla.MLXMLABackend"
 WORKER = "vllm_metal.worker.MetalWorker"
 
 
@@ -111,10 +112,12 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        if attn_selector_config.use_mla:
-            raise NotImplementedError("MLA attention is not supported on mlx")
         if attn_selector_config.use_sparse:
-            raise NotImplementedError("sparse attention is not supported on mlx")
+            raise NotImplementedError("sparse attention (sparse MLA) is not supported on mlx")
+        if attn_selector_config.use_mla:
+            # MLA layers resolve their backend by this path, not through the registry's
+            # CUSTOM slot (which stays bound to the MLX attention backend)
+            return MLA_BACKEND
         if selected_backend is not None and selected_backend.name != "CUSTOM":
             logger.info("Attention backend %s is not available on mlx; using MLX attention",
                         selected_backend.name)
@@ -124,6 +127,12 @@ class MetalPlatform(Platform):
 
         register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
         return ATTENTION_BACKEND
+
+    @classmethod
+    def get_mla_prefill_backend_cls(cls, mla_selector_config):
+        from .attention.mla import MLXMLAPrefillBackend
+
+        return MLXMLAPrefillBackend
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:

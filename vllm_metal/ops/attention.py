@@ -32,3 +32,30 @@ def unified_attention_with_output(query, key, value, output, layer_name, output_
         result = mx.concatenate([result, output[result.shape[0]:]], axis=0)
     # auto_functionalized's results: the op's (none), then the new `output`, `output_block_scale`
     return None, result, None
+
+
+@lowering("vllm::unified_mla_kv_cache_update", eager=False, compiled=False)
+def unified_mla_kv_cache_update(kv_c_normed, k_pe, layer_name, kv_cache_dtype, k_scale):
+    # The MLA layer's write: done by the attention lowering below, in the same lazy graph as
+    # the attention reading it (MLXMLAImpl.attend); this op's result is only an ordering token.
+    return mx.zeros((0,), dtype=kv_c_normed.dtype)
+
+
+@lowering("vllm::unified_mla_attention_with_output", eager=False, compiled=False)
+def unified_mla_attention_with_output(q, kv_c_normed, k_pe, output, layer_name,
+                                      output_scale=None, output_block_scale=None,
+                                      kv_cache_dummy_dep=None, quant_group_size=None,
+                                      quant_scale_ue8m0=None, quant_col_major=None,
+                                      quant_tma_aligned=None, q_dcp_replicated=None):
+    if output_scale is not None or output_block_scale is not None:
+        raise NotImplementedError("fused output quantization is not supported on mlx")
+    if q_dcp_replicated is not None:
+        raise NotImplementedError("decode context parallelism is not supported on mlx")
+    metadata, layer, kv_cache, _ = get_attention_context(_resolve_layer_name(layer_name))
+    if metadata is None:  # profiling run: no cache yet
+        return None, mx.zeros(output.shape, dtype=output.dtype), None
+    result = layer.impl.attend(layer, q, kv_c_normed, k_pe, kv_cache, metadata)
+    result = result.astype(output.dtype)
+    if result.shape[0] < output.shape[0]:  # padded tokens keep the buffer's values
+        result = mx.concatenate([result, output[result.shape[0]:]], axis=0)
+    return None, result, None
