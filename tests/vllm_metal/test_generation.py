@@ -20,20 +20,23 @@ pytestmark = pytest.mark.usefixtures("in_process_engine")
 
 
 def _layer_windows(worker):
-    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.attention import Attention, MLAAttention
 
     return sorted({(type(m.impl).__name__, m.impl.sliding_window)
-                   for m in worker.model_runner.model.modules() if isinstance(m, Attention)},
-                  key=str)
+                   for m in worker.model_runner.model.modules()
+                   if isinstance(m, (Attention, MLAAttention))}, key=str)
 
 
 # Compiled (vLLM's default: the forward captured once and lowered whole, attention included, into
 # one lazy MLX graph per step) for every architecture; enforce_eager for the architectures with different
 # op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window; Mixtral and
-# Qwen2-MoE: routed experts, a shared expert with its gate).
+# Qwen2-MoE: routed experts, a shared expert with its gate; DeepSeek-V2/V3: MLA, whose eager
+# path is vLLM's MLAAttention.forward_impl driving the backend, the compiled one MLXMLAImpl.attend).
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
     (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
-                              "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM")]
+                              "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM",
+                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")]
+MLA = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 @pytest.mark.parametrize("arch,enforce_eager", CASES,
@@ -54,7 +57,8 @@ def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
     expected_windows = {"MistralForCausalLM": [40],
                         "Gemma2ForCausalLM": [40, None],
                         "GptOssForCausalLM": [40, None]}.get(arch, [None])  # sliding, global
-    assert windows == sorted((("MLXAttentionImpl", w) for w in expected_windows), key=str)
+    impl = "MLXMLAImpl" if arch in MLA else "MLXAttentionImpl"
+    assert windows == sorted(((impl, w) for w in expected_windows), key=str)
 
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
     outputs = llm.generate(PROMPTS, params)

@@ -179,6 +179,7 @@ class MLXMLAImpl(MLACommonBaseImpl[MLXMLAMetadata]):
                          kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, qk_head_dim,
                          v_head_dim, kv_b_proj)
         self.q_lora_rank = q_lora_rank
+        self.sliding_window = None
         self.indexer = None
         self.q_pad_num_heads = None  # MLX needs no head padding
         self.supports_quant_query_input = False
