@@ -118,22 +118,24 @@ ARCHITECTURES = {
     ),
     # Multi-head latent attention (vLLM's MLAAttention: a cached latent of kv_lora_rank plus a
     # shared rotary key, decompressed per head by kv_b_proj), a dense first layer then a
-    # mixture of experts with a shared expert.
+    # mixture of experts with a shared expert. As many key/value heads as query heads, as in
+    # DeepSeek's configs (transformers' eager MLA attention does not repeat them).
     "DeepseekV2ForCausalLM": (
         "DeepseekV2Config",
         # V2-Lite's shape: queries projected directly (no q_lora_rank); greedy top-2 routing
         # (vLLM routes in groups: one group is the plain top-k)
-        dict(kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
-             v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32,
+             qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=1,
              moe_intermediate_size=128, first_k_dense_replace=1, topk_method="greedy",
-             n_group=1, topk_group=1,
-             rope_theta=10000.0, tie_word_embeddings=False),
+             n_group=1, topk_group=1, rope_theta=10000.0, tie_word_embeddings=False),
     ),
     "DeepseekV3ForCausalLM": (
         "DeepseekV3Config",
         # low-rank queries (q_lora_rank), sigmoid routing with a correction bias in groups
-        dict(kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16,
-             v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+             qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=1,
              moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
              topk_method="noaux_tc", scoring_func="sigmoid",  # as V3 checkpoints name them
              rope_theta=10000.0, tie_word_embeddings=False),
