@@ -4,7 +4,8 @@
 
 ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM, and the mixtures of experts
-MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM). OUT receives config.json,
+MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; MLA: DeepseekV2ForCausalLM,
+DeepseekV3ForCausalLM). OUT receives config.json,
 generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with a chat
 template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizers` on
 text generated here from the seed, and the weights come from transformers' initialisation under

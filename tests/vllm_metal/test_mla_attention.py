@@ -155,3 +155,40 @@ def test_unsupported_mla_options_are_refused(option, message):
     args.update(option)
     with pytest.raises(NotImplementedError, match=message):
         MLXMLAImpl(**args)
+
+
+def test_platform_picks_the_mla_backend():
+    from vllm_metal.attention.mla import MLXMLAPrefillBackend
+    from vllm_metal.platform import MetalPlatform
+
+    dense = types.SimpleNamespace(use_mla=True, use_sparse=False)
+    assert MetalPlatform.get_attn_backend_cls(None, dense) == \
+        "vllm_metal.attention.mla.MLXMLABackend"
+    with pytest.raises(NotImplementedError, match="sparse MLA"):
+        MetalPlatform.get_attn_backend_cls(None, types.SimpleNamespace(use_mla=True,
+                                                                       use_sparse=True))
+    assert MetalPlatform.get_mla_prefill_backend_cls(None) is MLXMLAPrefillBackend
+
+
+def test_prefill_backend_runs_causal_attention_per_request():
+    from vllm_metal.attention.mla import MLXMLAPrefillBackend
+
+    gen = torch.Generator().manual_seed(2)
+    lengths = [5, 17, 1]
+    scale = (NOPE + ROPE) ** -0.5
+    backend = MLXMLAPrefillBackend(HEADS, scale, LORA, NOPE, ROPE, V_DIM, vllm_config=None)
+    backend.prepare_metadata(types.SimpleNamespace(
+        query_start_loc=torch.tensor(np.cumsum([0] + lengths))))
+    total = sum(lengths)
+    q = torch.randn(total, HEADS, NOPE + ROPE, generator=gen)
+    k = torch.randn(total, HEADS, NOPE + ROPE, generator=gen)
+    v = torch.randn(total, HEADS, V_DIM, generator=gen)
+    got = backend.run_prefill_new_tokens(q.to("mlx"), k.to("mlx"), v.to("mlx"), False).cpu()
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        torch.testing.assert_close(got[s], reference_attention(q[s], k[s], v[s], scale, None),
+                                   atol=2e-5, rtol=1e-4)
+        start += n
+    with pytest.raises(NotImplementedError, match="LSE"):
+        backend.run_prefill_new_tokens(q.to("mlx"), k.to("mlx"), v.to("mlx"), True)
