@@ -155,3 +155,38 @@ def test_uncompiled_lowering_runs_between_compiled_segments_in_one_graph():
         torch.testing.assert_close(got[0].cpu(), expected[0])
         assert got[1] == expected[1]
     assert _UNCOMPILED_CALLS[-1] is mx.array
+
+
+def test_assignment_into_a_slice_is_lowered():
+    """``q[..., n:] = rope(q[..., n:])`` (DeepSeek's MLA attention) reaches the graph as
+    aten.copy + aten.slice_scatter: both lowered, so the graph stays one MLX function."""
+    from torch_mlx import compile as mlx_compile
+
+    def f(q, pe, every_other):
+        q = q * 2
+        q[..., 4:] = q[..., 4:] * pe
+        q[:, ::2] = every_other
+        return q + 1
+
+    seen = []
+    original = mlx_compile.compile_fx_graph
+
+    def spy(gm, example_inputs):
+        support = mlx_compile._Supported()
+        seen.extend(str(n.target) for n in gm.graph.nodes
+                    if n.op == "call_function" and not support.is_node_supported({}, n))
+        return original(gm, example_inputs)
+
+    mlx_compile.compile_fx_graph = spy
+    try:
+        torch._dynamo.reset()
+        g = torch.compile(f, backend="mlx")
+        for n in (3, 5, 1):
+            q, pe = torch.randn(n, 4, 12), torch.randn(n, 4, 8)
+            every_other = torch.randn(n, 2, 12)
+            expected = f(q.clone(), pe, every_other)
+            got = g(q.to("mlx"), pe.to("mlx"), every_other.to("mlx"))
+            torch.testing.assert_close(got.cpu(), expected)
+    finally:
+        mlx_compile.compile_fx_graph = original
+    assert seen == []

@@ -112,3 +112,26 @@ def unbind(self, dim=0):
 @lowering("diagonal", eager=False)
 def diagonal(self, offset=0, dim1=0, dim2=1):
     return mx.diagonal(self, offset, dim1, dim2)
+
+
+@lowering("slice_scatter", eager=False)
+def slice_scatter(self, src, dim=0, start=None, end=None, step=1):
+    """``self`` with ``self[dim: start:end:step] = src`` (the functional form of an assignment
+    into a slice, e.g. ``q[..., n:] = q_pe`` in DeepSeek's MLA attention)."""
+    dim = _dim(dim, self.ndim)
+    n = self.shape[dim]
+    start = 0 if start is None else (start + n if start < 0 else start)
+    end = n if end is None else (end + n if end < 0 else end)
+    start, end = min(max(start, 0), n), min(max(end, 0), n)
+    src = src.astype(self.dtype)
+    if step == 1:
+        return mx.slice_update(self, src, mx.array([start], dtype=mx.int32), [dim])
+    out = mx.array(self)  # a new array object: setitem must not change the caller's `self`
+    out[(slice(None),) * dim + (slice(start, max(end, start), step),)] = src
+    return out
+
+
+@lowering("copy", eager=False)
+def copy(self, src, non_blocking=False):
+    """The functional ``copy_``: ``src`` broadcast to ``self``'s shape in ``self``'s dtype."""
+    return mx.broadcast_to(src.astype(self.dtype), self.shape)
