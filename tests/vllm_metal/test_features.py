@@ -16,10 +16,10 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperatur
 pytestmark = pytest.mark.usefixtures("in_process_engine")
 
 
-def assert_greedy_matches(path, outputs):
+def assert_greedy_matches(path, outputs, max_tokens=MAX_TOKENS):
     for output in outputs:
         prompt_ids = list(output.prompt_token_ids)
-        expected, _ = reference.greedy(path, prompt_ids, MAX_TOKENS)
+        expected, _ = reference.greedy(path, prompt_ids, max_tokens)
         assert list(output.outputs[0].token_ids) == expected, f"prompt of {len(prompt_ids)}"
 
 
@@ -164,15 +164,36 @@ def _buffer(tensor):
     return _C.buffer_address(tensor)
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM",
+                                  "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
 def test_chunked_prefill_matches_transformers(arch, model_dir):
     # 32 tokens per step: every prompt past 32 tokens is prefilled in chunks, each attending to
     # the previous chunks through the cache, batched with other requests' decode steps. With
-    # Mistral the chunks also cross its 40-token sliding window.
+    # Mistral the chunks also cross its 40-token sliding window; with DeepSeek (MLA) each chunk
+    # decompresses the earlier chunks' latent rows read from the cache.
     path = model_dir(arch)
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
                    enable_chunked_prefill=True, max_num_batched_tokens=32)
     assert max(len(reference.tokenize(path, p)) for p in PROMPTS) > 4 * 32
     assert_greedy_matches(path, llm.generate(PROMPTS, GREEDY))
+    del llm
+    gc.collect()
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
+def test_mla_chunks_and_prefix_hits_match_transformers(arch, model_dir):
+    # MLA with three long prompts in 32-token steps (chunks of one request next to another's
+    # decode, steps of odd sizes), then the same prompts again: prefix-cache hits, whose prefill
+    # reads the cached latent rows.
+    path = model_dir(arch)
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
+                   enable_prefix_caching=True, enable_chunked_prefill=True,
+                   max_num_batched_tokens=32)
+    prompts = PROMPTS[-3:]
+    params = SamplingParams(max_tokens=16, min_tokens=16, temperature=0.0)
+    assert_greedy_matches(path, llm.generate(prompts, params), 16)
+    again = llm.generate(prompts, params)
+    assert all(o.num_cached_tokens >= 16 for o in again)
+    assert_greedy_matches(path, again, 16)
     del llm
     gc.collect()
