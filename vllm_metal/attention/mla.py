@@ -26,7 +26,7 @@ from the layer's ``W_UK_T`` / ``W_UV``.
 Not supported (refused with NotImplementedError): sparse MLA (DeepSeek-V3.2's indexer, HYV4),
 quantized KV caches, KV sharing, sliding-window MLA, decode context parallelism.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import mlx.core as mx
@@ -105,7 +105,8 @@ class MLXMLAMetadataBuilder(MLXAttentionMetadataBuilder):
             decode = MLACommonDecodeMetadata(
                 block_table=common.block_table_tensor[: md.num_decodes],
                 seq_lens=common.seq_lens[: md.num_decodes], dcp_tot_seq_lens=None)
-        return MLXMLAMetadata(**vars(md), num_prefills=md.num_reqs - md.num_decodes,
+        base = {f.name: getattr(md, f.name) for f in fields(MLXAttentionMetadata)}
+        return MLXMLAMetadata(**base, num_prefills=md.num_reqs - md.num_decodes,
                               num_decode_tokens=md.num_decodes, decode=decode)
 
 
