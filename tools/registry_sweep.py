@@ -277,7 +277,18 @@ COMPAT_FIELDS = {
     # names (Snowflake's GteConfig, nomic's NomicBertConfig)
     "GteConfig": lambda c: dict(position_embedding_type="rope"),
     "NomicBertConfig": _nomic_bert_fields,
+    # transformers' GLM-4-MoE-Lite lists each layer's MLP (mlp_layer_types); vLLM reads
+    # DeepSeek's first_k_dense_replace (leading dense layers, the rest mixtures of experts)
+    "Glm4MoeLiteConfig": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types)),
 }
+
+
+def _leading_dense(mlp_layer_types: list[str]) -> int:
+    k = next((i for i, t in enumerate(mlp_layer_types) if t != "dense"), len(mlp_layer_types))
+    if any(t != "sparse" for t in mlp_layer_types[k:]):
+        raise ValueError(f"mlp_layer_types {mlp_layer_types} is not k dense layers then sparse "
+                         f"ones: first_k_dense_replace cannot describe it")
+    return k
 
 
 def add_compat_fields(config) -> list[str]:

@@ -47,3 +47,15 @@ def test_shrink_never_grows_a_field_and_keeps_layer_kinds():
 ])
 def test_categorize(text, category):
     assert sweep.categorize(text) == category
+
+
+def test_glm4_moe_lite_gets_first_k_dense_replace_from_its_layer_list():
+    import transformers
+
+    config = transformers.Glm4MoeLiteConfig(**sweep.shrink_kwargs(
+        transformers.Glm4MoeLiteConfig, 1024, TOKENS))
+    assert "first_k_dense_replace" in sweep.add_compat_fields(config)
+    assert config.first_k_dense_replace == config.mlp_layer_types.index("sparse")
+    assert sweep._leading_dense(["dense", "dense", "sparse"]) == 2
+    with pytest.raises(ValueError, match="cannot describe"):
+        sweep._leading_dense(["dense", "sparse", "dense"])
