@@ -58,6 +58,9 @@ NOT_ELEMENTWISE = {
     "backward of reductions along a dimension (softmax, glu: a slice-wise op)": [
         "_log_softmax_backward_data", "_softmax_backward_data", "glu_backward",
     ],
+    "writes of a tensor into a region of another (compiled graphs only: slice assignment)": [
+        "copy", "slice_scatter",
+    ],
     "indexing, gathering and scattering (an operand holds indices or a mask to select by)": [
         "_embedding_bag", "_embedding_bag_forward_only", "bucketize.Tensor", "embedding",
         "embedding_dense_backward", "gather", "histogram.bins_tensor", "index_add", "index_copy",
