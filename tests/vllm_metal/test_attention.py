@@ -68,6 +68,22 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
     check_mixed_batch(layout, heads, kv_heads, window)
 
 
+def place_requests(requests, num_blocks: int, gen: torch.Generator):
+    """Random distinct cache blocks for each (context, new) request, block 0 left as vLLM's null
+    block: the block table [requests, width] and each request's slot of every position."""
+    free = torch.randperm(num_blocks - 1, generator=gen) + 1
+    width = max(math.ceil((c + n) / BLOCK_SIZE) for c, n in requests)
+    block_table = torch.zeros(len(requests), width, dtype=torch.int32)
+    slots = []
+    for r, (context, new) in enumerate(requests):
+        blocks = free[:math.ceil((context + new) / BLOCK_SIZE)]
+        free = free[len(blocks):]
+        block_table[r, : len(blocks)] = blocks.to(torch.int32)
+        positions = torch.arange(context + new)
+        slots.append(blocks[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE)
+    return block_table, slots
+
+
 def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None):
     gen = torch.Generator().manual_seed(0)
     head_size = 32
@@ -75,17 +91,10 @@ def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None):
     requests = [(37, 1), (5, 1), (64, 1), (0, 23), (40, 9), (17, 30), (0, 1)]
     num_blocks = 64
     cache = make_cache(num_blocks, kv_heads, head_size, layout)
-    free = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 stays the null block
-    width = max(math.ceil((c + n) / BLOCK_SIZE) for c, n in requests)
-    block_table = torch.zeros(len(requests), width, dtype=torch.int32)
+    block_table, request_slots = place_requests(requests, num_blocks, gen)
     full_k, full_v, queries, slots = [], [], [], []
-    for r, (context, new) in enumerate(requests):
+    for (context, new), slot in zip(requests, request_slots):
         total = context + new
-        blocks = free[:math.ceil(total / BLOCK_SIZE)]
-        free = free[len(blocks):]
-        block_table[r, : len(blocks)] = blocks.to(torch.int32)
-        positions = torch.arange(total)
-        slot = blocks[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         k = torch.randn(total, kv_heads, head_size, generator=gen)
         v = torch.randn(total, kv_heads, head_size, generator=gen)
         # The context was written by earlier steps.

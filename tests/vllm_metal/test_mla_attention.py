@@ -8,7 +8,6 @@ forward runs it (MLXMLAImpl.attend: write, absorbed decode, decompressed prefill
 vLLM's MLAAttention.forward_impl drives it eagerly (do_kv_cache_update, forward_mqa with the
 absorbed query, forward_mha).
 """
-import math
 import types
 
 import numpy as np
@@ -20,9 +19,8 @@ from vllm.v1.attention.backend import AttentionType
 
 from vllm_metal.attention.mla import MLXMLAImpl, MLXMLAMetadata
 
-from test_attention import reference_attention
+from test_attention import BLOCK_SIZE, place_requests, reference_attention
 
-BLOCK_SIZE = 16
 HEADS, LORA, NOPE, ROPE, V_DIM = 4, 32, 16, 8, 24
 REQUESTS = [(37, 1), (5, 1), (64, 1), (0, 23), (40, 9), (17, 30), (0, 1)]  # (context, new)
 NUM_DECODES = 3
@@ -38,18 +36,11 @@ def make_impl(kv_b_proj=None):
 def make_batch(requests, gen):
     num_blocks = 64
     cache = torch.zeros(num_blocks, BLOCK_SIZE, LORA + ROPE, device="mlx")  # as vLLM binds it
-    free = torch.randperm(num_blocks - 1, generator=gen) + 1
-    width = max(math.ceil((c + n) / BLOCK_SIZE) for c, n in requests)
-    block_table = torch.zeros(len(requests), width, dtype=torch.int32)
+    block_table, request_slots = place_requests(requests, num_blocks, gen)
     latents, pes, queries, slots = [], [], [], []
     impl = make_impl()
-    for r, (context, new) in enumerate(requests):
+    for (context, new), slot in zip(requests, request_slots):
         total = context + new
-        blocks = free[:math.ceil(total / BLOCK_SIZE)]
-        free = free[len(blocks):]
-        block_table[r, : len(blocks)] = blocks.to(torch.int32)
-        positions = torch.arange(total)
-        slot = blocks[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         latent = torch.randn(total, LORA, generator=gen)
         pe = torch.randn(total, 1, ROPE, generator=gen)
         if context:  # written by earlier steps
