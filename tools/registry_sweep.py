@@ -42,6 +42,7 @@ error) and a table with totals is printed. Nothing is skipped silently: an archi
 is listed with the reason.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -59,6 +60,7 @@ NEAR_TIE_GAP = 1e-4
 COSINE_MIN = 0.9999
 
 
+@functools.cache  # one execution of the module per process (two callers per architecture)
 def _model_maker():
     spec = importlib.util.spec_from_file_location("make_tiny_model",
                                                   ROOT / "tools" / "make_tiny_model.py")
