@@ -28,6 +28,7 @@ import torch
 from torch_mlx import _C, to_mlx
 
 from .. import envs
+from .library import cpu_backend
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _scatter_rows(storage: torch.Tensor, kv_cache: mx.array, key: mx.array, valu
         return None
 
     result = scatter()
-    if result is None and not mx.default_device() == mx.cpu:
+    if result is None and not cpu_backend():
         # On the GPU the last step's kernels may still hold the buffer for a moment after their
         # results were waited for (MLX CUDA releases them from a completion callback: 7 of 800
         # writes on the H100 fell back): once they are done it can be lent.
