@@ -16,7 +16,9 @@ op is recorded as "timeout" / "crash" and a new child carries on with the next o
 
 Exit status: 0 when every failing op is in the expected list or fails with a missing lowering or
 error, 1 when there are unexplained mismatches or expected failures that now pass (the list must
-shrink), 2 for bad arguments.
+shrink), 2 for bad arguments, 3 when --deadline stopped the sweep before every op ran.
+
+``--jobs N`` runs N children side by side on interleaved shares of the ops.
 """
 from __future__ import annotations
 
@@ -98,8 +100,10 @@ def _list_ops(dtype_name: str, names: list[str] | None) -> list[str]:
 
 
 def run_sweep(dtype_name: str, names: list[str], kinds: list[str], timeout_s: float,
-              progress) -> dict:
-    """{op name: result} for ``names``, restarting the child after a timeout or a crash."""
+              progress, deadline: float = float("inf")) -> dict:
+    """{op name: result} for ``names``, restarting the child after a timeout or a crash. At
+    ``deadline`` (a time.monotonic() value) the child is stopped: the ops it had not finished
+    are missing from the result."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with us
     results: dict[str, dict] = {}
     remaining = list(names)
@@ -114,9 +118,16 @@ def run_sweep(dtype_name: str, names: list[str], kinds: list[str], timeout_s: fl
         current, kind, sample_index, started = None, None, -1, time.perf_counter()
         # statuses of the current op's finished inputs, per kind
         done_so_far: dict[str, collections.Counter] = {}
-        deadline = STARTUP_TIMEOUT_S
+        wait_s = STARTUP_TIMEOUT_S
         while True:
-            if not parent.poll(deadline):
+            left = deadline - time.monotonic()
+            if left <= 0 or not parent.poll(min(wait_s, max(left, 0))):
+                if time.monotonic() >= deadline:
+                    proc.kill()
+                    proc.join()
+                    parent.close()
+                    os.unlink(stack_file)
+                    return results
                 os.kill(proc.pid, signal.SIGABRT)  # faulthandler writes the stacks, then dies
                 proc.join(10)
                 if proc.is_alive():
@@ -130,7 +141,7 @@ def run_sweep(dtype_name: str, names: list[str], kinds: list[str], timeout_s: fl
                 proc.join()
                 failure = CRASH
                 break
-            deadline = timeout_s
+            wait_s = timeout_s
             if msg[0] == "op_start":
                 current, kind, sample_index, started = msg[1], None, -1, time.perf_counter()
                 done_so_far = {}
@@ -212,7 +223,33 @@ def _stack_tail(path: str, lines: int = 12) -> str:
 _SEVERITY = (CRASH, TIMEOUT, "mismatch", "error", "not_implemented", "pass")
 
 
-def summarize(dtype_name: str, results: dict, elapsed_s: float, kinds=None) -> dict:
+def run_sharded(dtype_name: str, names: list[str], kinds: list[str], timeout_s: float, progress,
+                jobs: int, deadline: float) -> dict:
+    """run_sweep over ``jobs`` interleaved shards of ``names`` side by side, each with its own
+    child: MLX CUDA compiles a kernel per new shape on the host, so on the GPU the sweep is
+    bound by CPU cores, not by the GPU."""
+    if jobs <= 1:
+        return run_sweep(dtype_name, names, kinds, timeout_s, progress, deadline)
+    import concurrent.futures
+    import threading
+
+    lock = threading.Lock()
+
+    def locked_progress(name, res):
+        with lock:
+            progress(name, res)
+
+    results: dict[str, dict] = {}
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for part in pool.map(lambda shard: run_sweep(dtype_name, shard, kinds, timeout_s,
+                                                     locked_progress, deadline),
+                             [names[i::jobs] for i in range(jobs)]):
+            results.update(part)
+    return results
+
+
+def summarize(dtype_name: str, results: dict, elapsed_s: float, kinds=None,
+              not_run=()) -> dict:
     import opinfo_harness as harness
 
     kinds = list(kinds or harness.INPUT_KINDS)
@@ -303,6 +340,8 @@ def summarize(dtype_name: str, results: dict, elapsed_s: float, kinds=None) -> d
         "samples_passing": samples.get("inputs_passing"),
         "ops_crashed": crashed,
         "ops_timed_out": timed_out,
+        # ops the --deadline cut off: in no figure above
+        "ops_not_run": sorted(not_run),
         "mismatches_unexplained": sum(t["mismatches_unexplained"] for t in by_kind.values()),
         "ops_by_status": dict(by_status.most_common()),
         "expected_failures_failing": sum(t["expected_failures_failing"]
@@ -367,7 +406,8 @@ def summary_line(s: dict) -> str:
         kinds.append(text)
     return (f"{s['dtype']} [{','.join(s['inputs'])}]: {s['ops_passing']}/{s['ops_total']} ops "
             f"pass ({100 * s['pass_rate']:.1f}%); per kind: {'; '.join(kinds)}; "
-            f"crashed={len(s['ops_crashed'])}, timed out={len(s['ops_timed_out'])}; "
+            f"crashed={len(s['ops_crashed'])}, timed out={len(s['ops_timed_out'])}, "
+            f"not run (deadline)={len(s.get('ops_not_run', []))}; "
             f"mismatches_unexplained={s['mismatches_unexplained']}; ops by status: "
             f"{statuses}; expected failures still failing={s['expected_failures_failing']}, "
             f"unexpected passes={len(s['unexpected_passes'])}; LLM OpInfos "
@@ -402,6 +442,11 @@ def main(argv=None) -> int:
                         help="only the OpInfo ops of tests/torch_mlx/llm_ops.py")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one input may run before its op counts as hung")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="child processes side by side, each sweeping a share of the ops")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long and report the ops that finished (the rest "
+                             "are listed as not run; the exit status is then 3)")
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per op")
     args = parser.parse_args(argv)
 
@@ -429,15 +474,18 @@ def main(argv=None) -> int:
             print(f"{res['status']:>16}  {name}  ({counts}; {res['seconds']} s)", flush=True)
 
     started = time.perf_counter()
-    results = run_sweep(args.dtype, op_names, kinds, args.timeout, progress)
-    summary = summarize(args.dtype, results, time.perf_counter() - started, kinds)
+    deadline = time.monotonic() + args.deadline if args.deadline else float("inf")
+    results = run_sharded(args.dtype, op_names, kinds, args.timeout, progress, args.jobs,
+                          deadline)
+    not_run = [name for name in op_names if name not in results]
+    summary = summarize(args.dtype, results, time.perf_counter() - started, kinds, not_run)
     print(summary_line(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, sort_keys=False)
     failed = (summary["mismatches_unexplained"] or summary["unexpected_passes"]
               or summary["ops_crashed"])
-    return 1 if failed else 0
+    return 1 if failed else 3 if not_run else 0
 
 
 if __name__ == "__main__":

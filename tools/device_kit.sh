@@ -20,10 +20,13 @@
 #                such and its worker replaced), junit XML
 #   tests:EXPR   the same, restricted with pytest -k EXPR; tests:@FILE runs the node ids listed
 #                in FILE (one a line, a path in the tree: an untracked file travels with it)
-#   conformance  tools/conformance.py --dtype float32 (its own crash-proof child)
+#   conformance  tools/conformance.py --dtype float32 (crash-proof children, KIT_CONF_JOBS of them,
+#                default 12, stopped at KIT_ITEM_S with the ops that finished reported)
 #   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
 #   cachewrite   tools/bench_cache_write.py with VLLM_METAL_KV_WRITE=scatter and =rows
+#   qprobe       tools/gpu_quantized_probe.py: mx.quantized_matmul against float64 for every
+#                bits / group size / dtype, weights in device, managed and torch_mlx memory
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
@@ -34,6 +37,8 @@
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
 # the XML are still written. KIT_WORKERS (default 16, one a core) sets tests' xdist workers; work
 # stealing keeps them busy through the slow tail (the whole suite is ~7100 test-seconds on the H100).
+# KIT_VWORKERS (default 4) does the same for vtests: a vLLM engine test is ~30 s there, mostly
+# start-up and MLX CUDA's per-shape JIT, so a few engines side by side share the GPU well.
 # JSON reports land in $OUT, every log in $OUT/logs.tgz (the device tool brings them back). A later call on the same warm
 # machine may run `bash tools/device_kit.sh run ...` again without carrying anything: the
 # install and the build are kept in /tmp/kit.
@@ -193,12 +198,18 @@ run_item() {
       grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
       tail -60 "$LOG/tests.log" ;;
     conformance)
-      python3 tools/conformance.py --dtype float32 --json "$LOG/conformance-float32.json" \
+      # 12 children side by side (MLX CUDA compiles kernels on the host: CPU-bound); at
+      # KIT_ITEM_S the sweep stops and reports the ops that finished
+      python3 tools/conformance.py --dtype float32 --jobs "${KIT_CONF_JOBS:-12}" \
+        --deadline "${KIT_ITEM_S:-560}" --json "$LOG/conformance-float32.json" \
         >"$LOG/conformance.log" 2>&1 || status=1
       tail -25 "$LOG/conformance.log" ;;
     diff:*)
       python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
       tail -c 20000 "$LOG/diff.log" ;;
+    qprobe)  # mx.quantized_matmul over bits x groups x rows x dtypes, three weight memories
+      python3 tools/gpu_quantized_probe.py --json "$LOG/qprobe.json" >"$LOG/qprobe.log" 2>&1 || status=1
+      tail -c 12000 "$LOG/qprobe.log" ;;
     opcost)  # both launch modes (csrc/launch.h)
       python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
       TORCH_MLX_ASYNC=1 python3 tools/gpu_op_cost.py >>"$LOG/opcost.log" 2>&1 || status=1
@@ -208,7 +219,8 @@ run_item() {
       local vsel=()
       [ "$item" != vtests ] && vsel=(-k "${item#vtests:}")
       timeout -s INT -k 30 "${KIT_ITEM_S:-560}" \
-        python3 -m pytest -v -p no:cacheprovider --timeout 900 tests/vllm_metal "${vsel[@]}" \
+        python3 -m pytest -v -p no:cacheprovider -n "${KIT_VWORKERS:-4}" --dist worksteal \
+        --timeout 900 tests/vllm_metal "${vsel[@]}" \
         --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
       tail -80 "$LOG/vtests.log" ;;
     cachewrite)  # the KV-cache write, both paths (vllm_metal/ops/cache.py)

@@ -2,7 +2,9 @@
 both results, and where they differ. For diagnosing a mismatch on a machine where only logs
 come back (the GPU device): `python tools/op_diff.py topk:bfloat16 kthvalue:float16`.
 
-A spec is OP_NAME:DTYPE (OpInfo full name, as in tests/torch_mlx/expected_failures.py)."""
+A spec is OP_NAME:DTYPE (OpInfo full name, as in tests/torch_mlx/expected_failures.py), or
+OP_NAME:DTYPE:reference for the op's reference inputs beyond its samples (what
+test_reference_matches_cpu runs)."""
 from __future__ import annotations
 
 import argparse
@@ -46,10 +48,12 @@ def main() -> int:
     args = parser.parse_args()
     by_name = {op.full_name: op for op in op_db}
     for spec in args.specs:
-        name, _, dtype_text = spec.rpartition(":")
+        name, dtype_text, *kind = spec.split(":")
         op, dtype = by_name[name], H.dtype_from_name(dtype_text)
+        inputs = H.reference_inputs_of(op, dtype)[0] if kind == ["reference"] \
+            else H.samples_of(op, dtype)
         shown = 0
-        for n, (sample, keep) in enumerate(H.samples_of(op, dtype)):
+        for n, (sample, keep) in enumerate(inputs):
             result = H.run_sample(op, sample, keep)
             if result.status == H.PASS or shown >= args.max:
                 continue

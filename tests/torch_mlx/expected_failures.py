@@ -384,6 +384,7 @@ CPU_BACKEND_ONLY: frozenset[tuple[str, str]] = frozenset({
 })
 CPU_BACKEND_ONLY_REFERENCE: frozenset[tuple[str, str]] = frozenset({
     ("add", "bfloat16"),
+    ("special.ndtr", "float16"),  # passes on the H100 (visit of 2026-12-06, 14:04)
 })
 # Entries for the GPU alone, each with the reason measured there (H100, MLX CUDA, 2026-12-06;
 # figures: the first failing sample against the op in float64).

@@ -249,6 +249,11 @@ def test_cpu_kernels_read_strides_at_evaluation():
     # be read by their strides then (a GPTQ act-order gather of x once gave wrong numbers).
     from torch_mlx import _C
 
+    # the reference is MLX's own kernel on its CPU stream, which reads any strides (its GPU
+    # kernels want the weights' rows contiguous)
+    def reference(x, w, scales, biases):
+        return mx.quantized_matmul(x, w, scales, biases, group_size=32, bits=4, stream=mx.cpu)
+
     w = mx.random.normal((64, 256))
     wq, s, b = mx.quantize(w, group_size=32, bits=4)
     order = mx.random.permutation(256)
@@ -257,23 +262,23 @@ def test_cpu_kernels_read_strides_at_evaluation():
     def gathered(x):
         return _C.affine_quantized_matmul(mx.take(x, order, axis=1), wq, s, b, 32, 4)
 
-    ref = mx.quantized_matmul(mx.take(x, order, axis=1), wq, s, b, group_size=32, bits=4)
+    ref = reference(mx.take(x, order, axis=1), wq, s, b)
     for f in (gathered, mx.compile(gathered)):
         assert mx.allclose(f(x), ref, rtol=1e-4, atol=1e-4).item()
     xt = mx.random.normal((256, 3))
-    ref = mx.quantized_matmul(xt.T, wq, s, b, group_size=32, bits=4)
+    ref = reference(xt.T, wq, s, b)
     got = mx.compile(lambda a: _C.affine_quantized_matmul(a.T, wq, s, b, 32, 4))(xt)
     assert mx.allclose(got, ref, rtol=1e-4, atol=1e-4).item()
     x3 = mx.random.normal((2, 5, 256)).transpose(1, 0, 2)
-    ref = mx.quantized_matmul(x3, wq, s, b, group_size=32, bits=4)
+    ref = reference(x3, wq, s, b)
     assert mx.allclose(_C.affine_quantized_matmul(x3, wq, s, b, 32, 4), ref, rtol=1e-4,
                        atol=1e-4).item()
-    ref = mx.quantized_matmul(x, wq[::2], s[::2], b[::2], group_size=32, bits=4)
+    ref = reference(x, wq[::2], s[::2], b[::2])
     got = _C.affine_quantized_matmul(x, wq[::2], s[::2], b[::2], 32, 4)
     assert mx.allclose(got, ref, rtol=1e-4, atol=1e-4).item()
     dense = _C.affine_dequantize(wq[::2], s[::2], b[::2], 32, 4)
-    assert mx.allclose(dense, mx.dequantize(wq[::2], s[::2], b[::2], group_size=32, bits=4),
-                       rtol=1e-6, atol=1e-6).item()
+    assert mx.allclose(dense, mx.dequantize(wq[::2], s[::2], b[::2], group_size=32, bits=4,
+                                            stream=mx.cpu), rtol=1e-6, atol=1e-6).item()
 
 
 def test_quantized_matmul_compiles():

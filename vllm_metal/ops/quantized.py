@@ -52,7 +52,8 @@ quantized_embedding_op = define(
 
 @lowering("vllm_metal::quantized_matmul")
 def quantized_matmul(x, weight, scales, biases, group_size, bits):
-    if not cpu_backend():
+    if not cpu_backend():  # MLX's GPU kernels take weights with contiguous rows only
+        weight, scales, biases = (mx.contiguous(a) for a in (weight, scales, biases))
         return mx.quantized_matmul(x, weight, scales, biases, transpose=True,
                                    group_size=group_size, bits=bits)
     if math.prod(x.shape[:-1]) <= DEQUANTIZE_ABOVE_ROWS:
