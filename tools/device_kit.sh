@@ -229,13 +229,17 @@ run_item() {
           --json "$LOG/cache_write_$path.json" >>"$LOG/cachewrite.log" 2>&1 || status=1
       done
       cat "$LOG/cachewrite.log" ;;
-    profile)  # where a vllm_metal decode step goes on the GPU: the bench_gpu model, bf16
-      local model=models/bench-llama-16x1536-bf16
+    profile|profile:async)  # where a vllm_metal decode step goes on the GPU: bench_gpu's
+      # model, bf16; profile:async with torch_mlx's launch without waiting (TORCH_MLX_ASYNC=1)
+      local model=models/bench-llama-16x1536-bf16 mode=sync
+      [ "$item" = profile:async ] && mode=async
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
-bench_gpu.make_model('$model', 16, 1536)" >"$LOG/profile.log" 2>&1 || status=1
+bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
       for batch in 1 32; do
+        TORCH_MLX_ASYNC=$([ $mode = async ] && echo 1 || echo 0) \
         python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
-          --batch "$batch" --json "$LOG/profile_b$batch.json" >>"$LOG/profile.log" 2>&1 || status=1
+          --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
+          || status=1
       done
       grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/profile.log" | tail -120 ;;
     bench|bench:*)
