@@ -447,6 +447,9 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="stop after this long and report the ops that finished (the rest "
                              "are listed as not run; the exit status is then 3)")
+    parser.add_argument("--resume", metavar="PREVIOUS_JSON",
+                        help="a report of the same dtype and inputs that a --deadline cut short: "
+                             "its op results are kept and only the other ops run")
     parser.add_argument("--verbose", "-v", action="store_true", help="a line per op")
     args = parser.parse_args(argv)
 
@@ -473,10 +476,19 @@ def main(argv=None) -> int:
                 for kind, part in res["kinds"].items())
             print(f"{res['status']:>16}  {name}  ({counts}; {res['seconds']} s)", flush=True)
 
+    done: dict[str, dict] = {}
+    if args.resume:
+        with open(args.resume) as f:
+            previous = json.load(f)
+        if previous["dtype"] != args.dtype or previous["inputs"] != kinds:
+            parser.error(f"{args.resume} is a {previous['dtype']} {previous['inputs']} report")
+        # ops that ran there (ops without samples are cheap and run again)
+        done = {name: res for name, res in previous["per_op"].items() if name in op_names}
     started = time.perf_counter()
     deadline = time.monotonic() + args.deadline if args.deadline else float("inf")
-    results = run_sharded(args.dtype, op_names, kinds, args.timeout, progress, args.jobs,
-                          deadline)
+    results = run_sharded(args.dtype, [n for n in op_names if n not in done], kinds,
+                          args.timeout, progress, args.jobs, deadline)
+    results.update(done)
     not_run = [name for name in op_names if name not in results]
     summary = summarize(args.dtype, results, time.perf_counter() - started, kinds, not_run)
     print(summary_line(summary))

@@ -21,7 +21,8 @@
 #   tests:EXPR   the same, restricted with pytest -k EXPR; tests:@FILE runs the node ids listed
 #                in FILE (one a line, a path in the tree: an untracked file travels with it)
 #   conformance  tools/conformance.py --dtype float32 (crash-proof children, KIT_CONF_JOBS of them,
-#                default 12, stopped at KIT_ITEM_S with the ops that finished reported)
+#                default 12, stopped at KIT_ITEM_S with the ops that finished reported);
+#                conformance:@FILE resumes from an earlier report (untracked files travel)
 #   diff:SPECS   tools/op_diff.py: the inputs and both results of each failing OpInfo sample;
 #                SPECS is comma-separated OP:DTYPE (diff:topk:bfloat16,kthvalue:float16)
 #   cachewrite   tools/bench_cache_write.py with VLLM_METAL_KV_WRITE=scatter and =rows
@@ -197,10 +198,13 @@ run_item() {
         --junitxml "$LOG/tests.xml" -rfEx >"$LOG/tests.log" 2>&1 || status=1
       grep -E '^(FAILED|ERROR)|^\[gw[0-9]+\] .*(FAILED|ERROR)' "$LOG/tests.log" | sort -u | head -150
       tail -60 "$LOG/tests.log" ;;
-    conformance)
+    conformance|conformance:@*)
       # 12 children side by side (MLX CUDA compiles kernels on the host: CPU-bound); at
-      # KIT_ITEM_S the sweep stops and reports the ops that finished
-      python3 tools/conformance.py --dtype float32 --jobs "${KIT_CONF_JOBS:-12}" \
+      # KIT_ITEM_S the sweep stops and reports the ops that finished; conformance:@FILE resumes
+      # the sweep of an earlier report FILE (a path in the tree)
+      local resume=()
+      [ "$item" != conformance ] && resume=(--resume "${item#conformance:@}")
+      python3 tools/conformance.py --dtype float32 --jobs "${KIT_CONF_JOBS:-12}" "${resume[@]}" \
         --deadline "${KIT_ITEM_S:-560}" --json "$LOG/conformance-float32.json" \
         >"$LOG/conformance.log" 2>&1 || status=1
       tail -25 "$LOG/conformance.log" ;;
@@ -208,7 +212,8 @@ run_item() {
       python3 tools/op_diff.py $(echo "${item#diff:}" | tr , " ") >"$LOG/diff.log" 2>&1 || status=1
       tail -c 20000 "$LOG/diff.log" ;;
     qprobe)  # mx.quantized_matmul over bits x groups x rows x dtypes, three weight memories
-      python3 tools/gpu_quantized_probe.py --json "$LOG/qprobe.json" >"$LOG/qprobe.log" 2>&1 || status=1
+      timeout -k 10 "${KIT_ITEM_S:-560}" python3 tools/gpu_quantized_probe.py --jobs 12 \
+        --json "$LOG/qprobe.json" >"$LOG/qprobe.log" 2>&1 || status=1
       tail -c 12000 "$LOG/qprobe.log" ;;
     opcost)  # both launch modes (csrc/launch.h)
       python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1

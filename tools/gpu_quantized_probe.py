@@ -9,11 +9,14 @@ packed weights made three ways: by an MLX GPU op (device memory: how mlx-lm's we
 after its first step), from host data (``mx.array(numpy)``: managed memory, how torch_mlx's
 storages and so every weight vLLM loads live) and through torch_mlx's bridge. Each result is
 compared with the dequantized weights multiplied in float64 on the host. One subprocess per
-(bits, group size), so a launch failure that poisons the CUDA context is one row, not the run.
+(bits, group size), so a launch failure that poisons the CUDA context is one row, not the run;
+they run side by side (MLX CUDA compiles each kernel instance on the host the first time) and
+each prints its rows as it finishes.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -41,7 +44,7 @@ for K, N in ((256, 96), (512, 256)):
             torch_mlx.to_mlx(torch.from_numpy(np.array(a)).to("mlx")) for a in (wq, scales, biases))
     except Exception as exc:  # torch_mlx missing: the two MLX-only rows still say it
         print("torch_mlx source skipped:", exc, file=sys.stderr)
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in sys.argv[3].split(","):
         for M in (1, 3, 8, 17, 80):
             x = mx.random.normal((M, K)).astype(getattr(mx, dtype))
             mx.eval(x)
@@ -70,31 +73,60 @@ print(json.dumps(rows))
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.15, "float16": 0.15}
 
 
+def _child(bits: int, gs: int, dtypes: str, timeout: float) -> list[dict]:
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(bits), str(gs), dtypes],
+                              capture_output=True, text=True, timeout=timeout)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = "timeout", str(exc.stdout or "") + str(exc.stderr or "")
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    if rc or not lines:
+        return [{"bits": bits, "group": gs, "crash": rc, "output": out[-600:]}]
+    return json.loads(lines[-1])
+
+
+def _describe(r: dict) -> str:
+    what = r.get("error") or (f"child {r['crash']}: {r['output'][-300:]}" if "crash" in r
+                              else f"rel error {r['rel_error']:.3g}")
+    return (f"bits {r['bits']} g{r['group']} K{r.get('K')} N{r.get('N')} {r.get('dtype')} "
+            f"M={r.get('M')} weights={r.get('weights')}: {what}")
+
+
+def _wrong(r: dict) -> bool:
+    return "error" in r or "crash" in r or r["rel_error"] > TOLERANCE[r["dtype"]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="activation dtypes (float32, bfloat16, float16)")
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per child")
     args = parser.parse_args()
     rows = []
-    for bits in (2, 3, 4, 5, 6, 8):
-        for gs in (32, 64, 128):
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(bits), str(gs)],
-                                  capture_output=True, text=True, timeout=600)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
-            if proc.returncode or not lines:
-                rows.append({"bits": bits, "group": gs, "crash": proc.returncode,
-                             "output": (proc.stdout + proc.stderr)[-600:]})
-                print(f"bits {bits} group {gs}: child rc={proc.returncode}\n"
-                      f"{(proc.stdout + proc.stderr)[-600:]}")
-                continue
-            rows += json.loads(lines[-1])
-    bad = [r for r in rows if "error" in r or "crash" in r
-           or r.get("rel_error", 0) > TOLERANCE[r["dtype"]]]
-    print(f"{len(rows)} cases, {len(bad)} wrong or failed:")
-    for r in bad:
-        what = r.get("error") or (f"crash {r['crash']}" if "crash" in r
-                                  else f"rel error {r['rel_error']:.3g}")
-        print(f"  bits {r['bits']} g{r['group']} K{r.get('K')} N{r.get('N')} {r.get('dtype')} "
-              f"M={r.get('M')} weights={r.get('weights')}: {what}")
+    configs = [(bits, gs) for bits in (2, 3, 4, 5, 6, 8) for gs in (32, 64, 128)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(_child, bits, gs, args.dtypes, args.timeout): (bits, gs)
+                   for bits, gs in configs}
+        for future in concurrent.futures.as_completed(futures):
+            bits, gs = futures[future]
+            part = future.result()
+            rows += part
+            bad = [r for r in part if _wrong(r)]
+            print(f"bits {bits} group {gs}: {len(part)} cases, {len(bad)} wrong or failed",
+                  flush=True)
+            for r in bad:
+                print("  " + _describe(r), flush=True)
+    bad = [r for r in rows if _wrong(r)]
+    by_source = {}
+    for r in rows:
+        if "weights" in r:
+            ok, n = by_source.get(r["weights"], (0, 0))
+            by_source[r["weights"]] = (ok + (not _wrong(r)), n + 1)
+    print(f"{len(rows)} cases, {len(bad)} wrong or failed; right per weight memory: "
+          + ", ".join(f"{k} {ok}/{n}" for k, (ok, n) in by_source.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f)
