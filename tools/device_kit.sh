@@ -234,14 +234,16 @@ run_item() {
           --json "$LOG/cache_write_$path.json" >>"$LOG/cachewrite.log" 2>&1 || status=1
       done
       cat "$LOG/cachewrite.log" ;;
-    profile|profile:async)  # where a vllm_metal decode step goes on the GPU: bench_gpu's
-      # model, bf16; profile:async with torch_mlx's launch without waiting (TORCH_MLX_ASYNC=1)
-      local model=models/bench-llama-16x1536-bf16 mode=sync
-      [ "$item" = profile:async ] && mode=async
+    profile|profile:*)  # where a vllm_metal decode step goes on the GPU: bench_gpu's model,
+      # bf16. profile:async launches eager ops without waiting (TORCH_MLX_ASYNC=1),
+      # profile:pipeline starts each layer's work while the next is recorded (TORCH_MLX_PIPELINE=1)
+      local model=models/bench-llama-16x1536-bf16 mode=${item#profile}
+      mode=${mode#:}; mode=${mode:-sync}
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
       for batch in 1 32; do
-        TORCH_MLX_ASYNC=$([ $mode = async ] && echo 1 || echo 0) \
+        TORCH_MLX_ASYNC=$([ "$mode" = async ] && echo 1 || echo 0) \
+        TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
         python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
           --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
           || status=1

@@ -13,6 +13,7 @@ shapes or constants, which is cheap next to a dynamo recompile.
 from __future__ import annotations
 
 import operator
+import os
 
 import mlx.core as mx
 import torch
@@ -174,6 +175,12 @@ class _Tracing:
         registry._tracing = False
 
 
+# Experimental (off unless TORCH_MLX_PIPELINE=1): evaluate a parted graph asynchronously after
+# each uncompiled step (an attention layer), so the device starts on the first layers while the
+# rest of the step is still being recorded.
+_PIPELINE = os.environ.get("TORCH_MLX_PIPELINE") == "1"
+
+
 class MlxGraph(torch.nn.Module):
     """A graph whose every node has a lowering, run as MLX: one ``mx.compile``d function, or,
     where some lowerings must run outside mx.compile (``compiled=False``), compiled segments and
@@ -210,6 +217,11 @@ class MlxGraph(torch.nn.Module):
         env = dict(zip(self.placeholders, inputs))
         for part in self.parts:
             part(env)
+            if _PIPELINE and isinstance(part, _Uncompiled):
+                # start what is recorded so far: the device runs it while Python records the rest
+                values = [v for v in _flatten(env.get(part.step.node)) if isinstance(v, mx.array)]
+                if values:
+                    mx.async_eval(values)
         outs = _outer_value(self.output.args[0], env)
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 

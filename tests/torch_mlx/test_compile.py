@@ -1,5 +1,6 @@
 """torch.compile(backend="mlx"): compiled results equal eager results on "mlx"."""
 import mlx.core as mx
+import pytest
 import torch
 
 import torch_mlx.compile  # noqa: F401  (also reachable through the entry point)
@@ -137,7 +138,14 @@ def _scale_into(x, out, k):
     return None, x * k  # the op's result, then the new value of `out`
 
 
-def test_uncompiled_lowering_runs_between_compiled_segments_in_one_graph():
+@pytest.mark.parametrize("pipeline", [False, True], ids=["one_eval", "pipelined"])
+def test_uncompiled_lowering_runs_between_compiled_segments_in_one_graph(pipeline, monkeypatch):
+    # pipelined: TORCH_MLX_PIPELINE=1, the graph evaluated asynchronously after each uncompiled
+    # step; the result must not change
+    from torch_mlx import compile as mlx_compile
+
+    monkeypatch.setattr(mlx_compile, "_PIPELINE", pipeline)
+
     def f(a, b):
         h = torch.relu(a @ b) + 1
         out = torch.empty_like(h)
