@@ -65,6 +65,21 @@ for K, N in ((256, 96), (512, 256)):
                 except Exception as exc:
                     row["error"] = str(exc)[:200]
                 rows.append(row)
+    # vllm_metal's quantized embedding (and tied lm_head rows): gathered packed rows, dequantized
+    ids = mx.array([0, 5, N - 1, 7, 7], dtype=mx.int32)
+    ref_rows = np.array(mx.dequantize(wq, scales, biases, group_size=gs, bits=bits,
+                                      stream=mx.cpu))[np.array(ids)]
+    for source, (q, s, b) in sources.items():
+        row = {"bits": bits, "group": gs, "K": K, "N": N, "dtype": "float32", "M": "embedding",
+               "weights": source}
+        try:
+            got = mx.dequantize(mx.take(q, ids, axis=0), mx.take(s, ids, axis=0),
+                                mx.take(b, ids, axis=0), group_size=gs, bits=bits)
+            row["rel_error"] = float(np.abs(np.array(got) - ref_rows).max()
+                                     / np.abs(ref_rows).max())
+        except Exception as exc:
+            row["error"] = str(exc)[:200]
+        rows.append(row)
 print(json.dumps(rows))
 """
 
