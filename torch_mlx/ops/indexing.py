@@ -51,12 +51,15 @@ def _wrap_checked(idx: mx.array, size: int, dim: int, negative: bool = True,
     index_fill); otherwise they are errors (gather, scatter, index_add, ...). The check reads
     the evaluated indices on the host (zero-copy: memory is unified), which costs far less than
     a chain of MLX reductions; the wrap is an MLX op only when an index is negative."""
-    idx = _i64(idx)
     if idx.size == 0:
-        return idx
+        return _i64(idx)
     if registry.tracing():  # no evaluation inside mx.compile: the check is eager-only
+        idx = _i64(idx)
         return mx.where(idx < 0, idx + size, idx) if negative else idx
+    # checked as given, cast after: an index tensor torch made is already evaluated, so reading
+    # it costs no MLX round trip (its int64 cast would be one more evaluation, a wait each)
     host = _host(idx).numpy()
+    idx = _i64(idx)
     low = -size if negative else 0
     smallest, largest = host.min(), host.max()
     if smallest < low or largest >= size:
