@@ -32,6 +32,7 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
+#   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
 #                (bench:mlx_lm,vllm_metal)
@@ -249,6 +250,13 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
           || status=1
       done
       grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/profile.log" | tail -120 ;;
+    serve)  # #16: `vllm serve` against mlx_lm.server on bench_gpu's model, concurrency 1 / 8 / 32
+      local smodel=models/bench-llama-16x1536-bf16
+      python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
+bench_gpu.make_model('$smodel', 16, 1536)" >"$LOG/serve.log" 2>&1 || status=1
+      timeout -k 10 "${KIT_ITEM_S:-560}" python3 tools/bench_serve.py --model "$smodel" \
+        --json "$LOG/serve.json" >>"$LOG/serve.log" 2>&1 || status=1
+      tail -30 "$LOG/serve.log" ;;
     bench|bench:*)
       local engines=()
       [ "$item" != bench ] && engines=(--engines "${item#bench:}")
