@@ -282,6 +282,13 @@ COMPAT_FIELDS = {
     # transformers' GLM-4-MoE-Lite lists each layer's MLP (mlp_layer_types); vLLM reads
     # DeepSeek's first_k_dense_replace (leading dense layers, the rest mixtures of experts)
     "Glm4MoeLiteConfig": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types)),
+    # transformers' HYV3 (Hy3-preview): each layer's MLP in mlp_layer_types, experts of
+    # moe_intermediate_size, q/k RMSNorm in every attention, sigmoid top-k renormalized then
+    # scaled by router_scaling_factor. vLLM reads the Tencent config's names:
+    # first_k_dense_replace, expert_hidden_dim, qk_norm (getattr, default False) and route_norm
+    "HYV3Config": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types),
+                                 expert_hidden_dim=c.moe_intermediate_size, qk_norm=True,
+                                 route_norm=True),
 }
 
 

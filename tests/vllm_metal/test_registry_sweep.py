@@ -59,3 +59,16 @@ def test_glm4_moe_lite_gets_first_k_dense_replace_from_its_layer_list():
     assert sweep._leading_dense(["dense", "dense", "sparse"]) == 2
     with pytest.raises(ValueError, match="cannot describe"):
         sweep._leading_dense(["dense", "sparse", "dense"])
+
+
+def test_hy_v3_gets_the_tencent_config_names():
+    import transformers
+
+    config = transformers.HYV3Config(**sweep.shrink_kwargs(transformers.HYV3Config, 1024, TOKENS))
+    added = sweep.add_compat_fields(config)
+    assert set(added) == {"first_k_dense_replace", "expert_hidden_dim", "qk_norm", "route_norm"}
+    assert config.first_k_dense_replace == config.mlp_layer_types.index("sparse") == 1
+    assert config.expert_hidden_dim == config.moe_intermediate_size
+    # transformers' HYV3Attention always has q_norm/k_norm; vLLM's defaults qk_norm to False
+    model = transformers.HYV3ForCausalLM(config)
+    assert hasattr(model.model.layers[0].self_attn, "q_norm") and config.qk_norm is True
