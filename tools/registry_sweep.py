@@ -300,6 +300,46 @@ def _leading_dense(mlp_layer_types: list[str]) -> int:
     return k
 
 
+def _axk1_dense_post_mlp_norms(config) -> dict:
+    import torch
+
+    first_k = config.first_k_dense_replace
+    return {f"model.layers.{i}.post_mlp_layernorm.weight": torch.ones(config.hidden_size)
+            for i in range(min(first_k, config.num_hidden_layers))}
+
+
+# Weights real checkpoints carry that transformers 5.19's model does not make, and that vLLM
+# 0.32's loader requires (it fails on a parameter the checkpoint lacks) but its forward never
+# reads: only such weights belong here (a weight either model computes with must come from
+# transformers' model). Keyed by config class name; added to the saved checkpoint where absent.
+COMPAT_WEIGHTS = {
+    # A.X-K1: the released checkpoints keep a post_mlp_layernorm in every decoder layer;
+    # transformers moved it into its AXK1MoE (sparse layers only). vLLM's AXK1DecoderLayer
+    # builds one in every layer but applies it only where is_layer_sparse, so the dense
+    # layers' (first_k_dense_replace of them) are loaded and never read: RMSNorm's initial ones.
+    "AXK1Config": _axk1_dense_post_mlp_norms,
+}
+
+
+def add_compat_weights(config, out: str) -> list[str]:
+    """Add COMPAT_WEIGHTS' tensors the saved checkpoint (out/model.safetensors) lacks; returns
+    their names."""
+    fn = COMPAT_WEIGHTS.get(type(config).__name__)
+    if fn is None:
+        return []
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(out, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} (a sharded checkpoint: COMPAT_WEIGHTS handles one file)")
+    tensors = load_file(path)
+    added = {k: v.to(next(iter(tensors.values())).dtype).contiguous()
+             for k, v in fn(config).items() if k not in tensors}
+    if added:
+        save_file({**tensors, **added}, path, metadata={"format": "pt"})
+    return sorted(added)
+
+
 def add_compat_fields(config) -> list[str]:
     """Set COMPAT_FIELDS' fields the config lacks; returns their names."""
     fn = COMPAT_FIELDS.get(type(config).__name__)
@@ -391,9 +431,11 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     model = model_cls(config).eval()
     rescale_generic(model, torch.Generator().manual_seed(seed), maker)
     model.save_pretrained(out)
+    compat_weights = add_compat_weights(config, out)
     params = sum(p.numel() for p in model.parameters())
     return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
-            "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {})}
+            "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {}),
+            **({"compat_weights": compat_weights} if compat_weights else {})}
 
 
 # ---------------------------------------------------------------------------------------------

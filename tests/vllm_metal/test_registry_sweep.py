@@ -72,3 +72,23 @@ def test_hy_v3_gets_the_tencent_config_names():
     # transformers' HYV3Attention always has q_norm/k_norm; vLLM's defaults qk_norm to False
     model = transformers.HYV3ForCausalLM(config)
     assert hasattr(model.model.layers[0].self_attn, "q_norm") and config.qk_norm is True
+
+
+def test_axk1_checkpoint_gets_the_dense_layers_unused_post_mlp_norm(tmp_path):
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AXK1Config(**sweep.shrink_kwargs(transformers.AXK1Config, 1024, TOKENS))
+    assert config.first_k_dense_replace == 1 and config.num_hidden_layers == 2
+    model = transformers.AXK1ForCausalLM(config)
+    # transformers' AXK1 keeps the norm inside its MoE block: none in the dense layer 0
+    assert not any("layers.0." in n and "post_mlp_layernorm" in n for n, _ in
+                   model.named_parameters())
+    model.save_pretrained(tmp_path)
+    assert sweep.add_compat_weights(config, str(tmp_path)) == [
+        "model.layers.0.post_mlp_layernorm.weight"]
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(tensors["model.layers.0.post_mlp_layernorm.weight"], torch.ones(128))
+    assert "model.layers.1.post_mlp_layernorm.weight" in tensors  # the MoE layer's, saved as is
+    assert sweep.add_compat_weights(config, str(tmp_path)) == []  # present: left alone
