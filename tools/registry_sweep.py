@@ -16,8 +16,12 @@ For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") 
    defaults shrunk (SHRINK: hidden 128, 2 layers, 4 heads, 4 experts, vocab of the local tokenizer
    of tools/make_tiny_model.py, ...), random weights under a seed, rescaled as make_tiny_model.py
    does (so greedy tokens are not decided by float32 noise). The architectures make_tiny_model.py
-   knows are made by it unchanged. A failure here (config validation, model construction,
-   save) is not_buildable with the reason; nothing is downloaded.
+   knows are made by it unchanged. Where transformers 5.19 writes a checkpoint other than real
+   ones (fields it dropped, a weight it does not make, another config.json schema, a smaller
+   tokenizer), COMPAT_FIELDS, COMPAT_WEIGHTS, CONFIG_JSON_FORMAT and TOKENIZER_SPECIAL_TOKENS
+   make it as real ones are, describing the model transformers computes. A failure here (config
+   validation, model construction, save) is not_buildable with the reason; nothing is
+   downloaded.
 2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
    forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
    model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN);
