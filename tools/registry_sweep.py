@@ -16,8 +16,12 @@ For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") 
    defaults shrunk (SHRINK: hidden 128, 2 layers, 4 heads, 4 experts, vocab of the local tokenizer
    of tools/make_tiny_model.py, ...), random weights under a seed, rescaled as make_tiny_model.py
    does (so greedy tokens are not decided by float32 noise). The architectures make_tiny_model.py
-   knows are made by it unchanged. A failure here (config validation, model construction,
-   save) is not_buildable with the reason; nothing is downloaded.
+   knows are made by it unchanged. Where transformers 5.19 writes a checkpoint other than real
+   ones (fields it dropped, a weight it does not make, another config.json schema, a smaller
+   tokenizer), COMPAT_FIELDS, COMPAT_WEIGHTS, CONFIG_JSON_FORMAT and TOKENIZER_SPECIAL_TOKENS
+   make it as real ones are, describing the model transformers computes. A failure here (config
+   validation, model construction, save) is not_buildable with the reason; nothing is
+   downloaded.
 2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
    forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
    model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN);
@@ -282,6 +286,13 @@ COMPAT_FIELDS = {
     # transformers' GLM-4-MoE-Lite lists each layer's MLP (mlp_layer_types); vLLM reads
     # DeepSeek's first_k_dense_replace (leading dense layers, the rest mixtures of experts)
     "Glm4MoeLiteConfig": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types)),
+    # transformers' HYV3 (Hy3-preview): each layer's MLP in mlp_layer_types, experts of
+    # moe_intermediate_size, q/k RMSNorm in every attention, sigmoid top-k renormalized then
+    # scaled by router_scaling_factor. vLLM reads the Tencent config's names:
+    # first_k_dense_replace, expert_hidden_dim, qk_norm (getattr, default False) and route_norm
+    "HYV3Config": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types),
+                                 expert_hidden_dim=c.moe_intermediate_size, qk_norm=True,
+                                 route_norm=True),
 }
 
 
@@ -291,6 +302,104 @@ def _leading_dense(mlp_layer_types: list[str]) -> int:
         raise ValueError(f"mlp_layer_types {mlp_layer_types} is not k dense layers then sparse "
                          f"ones: first_k_dense_replace cannot describe it")
     return k
+
+
+def _deepseek_v4_released_format(d: dict) -> dict:
+    # transformers 5.19 writes DeepSeek-V4's schedules as layer_types / mlp_layer_types with
+    # V4's own values ("hash_moe", "moe", "*_compressed_attention") and a compress_rates dict;
+    # the released checkpoints carry compress_ratios (per layer: 0 sliding, 4 CSA, 128 HCA) and
+    # num_hash_layers, which transformers folds into the same fields on load. vLLM 0.32 reads
+    # the released names, and its DeepseekV4Config (a transformers PreTrainedConfig) rejects
+    # mlp_layer_types values other than "sparse"/"dense" while parsing.
+    ratio = {"sliding_attention": 0, **d.pop("compress_rates")}
+    d["compress_ratios"] = [ratio[t] for t in d.pop("layer_types")]
+    mlp = d.pop("mlp_layer_types")
+    k = mlp.count("hash_moe")
+    if mlp != ["hash_moe"] * k + ["moe"] * (len(mlp) - k):
+        raise ValueError(f"mlp_layer_types {mlp}: num_hash_layers cannot describe it")
+    d["num_hash_layers"] = k
+    return d
+
+
+# config.json as real checkpoints write it where transformers 5.19 writes another schema that
+# vLLM 0.32 cannot parse (keyed by config class name: saved dict -> dict). The file is checked
+# to load back in transformers to the very config it was built from (the reference reads it).
+CONFIG_JSON_FORMAT = {
+    "DeepseekV4Config": _deepseek_v4_released_format,
+}
+
+
+def rewrite_config_json(config, out: str) -> bool:
+    fn = CONFIG_JSON_FORMAT.get(type(config).__name__)
+    if fn is None:
+        return False
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    with open(path, "w") as f:
+        json.dump(fn(dict(saved)), f, indent=2, sort_keys=True)
+    built, loaded = config.to_dict(), type(config).from_pretrained(out).to_dict()
+    differ = sorted(k for k in set(built) | set(loaded) if k not in (
+        "transformers_version", "_name_or_path") and built.get(k) != loaded.get(k))
+    if differ:
+        raise ValueError(f"config.json in the released format loads back different: {differ}")
+    return True
+
+
+def _axk1_dense_post_mlp_norms(config) -> dict:
+    import torch
+
+    first_k = config.first_k_dense_replace
+    return {f"model.layers.{i}.post_mlp_layernorm.weight": torch.ones(config.hidden_size)
+            for i in range(min(first_k, config.num_hidden_layers))}
+
+
+# Weights real checkpoints carry that transformers 5.19's model does not make, and that vLLM
+# 0.32's loader requires (it fails on a parameter the checkpoint lacks) but its forward never
+# reads: only such weights belong here (a weight either model computes with must come from
+# transformers' model). Keyed by config class name; added to the saved checkpoint where absent.
+COMPAT_WEIGHTS = {
+    # A.X-K1: the released checkpoints keep a post_mlp_layernorm in every decoder layer;
+    # transformers moved it into its AXK1MoE (sparse layers only). vLLM's AXK1DecoderLayer
+    # builds one in every layer but applies it only where is_layer_sparse, so the dense
+    # layers' (first_k_dense_replace of them) are loaded and never read: RMSNorm's initial ones.
+    "AXK1Config": _axk1_dense_post_mlp_norms,
+}
+
+
+def add_compat_weights(config, out: str) -> list[str]:
+    """Add COMPAT_WEIGHTS' tensors the saved checkpoint (out/model.safetensors) lacks; returns
+    their names."""
+    fn = COMPAT_WEIGHTS.get(type(config).__name__)
+    if fn is None:
+        return []
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(out, "model.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} (a sharded checkpoint: COMPAT_WEIGHTS handles one file)")
+    tensors = load_file(path)
+    added = {k: v.to(next(iter(tensors.values())).dtype).contiguous()
+             for k, v in fn(config).items() if k not in tensors}
+    if added:
+        save_file({**tensors, **added}, path, metadata={"format": "pt"})
+    return sorted(added)
+
+
+# Special tokens real checkpoints' tokenizers have that vLLM needs at engine start, by
+# architecture: added to the sweep's local tokenizer (after its own, so the prompts' ids do not
+# change) and counted in the config's vocabulary.
+TOKENIZER_SPECIAL_TOKENS = {
+    # vLLM picks its native Inkling chat renderer (tokenizer_mode "inkling") for Inkling models,
+    # which resolves the chat framing tokens from the vocabulary when the engine starts
+    # (vllm/renderers/inkling_encoding.py); Inkling's released tokenizer has them
+    "InklingForCausalLM": [
+        "<|endoftext|>", "<|message_user|>", "<|message_model|>", "<|message_system|>",
+        "<|message_tool|>", "<|content_text|>", "<|content_image|>",
+        "<|content_model_end_sampling|>", "<|content_thinking|>", "<|content_audio_input|>",
+        "<|content_tool_error|>", "<|content_xml|>", "<|content_invoke_tool_json|>",
+        "<|content_invoke_tool_text|>", "<|end_message|>", "<|audio_end|>"],
+}
 
 
 def add_compat_fields(config) -> list[str]:
@@ -370,6 +479,9 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
         raise LookupError(f"transformers' {arch} names no config class")
     os.makedirs(out, exist_ok=True)
     tokenizer = maker.build_tokenizer(seed)
+    extra_tokens = TOKENIZER_SPECIAL_TOKENS.get(arch, [])
+    if extra_tokens:
+        tokenizer.add_special_tokens(extra_tokens)
     maker.save_tokenizer(tokenizer, out)
     token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS}
     kwargs = shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids)
@@ -384,9 +496,14 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     model = model_cls(config).eval()
     rescale_generic(model, torch.Generator().manual_seed(seed), maker)
     model.save_pretrained(out)
+    compat_weights = add_compat_weights(config, out)
+    released_format = rewrite_config_json(config, out)
     params = sum(p.numel() for p in model.parameters())
     return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
-            "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {})}
+            "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {}),
+            **({"compat_weights": compat_weights} if compat_weights else {}),
+            **({"extra_special_tokens": len(extra_tokens)} if extra_tokens else {}),
+            **({"config_json": "released format"} if released_format else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,12 +631,32 @@ def categorize(text: str) -> str:
             ) if m else last[:80]
 
 
+# Causes found by reading vLLM's and transformers' code, for errors whose generic category would
+# point elsewhere: architecture -> (a pattern the error's traceback must match, the category).
+# Only an error that still matches is labelled (a changed error gets the generic category).
+ARCH_CAUSES = {
+    # vLLM maps transformers' Inkling field names to its own only in its InklingModelConfig
+    # (model_type "inkling_model", the released format); a transformers-format text config
+    # ("inkling_text") reaches vLLM's model as is, which reads intermediate_size as the expert
+    # width (transformers: the dense width) and lacks padded_vocab_size, local_layer_ids, ...
+    # Given an "inkling_model" config.json, vLLM's model stops at its sconv SWA cache
+    # (bfloat16 only); its attention is FlashAttention-4 (CuTe DSL) with a relative bias and
+    # its convolutions and norms are Triton kernels: CUDA-only on any config.
+    "InklingForCausalLM": (
+        r"'InklingTextConfig' object has no attribute",
+        "vLLM's Inkling: OG-format configs only (inkling_model), CUDA/Triton-only kernels"),
+}
+
+
 def recategorize(result: dict) -> None:
     """An error's category by the current rules; where vLLM's model inspection (a subprocess of
     its own) failed, the cause is in the child's log, not in the traceback."""
     if result["status"] != "error" or result.get("stage") not in ("engine", "run"):
         return
     result["category"] = categorize(result["traceback_tail"])
+    known = ARCH_CAUSES.get(result["arch"])
+    if known and re.search(known[0], result["traceback_tail"]):
+        result["category"] = known[1]
     if "failed to be inspected" in result["traceback_tail"] and result.get("log") \
             and os.path.exists(result["log"]):
         with open(result["log"], errors="replace") as f:

@@ -59,3 +59,81 @@ def test_glm4_moe_lite_gets_first_k_dense_replace_from_its_layer_list():
     assert sweep._leading_dense(["dense", "dense", "sparse"]) == 2
     with pytest.raises(ValueError, match="cannot describe"):
         sweep._leading_dense(["dense", "sparse", "dense"])
+
+
+def test_hy_v3_gets_the_tencent_config_names():
+    import transformers
+
+    config = transformers.HYV3Config(**sweep.shrink_kwargs(transformers.HYV3Config, 1024, TOKENS))
+    added = sweep.add_compat_fields(config)
+    assert set(added) == {"first_k_dense_replace", "expert_hidden_dim", "qk_norm", "route_norm"}
+    assert config.first_k_dense_replace == config.mlp_layer_types.index("sparse") == 1
+    assert config.expert_hidden_dim == config.moe_intermediate_size
+    # transformers' HYV3Attention always has q_norm/k_norm; vLLM's defaults qk_norm to False
+    model = transformers.HYV3ForCausalLM(config)
+    assert hasattr(model.model.layers[0].self_attn, "q_norm") and config.qk_norm is True
+
+
+def test_axk1_checkpoint_gets_the_dense_layers_unused_post_mlp_norm(tmp_path):
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AXK1Config(**sweep.shrink_kwargs(transformers.AXK1Config, 1024, TOKENS))
+    assert config.first_k_dense_replace == 1 and config.num_hidden_layers == 2
+    model = transformers.AXK1ForCausalLM(config)
+    # transformers' AXK1 keeps the norm inside its MoE block: none in the dense layer 0
+    assert not any("layers.0." in n and "post_mlp_layernorm" in n for n, _ in
+                   model.named_parameters())
+    model.save_pretrained(tmp_path)
+    assert sweep.add_compat_weights(config, str(tmp_path)) == [
+        "model.layers.0.post_mlp_layernorm.weight"]
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(tensors["model.layers.0.post_mlp_layernorm.weight"], torch.ones(128))
+    assert "model.layers.1.post_mlp_layernorm.weight" in tensors  # the MoE layer's, saved as is
+    assert sweep.add_compat_weights(config, str(tmp_path)) == []  # present: left alone
+
+
+def test_deepseek_v4_config_json_in_the_released_format(tmp_path):
+    import json
+
+    import transformers
+
+    config = transformers.DeepseekV4Config(**sweep.shrink_kwargs(transformers.DeepseekV4Config,
+                                                                 1024, TOKENS))
+    assert config.mlp_layer_types == ["hash_moe", "moe"]
+    config.save_pretrained(tmp_path)
+    assert sweep.rewrite_config_json(config, str(tmp_path))  # raises if it loads back different
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"layer_types", "mlp_layer_types", "compress_rates"} & set(saved)
+    assert saved["num_hash_layers"] == 1
+    assert saved["compress_ratios"] == [{"heavily_compressed_attention": 128,
+                                         "compressed_sparse_attention": 4}[t]
+                                        for t in config.layer_types]
+    with pytest.raises(ValueError, match="num_hash_layers cannot describe"):
+        sweep._deepseek_v4_released_format(dict(
+            compress_rates={}, layer_types=[], mlp_layer_types=["moe", "hash_moe"]))
+
+
+def test_inkling_tokenizer_gets_the_chat_special_tokens_vllm_resolves():
+    from vllm.renderers.inkling_encoding import SPECIAL_TOKEN_SPELLINGS
+
+    ours = set(sweep.TOKENIZER_SPECIAL_TOKENS["InklingForCausalLM"])
+    assert all(ours & set(spellings) for spellings in SPECIAL_TOKEN_SPELLINGS.values())
+    maker = sweep._model_maker()
+    tokenizer = maker.build_tokenizer(0)
+    before = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens(sorted(ours))
+    assert tokenizer.get_vocab_size() == before + len(ours)  # none of them was there
+    assert tokenizer.encode("Hello, how are you today?").ids == \
+        maker.build_tokenizer(0).encode("Hello, how are you today?").ids
+
+
+def test_arch_causes_label_only_the_error_they_describe():
+    tail = "Traceback ...\nAttributeError: 'InklingTextConfig' object has no attribute 'x'"
+    r = dict(arch="InklingForCausalLM", status="error", stage="engine", traceback_tail=tail)
+    sweep.recategorize(r)
+    assert r["category"] == sweep.ARCH_CAUSES["InklingForCausalLM"][1]
+    r = dict(r, traceback_tail="Traceback ...\nValueError: something else")
+    sweep.recategorize(r)
+    assert r["category"] == "ValueError: something else"
