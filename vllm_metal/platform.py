@@ -16,6 +16,9 @@ logger = init_logger(__name__)
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
 MLA_BACKEND = "vllm_metal.attention.mla.MLXMLABackend"
 WORKER = "vllm_metal.worker.MetalWorker"
+# vLLM attention ops with an MLX lowering (ops/attention.py): they stay inside compiled graphs
+LOWERED_ATTENTION_OPS = ("vllm::unified_attention_with_output",
+                         "vllm::unified_mla_attention_with_output")
 
 
 class MetalPlatform(Platform):
@@ -174,7 +177,10 @@ class MetalPlatform(Platform):
             # The whole forward is one graph: vLLM's attention op is an MLX call inside it
             # (ops/attention.py), so a step is one lazy MLX graph, evaluated once. Splitting ops
             # the user names still split it, into pieces with eager attention between them.
-            compilation.splitting_ops = []
+            # The state-space mixers (Mamba, short conv, linear attention) have no lowering:
+            # they run eagerly between compiled pieces, as on vLLM's other platforms.
+            compilation.splitting_ops = [op for op in compilation._attention_ops
+                                         if op not in LOWERED_ATTENTION_OPS]
         elif compilation.mode == CompilationMode.STOCK_TORCH_COMPILE \
                 and compilation.backend in ("", "inductor", cls.get_compile_backend()):
             # torch.compile of the whole model with a dynamo backend: torch_mlx's "mlx"
