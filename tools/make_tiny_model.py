@@ -5,11 +5,11 @@
 ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM, and the mixtures of experts
 MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; MLA: DeepseekV2ForCausalLM,
-DeepseekV3ForCausalLM; state-space: MambaForCausalLM). OUT receives config.json,
-generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with a chat
-template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizers` on
-text generated here from the seed, and the weights come from transformers' initialisation under
-`torch.manual_seed(seed)`, then rescaled. The same ARCH and seed give the same files, byte for
+DeepseekV3ForCausalLM; state-space: MambaForCausalLM, Mamba2ForCausalLM). OUT receives
+config.json, generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json
+(with a chat template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with
+`tokenizers` on text generated here from the seed, and the weights come from transformers'
+initialisation under `torch.manual_seed(seed)`, then rescaled. The same ARCH and seed give the same files, byte for
 byte.
 
 Why rescale: at transformers' default init (std 0.02) a random model's next-token distribution
@@ -147,6 +147,15 @@ ARCHITECTURES = {
         "MambaConfig",
         dict(state_size=16, expand=2, conv_kernel=4, time_step_rank=16, use_mambapy=False,
              tie_word_embeddings=False),
+    ),
+    # Mamba-2: per-head scalar decay, 8 heads of 64, a gated RMSNorm before the output
+    # projection; chunks of 32 tokens, so the longer prompts span several chunks. One group of
+    # B/C: with more, transformers' gated norm (over the whole inner size) and vLLM's (per
+    # group, as mamba_ssm's) are different functions.
+    "Mamba2ForCausalLM": (
+        "Mamba2Config",
+        dict(state_size=16, expand=2, conv_kernel=4, num_heads=8, head_dim=64, n_groups=1,
+             chunk_size=32, time_step_rank=16, tie_word_embeddings=False),
     ),
 }
 

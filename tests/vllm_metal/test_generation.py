@@ -32,8 +32,8 @@ def _layer_windows(worker):
 # op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window; Mixtral and
 # Qwen2-MoE: routed experts, a shared expert with its gate; DeepSeek-V2/V3: MLA, whose eager
 # path is vLLM's MLAAttention.forward_impl driving the backend, the compiled one MLXMLAImpl.attend;
-# Mamba: state-space mixers, eager in both modes).
-SSM = tuple(a for a in ("MambaForCausalLM",) if a in ARCHITECTURES)
+# Mamba-1/2: state-space mixers, eager in both modes).
+SSM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
     (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
                               "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM",
@@ -41,7 +41,7 @@ CASES = [(arch, False) for arch in ARCHITECTURES] + [
 MLA = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 # Compiled pieces of a state-space model: its mixers have no MLX lowering and split the graph
 # (the platform's splitting ops), so the forward is one piece more than it has mixers.
-PIECES = {"MambaForCausalLM": 3}
+PIECES = {"MambaForCausalLM": 3, "Mamba2ForCausalLM": 3}
 
 
 @pytest.mark.parametrize("arch,enforce_eager", CASES,

@@ -163,3 +163,82 @@ def test_selective_state_update_continues_a_prefill():
     after = ssm.cpu()
     torch.testing.assert_close(after[1].double(), h, rtol=1e-4, atol=1e-5)
     assert after[[0, 2]].abs().sum() == 0
+
+
+# --- Mamba-2 SSD chunk scan ----------------------------------------------------------------
+
+
+def ref_ssd(x, dt, A, B, C, D, dt_bias, h):
+    """Mamba-2, token by token. x [L, H, P]; dt [L, H]; A [H]; B, C [L, G, N]; D [H];
+    h [H, P, N]."""
+    heads, groups = x.shape[1], B.shape[1]
+    x, dt, A, B, C, D, h = (t.double() for t in (x, dt, A, B, C, D, h))
+    dt = F.softplus(dt + dt_bias.double())
+    B = B.repeat_interleave(heads // groups, dim=1)
+    C = C.repeat_interleave(heads // groups, dim=1)
+    ys = []
+    for t in range(x.shape[0]):
+        h = torch.exp(dt[t] * A)[:, None, None] * h + \
+            (dt[t][:, None] * x[t])[:, :, None] * B[t][:, None, :]
+        ys.append((h * C[t][:, None, :]).sum(-1) + D[:, None] * x[t])
+    return torch.stack(ys), h
+
+
+def mamba2_inputs(total, heads, hdim, groups, dstate, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(x=r(total, heads, hdim), dt=r(total, heads) - 1,
+                A=-torch.arange(1, heads + 1).float() * 0.5, B=r(total, groups, dstate),
+                C=r(total, groups, dstate), D=r(heads), dt_bias=r(heads) * 0.1)
+
+
+def test_ssd_chunk_scan_varlen_with_and_without_initial_state():
+    heads, hdim, groups, dstate, chunk = 4, 3, 2, 5, 4
+    lengths = [9, 1, 4, 6]  # across several chunks, exactly one chunk, shorter than one
+    has_init = [True, False, True, False]
+    p = mamba2_inputs(sum(lengths), heads, hdim, groups, dstate, seed=5)
+    init = torch.randn(len(lengths), heads, hdim, dstate)
+    init[~torch.tensor(has_init)] = 0  # as the mixer passes them (torch.where on the flags)
+    qsl = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    out = mlx(torch.full((sum(lengths), heads, hdim), float("nan")))
+    final = mamba.mamba_chunk_scan_combined_varlen(
+        mlx(p["x"]), mlx(p["dt"]), mlx(p["A"]), mlx(p["B"]), mlx(p["C"]), chunk,
+        cu_seqlens=mlx(qsl), cu_chunk_seqlens=None, last_chunk_indices=None, seq_idx=None,
+        out=out, D=mlx(p["D"]), dt_bias=mlx(p["dt_bias"]), initial_states=mlx(init),
+        dt_softplus=True, state_dtype=torch.float32).cpu()
+    out = out.cpu()
+    for i, (lo, hi) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist())):
+        ref, h = ref_ssd(p["x"][lo:hi], p["dt"][lo:hi], p["A"], p["B"][lo:hi], p["C"][lo:hi],
+                         p["D"], p["dt_bias"], init[i])
+        torch.testing.assert_close(out[lo:hi].double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(final[i].double(), h, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_state_update_continues_an_ssd_prefill():
+    heads, hdim, groups, dstate, total = 4, 3, 2, 5, 8
+    p = mamba2_inputs(total, heads, hdim, groups, dstate, seed=6)
+    out = mlx(torch.empty(5, heads, hdim))
+    final = mamba.mamba_chunk_scan_combined_varlen(
+        mlx(p["x"][:5]), mlx(p["dt"][:5]), mlx(p["A"]), mlx(p["B"][:5]), mlx(p["C"][:5]), 4,
+        cu_seqlens=mlx(torch.tensor([0, 5], dtype=torch.int32)), cu_chunk_seqlens=None,
+        last_chunk_indices=None, seq_idx=None, out=out, D=mlx(p["D"]),
+        dt_bias=mlx(p["dt_bias"]), dt_softplus=True, state_dtype=torch.float32)
+    ssm = mlx(torch.zeros(3, heads, hdim, dstate))
+    ssm[2] = final[0]
+    outs = [out.cpu()]
+    for t in range(5, total):
+        step = mlx(torch.empty(1, heads, hdim))
+        # the mixer's decode shapes: per-head values broadcast over the head dimension
+        mamba.selective_state_update(
+            ssm, mlx(p["x"][t:t + 1]), mlx(p["dt"][t:t + 1])[:, :, None].expand(-1, -1, hdim),
+            mlx(p["A"])[:, None, None].expand(-1, hdim, dstate), mlx(p["B"][t:t + 1]),
+            mlx(p["C"][t:t + 1]), mlx(p["D"])[:, None].expand(-1, hdim),
+            mlx(p["dt_bias"])[:, None].expand(-1, hdim), dt_softplus=True,
+            state_batch_indices=mlx(torch.tensor([[2]], dtype=torch.int32)),
+            dst_state_batch_indices=mlx(torch.tensor([[2]], dtype=torch.int32)), out=step)
+        outs.append(step.cpu())
+    ref, h = ref_ssd(p["x"], p["dt"], p["A"], p["B"], p["C"], p["D"], p["dt_bias"],
+                     torch.zeros(heads, hdim, dstate))
+    torch.testing.assert_close(torch.cat(outs).double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ssm.cpu()[2].double(), h, rtol=1e-4, atol=1e-5)
+    assert ssm.cpu()[:2].abs().sum() == 0

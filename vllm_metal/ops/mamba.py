@@ -343,6 +343,133 @@ def selective_scan_fn(u, ssm_states, delta, A, B, C, D=None, z=None, delta_bias=
     return from_mlx(y).T
 
 
+# --- Mamba-2 SSD chunk scan ---------------------------------------------------------------
+
+
+def _chunks(starts: np.ndarray, chunk_size: int):
+    """Chunks of at most chunk_size tokens that never cross a sequence: (token index [nc, L],
+    padding pointing at row T; sequence of each chunk; chunk's position in its sequence)."""
+    rows, seq_of, rank = [], [], []
+    pad = int(starts[-1])
+    for seq in range(len(starts) - 1):
+        for k, lo in enumerate(range(int(starts[seq]), int(starts[seq + 1]), chunk_size)):
+            hi = min(lo + chunk_size, int(starts[seq + 1]))
+            rows.append(np.concatenate([np.arange(lo, hi),
+                                        np.full(chunk_size - (hi - lo), pad)]))
+            seq_of.append(seq)
+            rank.append(k)
+    return (np.stack(rows).astype(np.int32) if rows else np.zeros((0, chunk_size), np.int32),
+            np.array(seq_of, np.int64), np.array(rank, np.int64))
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, out, D=None, z=None, dt_bias=None,
+                              initial_states=None, return_intermediate_states=False,
+                              seq_idx=None, cu_seqlens=None, cu_chunk_seqlens=None,
+                              last_chunk_indices=None, dt_softplus=False,
+                              dt_limit=(0.0, float("inf")), state_dtype=None):
+    """Mamba-2's selective scan (scalar decay per head) over packed prefill tokens, the SSD way:
+    within a chunk the output is a masked, decayed attention-like product (C_t B_s) e^(cum_t -
+    cum_s) dt_s x_s, whose exponents are never positive; across chunks the states are carried
+    one chunk step at a time (all sequences together). x [T, H, P]; dt [T, H]; A [H];
+    B, C [T, G, N]; D [H] or [H, P]; z like x; initial_states [batch, H, P, N] or None.
+    Writes y into ``out`` [T, H, P] in place; returns each sequence's final state
+    [batch, H, P, N] in ``state_dtype`` (else C's dtype)."""
+    if return_intermediate_states:
+        raise NotImplementedError("return_intermediate_states (Mamba prefill checkpoints for "
+                                  "prefix caching) is not supported on mlx")
+    total, heads, hdim = x.shape
+    groups, dstate = B.shape[1], B.shape[2]
+    starts = _host(cu_seqlens).astype(np.int64)
+    batch = len(starts) - 1
+    f32 = mx.float32
+
+    dtm = _mx(dt).astype(f32)
+    if dt_bias is not None:
+        dtm = dtm + _mx(dt_bias).astype(f32)
+    if dt_softplus:
+        dtm = _softplus(dtm)
+    if dt_limit[0] > 0.0 or dt_limit[1] < float("inf"):
+        dtm = mx.clip(dtm, dt_limit[0], dt_limit[1])
+
+    index, seq_of, rank = _chunks(starts, chunk_size)
+    nc, L = index.shape
+    idx = mx.array(index)
+
+    def chunked(m: mx.array) -> mx.array:  # [T, ...] -> [nc, L, ...], padding rows zero
+        m = mx.concatenate([m[: starts[-1]], mx.zeros((1, *m.shape[1:]), dtype=m.dtype)])
+        return m[idx]
+
+    xc = chunked(_mx(x).astype(f32))  # [nc, L, H, P]
+    dtc = chunked(dtm)  # [nc, L, H]; 0 on padding: neither decay nor input there
+    Bc = chunked(_mx(B).astype(f32))  # [nc, L, G, N]
+    Cc = chunked(_mx(C).astype(f32))
+    if groups != heads:
+        Bc = mx.repeat(Bc, heads // groups, axis=2)
+        Cc = mx.repeat(Cc, heads // groups, axis=2)
+    Bh = Bc.transpose(0, 2, 1, 3)  # [nc, H, L, N]
+    Ch = Cc.transpose(0, 2, 1, 3)
+    xh = xc.transpose(0, 2, 1, 3)  # [nc, H, L, P]
+    cum = mx.cumsum(dtc * _mx(A).astype(f32), axis=1).transpose(0, 2, 1)  # [nc, H, L]
+    dth = dtc.transpose(0, 2, 1)  # [nc, H, L]
+
+    # inside each chunk: y_t = sum_{s <= t} (C_t . B_s) e^(cum_t - cum_s) dt_s x_s
+    causal = mx.array(np.tril(np.ones((L, L), bool)))
+    gap = cum[:, :, :, None] - cum[:, :, None, :]  # [nc, H, t, s]
+    decay = mx.exp(mx.where(causal, gap, -mx.inf))
+    scores = (Ch @ Bh.swapaxes(2, 3)) * decay * dth[:, :, None, :]
+    y = scores @ xh  # [nc, H, L, P]
+
+    # each chunk's own contribution to the state at its end, then the states entering chunks
+    to_end = mx.exp(cum[:, :, -1:] - cum) * dth  # [nc, H, L]
+    local = (xh * to_end[..., None]).swapaxes(2, 3) @ Bh  # [nc, H, P, N]
+    chunk_decay = mx.exp(cum[:, :, -1])  # [nc, H]
+    h = mx.zeros((batch, heads, hdim, dstate), dtype=f32)
+    if initial_states is not None:
+        h = _mx(initial_states).astype(f32).reshape(batch, heads, hdim, dstate)
+    order, entering = [], []  # chunk ids by (rank, sequence), and the states entering them
+    for k in range(int(rank.max()) + 1 if nc else 0):
+        ids = np.flatnonzero(rank == k)  # the k-th chunk of every sequence that has one
+        seqs = mx.array(seq_of[ids].astype(np.int32))
+        cid = mx.array(ids.astype(np.int32))
+        h_in = h[seqs]
+        entering.append(h_in)
+        order.append(ids)
+        h[seqs] = chunk_decay[cid][:, :, None, None] * h_in + local[cid]
+    if nc:
+        back = mx.array(np.argsort(np.concatenate(order)).astype(np.int32))
+        h_in = mx.concatenate(entering)[back]  # [nc, H, P, N], in chunk order
+        y = y + (Ch @ h_in.swapaxes(2, 3)) * mx.exp(cum)[..., None]
+    y = y.transpose(0, 2, 1, 3).reshape(nc * L, heads, hdim)  # back to token order
+    y = y[mx.array(np.flatnonzero(index.reshape(-1) < starts[-1]).astype(np.int32))]
+    xt = _mx(x).astype(f32)[: starts[-1]]
+    if D is not None:
+        d = _mx(D).astype(f32)
+        y = y + (d[:, None] if d.ndim == 1 else d) * xt
+    if z is not None:
+        y = y * _silu(_mx(z).astype(f32)[: starts[-1]])
+    y = y.astype(_mx_dtype(out.dtype))
+    if starts[-1] < total:
+        out[: starts[-1]].copy_(from_mlx(y))
+    else:
+        out.copy_(from_mlx(y))
+    final_dtype = state_dtype if state_dtype is not None else C.dtype
+    return from_mlx(h.astype(_mx_dtype(final_dtype)))
+
+
+def mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk_size, cu_seqlens, cu_chunk_seqlens,
+                                     last_chunk_indices, seq_idx, out, D=None, z=None,
+                                     dt_bias=None, initial_states=None, dt_softplus=False,
+                                     dt_limit=(0.0, float("inf")),
+                                     return_intermediate_states=False, state_dtype=None):
+    """vLLM's varlen entry point (ssd_combined.mamba_chunk_scan_combined_varlen)."""
+    return mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, out, D=D, z=z, dt_bias=dt_bias,
+        initial_states=initial_states, return_intermediate_states=return_intermediate_states,
+        seq_idx=seq_idx, cu_seqlens=cu_seqlens, cu_chunk_seqlens=cu_chunk_seqlens,
+        last_chunk_indices=last_chunk_indices, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        state_dtype=state_dtype)
+
+
 # --- one-token state update (Mamba-1 and Mamba-2 decode) ------------------------------------
 
 
@@ -413,6 +540,8 @@ _KERNELS = {
     "causal_conv1d_update": causal_conv1d_update,
     "selective_scan_fn": selective_scan_fn,
     "selective_state_update": selective_state_update,
+    "mamba_chunk_scan_combined_varlen": mamba_chunk_scan_combined_varlen,
+    "_mamba_chunk_scan_combined_fwd": mamba_chunk_scan_combined,
 }
 
 # modules that hold (by import) the kernels' names; rebinding there is what the mixers see
@@ -420,7 +549,9 @@ _MODULES = (
     "vllm.model_executor.layers.mamba.ops.causal_conv1d",
     "vllm.model_executor.layers.mamba.ops.mamba_ssm",
     "vllm.model_executor.layers.mamba.ops.ssu_dispatch",
+    "vllm.model_executor.layers.mamba.ops.ssd_combined",
     "vllm.model_executor.layers.mamba.mamba_mixer",
+    "vllm.model_executor.layers.mamba.mamba_mixer2",
 )
 
 
