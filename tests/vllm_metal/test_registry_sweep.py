@@ -59,3 +59,15 @@ def test_glm4_moe_lite_gets_first_k_dense_replace_from_its_layer_list():
     assert sweep._leading_dense(["dense", "dense", "sparse"]) == 2
     with pytest.raises(ValueError, match="cannot describe"):
         sweep._leading_dense(["dense", "sparse", "dense"])
+
+
+def test_zamba2_attention_sizes_stay_derived():
+    # vLLM's Zamba2 attention requires heads x attention_head_dim == attention_hidden_size and
+    # as many key/value heads as query heads
+    import transformers
+
+    config = transformers.Zamba2Config(**sweep.shrink_kwargs(transformers.Zamba2Config, 1024,
+                                                             TOKENS))
+    assert config.num_attention_heads * config.attention_head_dim == \
+        config.attention_hidden_size == 2 * config.hidden_size
+    assert config.num_key_value_heads == config.num_attention_heads
