@@ -192,7 +192,10 @@ def mamba2_inputs(total, heads, hdim, groups, dstate, seed):
                 C=r(total, groups, dstate), D=r(heads), dt_bias=r(heads) * 0.1)
 
 
-def test_ssd_chunk_scan_varlen_with_and_without_initial_state():
+@pytest.mark.parametrize("group_elements", [64, 1 << 25])
+def test_ssd_chunk_scan_varlen_with_and_without_initial_state(monkeypatch, group_elements):
+    # 64: the outputs one chunk at a time ([4 heads, 4, 4] products); else all chunks at once
+    monkeypatch.setattr(mamba, "SSD_GROUP_ELEMENTS", group_elements)
     heads, hdim, groups, dstate, chunk = 4, 3, 2, 5, 4
     lengths = [9, 1, 4, 6]  # across several chunks, exactly one chunk, shorter than one
     has_init = [True, False, True, False]

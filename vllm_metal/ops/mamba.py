@@ -29,6 +29,10 @@ PAD_SLOT_ID = -1
 # scan (log2(chunk) MLX steps over [chunk, dim, dstate]); chunks run in sequence, carrying the
 # state. Bounds the scan's memory at chunk * dim * dstate floats whatever the prompt length.
 SCAN_CHUNK = 64
+# Mamba-2 prefill: chunks whose [heads, chunk, chunk] products are computed together, by the
+# products' element count (2^25 floats: 128 MiB per array), so a long prefill's memory stays
+# bounded; the chunk-to-chunk state recurrence runs over all chunks first.
+SSD_GROUP_ELEMENTS = 1 << 25
 
 
 def _host(tensor: torch.Tensor | None) -> np.ndarray | None:
@@ -412,13 +416,6 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, out, D=None, z=None, d
     cum = mx.cumsum(dtc * _mx(A).astype(f32), axis=1).transpose(0, 2, 1)  # [nc, H, L]
     dth = dtc.transpose(0, 2, 1)  # [nc, H, L]
 
-    # inside each chunk: y_t = sum_{s <= t} (C_t . B_s) e^(cum_t - cum_s) dt_s x_s
-    causal = mx.array(np.tril(np.ones((L, L), bool)))
-    gap = cum[:, :, :, None] - cum[:, :, None, :]  # [nc, H, t, s]
-    decay = mx.exp(mx.where(causal, gap, -mx.inf))
-    scores = (Ch @ Bh.swapaxes(2, 3)) * decay * dth[:, :, None, :]
-    y = scores @ xh  # [nc, H, L, P]
-
     # each chunk's own contribution to the state at its end, then the states entering chunks
     to_end = mx.exp(cum[:, :, -1:] - cum) * dth  # [nc, H, L]
     local = (xh * to_end[..., None]).swapaxes(2, 3) @ Bh  # [nc, H, P, N]
@@ -438,7 +435,22 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, out, D=None, z=None, d
     if nc:
         back = mx.array(np.argsort(np.concatenate(order)).astype(np.int32))
         h_in = mx.concatenate(entering)[back]  # [nc, H, P, N], in chunk order
-        y = y + (Ch @ h_in.swapaxes(2, 3)) * mx.exp(cum)[..., None]
+
+    # Outputs, a few chunks at a time (the [H, L, L] products dominate the memory):
+    # y_t = sum_{s <= t} (C_t . B_s) e^(cum_t - cum_s) dt_s x_s + C_t . e^(cum_t) h_in
+    causal = mx.array(np.tril(np.ones((L, L), bool)))
+    per_group = max(1, SSD_GROUP_ELEMENTS // (heads * L * L))
+    ys = []
+    for lo in range(0, nc, per_group):
+        part = slice(lo, min(lo + per_group, nc))
+        c = cum[part]
+        gap = c[:, :, :, None] - c[:, :, None, :]  # [g, H, t, s]
+        decay = mx.exp(mx.where(causal, gap, -mx.inf))
+        scores = (Ch[part] @ Bh[part].swapaxes(2, 3)) * decay * dth[part][:, :, None, :]
+        y_part = scores @ xh[part] + (Ch[part] @ h_in[part].swapaxes(2, 3)) * mx.exp(c)[..., None]
+        mx.eval(y_part)
+        ys.append(y_part)
+    y = mx.concatenate(ys) if ys else mx.zeros((0, heads, L, hdim), dtype=f32)
     y = y.transpose(0, 2, 1, 3).reshape(nc * L, heads, hdim)  # back to token order
     y = y[mx.array(np.flatnonzero(index.reshape(-1) < starts[-1]).astype(np.int32))]
     xt = _mx(x).astype(f32)[: starts[-1]]
