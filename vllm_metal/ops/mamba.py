@@ -494,8 +494,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, z=None,
     [slots, nheads, headdim, dstate]; x, dt, z [batch, (nheads,) dim]; A [(nheads,) dim,
     dstate]; B, C [batch, (ngroups,) dstate]; D, dt_bias [(nheads,) dim]. Writes y into ``out``
     and the new state at dst_state_batch_indices (else the source rows)."""
-    if num_accepted_tokens is not None or (cu_seqlens is not None and x.dim() == 3
-                                           and x.shape[0] != state_batch_indices.shape[0]):
+    if num_accepted_tokens is not None or (
+            cu_seqlens is not None
+            and not (np.diff(_host(cu_seqlens).astype(np.int64)) <= 1).all()):
         raise NotImplementedError("selective_state_update with several tokens per request "
                                   "(speculative decoding) is not supported on mlx")
     if enable_stochastic_rounding:
