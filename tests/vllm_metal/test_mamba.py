@@ -80,11 +80,12 @@ def test_causal_conv1d_update_continues_a_prefill():
                                      cache_indices=idx,
                                      has_initial_state=mlx(torch.tensor([False])),
                                      activation="silu").cpu()
+    # decode indices come as [batch, 1] (vLLM's state_indices_tensor_d)
+    decode_idx = mlx(torch.tensor([[2]], dtype=torch.int32))
     steps = [mamba.causal_conv1d_update(mlx(x[:, t][None].contiguous()), conv_states,
                                         mlx(weight), mlx(bias), "silu",
-                                        conv_state_indices=mlx(torch.tensor([[2], [NULL]],
-                                                                            dtype=torch.int32)[:1])
-                                        ).cpu()[0] for t in (5, 6)]
+                                        conv_state_indices=decode_idx).cpu()[0]
+             for t in (5, 6)]
     ref, new = ref_conv(x, weight, bias, torch.zeros(dim, width - 1))
     got = torch.cat([prefill, torch.stack(steps, 1)], 1)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
