@@ -5,11 +5,11 @@
 ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM, and the mixtures of experts
 MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; MLA: DeepseekV2ForCausalLM,
-DeepseekV3ForCausalLM). OUT receives config.json,
-generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json (with a chat
-template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizers` on
-text generated here from the seed, and the weights come from transformers' initialisation under
-`torch.manual_seed(seed)`, then rescaled. The same ARCH and seed give the same files, byte for
+DeepseekV3ForCausalLM; state-space: MambaForCausalLM, Mamba2ForCausalLM). OUT receives
+config.json, generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json
+(with a chat template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with
+`tokenizers` on text generated here from the seed, and the weights come from transformers'
+initialisation under `torch.manual_seed(seed)`, then rescaled. The same ARCH and seed give the same files, byte for
 byte.
 
 Why rescale: at transformers' default init (std 0.02) a random model's next-token distribution
@@ -141,6 +141,22 @@ ARCHITECTURES = {
              topk_method="noaux_tc", scoring_func="sigmoid",  # as V3 checkpoints name them
              rope_theta=10000.0, tie_word_embeddings=False),
     ),
+    # State-space models (vLLM's Mamba mixers: causal conv1d and a selective scan, a recurrent
+    # state per request instead of a KV cache). Mamba-1: per-channel decay (inner size 512).
+    "MambaForCausalLM": (
+        "MambaConfig",
+        dict(state_size=16, expand=2, conv_kernel=4, time_step_rank=16, use_mambapy=False,
+             tie_word_embeddings=False),
+    ),
+    # Mamba-2: per-head scalar decay, 8 heads of 64, a gated RMSNorm before the output
+    # projection; chunks of 32 tokens, so the longer prompts span several chunks. One group of
+    # B/C: with more, transformers' gated norm (over the whole inner size) and vLLM's (per
+    # group, as mamba_ssm's) are different functions.
+    "Mamba2ForCausalLM": (
+        "Mamba2Config",
+        dict(state_size=16, expand=2, conv_kernel=4, num_heads=8, head_dim=64, n_groups=1,
+             chunk_size=32, time_step_rank=16, tie_word_embeddings=False),
+    ),
 }
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "qui", "zo", "fa",
@@ -223,7 +239,7 @@ SCALES = {
 
 
 def _role(name: str) -> str:
-    if "embed_tokens" in name:
+    if "embed_tokens" in name or "embeddings" in name:  # Mamba: backbone.embeddings
         return "embed"
     if "lm_head" in name:
         return "lm_head"
@@ -245,7 +261,8 @@ def rescale_weights(model, generator: torch.Generator) -> None:
         if param.dim() < 2 and role not in ("bias", "sinks"):
             continue
         param.copy_(torch.randn(param.shape, generator=generator) * scales[role])
-    norm = model.model.norm.weight
+    base = getattr(model, "model", None) or model.backbone  # Mamba: backbone.norm_f
+    norm = (base.norm if hasattr(base, "norm") else base.norm_f).weight
     # Gemma's RMSNorm multiplies by (1 + w), the others by w.
     gemma_style = model.config.model_type.startswith("gemma")
     norm.fill_(scales["final_gain"] - 1.0 if gemma_style else scales["final_gain"])

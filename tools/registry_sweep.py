@@ -204,6 +204,12 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         # Mamba-2 mixers: num_heads * head_dim == expand * hidden_size
         kwargs["num_heads"] = (defaults.get("expand", 2) * kwargs.get("hidden_size", 128)
                                // kwargs["head_dim"])
+    if "attention_hidden_size" in defaults:
+        # Zamba2: head_dim names attention_head_dim, which vLLM requires to be
+        # attention_hidden_size (2 x hidden) / heads, and vLLM's attention has as many
+        # key/value heads as query heads; the config derives both so when not given
+        kwargs.pop("attention_head_dim", None)
+        kwargs.pop("num_key_value_heads", None)
     if "kv_lora_rank" in fields and "num_key_value_heads" in kwargs:
         # MLA: as many key/value heads as query heads (transformers' eager MLA attention does
         # not repeat them)

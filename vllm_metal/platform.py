@@ -16,6 +16,9 @@ logger = init_logger(__name__)
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
 MLA_BACKEND = "vllm_metal.attention.mla.MLXMLABackend"
 WORKER = "vllm_metal.worker.MetalWorker"
+# vLLM attention ops with an MLX lowering (ops/attention.py): they stay inside compiled graphs
+LOWERED_ATTENTION_OPS = ("vllm::unified_attention_with_output",
+                         "vllm::unified_mla_attention_with_output")
 
 
 class MetalPlatform(Platform):
@@ -160,6 +163,15 @@ class MetalPlatform(Platform):
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
             cache.block_size = envs.block_size()
+        if cache.mamba_cache_mode != "none":
+            # Prefix caching of Mamba state ("align": a state per block, prefill checkpoints)
+            # is not implemented by ops/mamba.py; without it a request's state is one block.
+            logger.warning("prefix caching of Mamba state (mamba_cache_mode=%r) is not "
+                           "supported on mlx; prefix caching is turned off for this model",
+                           cache.mamba_cache_mode)
+            cache.enable_prefix_caching = False
+            cache.mamba_cache_mode = "none"
+            cache.mamba_block_size = vllm_config.model_config.max_model_len
 
         compilation = vllm_config.compilation_config
         if compilation.mode == CompilationMode.DYNAMO_TRACE_ONCE:
@@ -174,7 +186,10 @@ class MetalPlatform(Platform):
             # The whole forward is one graph: vLLM's attention op is an MLX call inside it
             # (ops/attention.py), so a step is one lazy MLX graph, evaluated once. Splitting ops
             # the user names still split it, into pieces with eager attention between them.
-            compilation.splitting_ops = []
+            # The state-space mixers (Mamba, short conv, linear attention) have no lowering:
+            # they run eagerly between compiled pieces, as on vLLM's other platforms.
+            compilation.splitting_ops = [op for op in compilation._attention_ops
+                                         if op not in LOWERED_ATTENTION_OPS]
         elif compilation.mode == CompilationMode.STOCK_TORCH_COMPILE \
                 and compilation.backend in ("", "inductor", cls.get_compile_backend()):
             # torch.compile of the whole model with a dynamo backend: torch_mlx's "mlx"
@@ -218,6 +233,13 @@ class MetalPlatform(Platform):
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size:
             cache.block_size = envs.block_size()
+        model_config = vllm_config.model_config
+        if model_config is not None and model_config.is_hybrid:
+            # attention and Mamba layers share one block pool: vLLM's alignment makes an
+            # attention block at least a Mamba state's size and pads the state to it
+            backends = cls._find_non_ssm_backends(vllm_config)
+            if backends:
+                cls._align_hybrid_block_size(vllm_config, backends[0])
 
     @classmethod
     def _choose_worker_start_method(cls) -> None:

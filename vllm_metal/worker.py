@@ -11,7 +11,8 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import set_random_seed
-from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
+from vllm.v1.core.kv_cache_utils import (_max_memory_usage_bytes_from_groups,
+                                         _pool_bytes_per_block, get_kv_cache_groups)
 from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
 from vllm.v1.worker.worker_base import CompilationTimes
 
@@ -63,11 +64,15 @@ class MetalWorker(Worker):
                     time.perf_counter() - start, self.scheduler_config.max_num_batched_tokens)
         peak = mx.get_peak_memory()
         mx.clear_cache()
-        specs = list(self.model_runner.get_kv_cache_spec().values())
+        # Sized as vLLM's own admission check sizes them (get_kv_cache_configs), from the
+        # layers' cache groups: a hybrid model's groups share one pool whose blocks hold a
+        # layer of each group at a unified page size (attention blocks grow to a Mamba state's
+        # bytes), so a request needs more than the sum of its layers' own needs.
+        groups = get_kv_cache_groups(self.vllm_config, self.model_runner.get_kv_cache_spec())
         # vLLM's block pool holds one block back for good (its null block): budget it too, or
         # "auto" leaves room for one block less than max_num_seqs full-length requests
-        null_block = sum(spec.page_size_bytes for spec in specs)
-        per_request = max_memory_usage_bytes(self.vllm_config, specs) + null_block
+        null_block = _pool_bytes_per_block(self.vllm_config, groups)
+        per_request = _max_memory_usage_bytes_from_groups(self.vllm_config, groups) + null_block
         total = device_total_memory()
         budget, how = kv_cache_budget(
             total=total,

@@ -211,6 +211,26 @@ def test_experts_with_biases_and_gelu(tokens, dtype, kernels):
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_ungated_relu2_experts(tokens, kernels):
+    # NemotronH's experts: w13 holds only the up projection (is_act_and_mul=False), relu^2
+    torch.manual_seed(tokens)
+    w13, w2 = random_experts(4, 64, 48)
+    w13 = w13[:, :48].contiguous()
+    x = torch.randn(tokens, 64)
+    ids = torch.randint(0, 4, (tokens, 2), dtype=torch.int32)
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    weights = torch.rand(tokens, 2)
+    got = moe_experts_op(mlx(x), mlx(weights), mlx(ids), mlx(w13), mlx(w2), None, None,
+                         "relu2_no_mul", None, False)
+    want = torch.zeros(tokens, 64)
+    for t in range(tokens):
+        for j in range(2):
+            e = int(ids[t, j])
+            want[t] += weights[t, j] * (w2[e] @ torch.relu(w13[e] @ x[t]) ** 2)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_sorted_and_direct_paths_agree(kernels):
     # the same pairs computed together (sorted by expert) and a token at a time
     torch.manual_seed(1)

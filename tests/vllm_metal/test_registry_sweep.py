@@ -137,3 +137,15 @@ def test_arch_causes_label_only_the_error_they_describe():
     r = dict(r, traceback_tail="Traceback ...\nValueError: something else")
     sweep.recategorize(r)
     assert r["category"] == "ValueError: something else"
+
+
+def test_zamba2_attention_sizes_stay_derived():
+    # vLLM's Zamba2 attention requires heads x attention_head_dim == attention_hidden_size and
+    # as many key/value heads as query heads
+    import transformers
+
+    config = transformers.Zamba2Config(**sweep.shrink_kwargs(transformers.Zamba2Config, 1024,
+                                                             TOKENS))
+    assert config.num_attention_heads * config.attention_head_dim == \
+        config.attention_hidden_size == 2 * config.hidden_size
+    assert config.num_key_value_heads == config.num_attention_heads

@@ -504,3 +504,28 @@ def prepare_moe_layers(forward_context: dict) -> int:
                                  else moe_runner._moe_forward_shared)
         count += 1
     return count
+
+
+def _allow_ungated_experts() -> None:
+    """vLLM's FusedMoEConfig refuses non-gated experts (``is_act_and_mul=False``: NemotronH's
+    relu^2, the *_no_mul activations) on platforms other than CUDA, ROCm and XPU, whose
+    kernels it knows run them; the MLX experts here do (``_activate``). The refusal is the last
+    step of its ``__post_init__``, so a config that reaches it is otherwise complete."""
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+
+    original = FusedMoEConfig.__post_init__
+    if getattr(original, "_mlx_ungated", False):
+        return
+
+    def __post_init__(self):
+        try:
+            original(self)
+        except NotImplementedError as e:
+            if self.is_act_and_mul or "is_act_and_mul=False" not in str(e):
+                raise
+
+    __post_init__._mlx_ungated = True
+    FusedMoEConfig.__post_init__ = __post_init__
+
+
+_allow_ungated_experts()
