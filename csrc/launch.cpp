@@ -28,20 +28,21 @@ struct CudaBufferHead {
 };
 
 std::atomic<bool> g_launched{false};
-// The streams work was launched on since the last wait. MLX gives each thread its own default
-// streams (mlx/stream.cpp), so an op launched on torch's autograd thread is on another stream
-// than the main thread's: a wait must synchronize every stream that holds launched work.
-std::mutex g_streams_mutex;
-std::vector<mx::Stream> g_streams;
+// The work launched since the last wait. A wait waits for each launched array (its event), not
+// for streams: MLX gives each thread its own default streams (mlx/stream.cpp), so
+// work is launched on streams of torch's autograd thread or of a loader's worker thread, which
+// may have ended by the time the host reads (synchronizing such a stream never returned).
+std::mutex g_events_mutex;
+std::vector<mx::array> g_events;  // the launched arrays (libmlx exports array::wait, not Event's)
 
 // After the launch: a wait that runs between the two then still finds the flag set
-void note_launch(const mx::Stream& s) {
-  std::lock_guard<std::mutex> lock(g_streams_mutex);
+void note_launch(const mx::array& arr) {
+  std::lock_guard<std::mutex> lock(g_events_mutex);
   g_launched.store(true, std::memory_order_release);
-  for (const auto& known : g_streams) {
-    if (known == s) return;
+  if (g_events.size() >= 1024) {  // a long run of launches with no host read: drop the finished
+    std::erase_if(g_events, [](mx::array& a) { return a.is_available(); });
   }
-  g_streams.push_back(s);
+  g_events.push_back(arr);
 }
 
 bool on_mlx_cuda() {
@@ -62,15 +63,14 @@ bool async_launch() {
 bool launch(mx::array& arr) {
   if (async_launch()) {
     if (arr.status() == mx::array::Status::unscheduled) {
-      mx::Stream stream = arr.primitive().stream();  // before: evaluation detaches the array
       mx::async_eval({arr});
-      note_launch(stream);
+      note_launch(arr);
       return !arr.is_available();
     }
     // launched already (mx.async_eval from Python: a compiled forward's outputs), or made from
-    // a storage whose work is still running: its event goes on, and its stream is waited for
+    // a storage whose work is still running: its event goes on, and is waited for
     if (arr.status() == mx::array::Status::evaluated && !arr.is_available()) {
-      if (arr.event().valid()) note_launch(arr.event().stream());
+      note_launch(arr);
       return true;
     }
   }
@@ -81,12 +81,12 @@ bool launch(mx::array& arr) {
 
 void wait_for_launches() {
   if (g_launched.exchange(false, std::memory_order_acq_rel)) {
-    std::vector<mx::Stream> streams;
+    std::vector<mx::array> launched;
     {
-      std::lock_guard<std::mutex> lock(g_streams_mutex);
-      streams.swap(g_streams);
+      std::lock_guard<std::mutex> lock(g_events_mutex);
+      launched.swap(g_events);
     }
-    for (const auto& s : streams) mx::synchronize(s);
+    for (auto& a : launched) a.wait();
   }
 }
 
