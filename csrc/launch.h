@@ -8,8 +8,8 @@
 // read or another stream needs the data. torch_mlx's own host accesses of "mlx" memory (copies,
 // item, fill, in-place writes) wait for every launch first, which also orders a host write after
 // GPU kernels still reading the old bytes. MLX gives each thread its own default streams (torch's
-// autograd thread launches on others than the main thread), so every stream that took a launch
-// is remembered and synchronized. The same holds on MLX's CPU backend, whose streams run on
+// autograd thread launches on others than the main thread), so each launched array is remembered
+// and waited for, whatever stream it ran on. The same holds on MLX's CPU backend, whose streams run on
 // threads of their own: the mode works (and is tested) there too.
 //
 // On MLX CUDA a result lives in device memory, and Buffer::raw_ptr() moves it into managed
