@@ -1,5 +1,7 @@
 #include "launch.h"
 
+#include <Python.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -45,6 +47,26 @@ void note_launch(const mx::array& arr) {
   g_events.push_back(arr);
 }
 
+// Waits with the GIL released when this thread holds it: MLX's stream thread, finishing a task,
+// drops its inputs, and the last reference to a torch storage (bridge.cpp's deleter) takes the
+// GIL to release the storage's Python object. Waiting with the GIL held deadlocked a vLLM engine
+// (DeepSeek-V2 eager under TORCH_MLX_ASYNC=1, where Python had already dropped the tensor).
+template <typename F>
+void without_gil(F&& wait) {
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    PyThreadState* state = PyEval_SaveThread();
+    try {
+      wait();
+    } catch (...) {
+      PyEval_RestoreThread(state);
+      throw;
+    }
+    PyEval_RestoreThread(state);
+  } else {
+    wait();
+  }
+}
+
 bool on_mlx_cuda() {
   static const bool cuda = mx::gpu::is_available() && !mx::metal::is_available();
   return cuda;
@@ -75,7 +97,7 @@ bool launch(mx::array& arr) {
     }
   }
   mx::eval(arr);
-  arr.wait();
+  without_gil([&] { arr.wait(); });
   return false;
 }
 
@@ -86,7 +108,9 @@ void wait_for_launches() {
       std::lock_guard<std::mutex> lock(g_events_mutex);
       launched.swap(g_events);
     }
-    for (auto& a : launched) a.wait();
+    without_gil([&] {
+      for (auto& a : launched) a.wait();
+    });
   }
 }
 
@@ -102,7 +126,9 @@ void* host_data(const c10::Storage& storage) {
   StorageCtx& ctx = storage_ctx(storage);
   if (ctx.buffer.ptr() == nullptr) return storage.mutable_data();
   settle_write(ctx);
-  if (ctx.producer) ctx.producer->wait();  // the storage's own writer, whichever stream it ran on
+  if (ctx.producer) {  // the storage's own writer, whichever stream it ran on
+    without_gil([&] { ctx.producer->wait(); });
+  }
   ctx.producer.reset();
   void* host = static_cast<char*>(ctx.buffer.raw_ptr()) + ctx.byte_offset;
   auto* impl = storage.unsafeGetStorageImpl();

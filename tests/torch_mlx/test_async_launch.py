@@ -75,5 +75,5 @@ def test_async_launch_reads_finished_results(name):
     env = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
     code = PRELUDE + textwrap.dedent(CHECKS[name]) + "\nprint('ok')\n"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -5,6 +5,7 @@ Every tiny architecture, eight prompts of different lengths in one batch, 32 gre
 imports vllm only: the platform must come from the vllm.platform_plugins entry point.
 """
 import gc
+import os
 
 import pytest
 import vllm
@@ -111,3 +112,19 @@ def test_reference_honours_the_sliding_window(model_dir):
     full = model.generate(ids, attention_mask=reference.torch.ones_like(ids), do_sample=False,
                           max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS)
     assert full[0, len(prompt_ids):].tolist() != windowed
+
+
+def test_async_launch_engine_does_not_hang():
+    # TORCH_MLX_ASYNC=1 (csrc/launch.h): the MLX stream thread, finishing a task, dropped the last
+    # reference to a torch storage, whose Python object needs the GIL, while the engine's thread
+    # waited for that task holding the GIL: DeepSeek-V2 eager never returned. The case, in a
+    # child with the switch on (it is read once per process).
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "test_greedy_matches_transformers and DeepseekV2ForCausalLM-eager"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]
