@@ -30,21 +30,21 @@ struct CudaBufferHead {
 };
 
 std::atomic<bool> g_launched{false};
-// The work launched since the last wait. A wait waits for each launched array (its event), not
-// for streams: MLX gives each thread its own default streams (mlx/stream.cpp), so
-// work is launched on streams of torch's autograd thread or of a loader's worker thread, which
-// may have ended by the time the host reads (synchronizing such a stream never returned).
-std::mutex g_events_mutex;
-std::vector<mx::array> g_events;  // the launched arrays (libmlx exports array::wait, not Event's)
+// The arrays launched since the last wait. A wait waits for each of them, not for a stream: MLX
+// gives each thread its own default streams (mlx/stream.cpp), so work is launched on torch's
+// autograd thread's streams as well as the main thread's. (Arrays, not their events: libmlx
+// exports array::wait, not Event::wait.)
+std::mutex g_launched_mutex;
+std::vector<mx::array> g_launched_arrays;
 
 // After the launch: a wait that runs between the two then still finds the flag set
 void note_launch(const mx::array& arr) {
-  std::lock_guard<std::mutex> lock(g_events_mutex);
+  std::lock_guard<std::mutex> lock(g_launched_mutex);
   g_launched.store(true, std::memory_order_release);
-  if (g_events.size() >= 1024) {  // a long run of launches with no host read: drop the finished
-    std::erase_if(g_events, [](mx::array& a) { return a.is_available(); });
+  if (g_launched_arrays.size() >= 1024) {  // launches with no host read: drop the finished
+    std::erase_if(g_launched_arrays, [](mx::array& a) { return a.is_available(); });
   }
-  g_events.push_back(arr);
+  g_launched_arrays.push_back(arr);
 }
 
 // Waits with the GIL released when this thread holds it: MLX's stream thread, finishing a task,
@@ -105,8 +105,8 @@ void wait_for_launches() {
   if (g_launched.exchange(false, std::memory_order_acq_rel)) {
     std::vector<mx::array> launched;
     {
-      std::lock_guard<std::mutex> lock(g_events_mutex);
-      launched.swap(g_events);
+      std::lock_guard<std::mutex> lock(g_launched_mutex);
+      launched.swap(g_launched_arrays);
     }
     without_gil([&] {
       for (auto& a : launched) a.wait();

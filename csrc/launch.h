@@ -9,8 +9,9 @@
 // item, fill, in-place writes) wait for every launch first, which also orders a host write after
 // GPU kernels still reading the old bytes. MLX gives each thread its own default streams (torch's
 // autograd thread launches on others than the main thread), so each launched array is remembered
-// and waited for, whatever stream it ran on. The same holds on MLX's CPU backend, whose streams run on
-// threads of their own: the mode works (and is tested) there too.
+// and waited for, whatever stream it ran on; every wait releases the GIL (launch.cpp says why).
+// The same holds on MLX's CPU backend, whose streams run on threads of their own: the mode works
+// (and is tested) there too.
 //
 // On MLX CUDA a result lives in device memory, and Buffer::raw_ptr() moves it into managed
 // memory (a copy not ordered with MLX's stream): torch is given the device address instead,

@@ -120,8 +120,7 @@ def run_sweep(dtype_name: str, names: list[str], kinds: list[str], timeout_s: fl
         done_so_far: dict[str, collections.Counter] = {}
         wait_s = STARTUP_TIMEOUT_S
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not parent.poll(min(wait_s, max(left, 0))):
+            if not parent.poll(min(wait_s, max(deadline - time.monotonic(), 0))):
                 if time.monotonic() >= deadline:
                     proc.kill()
                     proc.join()

@@ -248,7 +248,7 @@ class MlxGraph(torch.nn.Module):
         else:
             outs = self.run(*mx_inputs)
         # launched, not waited for: each output's storage waits (by default) or, with
-        # TORCH_MLX_ASYNC=1 on a GPU, keeps the running array until the host needs its bytes, so
+        # TORCH_MLX_ASYNC=1, keeps the running array until the host needs its bytes, so
         # the eager ops after a forward (vLLM's logits and sampling) queue behind it
         mx.async_eval([o for o in outs if isinstance(o, mx.array)])
         return [self._to_torch(o, buffers) for o in outs]
