@@ -28,6 +28,8 @@
 #   cachewrite   tools/bench_cache_write.py with VLLM_METAL_KV_WRITE=scatter and =rows
 #   qprobe       tools/gpu_quantized_probe.py: mx.quantized_matmul against float64 for every
 #                bits / group size / dtype, weights in device, managed and torch_mlx memory
+#   qmodel       tools/gpu_quantized_model_probe.py: a tiny Llama, float and 4-bit, greedy with
+#                top-5 logprobs through vLLM, mlx-lm on the GPU and mlx-lm on the CPU (.gpu/c)
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
@@ -216,6 +218,10 @@ run_item() {
       timeout -k 10 "${KIT_ITEM_S:-560}" python3 tools/gpu_quantized_probe.py --jobs 12 \
         --json "$LOG/qprobe.json" >"$LOG/qprobe.log" 2>&1 || status=1
       tail -c 12000 "$LOG/qprobe.log" ;;
+    qmodel)  # vLLM vs mlx-lm on the GPU vs mlx-lm on the CPU, float and 4-bit (needs .gpu/c)
+      timeout -k 10 "${KIT_ITEM_S:-560}" python3 tools/gpu_quantized_model_probe.py \
+        --json "$LOG/qmodel.json" >"$LOG/qmodel.log" 2>&1 || status=1
+      tail -c 8000 "$LOG/qmodel.log" ;;
     opcost)  # both launch modes (csrc/launch.h)
       python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
       TORCH_MLX_ASYNC=1 python3 tools/gpu_op_cost.py >>"$LOG/opcost.log" 2>&1 || status=1
