@@ -32,6 +32,18 @@ from ..quantization.mlx_affine import MLXQuantConfig
 from .library import cpu_backend, define
 
 DEQUANTIZE_ABOVE_ROWS = 64
+# MLX CUDA 0.32.4's quantized GEMM for float32 activations (qmm_naive: tiles of 64 rows past 32
+# rows, tile depth max(64, group size)) asks 4 * 2 * 64 * 128 = 64 KiB of shared memory at group
+# size 128, over the 48 KiB a kernel gets without opting in, and fails to launch
+# ("cuGraphAddKernelNode: invalid argument"; tools/gpu_quantized_probe.py on the H100, every
+# bits, 2026-12-06). Those products dequantize the weights and run a float32 GEMM instead.
+_CUDA_QMM_SMEM_LIMIT = 48 * 1024 if mx.cuda.is_available() else None
+
+
+def _cuda_qmm_cannot_launch(x: mx.array, group_size: int) -> bool:
+    if _CUDA_QMM_SMEM_LIMIT is None or x.dtype != mx.float32 or math.prod(x.shape[:-1]) <= 32:
+        return False
+    return x.itemsize * 2 * 64 * max(64, group_size) > _CUDA_QMM_SMEM_LIMIT
 
 
 def _matmul_fake(x, weight, scales, biases, group_size, bits):
@@ -54,6 +66,10 @@ quantized_embedding_op = define(
 def quantized_matmul(x, weight, scales, biases, group_size, bits):
     if not cpu_backend():  # MLX's GPU kernels take weights with contiguous rows only
         weight, scales, biases = (mx.contiguous(a) for a in (weight, scales, biases))
+        if _cuda_qmm_cannot_launch(x, group_size):
+            dense = mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                                  group_size=group_size, bits=bits)
+            return mx.matmul(x, dense.T)
         return mx.quantized_matmul(x, weight, scales, biases, transpose=True,
                                    group_size=group_size, bits=bits)
     if math.prod(x.shape[:-1]) <= DEQUANTIZE_ABOVE_ROWS:
