@@ -34,6 +34,10 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
+#                profile:wait also synchronizes after each forward and sampling (device time
+#                apart from host time); profile:hf profiles transformers' compiled generate
+#                (tools/profile_hf_generate.py: graph breaks, retraces, eager ops a step)
+#   census       tools/graph_census.py: the MLX primitives of one decode step, vllm_metal vs mlx-lm
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
@@ -248,14 +252,27 @@ run_item() {
       mode=${mode#:}; mode=${mode:-sync}
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
-      for batch in 1 32; do
-        TORCH_MLX_ASYNC=$([ "$mode" = async ] && echo 1 || echo 0) \
-        TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
-        python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
-          --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
-          || status=1
-      done
+      if [ "$mode" = hf ]; then  # transformers' compiled generate on "mlx" (bench's mlx_compiled)
+        python3 tools/profile_hf_generate.py --model "$model" --tokens 32 \
+          --json "$LOG/profile_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
+      else
+        for batch in 1 32; do
+          TORCH_MLX_ASYNC=$([ "$mode" = async ] && echo 1 || echo 0) \
+          TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
+          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
+            $([ "$mode" = wait ] && echo --device-wait) \
+            --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
+            || status=1
+        done
+      fi
       grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/profile.log" | tail -120 ;;
+    census)  # the MLX primitives of one decode step: vllm_metal's graph vs mlx-lm's, same model
+      local cmodel=models/bench-llama-16x1536-bf16
+      python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
+bench_gpu.make_model('$cmodel', 16, 1536)" >"$LOG/census.log" 2>&1 || status=1
+      python3 tools/graph_census.py --model "$cmodel" --json "$LOG/census.json" \
+        >>"$LOG/census.log" 2>&1 || status=1
+      grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/census.log" | tail -60 ;;
     serve)  # #16: `vllm serve` against mlx_lm.server on bench_gpu's model, concurrency 1 / 8 / 32
       local smodel=models/bench-llama-16x1536-bf16
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \

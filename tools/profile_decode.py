@@ -12,6 +12,8 @@ per step of:
   ``--piecewise`` (vLLM's split at the attention op) or --enforce-eager;
 - sample: sample_tokens (logits to token ids);
 - host: the rest of the step (vLLM's input preparation, eager glue between the parts);
+- launch: ``mx.async_eval`` (on a GPU, encoding the graph's kernels), inside the parts;
+- device wait (``--device-wait``): a synchronize after each forward and each sampling, apart;
 - eval: time spent in ``mx.eval`` (waiting for MLX's results), inside the parts above: on a GPU,
   what the step waits for the device. Eager ops wait in torch_mlx's C++ instead (not counted).
 
@@ -67,6 +69,8 @@ def main():
                         help="also count the torch ops dispatched per step (torch.profiler): "
                              "outside the compiled graph each op on \"mlx\" is one eager MLX "
                              "evaluation, a GPU round trip on a GPU")
+    parser.add_argument("--device-wait", action="store_true",
+                        help="synchronize after each forward and sampling, timed apart")
     parser.add_argument("--json")
     args = parser.parse_args()
     from bench_decode import make_bench_model
@@ -77,14 +81,30 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm_metal.attention.impl import MLXAttentionImpl
     from vllm_metal.model_runner import MetalModelRunner
+    import mlx.core as mx
 
     timed(MetalModelRunner, "execute_model", "execute_model")
     timed(MetalModelRunner, "sample_tokens", "sample")
+    from torch_mlx.compile import _Segment, _Uncompiled
+    timed(_Segment, "__call__", "segments")  # inside build: the mx.compile'd runs of steps
+    timed(_Uncompiled, "__call__", "uncompiled")  # inside build: attention and other lowerings
+    if args.device_wait:
+        # diagnostic: wait for the device after each forward and each sampling, to tell the
+        # device's time from the host's (the step is then slower by the lost overlap)
+        for cls, method in ((MlxGraph, "forward"), (MetalModelRunner, "sample_tokens")):
+            def waiting(*a, __inner=getattr(cls, method), **k):
+                out = __inner(*a, **k)
+                start = time.perf_counter()
+                mx.synchronize()
+                TOTALS["device_wait"] += time.perf_counter() - start
+                COUNTS["device_wait"] += 1
+                return out
+            setattr(cls, method, waiting)
     timed(MlxGraph, "forward", "compiled")
     timed(MlxGraph, "run_parts", "build")
     timed(MLXAttentionImpl, "forward", "attention")
-    import mlx.core as mx
     timed(mx, "eval", "eval")  # every wait for MLX's results made through mx.eval
+    timed(mx, "async_eval", "launch")  # hands the graph to MLX: on a GPU, encodes its kernels
 
     compilation = {"splitting_ops": ["vllm::unified_attention_with_output"]} \
         if args.piecewise else None
@@ -116,7 +136,9 @@ def main():
     result = {"batch": args.batch, "mode": mode, "dtype": args.dtype,
               "device": str(mx.default_device()), "steps": steps,
               "wall_ms_per_step": wall / steps * 1e3, "step_ms": step, "parts_ms": parts,
-              "build_ms": ms.get("build", 0.0),
+              "build_ms": ms.get("build", 0.0), "segments_ms": ms.get("segments", 0.0),
+              "uncompiled_ms": ms.get("uncompiled", 0.0), "launch_ms": ms.get("launch", 0.0),
+              "device_wait_ms": ms.get("device_wait", 0.0),
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
     print(f"batch {args.batch} ({mode}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
           f"step (wall), engine step {step:.1f} ms")
@@ -125,7 +147,13 @@ def main():
         print(f"  {name:10} {value:7.2f} ms  {value / step:5.1%}"
               + (f"  ({calls:.0f} calls)" if calls else ""))
         if name == "compiled" and result["build_ms"]:
-            print(f"    of which build {result['build_ms']:7.2f} ms (recording the lazy graph)")
+            print(f"    of which build {result['build_ms']:7.2f} ms (recording the lazy graph: "
+                  f"{ms.get('segments', 0.0):.2f} in compiled segments, "
+                  f"{ms.get('uncompiled', 0.0):.2f} in uncompiled steps)")
+    print(f"  mx.async_eval (launches; on a GPU encodes the kernels) {ms.get('launch', 0.0):7.2f} ms "
+          f"({result['calls_per_step'].get('launch', 0):.1f} calls)")
+    if args.device_wait:
+        print(f"  device wait after forward and sampling {ms.get('device_wait', 0.0):7.2f} ms")
     print(f"  mx.eval (waits for MLX, inside the parts above) {ms.get('eval', 0.0):7.2f} ms "
           f"({result['calls_per_step'].get('eval', 0):.1f} calls)")
     if profiler is not None:

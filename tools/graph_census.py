@@ -1,0 +1,127 @@
+"""What one decode step asks of MLX: the primitives of vllm_metal's step graph vs mlx-lm's.
+
+    python tools/graph_census.py [--model DIR] [--batch 1] [--gpu-paths] [--json OUT]
+
+On a GPU a decode step of a small model is bound by how many kernels it launches and how long the
+host takes to record them, not by arithmetic (tools/profile_decode.py on the H100: a step costs the
+same at 1 and 32 sequences). This counts the nodes of the lazy MLX graph each engine hands to
+``mx.eval``/``mx.async_eval`` for one decode step, by primitive (``mx.export_to_dot``), for
+vllm_metal's compiled forward (torch_mlx.compile.MlxGraph, captured at its 4th call: a decode
+step) and for mlx-lm's model called on one token with its KV cache, on the same checkpoint.
+Views (reshape, slice, broadcast, ...) cost no kernel; the rest each launch about one (a
+``Compiled`` node is one fused elementwise kernel).
+
+``--gpu-paths`` makes vllm_metal take its GPU code paths on MLX's CPU backend (the lowerings'
+``cpu_backend()`` answers False), so the census of the GPU graph can be taken on any machine.
+"""
+import argparse
+import collections
+import io
+import json
+import os
+import re
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VIEWS = {"Reshape", "Squeeze", "ExpandDims", "Broadcast", "AsStrided", "Slice", "Transpose",
+         "StopGradient", "Depends", "Split", "Unflatten", "Flatten", "BroadcastAxes"}
+
+
+def census(outputs) -> collections.Counter:
+    import mlx.core as mx
+
+    f = io.StringIO()
+    mx.export_to_dot(f, *outputs)
+    return collections.Counter(re.findall(r'\[label ="([^"]+)"', f.getvalue()))
+
+
+def vllm_step(model: str, batch: int, gpu_paths: bool) -> collections.Counter:
+    if gpu_paths:
+        import vllm_metal.ops  # noqa: F401  (imports every module that imported cpu_backend)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("vllm_metal") and hasattr(module, "cpu_backend"):
+                module.cpu_backend = lambda: False
+    import vllm
+    from torch_mlx.compile import MlxGraph
+
+    captured = {}
+    calls = [0]
+    original = MlxGraph.forward
+
+    def forward(self, *inputs):
+        import mlx.core as mx
+
+        real = mx.async_eval
+        calls[0] += 1
+        if calls[0] == 4 and not captured:
+            def capture(arrays):
+                captured["census"] = census(arrays)
+                return real(arrays)
+            mx.async_eval = capture
+        try:
+            return original(self, *inputs)
+        finally:
+            mx.async_eval = real
+
+    MlxGraph.forward = forward
+    llm = vllm.LLM(model=model, max_model_len=256, max_num_seqs=max(batch, 1), seed=0)
+    calls[0] = 0  # start-up's compile and warm-up runs do not count
+    params = vllm.SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0)
+    llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * batch, params)
+    return captured.get("census", collections.Counter())
+
+
+def mlx_lm_step(model: str, batch: int) -> collections.Counter:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    net, _ = load(model)
+    cache = make_prompt_cache(net)
+    prompt = mx.array([[1, 2, 3, 4, 5, 6, 7, 8]] * batch)
+    mx.eval(net(prompt, cache=cache))
+    token = mx.array([[9]] * batch)
+    logits = net(token, cache=cache)[:, -1, :]
+    return census([mx.argmax(logits, axis=-1)])
+
+
+def summary(counts: collections.Counter) -> dict:
+    kernels = {k: v for k, v in counts.items() if k not in VIEWS}
+    return {"nodes": sum(counts.values()), "kernel_nodes": sum(kernels.values()),
+            "by_primitive": dict(counts.most_common())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-2x384-bf16"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--gpu-paths", action="store_true")
+    parser.add_argument("--engine", choices=["both", "vllm", "mlx_lm"], default="both")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    report = {"model": args.model, "batch": args.batch, "gpu_paths": args.gpu_paths}
+    if args.engine in ("both", "mlx_lm"):
+        report["mlx_lm"] = summary(mlx_lm_step(args.model, args.batch))
+    if args.engine in ("both", "vllm"):
+        report["vllm_metal"] = summary(vllm_step(args.model, args.batch, args.gpu_paths))
+    names = sorted({k for e in ("mlx_lm", "vllm_metal") if e in report
+                    for k in report[e]["by_primitive"]},
+                   key=lambda k: -max(report[e]["by_primitive"].get(k, 0)
+                                      for e in ("mlx_lm", "vllm_metal") if e in report))
+    print(f"{'primitive':28s} {'mlx_lm':>8s} {'vllm_metal':>10s}")
+    for k in names:
+        row = [report[e]["by_primitive"].get(k, 0) if e in report else "-"
+               for e in ("mlx_lm", "vllm_metal")]
+        print(f"{k + (' (view)' if k in VIEWS else ''):28s} {row[0]!s:>8s} {row[1]!s:>10s}")
+    for key in ("nodes", "kernel_nodes"):
+        print(f"{key:28s} " + " ".join(f"{report[e][key] if e in report else '-'!s:>8s}"
+                                       for e in ("mlx_lm", "vllm_metal")))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
