@@ -5,7 +5,8 @@
 ARCH is one of ARCHITECTURES (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
 MistralForCausalLM, GemmaForCausalLM, Phi3ForCausalLM, and the mixtures of experts
 MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; MLA: DeepseekV2ForCausalLM,
-DeepseekV3ForCausalLM; state-space: MambaForCausalLM, Mamba2ForCausalLM). OUT receives
+DeepseekV3ForCausalLM; state-space: MambaForCausalLM, Mamba2ForCausalLM; gated delta-net
+hybrids: Qwen3NextForCausalLM, OlmoHybridForCausalLM). OUT receives
 config.json, generation_config.json, model.safetensors, tokenizer.json and tokenizer_config.json
 (with a chat template). Nothing is downloaded: the tokenizer is a byte-level BPE trained with
 `tokenizers` on text generated here from the seed, and the weights come from transformers'
@@ -157,6 +158,32 @@ ARCHITECTURES = {
         dict(state_size=16, expand=2, conv_kernel=4, num_heads=8, head_dim=64, n_groups=1,
              chunk_size=32, time_step_rank=16, tie_word_embeddings=False),
     ),
+    # Gated delta-net hybrids (vLLM's GDN layers: causal conv1d, then the gated delta rule, a
+    # [V, K] state per value head): two linear-attention layers, then a full-attention one.
+    # 2 key heads for 4 value heads, value heads wider than key heads (32 -> 64), so the
+    # kernels' head grouping and V != K are exercised; the longer prompts span several of the
+    # kernels' 64-token chunks.
+    "Qwen3NextForCausalLM": (
+        "Qwen3NextConfig",
+        # Qwen3-Next: gated attention with partial rotary, (1 + w) norms, a mixture of 4
+        # experts (top 2) with a gated shared expert in every layer
+        dict(num_hidden_layers=3, layer_types=["linear_attention", "linear_attention",
+                                               "full_attention"],
+             head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=32, linear_value_head_dim=64, linear_conv_kernel_dim=4,
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+             shared_expert_intermediate_size=256, decoder_sparse_step=1, rope_theta=10000.0,
+             tie_word_embeddings=False),
+    ),
+    "OlmoHybridForCausalLM": (
+        "OlmoHybridConfig",
+        # OLMo-Hybrid: beta in (0, 2) (allow_neg_eigval), q/k-normed attention, dense MLPs
+        dict(num_hidden_layers=3, layer_types=["linear_attention", "linear_attention",
+                                               "full_attention"],
+             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+             linear_value_head_dim=64, linear_conv_kernel_dim=4, linear_allow_neg_eigval=True,
+             rope_theta=10000.0, tie_word_embeddings=False),
+    ),
 }
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "da", "qui", "zo", "fa",
@@ -268,6 +295,47 @@ def rescale_weights(model, generator: torch.Generator) -> None:
     norm.fill_(scales["final_gain"] - 1.0 if gemma_style else scales["final_gain"])
 
 
+def _olmo_hybrid_released(state: dict, config) -> dict:
+    """OLMo-Hybrid's released layout: one q/k/v conv weight each (key, key, value channels),
+    where transformers keeps them concatenated. (transformers 5.19's save_pretrained, reverting
+    its conversion, splits the concatenation in three equal parts, wrong whenever the value
+    width differs from the key width, and renames the norms of every layer, attention layers
+    included, to names the released checkpoints and vLLM do not use.)"""
+    key = config.linear_num_key_heads * config.linear_key_head_dim
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("linear_attn.conv1d.weight"):
+            base = name[: -len("conv1d.weight")]
+            for part, rows in zip("qkv", tensor.split([key, key, tensor.shape[0] - 2 * key])):
+                out[f"{base}{part}_conv1d.weight"] = rows.contiguous()
+        else:
+            out[name] = tensor
+    return out
+
+
+# Architectures whose checkpoint is written in its released layout from transformers' own
+# names (saved with save_original_format=False, then rewritten): arch -> (state, config) -> state.
+RELEASED_LAYOUT = {"OlmoHybridForCausalLM": _olmo_hybrid_released}
+
+
+def _save(model, arch: str, out: str) -> None:
+    if arch not in RELEASED_LAYOUT:
+        model.save_pretrained(out)
+        return
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out, save_original_format=False)
+    path = os.path.join(out, "model.safetensors")
+    save_file(RELEASED_LAYOUT[arch](load_file(path), model.config), path,
+              metadata={"format": "pt"})
+    # transformers must read the rewritten file back as the very model it was made from
+    loaded = getattr(transformers, arch).from_pretrained(out).state_dict()
+    for name, tensor in model.state_dict().items():
+        if not torch.equal(loaded[name], tensor):
+            raise ValueError(f"{arch}: {name} differs after the released-layout rewrite")
+
+
 def make_model(arch: str, out: str, seed: int = 0, **config_overrides) -> str:
     """config_overrides: config fields to change from ARCHITECTURES' (tie_word_embeddings=True
     for a tied variant of an untied architecture, say)."""
@@ -281,7 +349,7 @@ def make_model(arch: str, out: str, seed: int = 0, **config_overrides) -> str:
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     rescale_weights(model, torch.Generator().manual_seed(seed))
-    model.save_pretrained(out)
+    _save(model, arch, out)
     return out
 
 

@@ -33,22 +33,46 @@ def _layer_windows(worker):
 # op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window; Mixtral and
 # Qwen2-MoE: routed experts, a shared expert with its gate; DeepSeek-V2/V3: MLA, whose eager
 # path is vLLM's MLAAttention.forward_impl driving the backend, the compiled one MLXMLAImpl.attend;
-# Mamba-1/2: state-space mixers, eager in both modes).
+# Mamba-1/2: state-space mixers; Qwen3-Next, OLMo-Hybrid: gated delta-net layers beside
+# attention; those mixers run eagerly in both modes).
 SSM = ("MambaForCausalLM", "Mamba2ForCausalLM")
+GDN = ("Qwen3NextForCausalLM", "OlmoHybridForCausalLM")
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
     (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
                               "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM",
-                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM") + SSM]
+                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM") + SSM + GDN]
 MLA = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
-# Compiled pieces of a state-space model: its mixers have no MLX lowering and split the graph
-# (the platform's splitting ops), so the forward is one piece more than it has mixers.
-PIECES = {"MambaForCausalLM": 3, "Mamba2ForCausalLM": 3}
+# Compiled pieces of a state-space or gated delta-net model: its mixers have no MLX lowering
+# and split the graph (the platform's splitting ops), so the forward is one piece more than it
+# has mixers (two linear-attention layers each in the GDN hybrids).
+PIECES = {"MambaForCausalLM": 3, "Mamba2ForCausalLM": 3, "Qwen3NextForCausalLM": 3,
+          "OlmoHybridForCausalLM": 3}
+
+
+def _olmo_conv_loader_reads_the_shard(monkeypatch):
+    """vLLM 0.32's OLMo-Hybrid conv1d loader takes the q/k/v part as an argument that vLLM's
+    AutoWeightsLoader never passes (its weights mapper puts it on the tensor, ``shard_id``), so
+    no OLMo-Hybrid checkpoint loads, on any platform (docs/registry_sweep.md). Here the loader
+    reads the part from the tensor, so that the gated delta-net kernels are checked end to
+    end."""
+    from vllm.model_executor.layers.mamba.gdn import olmo_gdn_linear_attn as olmo
+
+    make = olmo._make_fused_conv1d_weight_loader
+
+    def reading_the_shard(dims, tp_size, tp_rank):
+        load = make(dims, tp_size, tp_rank)
+        return lambda param, weight, shard=None: load(
+            param, weight, getattr(weight, "shard_id", None) if shard is None else shard)
+
+    monkeypatch.setattr(olmo, "_make_fused_conv1d_weight_loader", reading_the_shard)
 
 
 @pytest.mark.parametrize("arch,enforce_eager", CASES,
                          ids=[f"{a}-{'eager' if e else 'compiled'}" for a, e in CASES])
-def test_greedy_matches_transformers(arch, enforce_eager, model_dir):
+def test_greedy_matches_transformers(arch, enforce_eager, model_dir, monkeypatch):
     path = model_dir(arch)
+    if arch == "OlmoHybridForCausalLM":
+        _olmo_conv_loader_reads_the_shard(monkeypatch)
     pieces_before = MlxCompiler.pieces_compiled  # the engine runs in this process
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
                    enforce_eager=enforce_eager)

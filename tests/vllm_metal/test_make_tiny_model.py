@@ -41,3 +41,21 @@ def test_files_and_chat_template(model_dir):
                                          tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert json.load(open(os.path.join(path, "config.json")))["dtype"] == "float32"
+
+
+def test_olmo_hybrid_in_its_released_layout(model_dir):
+    # separate q/k/v convs of the key, key and value widths, and the norm names released
+    # checkpoints (and vLLM) use; transformers reads it back as the model made (make_model)
+    from safetensors import safe_open
+
+    path = os.path.join(model_dir("OlmoHybridForCausalLM"), "model.safetensors")
+    with safe_open(path, "pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    conv = "model.layers.0.linear_attn.{}_conv1d.weight"
+    assert [shapes[conv.format(p)] for p in "qkv"] == [[64, 1, 4], [64, 1, 4], [256, 1, 4]]
+    assert "model.layers.0.linear_attn.conv1d.weight" not in shapes
+    assert {"model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.2.post_attention_layernorm.weight",
+            "model.layers.2.post_feedforward_layernorm.weight"} <= set(shapes)
+    assert not any("attention_layer_norm" in n or "feedforward_layer_norm" in n for n in shapes)

@@ -149,3 +149,15 @@ def test_zamba2_attention_sizes_stay_derived():
     assert config.num_attention_heads * config.attention_head_dim == \
         config.attention_hidden_size == 2 * config.hidden_size
     assert config.num_key_value_heads == config.num_attention_heads
+
+
+@pytest.mark.parametrize("arch,last_line", [
+    ("KimiLinearForCausalLM", "RuntimeError: torch.cuda.Stream requires CUDA support"),
+    ("OlmoHybridForCausalLM", '    dim = dims[loaded_shard_id]\n'
+                              'TypeError: list indices must be integers or slices, not NoneType'),
+])
+def test_gated_delta_net_models_errors_are_named(arch, last_line):
+    r = dict(arch=arch, status="error", stage="engine",
+             traceback_tail=f"Traceback ...\n{last_line}")
+    sweep.recategorize(r)
+    assert r["category"] == sweep.ARCH_CAUSES[arch][1]
