@@ -3,9 +3,12 @@
 Importing this package registers the overrides with ``CustomOp.register_oot`` (vLLM then builds
 these classes wherever a model asks for the originals) and the MLX lowering of vLLM's attention
 op for compiled forwards; MetalPlatform.check_and_update_config
-imports it in every process that builds a model. The Mamba kernels (``mamba.install``) replace
-names inside vLLM's modules, as those modules import them by name.
+imports it in every process that builds a model. The Mamba kernels (``mamba.install``) and
+the sparse indexer's cache and query quantizer (``sparse_indexer.install``) replace names inside
+vLLM's modules, as those modules import them by name.
 """
-from . import activation, attention, layernorm, mamba, moe, quantized, rotary  # noqa: F401
+from . import (activation, attention, layernorm, mamba, moe, quantized, rotary,  # noqa: F401
+               sparse_indexer)
 
 mamba.install()
+sparse_indexer.install()
