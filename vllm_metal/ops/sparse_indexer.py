@@ -29,7 +29,6 @@ from vllm.v1.kv_cache_interface import MLAAttentionSpec, SparseCacheRole
 
 from torch_mlx import from_mlx, to_mlx
 
-from ..attention import sparse_mla  # a module reference: sparse_mla imports ops (circular)
 from ..attention.backend import MLXAttentionBackend, MLXAttentionMetadataBuilder
 from .cache import write_kv_rows
 from .library import LIB, define
@@ -59,7 +58,9 @@ def _sparse_attn_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor
     half = head_dim // 2
     cache = write_kv_rows(to_mlx(storage), keys[..., :half], keys[..., half:], md.slots,
                           storage)[:, 0]
-    selected = sparse_mla.indexer_topk(to_mlx(q)[:num_tokens], to_mlx(weights)[:num_tokens], cache, md,
+    from ..attention.sparse_mla import indexer_topk  # here: attention imports ops (a cycle)
+
+    selected = indexer_topk(to_mlx(q)[:num_tokens], to_mlx(weights)[:num_tokens], cache, md,
                             topk)
     mx.eval(selected, cache)
     topk_indices[:num_tokens, :topk].copy_(from_mlx(selected))
