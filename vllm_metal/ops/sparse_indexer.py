@@ -33,8 +33,6 @@ from ..attention.backend import MLXAttentionBackend, MLXAttentionMetadataBuilder
 from .cache import write_kv_rows
 from .library import LIB, define
 
-INDEXER_OP = "vllm_metal::sparse_attn_indexer"
-
 sparse_attn_indexer_op = define(
     "sparse_attn_indexer(Tensor q, Tensor k, Tensor weights, Tensor(a!) k_cache, "
     "Tensor(b!) topk_indices, str layer_name, int topk) -> ()",
