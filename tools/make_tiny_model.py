@@ -142,6 +142,20 @@ ARCHITECTURES = {
              topk_method="noaux_tc", scoring_func="sigmoid",  # as V3 checkpoints name them
              rope_theta=10000.0, tie_word_embeddings=False),
     ),
+    # DeepSeek-V3.2's sparse MLA: V3's layers plus a lightning indexer per layer that keeps each
+    # query's 8 best earlier tokens (fewer than most prompts have: the selection is exercised;
+    # a short prompt's early tokens have fewer than 8 and attend to all). 16 indexer heads make
+    # exact zero-score ties (a relu per head) improbable.
+    "DeepseekV32ForCausalLM": (
+        "DeepseekV32Config",
+        dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+             qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=1,
+             moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
+             topk_method="noaux_tc", scoring_func="sigmoid",
+             index_topk=8, index_head_dim=32, index_n_heads=16,
+             rope_theta=10000.0, tie_word_embeddings=False),
+    ),
     # State-space models (vLLM's Mamba mixers: causal conv1d and a selective scan, a recurrent
     # state per request instead of a KV cache). Mamba-1: per-channel decay (inner size 512).
     "MambaForCausalLM": (

@@ -117,6 +117,9 @@ SHRINK = dict(
     moe_num_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
     # MLA (DeepSeek-V2/V3 style)
     q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+    # sparse MLA's indexer (DeepSeek-V3.2, GLM-MoE-DSA): top-k below the prompts' 16-41 tokens,
+    # so the selection is exercised; 16 heads make exact zero-score ties (relu) improbable
+    index_topk=8, index_head_dim=32, index_n_heads=16,
     # state-space mixers
     state_size=16, mamba_d_state=16, mamba_n_heads=8, mamba_head_dim=32, mamba_d_conv=4,
     ssm_state_size=16, mamba_expand=2, n_groups=1, mamba_n_groups=1, time_step_rank=8,
@@ -292,6 +295,13 @@ COMPAT_FIELDS = {
     # transformers' GLM-4-MoE-Lite lists each layer's MLP (mlp_layer_types); vLLM reads
     # DeepSeek's first_k_dense_replace (leading dense layers, the rest mixtures of experts)
     "Glm4MoeLiteConfig": lambda c: dict(first_k_dense_replace=_leading_dense(c.mlp_layer_types)),
+    # transformers' DeepSeek-V3.2 and GLM-MoE-DSA route as DeepSeek-V3 (sigmoid scores,
+    # bias-corrected top-k: the e_score_correction_bias weight), which vLLM builds only for the
+    # checkpoints' topk_method "noaux_tc"; GLM's indexer rotates interleaved pairs, which vLLM
+    # reads from indexer_rope_interleave (default: halves, DeepSeek-V3.2's)
+    "DeepseekV32Config": lambda c: dict(topk_method="noaux_tc", scoring_func="sigmoid"),
+    "GlmMoeDsaConfig": lambda c: dict(topk_method="noaux_tc", scoring_func="sigmoid",
+                                      indexer_rope_interleave=True),
     # transformers' HYV3 (Hy3-preview): each layer's MLP in mlp_layer_types, experts of
     # moe_intermediate_size, q/k RMSNorm in every attention, sigmoid top-k renormalized then
     # scaled by router_scaling_factor. vLLM reads the Tencent config's names:

@@ -53,4 +53,8 @@ def register() -> str | None:
     # this platform's runner is the V1 one. Set here, before any VllmConfig reads it; an explicit
     # VLLM_USE_V2_MODEL_RUNNER=1 is refused by the worker with a message.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # vLLM turns "breakable CUDA graphs" on by default for some architectures (DeepSeek-V3.2),
+    # which turns torch.compile off and sets the variable in os.environ, so every later engine
+    # of the process would run uncompiled too. mlx has no CUDA graphs: keep vLLM's compilation.
+    os.environ.setdefault("VLLM_USE_BREAKABLE_CUDAGRAPH", "0")
     return PLATFORM

@@ -15,10 +15,14 @@ logger = init_logger(__name__)
 
 ATTENTION_BACKEND = "vllm_metal.attention.backend.MLXAttentionBackend"
 MLA_BACKEND = "vllm_metal.attention.mla.MLXMLABackend"
+SPARSE_MLA_BACKEND = "vllm_metal.attention.sparse_mla.MLXSparseMLABackend"
 WORKER = "vllm_metal.worker.MetalWorker"
 # vLLM attention ops with an MLX lowering (ops/attention.py): they stay inside compiled graphs
 LOWERED_ATTENTION_OPS = ("vllm::unified_attention_with_output",
                          "vllm::unified_mla_attention_with_output")
+# ops that run eagerly between compiled pieces besides vLLM's own (_attention_ops): the sparse
+# indexer, whose top-k buffer the next piece's MLA attention reads (ops/sparse_indexer.py)
+EAGER_SPLITTING_OPS = ("vllm_metal::sparse_attn_indexer",)
 
 
 class MetalPlatform(Platform):
@@ -116,7 +120,9 @@ class MetalPlatform(Platform):
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         if attn_selector_config.use_sparse:
-            raise NotImplementedError("sparse attention (sparse MLA) is not supported on mlx")
+            if not attn_selector_config.use_mla:
+                raise NotImplementedError("sparse attention without MLA is not supported on mlx")
+            return SPARSE_MLA_BACKEND  # DeepSeek-V3.2's indexer + top-k MLA
         if attn_selector_config.use_mla:
             # MLA layers resolve their backend by this path, not through the registry's
             # CUSTOM slot (which stays bound to the MLX attention backend)
@@ -190,6 +196,7 @@ class MetalPlatform(Platform):
             # they run eagerly between compiled pieces, as on vLLM's other platforms.
             compilation.splitting_ops = [op for op in compilation._attention_ops
                                          if op not in LOWERED_ATTENTION_OPS]
+            compilation.splitting_ops += EAGER_SPLITTING_OPS
         elif compilation.mode == CompilationMode.STOCK_TORCH_COMPILE \
                 and compilation.backend in ("", "inductor", cls.get_compile_backend()):
             # torch.compile of the whole model with a dynamo backend: torch_mlx's "mlx"

@@ -1,5 +1,7 @@
 """transformers on the CPU in float32: the reference vLLM-on-mlx is compared with."""
 import functools
+import json
+import os
 
 import torch
 import transformers
@@ -8,13 +10,17 @@ import transformers
 @functools.lru_cache(maxsize=2)
 def load(model_dir: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    # the checkpoint's own class, not AutoConfig's: vLLM registers its config classes there (in
+    # this process vllm is imported), some for other model types (deepseek_v32 -> DeepSeek-V3's,
+    # which would build a model without the sparse indexer)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_cls = getattr(transformers, json.load(f)["architectures"][0])
+    config = model_cls.config_class.from_pretrained(model_dir)
     # transformers applies attention logit soft-capping (Gemma 2) in its eager attention only:
     # SDPA would silently compute uncapped attention
     extra = ({"attn_implementation": "eager"}
              if getattr(config, "attn_logit_softcapping", None) else {})
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                              **extra)
+    model = model_cls.from_pretrained(model_dir, config=config, dtype=torch.float32, **extra)
     return tokenizer, model.eval()
 
 

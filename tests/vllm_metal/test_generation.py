@@ -33,20 +33,24 @@ def _layer_windows(worker):
 # op mixes (Gemma: GeLU, scaled embeddings, (1 + w) norms; Mistral: sliding window; Mixtral and
 # Qwen2-MoE: routed experts, a shared expert with its gate; DeepSeek-V2/V3: MLA, whose eager
 # path is vLLM's MLAAttention.forward_impl driving the backend, the compiled one MLXMLAImpl.attend;
-# Mamba-1/2: state-space mixers; Qwen3-Next, OLMo-Hybrid: gated delta-net layers beside
-# attention; those mixers run eagerly in both modes).
+# DeepSeek-V3.2: sparse MLA, its indexer's top-k (8, below most prompts' lengths) chosen by the
+# vllm_metal::sparse_attn_indexer op; Mamba-1/2: state-space mixers; Qwen3-Next, OLMo-Hybrid:
+# gated delta-net layers beside attention; those mixers run eagerly in both modes).
 SSM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 GDN = ("Qwen3NextForCausalLM", "OlmoHybridForCausalLM")
 CASES = [(arch, False) for arch in ARCHITECTURES] + [
     (arch, True) for arch in ("LlamaForCausalLM", "GemmaForCausalLM", "MistralForCausalLM",
                               "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM",
-                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM") + SSM + GDN]
-MLA = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
-# Compiled pieces of a state-space or gated delta-net model: its mixers have no MLX lowering
-# and split the graph (the platform's splitting ops), so the forward is one piece more than it
-# has mixers (two linear-attention layers each in the GDN hybrids).
+                              "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                              "DeepseekV32ForCausalLM") + SSM + GDN]
+MLA = {"DeepseekV2ForCausalLM": "MLXMLAImpl", "DeepseekV3ForCausalLM": "MLXMLAImpl",
+       "DeepseekV32ForCausalLM": "MLXSparseMLAImpl"}
+# Compiled pieces of a state-space, gated delta-net or sparse-MLA model: its mixers (or the
+# sparse indexers, one per layer, whose top-k the next piece's attention reads) have no MLX
+# lowering and split the graph (the platform's splitting ops), so the forward is one piece more
+# than it has of them (two linear-attention layers each in the GDN hybrids).
 PIECES = {"MambaForCausalLM": 3, "Mamba2ForCausalLM": 3, "Qwen3NextForCausalLM": 3,
-          "OlmoHybridForCausalLM": 3}
+          "OlmoHybridForCausalLM": 3, "DeepseekV32ForCausalLM": 3}
 
 
 def _olmo_conv_loader_reads_the_shard(monkeypatch):
@@ -89,7 +93,7 @@ def test_greedy_matches_transformers(arch, enforce_eager, model_dir, monkeypatch
                         "GptOssForCausalLM": [40, None]}.get(arch, [None])  # sliding, global
     if arch in SSM:
         expected_windows = []  # no attention layer
-    impl = "MLXMLAImpl" if arch in MLA else "MLXAttentionImpl"
+    impl = MLA.get(arch, "MLXAttentionImpl")
     assert windows == sorted(((impl, w) for w in expected_windows), key=str)
 
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)

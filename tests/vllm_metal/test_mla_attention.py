@@ -154,10 +154,7 @@ def test_platform_picks_the_mla_backend():
 
     dense = types.SimpleNamespace(use_mla=True, use_sparse=False)
     assert MetalPlatform.get_attn_backend_cls(None, dense) == \
-        "vllm_metal.attention.mla.MLXMLABackend"
-    with pytest.raises(NotImplementedError, match="sparse MLA"):
-        MetalPlatform.get_attn_backend_cls(None, types.SimpleNamespace(use_mla=True,
-                                                                       use_sparse=True))
+        "vllm_metal.attention.mla.MLXMLABackend"  # sparse MLA: test_sparse_mla.py
     assert MetalPlatform.get_mla_prefill_backend_cls(None) is MLXMLAPrefillBackend
 
 

@@ -61,6 +61,19 @@ def test_glm4_moe_lite_gets_first_k_dense_replace_from_its_layer_list():
         sweep._leading_dense(["dense", "sparse", "dense"])
 
 
+@pytest.mark.parametrize("name", ["DeepseekV32Config", "GlmMoeDsaConfig"])
+def test_sparse_mla_configs_select_fewer_tokens_than_the_prompts(name):
+    import transformers
+
+    config_cls = getattr(transformers, name)
+    config = config_cls(**sweep.shrink_kwargs(config_cls, 1024, TOKENS))
+    assert config.index_topk == 8 < 16  # the shortest prompt: the selection is exercised
+    assert config.index_head_dim > config.qk_rope_head_dim
+    added = sweep.add_compat_fields(config)
+    assert (config.topk_method, config.scoring_func) == ("noaux_tc", "sigmoid")
+    assert ("indexer_rope_interleave" in added) == (name == "GlmMoeDsaConfig")
+
+
 def test_hy_v3_gets_the_tencent_config_names():
     import transformers
 

@@ -23,8 +23,9 @@ orchestrates (its torch ops run on "mlx"); in a compiled forward ``ops/attention
 layer (write, absorbed decode, decompressed prefill, ``W_UV``) as one lazy MLX computation
 from the layer's ``W_UK_T`` / ``W_UV``.
 
-Not supported (refused with NotImplementedError): sparse MLA (DeepSeek-V3.2's indexer, HYV4),
-quantized KV caches, KV sharing, sliding-window MLA, decode context parallelism.
+Sparse MLA (DeepSeek-V3.2's indexer) is ``attention/sparse_mla.py``, built on this impl.
+Not supported (refused with NotImplementedError): quantized KV caches, KV sharing,
+sliding-window MLA, decode context parallelism.
 """
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -162,8 +163,8 @@ class MLXMLAImpl(MLACommonBaseImpl[MLXMLAMetadata]):
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"{attn_type} MLA attention is not supported on mlx")
         if indexer is not None or unsupported.get("topk_indices_buffer") is not None:
-            raise NotImplementedError("sparse MLA (an indexer's top-k tokens) is not supported "
-                                      "on mlx")
+            raise NotImplementedError("sparse MLA (an indexer's top-k tokens) runs in "
+                                      "attention/sparse_mla.MLXSparseMLAImpl, not this impl")
         if sliding_window is not None:
             raise NotImplementedError("sliding-window MLA is not supported on mlx")
         if alibi_slopes is not None or logits_soft_cap:
