@@ -124,7 +124,13 @@ SHRINK = dict(
     linear_value_head_dim=32,
     # windows shorter than the longest prompt, so sliding-window attention is exercised
     sliding_window=32, local_attention=32,  # ModernBERT: a window of 16 tokens either side
+    # dual encoders (CLIP, SigLIP) and vision-language models: a projection to the text width
+    projection_dim=128, projection_size=128,
 )
+# Also set in a composite config's vision_config (a vision tower): 32x32 images in 8x8 patches
+# (16 patches). Qwen2-VL's tower names its width embed_dim, its depth depth and its heads
+# num_heads (its hidden_size is the text model's, which SHRINK sets).
+VISION_SHRINK = dict(image_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
 # Layer-count fields (the first one the config has is set, the others are aliases).
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 SEQ_MIN_LAYERS = 2
@@ -141,14 +147,35 @@ def _canonical(config_cls, name: str) -> str:
     return (getattr(config_cls, "attribute_map", {}) or {}).get(name, name)
 
 
-def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
+def _sub_config_class(declared, default: dict):
+    """The class of a composite config's sub-config: the declared one, or for a generic
+    declaration (AutoConfig, PreTrainedConfig) the class of the default's model_type."""
+    import transformers
+
+    if declared in (transformers.AutoConfig, transformers.PretrainedConfig):
+        return transformers.CONFIG_MAPPING[default["model_type"]]
+    return declared
+
+
+def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict, vision: bool = False) -> dict:
     """kwargs for config_cls: SHRINK where it has the field, the local tokenizer's vocabulary and
     special tokens, and per-layer pattern fields (layer_types, hybrid patterns) cut to a few
-    layers that keep one of each kind of layer."""
+    layers that keep one of each kind of layer. A composite config (CLIP, LLaVA, Qwen2-VL:
+    sub_configs) gets each sub-config shrunk the same way, as a dict (its vision_config also
+    with VISION_SHRINK), and MULTIMODAL_FIELDS' fields that must agree across them."""
     fields = _config_fields(config_cls)
     defaults = config_cls().to_dict()
     kwargs = {}
-    for name, value in SHRINK.items():
+    for name, declared in (getattr(config_cls, "sub_configs", None) or {}).items():
+        default = defaults.get(name)
+        if isinstance(default, dict) and name not in SUB_CONFIGS_DERIVED.get(
+                config_cls.__name__, ()):
+            sub_cls = _sub_config_class(declared, default)
+            kwargs[name] = dict(shrink_kwargs(sub_cls, vocab_size, token_ids,
+                                              vision=name == "vision_config"),
+                                model_type=sub_cls.model_type)
+    shrink = dict(SHRINK, **VISION_SHRINK) if vision else SHRINK
+    for name, value in shrink.items():
         if name in fields:
             default = defaults.get(_canonical(config_cls, name))
             if default is None:
@@ -158,6 +185,8 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
             if isinstance(default, int) and not isinstance(default, bool) and default < value \
                     and name not in ("num_hidden_layers",):
                 value = default  # never grow a field (top-k above the expert count, say)
+            if isinstance(default, dict):
+                continue  # a sub-config (shrunk above)
             kwargs[_canonical(config_cls, name)] = value
     num_layers = SEQ_MIN_LAYERS
     default_layers = None
@@ -222,10 +251,53 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         if name in fields:
             kwargs[_canonical(config_cls, name)] = vocab_size
     for field, token in (("bos_token_id", "<|bos|>"), ("eos_token_id", "<|eos|>"),
-                         ("pad_token_id", "<|pad|>")):
-        if field in fields:
-            kwargs[field] = token_ids[token]
+                         ("pad_token_id", "<|pad|>"), *MULTIMODAL_TOKENS.items()):
+        if field in fields and token in token_ids:
+            kwargs.setdefault(_canonical(config_cls, field), token_ids[token])
+    fix = MULTIMODAL_FIELDS.get(config_cls.__name__)
+    if fix is not None:
+        kwargs.update(fix(kwargs))
     return kwargs
+
+
+# Token-id fields of vision-language configs and the special token each names (added to the
+# local tokenizer for an architecture whose config has the field: the ids must be in the
+# vocabulary, where vLLM's processors look them up).
+MULTIMODAL_TOKENS = {
+    "image_token_index": "<image>", "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>"}
+
+# Sub-configs a composite config derives from another one when not given (ColPali's
+# text_config is its vlm_config's).
+SUB_CONFIGS_DERIVED = {"ColPaliConfig": ("text_config",)}
+
+
+def _llava_next_fields(kwargs: dict) -> dict:
+    # LLaVA-NeXT tiles an image into image_size squares on a grid of pinpoints (multiples of
+    # image_size), each tile image_seq_length patches; the defaults are for 336-pixel tiles
+    size = kwargs["vision_config"]["image_size"]
+    patches = (size // kwargs["vision_config"]["patch_size"]) ** 2
+    return dict(image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+                image_seq_length=patches)
+
+
+def _qwen2_vl_fields(kwargs: dict) -> dict:
+    # M-RoPE splits each head's rotary frequencies among (time, height, width) by
+    # mrope_section; Qwen2-VL's 16/24/24 of 64 is 2:3:3 of head_dim / 2
+    text = kwargs["text_config"]
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text["rope_parameters"] = dict(rope_type="default", rope_theta=1000000.0,
+                                   mrope_section=section)
+    return {}
+
+
+# Fields of a composite config that must agree with its shrunk sub-configs, by config class.
+MULTIMODAL_FIELDS = {
+    "LlavaNextConfig": _llava_next_fields,
+    "Qwen2VLConfig": _qwen2_vl_fields,
+}
 
 
 def _mimo_v2_flash_fields(c) -> dict:
@@ -408,6 +480,61 @@ TOKENIZER_SPECIAL_TOKENS = {
 }
 
 
+def _all_fields(config_cls) -> set[str]:
+    """config_cls's field names (canonical) and its sub-configs', recursively."""
+    fields = {_canonical(config_cls, f) for f in _config_fields(config_cls)}
+    sub_configs = getattr(config_cls, "sub_configs", None) or {}
+    if sub_configs:
+        defaults = config_cls().to_dict()
+        for name, declared in sub_configs.items():
+            if isinstance(defaults.get(name), dict):
+                fields |= _all_fields(_sub_config_class(declared, defaults[name]))
+    return fields
+
+
+# Architectures whose local tokenizer has its special tokens last: vLLM's CLIP processor takes
+# token id 0 as its image placeholder and requires it not to be a special token (CLIP's
+# vocabulary ends with its special tokens).
+SPECIAL_TOKENS_LAST = {"CLIPModel"}
+
+
+def multimodal_tokens(config_cls) -> list[str]:
+    """MULTIMODAL_TOKENS' tokens for the token-id fields config_cls (or a sub-config) has."""
+    fields = _all_fields(config_cls)
+    return list(dict.fromkeys(token for field, token in MULTIMODAL_TOKENS.items()
+                              if _canonical(config_cls, field) in fields or field in fields))
+
+
+def _square(size: int) -> dict:
+    return {"height": size, "width": size}
+
+
+# The HF processor (image processor and tokenizer) a vision-language checkpoint carries, by
+# config class: vLLM builds its multimodal inputs with it, and profiles the vision tower on a
+# dummy image at start-up. Sized for the shrunk vision_config (PIL image processors: no
+# torchvision here).
+PROCESSORS = {
+    "CLIPConfig": lambda t, c, tokenizer: t.CLIPProcessor(
+        image_processor=t.CLIPImageProcessor(
+            size={"shortest_edge": c.vision_config.image_size},
+            crop_size=_square(c.vision_config.image_size)), tokenizer=tokenizer),
+    "SiglipConfig": lambda t, c, tokenizer: t.SiglipProcessor(
+        image_processor=t.SiglipImageProcessor(size=_square(c.vision_config.image_size)),
+        tokenizer=tokenizer),
+}
+
+
+def save_processor(config, out: str) -> bool:
+    """Write PROCESSORS' processor for config into out (beside its tokenizer)."""
+    make = PROCESSORS.get(type(config).__name__)
+    if make is None:
+        return False
+    import transformers
+
+    make(transformers, config, transformers.AutoTokenizer.from_pretrained(out)).save_pretrained(out)
+    return True
+
+
 def add_compat_fields(config) -> list[str]:
     """Set COMPAT_FIELDS' fields the config lacks; returns their names."""
     fn = COMPAT_FIELDS.get(type(config).__name__)
@@ -484,12 +611,12 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     if config_cls is None or config_cls is transformers.PretrainedConfig:
         raise LookupError(f"transformers' {arch} names no config class")
     os.makedirs(out, exist_ok=True)
-    tokenizer = maker.build_tokenizer(seed)
-    extra_tokens = TOKENIZER_SPECIAL_TOKENS.get(arch, [])
+    tokenizer = maker.build_tokenizer(seed, specials_last=arch in SPECIAL_TOKENS_LAST)
+    extra_tokens = TOKENIZER_SPECIAL_TOKENS.get(arch, []) + multimodal_tokens(config_cls)
     if extra_tokens:
         tokenizer.add_special_tokens(extra_tokens)
     maker.save_tokenizer(tokenizer, out)
-    token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS}
+    token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS + extra_tokens}
     kwargs = shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids)
     try:
         config = config_cls(**kwargs)
@@ -504,12 +631,14 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     model.save_pretrained(out)
     compat_weights = add_compat_weights(config, out)
     released_format = rewrite_config_json(config, out)
+    processor = save_processor(config, out)
     params = sum(p.numel() for p in model.parameters())
     return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
             "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {}),
             **({"compat_weights": compat_weights} if compat_weights else {}),
             **({"extra_special_tokens": len(extra_tokens)} if extra_tokens else {}),
-            **({"config_json": "released format"} if released_format else {})}
+            **({"config_json": "released format"} if released_format else {}),
+            **({"processor": "saved"} if processor else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +653,16 @@ def prompt_ids(model_dir: str) -> list[list[int]]:
     prompts = ["Hello, how are you today?", sentences[0], " ".join(sentences[1:5])]
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return [tokenizer(p).input_ids for p in prompts]
+
+
+def max_model_len(model_dir: str, limit: int = 256) -> int:
+    """The engine's max_model_len: `limit`, or the text model's position table if shorter
+    (CLIP's 77, SigLIP's 64: vLLM refuses a longer one; the prompts are at most 41 tokens)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir).get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(limit, positions) if isinstance(positions, int) else limit
 
 
 def _load_hf(arch: str, model_dir: str, base: bool = False):
@@ -576,6 +715,33 @@ def reference_embeddings(arch: str, model_dir: str, prompts: list[list[int]], po
             vec = {"CLS": hidden[0], "LAST": hidden[-1], "MEAN": hidden.mean(0)}[pooling]
             out.append(vec.float())
     return out
+
+
+# Pooling architectures whose vLLM output is not the base model's pooled last hidden states:
+# architecture -> transformers' computation of the same output from the model of that class and
+# one prompt's ids [1, n]: a vector, or one per token (token_embed).
+POOLING_REFERENCES = {
+    # CLIP's text embedding is text_projection of the text tower's final states at the EOS
+    # token (CLIP's tokenizer ends every prompt with it); vLLM pools the projected states at the
+    # LAST token. The sweep's prompts end without EOS, so the reference projects the last
+    # token's state, which is where vLLM pools (with EOS last, get_text_features' own vector).
+    "CLIPModel": lambda model, ids: model.text_projection(
+        model.text_model(input_ids=ids).last_hidden_state[0, -1]),
+    # SigLIP's text embedding: head() of the last token's state (bidirectional attention);
+    # vLLM reverses each sequence so that its CLS pooling takes the last token
+    "SiglipModel": lambda model, ids: model.get_text_features(input_ids=ids).pooler_output[0],
+    # ColPali (token_embed): every token's last hidden state projected to embedding_dim and
+    # L2-normalised
+    "ColPaliForRetrieval": lambda model, ids: model(input_ids=ids).embeddings[0],
+}
+
+
+def reference_pooling_output(arch: str, model_dir: str, prompts: list[list[int]]):
+    import torch
+
+    model, compute = _load_hf(arch, model_dir), POOLING_REFERENCES[arch]
+    with torch.no_grad():
+        return [compute(model, torch.tensor([ids])).float() for ids in prompts]
 
 
 def reference_token_logits(arch: str, model_dir: str, prompts: list[list[int]]):
@@ -707,8 +873,8 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         import vllm
         from vllm import SamplingParams
 
-        kw = dict(model=model_dir, dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
-                  enforce_eager=True)
+        kw = dict(model=model_dir, dtype="float32", max_model_len=max_model_len(model_dir),
+                  max_num_seqs=4, seed=0, enforce_eager=True)
         if registry == "pooling":
             kw["runner"] = "pooling"
         llm = vllm.LLM(**kw)
@@ -726,14 +892,17 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         else:
             pooler = llm.llm_engine.model_config.pooler_config
             pooling = pooler.seq_pooling_type if pooler is not None else None
-            if "embed" not in llm.supported_tasks and "token_classify" in llm.supported_tasks:
-                pooling = "token_classify"
+            if "embed" not in llm.supported_tasks:
+                # token-level models: per-token MLM logits (BERT), per-token embeddings (ColPali)
+                pooling = next((t for t in ("token_classify", "token_embed")
+                                if t in llm.supported_tasks), pooling)
             result["pooling"] = pooling
-            if pooling == "token_classify":
+            if pooling in ("token_classify", "token_embed"):
                 from vllm import PoolingParams
 
-                outputs = llm.encode(inputs, PoolingParams(use_activation=False),
-                                     pooling_task="token_classify", use_tqdm=False)
+                params = PoolingParams(use_activation=False) if pooling == "token_classify" \
+                    else None
+                outputs = llm.encode(inputs, params, pooling_task=pooling, use_tqdm=False)
                 got = [o.outputs.data.float().cpu() for o in outputs]
             else:
                 outputs = llm.embed(inputs, use_tqdm=False)
@@ -763,14 +932,18 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
     else:
         import torch
 
-        if pooling not in ("CLS", "LAST", "MEAN", "token_classify"):
+        if pooling not in ("CLS", "LAST", "MEAN", "token_classify") and \
+                arch not in POOLING_REFERENCES:
             result.update(status="error", stage="compare", category="unknown pooling type",
                           detail=f"pooler seq_pooling_type={pooling!r}")
             return result
         try:
-            expected = (reference_token_logits(arch, model_dir, prompts)
-                        if pooling == "token_classify" else
-                        reference_embeddings(arch, model_dir, prompts, pooling))
+            if arch in POOLING_REFERENCES:
+                expected = reference_pooling_output(arch, model_dir, prompts)
+            elif pooling == "token_classify":
+                expected = reference_token_logits(arch, model_dir, prompts)
+            else:
+                expected = reference_embeddings(arch, model_dir, prompts, pooling)
         except Exception as exc:
             result.update(status="not_buildable", stage="reference",
                           reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
