@@ -477,6 +477,9 @@ TOKENIZER_SPECIAL_TOKENS = {
         "<|content_model_end_sampling|>", "<|content_thinking|>", "<|content_audio_input|>",
         "<|content_tool_error|>", "<|content_xml|>", "<|content_invoke_tool_json|>",
         "<|content_invoke_tool_text|>", "<|end_message|>", "<|audio_end|>"],
+    # vLLM's PaliGemma processor looks "\n" up in the vocabulary (it ends image prompts with it;
+    # Gemma's SentencePiece vocabulary has it, the byte-level one spells it "Ċ")
+    "ColPaliForRetrieval": ["\n"],
 }
 
 
@@ -491,6 +494,20 @@ def _all_fields(config_cls) -> set[str]:
                 fields |= _all_fields(_sub_config_class(declared, defaults[name]))
     return fields
 
+
+# Vision-language architectures run in vLLM's language-model-only mode (every modality's limit
+# 0: vLLM builds no vision tower and profiles no encoder): the sweep's prompts are text only, and
+# here vLLM's image path for them needs torchvision, which cannot be installed beside the CPU
+# torch (see docs/registry_sweep.md). CLIP and SigLIP run their towers (the profiling run).
+_VISION_ENCODER_INFO = ("vLLM's get_vision_encoder_info imports its Pixtral module, which "
+                        "imports transformers' torchvision-only Pixtral image processor")
+LANGUAGE_MODEL_ONLY = {
+    "ColPaliForRetrieval": _VISION_ENCODER_INFO,
+    "PaliGemmaForConditionalGeneration": _VISION_ENCODER_INFO,
+    "LlavaNextForConditionalGeneration": _VISION_ENCODER_INFO,
+    "Qwen2VLForConditionalGeneration": ("transformers' Qwen2VLProcessor, which vLLM loads, "
+                                        "needs its torchvision-only video processor"),
+}
 
 # Architectures whose local tokenizer has its special tokens last: vLLM's CLIP processor takes
 # token id 0 as its image placeholder and requires it not to be a special token (CLIP's
@@ -521,7 +538,19 @@ PROCESSORS = {
     "SiglipConfig": lambda t, c, tokenizer: t.SiglipProcessor(
         image_processor=t.SiglipImageProcessor(size=_square(c.vision_config.image_size)),
         tokenizer=tokenizer),
+    # vLLM loads PaliGemmaProcessor, which reads image_seq_length from the image processor
+    # (saved alone: the processor's constructor grows the tokenizer by PaliGemma's 1152
+    # location/segmentation tokens, as it does again when vLLM loads it)
+    "ColPaliConfig": lambda t, c, tokenizer: _with_attributes(
+        t.SiglipImageProcessor(size=_square(c.vlm_config.vision_config.image_size)),
+        image_seq_length=c.vlm_config.text_config.num_image_tokens),
 }
+
+
+def _with_attributes(obj, **attributes):
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    return obj
 
 
 def save_processor(config, out: str) -> bool:
@@ -877,6 +906,9 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
                   max_num_seqs=4, seed=0, enforce_eager=True)
         if registry == "pooling":
             kw["runner"] = "pooling"
+        if arch in LANGUAGE_MODEL_ONLY:
+            kw["language_model_only"] = True
+            result["language_model_only"] = LANGUAGE_MODEL_ONLY[arch]
         llm = vllm.LLM(**kw)
         result["engine_s"] = round(time.time() - t2, 1)
         from vllm.platforms import current_platform
