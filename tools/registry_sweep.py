@@ -773,6 +773,69 @@ def reference_pooling_output(arch: str, model_dir: str, prompts: list[list[int]]
         return [compute(model, torch.tensor([ids])).float() for ids in prompts]
 
 
+# Dual encoders whose image embeddings are compared too, so that the vision tower runs on "mlx"
+# on real inputs (not only vLLM's start-up profiling): vLLM embeds image-only prompts, transformers
+# runs get_image_features on the pixels the checkpoint's processor makes of the same images.
+IMAGE_EMBEDDINGS = ("CLIPModel", "SiglipModel")
+# (height, width) of the random test images; the processor resizes them to the tower's size
+IMAGE_SIZES = ((32, 32), (48, 40), (64, 64))
+
+
+def test_images(seed: int = PROMPT_SEED) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for h, w in IMAGE_SIZES]
+
+
+def reference_image_embeddings(arch: str, model_dir: str, images: list):
+    import torch
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    model = _load_hf(arch, model_dir)
+    with torch.no_grad():
+        return [model.get_image_features(pixel_values=processor(
+            images=image, return_tensors="pt").pixel_values).pooler_output[0].float()
+            for image in images]
+
+
+def _colpali_without_projection_bias(model, ids):
+    import torch
+
+    hidden = model.vlm(input_ids=ids).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden @ model.embedding_proj_layer.weight.T, dim=-1)
+
+
+# Mismatches whose cause is vLLM's model code, not the platform: architecture -> (the cause,
+# transformers' computation of what vLLM's model computes instead). The status stays mismatch;
+# the cause and the cosines against that second reference are recorded, to show that "mlx"
+# runs vLLM's model as vLLM defines it.
+VLLM_MODEL_DEVIATIONS = {
+    # transformers' ColPaliForRetrieval, like colpali-engine's ColPali, projects with an
+    # nn.Linear that has a bias; vLLM 0.32's ColPaliModel builds custom_text_proj with
+    # bias=False when the config gives embedding_dim, and its load_weights skips the
+    # checkpoint's embedding_proj_layer.bias (getattr(..., "bias") is None)
+    "ColPaliForRetrieval": ("vLLM's ColPaliModel drops embedding_proj_layer.bias",
+                            _colpali_without_projection_bias),
+}
+
+
+def _lowest_cosines(expected, got) -> list:
+    """Per prompt, the cosine of vLLM's output with the reference (for per-token outputs the
+    prompt's lowest token); None where the shapes differ."""
+    import torch
+
+    cosines = []
+    for want, have in zip(expected, got):
+        have = torch.as_tensor(have, dtype=torch.float32)
+        cosines.append(None if have.shape != want.shape else float(
+            torch.nn.functional.cosine_similarity(want, have, dim=-1).min()))
+    return cosines
+
+
 def reference_token_logits(arch: str, model_dir: str, prompts: list[list[int]]):
     """The architecture's own per-token logits [tokens, vocab] (a masked-LM head)."""
     import torch
@@ -939,6 +1002,11 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
             else:
                 outputs = llm.embed(inputs, use_tqdm=False)
                 got = [list(o.outputs.embedding) for o in outputs]
+            if arch in IMAGE_EMBEDDINGS:
+                images = test_images()
+                outputs = llm.embed([{"prompt": "", "multi_modal_data": {"image": image}}
+                                     for image in images], use_tqdm=False)
+                got_images = [list(o.outputs.embedding) for o in outputs]
     except Exception:
         tb = traceback.format_exc()
         result.update(status="error", stage=stage, category=categorize(tb),
@@ -980,17 +1048,20 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
             result.update(status="not_buildable", stage="reference",
                           reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
             return result
-        cosines = []
-        for want, have in zip(expected, got):
-            have = torch.as_tensor(have, dtype=torch.float32)
-            if have.shape != want.shape:
-                cosines.append(None)
-                continue
-            # per token for token-level outputs: the prompt's lowest
-            cosines.append(float(torch.nn.functional.cosine_similarity(want, have, dim=-1).min()))
+        cosines = _lowest_cosines(expected, got)
         result["cosines"] = cosines
+        if arch in IMAGE_EMBEDDINGS:
+            result["image_cosines"] = _lowest_cosines(
+                reference_image_embeddings(arch, model_dir, images), got_images)
+            cosines = cosines + result["image_cosines"]
         ok = all(c is not None and c >= COSINE_MIN for c in cosines)
         result["status"] = "pass" if ok else "mismatch"
+        if not ok and arch in VLLM_MODEL_DEVIATIONS:
+            cause, compute = VLLM_MODEL_DEVIATIONS[arch]
+            model = _load_hf(arch, model_dir)
+            with torch.no_grad():
+                as_vllm = [compute(model, torch.tensor([ids])).float() for ids in prompts]
+            result.update(category=cause, cosines_vllm_model=_lowest_cosines(as_vllm, got))
         if any(c is None for c in cosines):
             result["detail"] = (f"output shape {tuple(torch.as_tensor(got[0]).shape)} vs the "
                                 f"reference's {tuple(expected[0].shape)}")
@@ -1059,6 +1130,8 @@ def summarize(results: list[dict]) -> str:
         elif r["status"] == "mismatch" and r.get("cosines"):
             cause = "cosines " + ", ".join("None" if c is None else f"{c:.6f}"
                                            for c in r["cosines"])
+            if r.get("category"):  # a known cause in vLLM's model (VLLM_MODEL_DEVIATIONS)
+                cause = f"{r['category']} ({cause})"
         lines.append(f"{r['registry']:9} {r['arch']:34} {r['status']:13} "
                      f"{r.get('wall_s', 0):5.0f}  {cause[:110]}")
     lines.append("")
