@@ -60,6 +60,7 @@ import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT_SEED = 0
+GENERATING = ("generate", "multimodal")  # registries whose models are compared by greedy tokens
 NEAR_TIE_GAP = 1e-4
 COSINE_MIN = 0.9999
 
@@ -87,6 +88,9 @@ def registry_architectures(which: str) -> list[tuple[str, str, str]]:
                 registry._TEXT_GENERATION_MODELS.items()]
     if which in ("pooling", "all"):
         out += [("pooling", arch, mod) for arch, (mod, _) in registry._EMBEDDING_MODELS.items()]
+    if which == "multimodal":  # generation with text-only prompts; not part of "all"
+        out += [("multimodal", arch, mod) for arch, (mod, _) in
+                registry._MULTIMODAL_MODELS.items()]
     return out
 
 
@@ -480,6 +484,7 @@ TOKENIZER_SPECIAL_TOKENS = {
     # vLLM's PaliGemma processor looks "\n" up in the vocabulary (it ends image prompts with it;
     # Gemma's SentencePiece vocabulary has it, the byte-level one spells it "Ċ")
     "ColPaliForRetrieval": ["\n"],
+    "PaliGemmaForConditionalGeneration": ["\n"],
 }
 
 
@@ -541,16 +546,15 @@ PROCESSORS = {
     # vLLM loads PaliGemmaProcessor, which reads image_seq_length from the image processor
     # (saved alone: the processor's constructor grows the tokenizer by PaliGemma's 1152
     # location/segmentation tokens, as it does again when vLLM loads it)
-    "ColPaliConfig": lambda t, c, tokenizer: _with_attributes(
-        t.SiglipImageProcessor(size=_square(c.vlm_config.vision_config.image_size)),
-        image_seq_length=c.vlm_config.text_config.num_image_tokens),
+    "ColPaliConfig": lambda t, c, tokenizer: _paligemma_image_processor(t, c.vlm_config),
+    "PaliGemmaConfig": lambda t, c, tokenizer: _paligemma_image_processor(t, c),
 }
 
 
-def _with_attributes(obj, **attributes):
-    for name, value in attributes.items():
-        setattr(obj, name, value)
-    return obj
+def _paligemma_image_processor(transformers, config):
+    processor = transformers.SiglipImageProcessor(size=_square(config.vision_config.image_size))
+    processor.image_seq_length = config.text_config.num_image_tokens
+    return processor
 
 
 def save_processor(config, out: str) -> bool:
@@ -948,7 +952,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
     result["prompt_tokens"] = [len(p) for p in prompts]
 
     t1 = time.time()
-    if registry == "generate":
+    if registry in GENERATING:
         try:
             expected = reference_greedy(arch, model_dir, prompts, max_tokens)
         except Exception as exc:
@@ -979,7 +983,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         result["device"] = current_platform.device_type
         stage = "run"
         inputs = [{"prompt_token_ids": p} for p in prompts]
-        if registry == "generate":
+        if registry in GENERATING:
             params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
                                     temperature=0.0, ignore_eos=True)
             outputs = llm.generate(inputs, params, use_tqdm=False)
@@ -1015,7 +1019,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         return result
     result["vllm_s"] = round(time.time() - t2, 1)
 
-    if registry == "generate":
+    if registry in GENERATING:
         result["status"] = "pass"
         for i, ((want, gaps), have) in enumerate(zip(expected, got)):
             if have == want:
@@ -1120,7 +1124,8 @@ def run_child(registry: str, arch: str, args, workdir: str) -> dict:
 
 
 def summarize(results: list[dict]) -> str:
-    lines = [f"{'registry':9} {'architecture':34} {'status':13} {'s':>5}  cause"]
+    width = max([9] + [len(r["registry"]) for r in results])
+    lines = [f"{'registry':{width}} {'architecture':34} {'status':13} {'s':>5}  cause"]
     for r in results:
         cause = (r.get("category") or r.get("reason") or "")
         if r["status"] in ("mismatch", "near_tie") and r.get("first_divergence"):
@@ -1132,7 +1137,7 @@ def summarize(results: list[dict]) -> str:
                                            for c in r["cosines"])
             if r.get("category"):  # a known cause in vLLM's model (VLLM_MODEL_DEVIATIONS)
                 cause = f"{r['category']} ({cause})"
-        lines.append(f"{r['registry']:9} {r['arch']:34} {r['status']:13} "
+        lines.append(f"{r['registry']:{width}} {r['arch']:34} {r['status']:13} "
                      f"{r.get('wall_s', 0):5.0f}  {cause[:110]}")
     lines.append("")
     for registry in sorted({r["registry"] for r in results}):
@@ -1165,7 +1170,9 @@ def main():
     parser.add_argument("--only", help="comma-separated architectures (of the registries chosen)")
     parser.add_argument("--skip", help="comma-separated architectures to leave out (listed as "
                         "not run in the output)")
-    parser.add_argument("--registry", choices=["generate", "pooling", "all"], default="all")
+    parser.add_argument("--registry", choices=["generate", "pooling", "all", "multimodal"],
+                        default="all", help="all: generate and pooling; multimodal: vLLM's "
+                        "vision-language models, generating from text-only prompts")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
     parser.add_argument("--jobs", type=int, default=1, help="architectures at once")
     parser.add_argument("--json", help="write the results here (updated after each one)")
