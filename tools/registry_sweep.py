@@ -522,9 +522,13 @@ SPECIAL_TOKENS_LAST = {"CLIPModel"}
 
 def multimodal_tokens(config_cls) -> list[str]:
     """MULTIMODAL_TOKENS' tokens for the token-id fields config_cls (or a sub-config) has."""
-    fields = _all_fields(config_cls)
-    return list(dict.fromkeys(token for field, token in MULTIMODAL_TOKENS.items()
-                              if _canonical(config_cls, field) in fields or field in fields))
+    fields, named, tokens = _all_fields(config_cls), set(), []
+    for field, token in MULTIMODAL_TOKENS.items():
+        canonical = _canonical(config_cls, field)  # LLaVA: image_token_id -> image_token_index
+        if (field in fields or canonical in fields) and canonical not in named:
+            named.add(canonical)
+            tokens.append(token)
+    return tokens
 
 
 def _square(size: int) -> dict:
