@@ -2,7 +2,7 @@
 that transformers can build from a small random config, run by vLLM on "mlx" and compared with
 transformers on the CPU (issue 18).
 
-    python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all]
+    python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all|multimodal]
                                    [--timeout S] [--jobs 1] [--json OUT] [--max-tokens N]
     python tools/registry_sweep.py --json OUT --resume [--only ARCH,...]   # (re)run some again
     python tools/registry_sweep.py --summarize OUT [OUT...]                 # table of saved runs
@@ -10,7 +10,9 @@ transformers on the CPU (issue 18).
 Measured figures: docs/registry_sweep.md.
 
 For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") and
-`_EMBEDDING_MODELS` (registry "pooling"), in a subprocess of its own with a timeout:
+`_EMBEDDING_MODELS` (registry "pooling"), or on request `_MULTIMODAL_MODELS` ("multimodal":
+vision-language models generating from the same text-only prompts), in a subprocess of its own
+with a timeout:
 
 1. build: transformers' class of the same name (none: not_buildable), its config class's
    defaults shrunk (SHRINK: hidden 128, 2 layers, 4 heads, 4 experts, vocab of the local tokenizer
@@ -19,24 +21,32 @@ For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") 
    knows are made by it unchanged. Where transformers 5.19 writes a checkpoint other than real
    ones (fields it dropped, a weight it does not make, another config.json schema, a smaller
    tokenizer), COMPAT_FIELDS, COMPAT_WEIGHTS, CONFIG_JSON_FORMAT and TOKENIZER_SPECIAL_TOKENS
-   make it as real ones are, describing the model transformers computes. A failure here (config
+   make it as real ones are, describing the model transformers computes. A composite config
+   (CLIP, LLaVA, Qwen2-VL) has each sub-config shrunk (the vision tower's too: VISION_SHRINK),
+   and the checkpoint carries an HF processor sized for it (PROCESSORS). A failure here (config
    validation, model construction, save) is not_buildable with the reason; nothing is
    downloaded.
 2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
    forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
    model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN);
    for a token-level model with no embedding task (vLLM's BertForMaskedLM: per-token MLM logits,
-   "token_classify") the architecture's own per-token logits.
+   "token_classify") the architecture's own per-token logits; for CLIP, SigLIP and ColPali their
+   own text or per-token embeddings (POOLING_REFERENCES), and CLIP's and SigLIP's image
+   embeddings of three random images (IMAGE_EMBEDDINGS).
    A failure here is not_buildable ("transformers reference failed").
 3. vLLM: `vllm.LLM(model, dtype="float32", enforce_eager=True)` on "mlx" (engine in the
    process), the same token ids as prompts; generation greedy with EOS ignored, pooling
-   `LLM.embed` (token-level models: `LLM.encode(pooling_task="token_classify")`, raw logits).
+   `LLM.embed` (token-level models: `LLM.encode(pooling_task="token_classify")`, raw logits, or
+   "token_embed"; images as image-only prompts). Vision-language models whose image path needs
+   torchvision here run in vLLM's language-model-only mode (LANGUAGE_MODEL_ONLY).
 
 Status per architecture:
   pass      every prompt's tokens identical (pooling: cosine >= 0.9999 for every prompt; for
             token-level models every token's, the lowest per prompt recorded)
   near_tie  the first divergence is at a step where transformers' top-2 logit gap < 1e-4
-  mismatch  otherwise (the first divergence, its step and gap are recorded)
+  mismatch  otherwise (the first divergence, its step and gap are recorded; a cause found in
+            vLLM's model code, VLLM_MODEL_DEVIATIONS, is recorded with the cosines against
+            what that code computes)
   error     vLLM failed; `category` groups the cause (missing lowering <aten op>, unsupported
             attention, cuda/triton-only kernel, vllm rejected config, timeout, crash, ...)
   not_buildable  transformers could not build or run it (reason recorded)
