@@ -513,15 +513,13 @@ def _all_fields(config_cls) -> set[str]:
 # Vision-language architectures run in vLLM's language-model-only mode (every modality's limit
 # 0: vLLM builds no vision tower and profiles no encoder): the sweep's prompts are text only, and
 # here vLLM's image path for them needs torchvision, which cannot be installed beside the CPU
-# torch (see docs/registry_sweep.md). CLIP and SigLIP run their towers (the profiling run).
+# torch (see docs/registry_sweep.md). CLIP and SigLIP run their towers on the sweep's images.
+# (LLaVA-NeXT's and Qwen2-VL's vLLM modules import torchvision outright: not listed, untried.)
 _VISION_ENCODER_INFO = ("vLLM's get_vision_encoder_info imports its Pixtral module, which "
                         "imports transformers' torchvision-only Pixtral image processor")
 LANGUAGE_MODEL_ONLY = {
     "ColPaliForRetrieval": _VISION_ENCODER_INFO,
     "PaliGemmaForConditionalGeneration": _VISION_ENCODER_INFO,
-    "LlavaNextForConditionalGeneration": _VISION_ENCODER_INFO,
-    "Qwen2VLForConditionalGeneration": ("transformers' Qwen2VLProcessor, which vLLM loads, "
-                                        "needs its torchvision-only video processor"),
 }
 
 # Architectures whose local tokenizer has its special tokens last: vLLM's CLIP processor takes
@@ -707,7 +705,10 @@ def max_model_len(model_dir: str, limit: int = 256) -> int:
     (CLIP's 77, SigLIP's 64: vLLM refuses a longer one; the prompts are at most 41 tokens)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(model_dir).get_text_config()
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir).get_text_config()
+    except Exception:  # a config only vLLM's own classes read: vLLM checks the limit itself
+        return limit
     positions = getattr(config, "max_position_embeddings", None)
     return min(limit, positions) if isinstance(positions, int) else limit
 

@@ -1,5 +1,6 @@
-"""Embedding models with encoder-only attention (BERT, RoBERTa, ModernBERT) through
-`vllm.LLM(runner="pooling")` on "mlx", against transformers on the CPU (float32).
+"""Embedding models with encoder-only attention (BERT, RoBERTa, ModernBERT), and CLIP's text and
+image embeddings, through `vllm.LLM(runner="pooling")` on "mlx", against transformers on the CPU
+(float32).
 
 The checkpoints are tools/registry_sweep.py's tiny random ones (transformers' config shrunk, the
 local tokenizer of tools/make_tiny_model.py), and so are the references: the base model's last
