@@ -223,19 +223,23 @@ def training_text(seed: int, num_sentences: int = 6000) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int):
+def build_tokenizer(seed: int, specials_last: bool = False):
+    """The BPE tokenizer, VOCAB_SIZE tokens. The special tokens take the first ids, or with
+    specials_last the last ones (as in CLIP's vocabulary, where id 0 is an ordinary token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=VOCAB_SIZE - (len(SPECIAL_TOKENS) if specials_last else 0),
+        special_tokens=[] if specials_last else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(training_text(seed), trainer=trainer)
+    if specials_last:
+        tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return tokenizer
 
 

@@ -2,7 +2,7 @@
 that transformers can build from a small random config, run by vLLM on "mlx" and compared with
 transformers on the CPU (issue 18).
 
-    python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all]
+    python tools/registry_sweep.py [--only ARCH,...] [--registry generate|pooling|all|multimodal]
                                    [--timeout S] [--jobs 1] [--json OUT] [--max-tokens N]
     python tools/registry_sweep.py --json OUT --resume [--only ARCH,...]   # (re)run some again
     python tools/registry_sweep.py --summarize OUT [OUT...]                 # table of saved runs
@@ -10,7 +10,9 @@ transformers on the CPU (issue 18).
 Measured figures: docs/registry_sweep.md.
 
 For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") and
-`_EMBEDDING_MODELS` (registry "pooling"), in a subprocess of its own with a timeout:
+`_EMBEDDING_MODELS` (registry "pooling"), or on request `_MULTIMODAL_MODELS` ("multimodal":
+vision-language models generating from the same text-only prompts), in a subprocess of its own
+with a timeout:
 
 1. build: transformers' class of the same name (none: not_buildable), its config class's
    defaults shrunk (SHRINK: hidden 128, 2 layers, 4 heads, 4 experts, vocab of the local tokenizer
@@ -19,24 +21,32 @@ For each architecture of vLLM's `_TEXT_GENERATION_MODELS` (registry "generate") 
    knows are made by it unchanged. Where transformers 5.19 writes a checkpoint other than real
    ones (fields it dropped, a weight it does not make, another config.json schema, a smaller
    tokenizer), COMPAT_FIELDS, COMPAT_WEIGHTS, CONFIG_JSON_FORMAT and TOKENIZER_SPECIAL_TOKENS
-   make it as real ones are, describing the model transformers computes. A failure here (config
+   make it as real ones are, describing the model transformers computes. A composite config
+   (CLIP, LLaVA, Qwen2-VL) has each sub-config shrunk (the vision tower's too: VISION_SHRINK),
+   and the checkpoint carries an HF processor sized for it (PROCESSORS). A failure here (config
    validation, model construction, save) is not_buildable with the reason; nothing is
    downloaded.
 2. reference: transformers on the CPU, float32, eager attention, no KV cache (each step a full
    forward): greedy continuations of 3 prompts, with each step's logits; for pooling the base
    model's last hidden states, pooled as vLLM's resolved pooler config says (CLS / LAST / MEAN);
    for a token-level model with no embedding task (vLLM's BertForMaskedLM: per-token MLM logits,
-   "token_classify") the architecture's own per-token logits.
+   "token_classify") the architecture's own per-token logits; for CLIP, SigLIP and ColPali their
+   own text or per-token embeddings (POOLING_REFERENCES), and CLIP's and SigLIP's image
+   embeddings of three random images (IMAGE_EMBEDDINGS).
    A failure here is not_buildable ("transformers reference failed").
 3. vLLM: `vllm.LLM(model, dtype="float32", enforce_eager=True)` on "mlx" (engine in the
    process), the same token ids as prompts; generation greedy with EOS ignored, pooling
-   `LLM.embed` (token-level models: `LLM.encode(pooling_task="token_classify")`, raw logits).
+   `LLM.embed` (token-level models: `LLM.encode(pooling_task="token_classify")`, raw logits, or
+   "token_embed"; images as image-only prompts). Vision-language models whose image path needs
+   torchvision here run in vLLM's language-model-only mode (LANGUAGE_MODEL_ONLY).
 
 Status per architecture:
   pass      every prompt's tokens identical (pooling: cosine >= 0.9999 for every prompt; for
             token-level models every token's, the lowest per prompt recorded)
   near_tie  the first divergence is at a step where transformers' top-2 logit gap < 1e-4
-  mismatch  otherwise (the first divergence, its step and gap are recorded)
+  mismatch  otherwise (the first divergence, its step and gap are recorded; a cause found in
+            vLLM's model code, VLLM_MODEL_DEVIATIONS, is recorded with the cosines against
+            what that code computes)
   error     vLLM failed; `category` groups the cause (missing lowering <aten op>, unsupported
             attention, cuda/triton-only kernel, vllm rejected config, timeout, crash, ...)
   not_buildable  transformers could not build or run it (reason recorded)
@@ -60,6 +70,7 @@ import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPT_SEED = 0
+GENERATING = ("generate", "multimodal")  # registries whose models are compared by greedy tokens
 NEAR_TIE_GAP = 1e-4
 COSINE_MIN = 0.9999
 
@@ -87,6 +98,9 @@ def registry_architectures(which: str) -> list[tuple[str, str, str]]:
                 registry._TEXT_GENERATION_MODELS.items()]
     if which in ("pooling", "all"):
         out += [("pooling", arch, mod) for arch, (mod, _) in registry._EMBEDDING_MODELS.items()]
+    if which == "multimodal":  # generation with text-only prompts; not part of "all"
+        out += [("multimodal", arch, mod) for arch, (mod, _) in
+                registry._MULTIMODAL_MODELS.items()]
     return out
 
 
@@ -127,7 +141,13 @@ SHRINK = dict(
     linear_value_head_dim=32,
     # windows shorter than the longest prompt, so sliding-window attention is exercised
     sliding_window=32, local_attention=32,  # ModernBERT: a window of 16 tokens either side
+    # dual encoders (CLIP, SigLIP) and vision-language models: a projection to the text width
+    projection_dim=128, projection_size=128,
 )
+# Also set in a composite config's vision_config (a vision tower): 32x32 images in 8x8 patches
+# (16 patches). Qwen2-VL's tower names its width embed_dim, its depth depth and its heads
+# num_heads (its hidden_size is the text model's, which SHRINK sets).
+VISION_SHRINK = dict(image_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4)
 # Layer-count fields (the first one the config has is set, the others are aliases).
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 SEQ_MIN_LAYERS = 2
@@ -144,14 +164,35 @@ def _canonical(config_cls, name: str) -> str:
     return (getattr(config_cls, "attribute_map", {}) or {}).get(name, name)
 
 
-def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
+def _sub_config_class(declared, default: dict):
+    """The class of a composite config's sub-config: the declared one, or for a generic
+    declaration (AutoConfig, PreTrainedConfig) the class of the default's model_type."""
+    import transformers
+
+    if declared in (transformers.AutoConfig, transformers.PretrainedConfig):
+        return transformers.CONFIG_MAPPING[default["model_type"]]
+    return declared
+
+
+def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict, vision: bool = False) -> dict:
     """kwargs for config_cls: SHRINK where it has the field, the local tokenizer's vocabulary and
     special tokens, and per-layer pattern fields (layer_types, hybrid patterns) cut to a few
-    layers that keep one of each kind of layer."""
+    layers that keep one of each kind of layer. A composite config (CLIP, LLaVA, Qwen2-VL:
+    sub_configs) gets each sub-config shrunk the same way, as a dict (its vision_config also
+    with VISION_SHRINK), and MULTIMODAL_FIELDS' fields that must agree across them."""
     fields = _config_fields(config_cls)
     defaults = config_cls().to_dict()
     kwargs = {}
-    for name, value in SHRINK.items():
+    for name, declared in (getattr(config_cls, "sub_configs", None) or {}).items():
+        default = defaults.get(name)
+        if isinstance(default, dict) and name not in SUB_CONFIGS_DERIVED.get(
+                config_cls.__name__, ()):
+            sub_cls = _sub_config_class(declared, default)
+            kwargs[name] = dict(shrink_kwargs(sub_cls, vocab_size, token_ids,
+                                              vision=name == "vision_config"),
+                                model_type=sub_cls.model_type)
+    shrink = dict(SHRINK, **VISION_SHRINK) if vision else SHRINK
+    for name, value in shrink.items():
         if name in fields:
             default = defaults.get(_canonical(config_cls, name))
             if default is None:
@@ -161,6 +202,8 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
             if isinstance(default, int) and not isinstance(default, bool) and default < value \
                     and name not in ("num_hidden_layers",):
                 value = default  # never grow a field (top-k above the expert count, say)
+            if isinstance(default, dict):
+                continue  # a sub-config (shrunk above)
             kwargs[_canonical(config_cls, name)] = value
     num_layers = SEQ_MIN_LAYERS
     default_layers = None
@@ -225,10 +268,53 @@ def shrink_kwargs(config_cls, vocab_size: int, token_ids: dict) -> dict:
         if name in fields:
             kwargs[_canonical(config_cls, name)] = vocab_size
     for field, token in (("bos_token_id", "<|bos|>"), ("eos_token_id", "<|eos|>"),
-                         ("pad_token_id", "<|pad|>")):
-        if field in fields:
-            kwargs[field] = token_ids[token]
+                         ("pad_token_id", "<|pad|>"), *MULTIMODAL_TOKENS.items()):
+        if field in fields and token in token_ids:
+            kwargs.setdefault(_canonical(config_cls, field), token_ids[token])
+    fix = MULTIMODAL_FIELDS.get(config_cls.__name__)
+    if fix is not None:
+        kwargs.update(fix(kwargs))
     return kwargs
+
+
+# Token-id fields of vision-language configs and the special token each names (added to the
+# local tokenizer for an architecture whose config has the field: the ids must be in the
+# vocabulary, where vLLM's processors look them up).
+MULTIMODAL_TOKENS = {
+    "image_token_index": "<image>", "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>"}
+
+# Sub-configs a composite config derives from another one when not given (ColPali's
+# text_config is its vlm_config's).
+SUB_CONFIGS_DERIVED = {"ColPaliConfig": ("text_config",)}
+
+
+def _llava_next_fields(kwargs: dict) -> dict:
+    # LLaVA-NeXT tiles an image into image_size squares on a grid of pinpoints (multiples of
+    # image_size), each tile image_seq_length patches; the defaults are for 336-pixel tiles
+    size = kwargs["vision_config"]["image_size"]
+    patches = (size // kwargs["vision_config"]["patch_size"]) ** 2
+    return dict(image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+                image_seq_length=patches)
+
+
+def _qwen2_vl_fields(kwargs: dict) -> dict:
+    # M-RoPE splits each head's rotary frequencies among (time, height, width) by
+    # mrope_section; Qwen2-VL's 16/24/24 of 64 is 2:3:3 of head_dim / 2
+    text = kwargs["text_config"]
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text["rope_parameters"] = dict(rope_type="default", rope_theta=1000000.0,
+                                   mrope_section=section)
+    return {}
+
+
+# Fields of a composite config that must agree with its shrunk sub-configs, by config class.
+MULTIMODAL_FIELDS = {
+    "LlavaNextConfig": _llava_next_fields,
+    "Qwen2VLConfig": _qwen2_vl_fields,
+}
 
 
 def _mimo_v2_flash_fields(c) -> dict:
@@ -415,7 +501,93 @@ TOKENIZER_SPECIAL_TOKENS = {
         "<|content_model_end_sampling|>", "<|content_thinking|>", "<|content_audio_input|>",
         "<|content_tool_error|>", "<|content_xml|>", "<|content_invoke_tool_json|>",
         "<|content_invoke_tool_text|>", "<|end_message|>", "<|audio_end|>"],
+    # vLLM's PaliGemma processor looks "\n" up in the vocabulary (it ends image prompts with it;
+    # Gemma's SentencePiece vocabulary has it, the byte-level one spells it "Ċ")
+    "ColPaliForRetrieval": ["\n"],
+    "PaliGemmaForConditionalGeneration": ["\n"],
 }
+
+
+def _all_fields(config_cls) -> set[str]:
+    """config_cls's field names (canonical) and its sub-configs', recursively."""
+    fields = {_canonical(config_cls, f) for f in _config_fields(config_cls)}
+    sub_configs = getattr(config_cls, "sub_configs", None) or {}
+    if sub_configs:
+        defaults = config_cls().to_dict()
+        for name, declared in sub_configs.items():
+            if isinstance(defaults.get(name), dict):
+                fields |= _all_fields(_sub_config_class(declared, defaults[name]))
+    return fields
+
+
+# Vision-language architectures run in vLLM's language-model-only mode (every modality's limit
+# 0: vLLM builds no vision tower and profiles no encoder): the sweep's prompts are text only, and
+# here vLLM's image path for them needs torchvision, which cannot be installed beside the CPU
+# torch (see docs/registry_sweep.md). CLIP and SigLIP run their towers on the sweep's images.
+# (LLaVA-NeXT's and Qwen2-VL's vLLM modules import torchvision outright: not listed, untried.)
+_VISION_ENCODER_INFO = ("vLLM's get_vision_encoder_info imports its Pixtral module, which "
+                        "imports transformers' torchvision-only Pixtral image processor")
+LANGUAGE_MODEL_ONLY = {
+    "ColPaliForRetrieval": _VISION_ENCODER_INFO,
+    "PaliGemmaForConditionalGeneration": _VISION_ENCODER_INFO,
+}
+
+# Architectures whose local tokenizer has its special tokens last: vLLM's CLIP processor takes
+# token id 0 as its image placeholder and requires it not to be a special token (CLIP's
+# vocabulary ends with its special tokens).
+SPECIAL_TOKENS_LAST = {"CLIPModel"}
+
+
+def multimodal_tokens(config_cls) -> list[str]:
+    """MULTIMODAL_TOKENS' tokens for the token-id fields config_cls (or a sub-config) has."""
+    fields, named, tokens = _all_fields(config_cls), set(), []
+    for field, token in MULTIMODAL_TOKENS.items():
+        canonical = _canonical(config_cls, field)  # LLaVA: image_token_id -> image_token_index
+        if (field in fields or canonical in fields) and canonical not in named:
+            named.add(canonical)
+            tokens.append(token)
+    return tokens
+
+
+def _square(size: int) -> dict:
+    return {"height": size, "width": size}
+
+
+# The HF processor (image processor and tokenizer) a vision-language checkpoint carries, by
+# config class: vLLM builds its multimodal inputs with it, and profiles the vision tower on a
+# dummy image at start-up. Sized for the shrunk vision_config (PIL image processors: no
+# torchvision here).
+PROCESSORS = {
+    "CLIPConfig": lambda t, c, tokenizer: t.CLIPProcessor(
+        image_processor=t.CLIPImageProcessor(
+            size={"shortest_edge": c.vision_config.image_size},
+            crop_size=_square(c.vision_config.image_size)), tokenizer=tokenizer),
+    "SiglipConfig": lambda t, c, tokenizer: t.SiglipProcessor(
+        image_processor=t.SiglipImageProcessor(size=_square(c.vision_config.image_size)),
+        tokenizer=tokenizer),
+    # vLLM loads PaliGemmaProcessor, which reads image_seq_length from the image processor
+    # (saved alone: the processor's constructor grows the tokenizer by PaliGemma's 1152
+    # location/segmentation tokens, as it does again when vLLM loads it)
+    "ColPaliConfig": lambda t, c, tokenizer: _paligemma_image_processor(t, c.vlm_config),
+    "PaliGemmaConfig": lambda t, c, tokenizer: _paligemma_image_processor(t, c),
+}
+
+
+def _paligemma_image_processor(transformers, config):
+    processor = transformers.SiglipImageProcessor(size=_square(config.vision_config.image_size))
+    processor.image_seq_length = config.text_config.num_image_tokens
+    return processor
+
+
+def save_processor(config, out: str) -> bool:
+    """Write PROCESSORS' processor for config into out (beside its tokenizer)."""
+    make = PROCESSORS.get(type(config).__name__)
+    if make is None:
+        return False
+    import transformers
+
+    make(transformers, config, transformers.AutoTokenizer.from_pretrained(out)).save_pretrained(out)
+    return True
 
 
 def add_compat_fields(config) -> list[str]:
@@ -494,12 +666,12 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     if config_cls is None or config_cls is transformers.PretrainedConfig:
         raise LookupError(f"transformers' {arch} names no config class")
     os.makedirs(out, exist_ok=True)
-    tokenizer = maker.build_tokenizer(seed)
-    extra_tokens = TOKENIZER_SPECIAL_TOKENS.get(arch, [])
+    tokenizer = maker.build_tokenizer(seed, specials_last=arch in SPECIAL_TOKENS_LAST)
+    extra_tokens = TOKENIZER_SPECIAL_TOKENS.get(arch, []) + multimodal_tokens(config_cls)
     if extra_tokens:
         tokenizer.add_special_tokens(extra_tokens)
     maker.save_tokenizer(tokenizer, out)
-    token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS}
+    token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS + extra_tokens}
     kwargs = shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids)
     try:
         config = config_cls(**kwargs)
@@ -514,12 +686,14 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     model.save_pretrained(out)
     compat_weights = add_compat_weights(config, out)
     released_format = rewrite_config_json(config, out)
+    processor = save_processor(config, out)
     params = sum(p.numel() for p in model.parameters())
     return {"builder": "generic", "config_class": config_cls.__name__, "params": params,
             "shrunk": sorted(kwargs), **({"compat_fields": compat} if compat else {}),
             **({"compat_weights": compat_weights} if compat_weights else {}),
             **({"extra_special_tokens": len(extra_tokens)} if extra_tokens else {}),
-            **({"config_json": "released format"} if released_format else {})}
+            **({"config_json": "released format"} if released_format else {}),
+            **({"processor": "saved"} if processor else {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +708,19 @@ def prompt_ids(model_dir: str) -> list[list[int]]:
     prompts = ["Hello, how are you today?", sentences[0], " ".join(sentences[1:5])]
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return [tokenizer(p).input_ids for p in prompts]
+
+
+def max_model_len(model_dir: str, limit: int = 256) -> int:
+    """The engine's max_model_len: `limit`, or the text model's position table if shorter
+    (CLIP's 77, SigLIP's 64: vLLM refuses a longer one; the prompts are at most 41 tokens)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir).get_text_config()
+    except Exception:  # a config only vLLM's own classes read: vLLM checks the limit itself
+        return limit
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(limit, positions) if isinstance(positions, int) else limit
 
 
 def _load_hf(arch: str, model_dir: str, base: bool = False):
@@ -586,6 +773,96 @@ def reference_embeddings(arch: str, model_dir: str, prompts: list[list[int]], po
             vec = {"CLS": hidden[0], "LAST": hidden[-1], "MEAN": hidden.mean(0)}[pooling]
             out.append(vec.float())
     return out
+
+
+# Pooling architectures whose vLLM output is not the base model's pooled last hidden states:
+# architecture -> transformers' computation of the same output from the model of that class and
+# one prompt's ids [1, n]: a vector, or one per token (token_embed).
+POOLING_REFERENCES = {
+    # CLIP's text embedding is text_projection of the text tower's final states at the EOS
+    # token (CLIP's tokenizer ends every prompt with it); vLLM pools the projected states at the
+    # LAST token. The sweep's prompts end without EOS, so the reference projects the last
+    # token's state, which is where vLLM pools (with EOS last, get_text_features' own vector).
+    "CLIPModel": lambda model, ids: model.text_projection(
+        model.text_model(input_ids=ids).last_hidden_state[0, -1]),
+    # SigLIP's text embedding: head() of the last token's state (bidirectional attention);
+    # vLLM reverses each sequence so that its CLS pooling takes the last token
+    "SiglipModel": lambda model, ids: model.get_text_features(input_ids=ids).pooler_output[0],
+    # ColPali (token_embed): every token's last hidden state projected to embedding_dim and
+    # L2-normalised
+    "ColPaliForRetrieval": lambda model, ids: model(input_ids=ids).embeddings[0],
+}
+
+
+def reference_pooling_output(arch: str, model_dir: str, prompts: list[list[int]]):
+    import torch
+
+    model, compute = _load_hf(arch, model_dir), POOLING_REFERENCES[arch]
+    with torch.no_grad():
+        return [compute(model, torch.tensor([ids])).float() for ids in prompts]
+
+
+# Dual encoders whose image embeddings are compared too, so that the vision tower runs on "mlx"
+# on real inputs (not only vLLM's start-up profiling): vLLM embeds image-only prompts, transformers
+# runs get_image_features on the pixels the checkpoint's processor makes of the same images.
+IMAGE_EMBEDDINGS = ("CLIPModel", "SiglipModel")
+# (height, width) of the random test images; the processor resizes them to the tower's size
+IMAGE_SIZES = ((32, 32), (48, 40), (64, 64))
+
+
+def test_images(seed: int = PROMPT_SEED) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            for h, w in IMAGE_SIZES]
+
+
+def reference_image_embeddings(arch: str, model_dir: str, images: list):
+    import torch
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(model_dir)
+    model = _load_hf(arch, model_dir)
+    with torch.no_grad():
+        return [model.get_image_features(pixel_values=processor(
+            images=image, return_tensors="pt").pixel_values).pooler_output[0].float()
+            for image in images]
+
+
+def _colpali_without_projection_bias(model, ids):
+    import torch
+
+    hidden = model.vlm(input_ids=ids).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden @ model.embedding_proj_layer.weight.T, dim=-1)
+
+
+# Mismatches whose cause is vLLM's model code, not the platform: architecture -> (the cause,
+# transformers' computation of what vLLM's model computes instead). The status stays mismatch;
+# the cause and the cosines against that second reference are recorded, to show that "mlx"
+# runs vLLM's model as vLLM defines it.
+VLLM_MODEL_DEVIATIONS = {
+    # transformers' ColPaliForRetrieval, like colpali-engine's ColPali, projects with an
+    # nn.Linear that has a bias; vLLM 0.32's ColPaliModel builds custom_text_proj with
+    # bias=False when the config gives embedding_dim, and its load_weights skips the
+    # checkpoint's embedding_proj_layer.bias (getattr(..., "bias") is None)
+    "ColPaliForRetrieval": ("vLLM's ColPaliModel drops embedding_proj_layer.bias",
+                            _colpali_without_projection_bias),
+}
+
+
+def _lowest_cosines(expected, got) -> list:
+    """Per prompt, the cosine of vLLM's output with the reference (for per-token outputs the
+    prompt's lowest token); None where the shapes differ."""
+    import torch
+
+    cosines = []
+    for want, have in zip(expected, got):
+        have = torch.as_tensor(have, dtype=torch.float32)
+        cosines.append(None if have.shape != want.shape else float(
+            torch.nn.functional.cosine_similarity(want, have, dim=-1).min()))
+    return cosines
 
 
 def reference_token_logits(arch: str, model_dir: str, prompts: list[list[int]]):
@@ -713,7 +990,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
     result["prompt_tokens"] = [len(p) for p in prompts]
 
     t1 = time.time()
-    if registry == "generate":
+    if registry in GENERATING:
         try:
             expected = reference_greedy(arch, model_dir, prompts, max_tokens)
         except Exception as exc:
@@ -730,10 +1007,13 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         import vllm
         from vllm import SamplingParams
 
-        kw = dict(model=model_dir, dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
-                  enforce_eager=True)
+        kw = dict(model=model_dir, dtype="float32", max_model_len=max_model_len(model_dir),
+                  max_num_seqs=4, seed=0, enforce_eager=True)
         if registry == "pooling":
             kw["runner"] = "pooling"
+        if arch in LANGUAGE_MODEL_ONLY:
+            kw["language_model_only"] = True
+            result["language_model_only"] = LANGUAGE_MODEL_ONLY[arch]
         llm = vllm.LLM(**kw)
         result["engine_s"] = round(time.time() - t2, 1)
         from vllm.platforms import current_platform
@@ -741,7 +1021,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         result["device"] = current_platform.device_type
         stage = "run"
         inputs = [{"prompt_token_ids": p} for p in prompts]
-        if registry == "generate":
+        if registry in GENERATING:
             params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens,
                                     temperature=0.0, ignore_eos=True)
             outputs = llm.generate(inputs, params, use_tqdm=False)
@@ -749,18 +1029,26 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         else:
             pooler = llm.llm_engine.model_config.pooler_config
             pooling = pooler.seq_pooling_type if pooler is not None else None
-            if "embed" not in llm.supported_tasks and "token_classify" in llm.supported_tasks:
-                pooling = "token_classify"
+            if "embed" not in llm.supported_tasks:
+                # token-level models: per-token MLM logits (BERT), per-token embeddings (ColPali)
+                pooling = next((t for t in ("token_classify", "token_embed")
+                                if t in llm.supported_tasks), pooling)
             result["pooling"] = pooling
-            if pooling == "token_classify":
+            if pooling in ("token_classify", "token_embed"):
                 from vllm import PoolingParams
 
-                outputs = llm.encode(inputs, PoolingParams(use_activation=False),
-                                     pooling_task="token_classify", use_tqdm=False)
+                params = PoolingParams(use_activation=False) if pooling == "token_classify" \
+                    else None
+                outputs = llm.encode(inputs, params, pooling_task=pooling, use_tqdm=False)
                 got = [o.outputs.data.float().cpu() for o in outputs]
             else:
                 outputs = llm.embed(inputs, use_tqdm=False)
                 got = [list(o.outputs.embedding) for o in outputs]
+            if arch in IMAGE_EMBEDDINGS:
+                images = test_images()
+                outputs = llm.embed([{"prompt": "", "multi_modal_data": {"image": image}}
+                                     for image in images], use_tqdm=False)
+                got_images = [list(o.outputs.embedding) for o in outputs]
     except Exception:
         tb = traceback.format_exc()
         result.update(status="error", stage=stage, category=categorize(tb),
@@ -769,7 +1057,7 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
         return result
     result["vllm_s"] = round(time.time() - t2, 1)
 
-    if registry == "generate":
+    if registry in GENERATING:
         result["status"] = "pass"
         for i, ((want, gaps), have) in enumerate(zip(expected, got)):
             if have == want:
@@ -786,29 +1074,36 @@ def run_one(registry: str, arch: str, workdir: str, seed: int, max_tokens: int) 
     else:
         import torch
 
-        if pooling not in ("CLS", "LAST", "MEAN", "token_classify"):
+        if pooling not in ("CLS", "LAST", "MEAN", "token_classify") and \
+                arch not in POOLING_REFERENCES:
             result.update(status="error", stage="compare", category="unknown pooling type",
                           detail=f"pooler seq_pooling_type={pooling!r}")
             return result
         try:
-            expected = (reference_token_logits(arch, model_dir, prompts)
-                        if pooling == "token_classify" else
-                        reference_embeddings(arch, model_dir, prompts, pooling))
+            if arch in POOLING_REFERENCES:
+                expected = reference_pooling_output(arch, model_dir, prompts)
+            elif pooling == "token_classify":
+                expected = reference_token_logits(arch, model_dir, prompts)
+            else:
+                expected = reference_embeddings(arch, model_dir, prompts, pooling)
         except Exception as exc:
             result.update(status="not_buildable", stage="reference",
                           reason=f"transformers reference failed: {type(exc).__name__}: {exc}"[:300])
             return result
-        cosines = []
-        for want, have in zip(expected, got):
-            have = torch.as_tensor(have, dtype=torch.float32)
-            if have.shape != want.shape:
-                cosines.append(None)
-                continue
-            # per token for token-level outputs: the prompt's lowest
-            cosines.append(float(torch.nn.functional.cosine_similarity(want, have, dim=-1).min()))
+        cosines = _lowest_cosines(expected, got)
         result["cosines"] = cosines
+        if arch in IMAGE_EMBEDDINGS:
+            result["image_cosines"] = _lowest_cosines(
+                reference_image_embeddings(arch, model_dir, images), got_images)
+            cosines = cosines + result["image_cosines"]
         ok = all(c is not None and c >= COSINE_MIN for c in cosines)
         result["status"] = "pass" if ok else "mismatch"
+        if not ok and arch in VLLM_MODEL_DEVIATIONS:
+            cause, compute = VLLM_MODEL_DEVIATIONS[arch]
+            model = _load_hf(arch, model_dir)
+            with torch.no_grad():
+                as_vllm = [compute(model, torch.tensor([ids])).float() for ids in prompts]
+            result.update(category=cause, cosines_vllm_model=_lowest_cosines(as_vllm, got))
         if any(c is None for c in cosines):
             result["detail"] = (f"output shape {tuple(torch.as_tensor(got[0]).shape)} vs the "
                                 f"reference's {tuple(expected[0].shape)}")
@@ -867,7 +1162,8 @@ def run_child(registry: str, arch: str, args, workdir: str) -> dict:
 
 
 def summarize(results: list[dict]) -> str:
-    lines = [f"{'registry':9} {'architecture':34} {'status':13} {'s':>5}  cause"]
+    width = max([9] + [len(r["registry"]) for r in results])
+    lines = [f"{'registry':{width}} {'architecture':34} {'status':13} {'s':>5}  cause"]
     for r in results:
         cause = (r.get("category") or r.get("reason") or "")
         if r["status"] in ("mismatch", "near_tie") and r.get("first_divergence"):
@@ -877,7 +1173,9 @@ def summarize(results: list[dict]) -> str:
         elif r["status"] == "mismatch" and r.get("cosines"):
             cause = "cosines " + ", ".join("None" if c is None else f"{c:.6f}"
                                            for c in r["cosines"])
-        lines.append(f"{r['registry']:9} {r['arch']:34} {r['status']:13} "
+            if r.get("category"):  # a known cause in vLLM's model (VLLM_MODEL_DEVIATIONS)
+                cause = f"{r['category']} ({cause})"
+        lines.append(f"{r['registry']:{width}} {r['arch']:34} {r['status']:13} "
                      f"{r.get('wall_s', 0):5.0f}  {cause[:110]}")
     lines.append("")
     for registry in sorted({r["registry"] for r in results}):
@@ -910,7 +1208,9 @@ def main():
     parser.add_argument("--only", help="comma-separated architectures (of the registries chosen)")
     parser.add_argument("--skip", help="comma-separated architectures to leave out (listed as "
                         "not run in the output)")
-    parser.add_argument("--registry", choices=["generate", "pooling", "all"], default="all")
+    parser.add_argument("--registry", choices=["generate", "pooling", "all", "multimodal"],
+                        default="all", help="all: generate and pooling; multimodal: vLLM's "
+                        "vision-language models, generating from text-only prompts")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
     parser.add_argument("--jobs", type=int, default=1, help="architectures at once")
     parser.add_argument("--json", help="write the results here (updated after each one)")

@@ -1,5 +1,6 @@
-"""Embedding models with encoder-only attention (BERT, RoBERTa, ModernBERT) through
-`vllm.LLM(runner="pooling")` on "mlx", against transformers on the CPU (float32).
+"""Embedding models with encoder-only attention (BERT, RoBERTa, ModernBERT), and CLIP's text and
+image embeddings, through `vllm.LLM(runner="pooling")` on "mlx", against transformers on the CPU
+(float32).
 
 The checkpoints are tools/registry_sweep.py's tiny random ones (transformers' config shrunk, the
 local tokenizer of tools/make_tiny_model.py), and so are the references: the base model's last
@@ -73,3 +74,35 @@ def test_embeddings_match_transformers(encoder_dir, arch, asked, pooling):
         assert got.shape == want.shape
         cosine = float(torch.nn.functional.cosine_similarity(want, got, dim=0))
         assert cosine >= COSINE_MIN, f"prompt of {len(ids)} tokens: cosine {cosine}"
+
+
+def test_clip_text_and_image_embeddings_match_transformers(encoder_dir):
+    """CLIP, a dual encoder: text prompts through its causal text tower, image-only prompts
+    through its vision tower (vLLM's MMEncoderAttention, torch's attention on "mlx"), in one
+    engine; references as the sweep makes them (text: the projected last token's state, where
+    vLLM's LAST pooling takes it; images: transformers' get_image_features on the pixels of the
+    checkpoint's own processor)."""
+    arch = "CLIPModel"
+    path = encoder_dir(arch)
+    limit = sweep.max_model_len(path)  # CLIP's 77 positions
+    prompts = [ids for ids in token_ids(path) if len(ids) <= limit]
+    assert len(prompts) >= 4
+    images = sweep.test_images()
+    llm = vllm.LLM(model=path, runner="pooling", dtype="float32", max_model_len=limit,
+                   max_num_seqs=8, seed=0)
+    try:
+        assert llm.llm_engine.model_config.pooler_config.seq_pooling_type == "LAST"
+        outputs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        outputs += llm.embed([{"prompt": "", "multi_modal_data": {"image": image}}
+                              for image in images], use_tqdm=False)
+    finally:
+        del llm
+        gc.collect()
+    expected = sweep.reference_pooling_output(arch, path, prompts) + \
+        sweep.reference_image_embeddings(arch, path, images)
+    for i, (want, output) in enumerate(zip(expected, outputs, strict=True)):
+        got = torch.tensor(output.outputs.embedding)
+        assert got.shape == want.shape
+        cosine = float(torch.nn.functional.cosine_similarity(want, got, dim=0))
+        what = f"prompt {i}" if i < len(prompts) else f"image {i - len(prompts)}"
+        assert cosine >= COSINE_MIN, f"{what}: cosine {cosine}"

@@ -174,3 +174,83 @@ def test_gated_delta_net_models_errors_are_named(arch, last_line):
              traceback_tail=f"Traceback ...\n{last_line}")
     sweep.recategorize(r)
     assert r["category"] == sweep.ARCH_CAUSES[arch][1]
+
+
+def _composite(config_cls):
+    """config_cls shrunk as the sweep does, with ids for the multimodal tokens it needs."""
+    tokens = sweep.multimodal_tokens(config_cls)
+    ids = dict(TOKENS, **{t: 1024 + i for i, t in enumerate(tokens)})
+    return config_cls(**sweep.shrink_kwargs(config_cls, 1024 + len(tokens), ids)), ids
+
+
+@pytest.mark.parametrize("name", ["CLIPConfig", "SiglipConfig", "ColPaliConfig",
+                                  "LlavaNextConfig", "Qwen2VLConfig"])
+def test_composite_configs_are_shrunk_in_every_sub_config(name):
+    # the full-size defaults (Qwen2-VL's 72B text model, LLaVA's 7B) were killed for memory
+    import transformers
+
+    config, _ = _composite(getattr(transformers, name))
+    vlm = getattr(config, "vlm_config", config)  # ColPali nests PaliGemma
+    text, vision = vlm.get_text_config(), vlm.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (128, 2, 1024 + len(
+        sweep.multimodal_tokens(type(config))))
+    assert getattr(vision, "num_hidden_layers", getattr(vision, "depth", None)) == 2
+    if hasattr(vision, "image_size"):
+        assert (vision.image_size, vision.patch_size) == (32, 8)
+    # vLLM's dual encoders pad text embeddings to the projection width (no wider than it)
+    width = getattr(config, "projection_dim", None) or getattr(text, "projection_size", None)
+    assert width in (None, text.hidden_size)
+
+
+def test_multimodal_token_ids_are_in_the_vocabulary():
+    import transformers
+
+    config, ids = _composite(transformers.Qwen2VLConfig)
+    assert config.image_token_id == ids["<|image_pad|>"] < config.text_config.vocab_size
+    assert config.vision_start_token_id == ids["<|vision_start|>"]
+    config, ids = _composite(transformers.LlavaNextConfig)
+    assert sweep.multimodal_tokens(transformers.LlavaNextConfig) == ["<image>"]
+    assert config.image_token_id == ids["<image>"] < config.text_config.vocab_size
+
+
+def test_qwen2_vl_mrope_sections_fill_the_shrunk_heads():
+    import transformers
+
+    config, _ = _composite(transformers.Qwen2VLConfig)
+    text = config.text_config
+    section = text.rope_parameters["mrope_section"]
+    assert sum(section) == text.hidden_size // text.num_attention_heads // 2
+    assert config.vision_config.hidden_size == text.hidden_size  # the merger's output width
+
+
+def test_llava_next_pinpoints_are_multiples_of_the_tile():
+    import transformers
+
+    config, _ = _composite(transformers.LlavaNextConfig)
+    size = config.vision_config.image_size
+    assert all(h % size == 0 and w % size == 0 for h, w in config.image_grid_pinpoints)
+    assert config.image_seq_length == (size // config.vision_config.patch_size) ** 2
+
+
+def test_clip_tokenizer_keeps_token_zero_ordinary():
+    # vLLM's CLIP processor uses token id 0 as its image placeholder and asserts it is not special
+    maker = sweep._model_maker()
+    last = maker.build_tokenizer(0, specials_last=True)
+    assert last.get_vocab_size() == maker.build_tokenizer(0).get_vocab_size()
+    assert last.id_to_token(0) not in maker.SPECIAL_TOKENS
+    assert [last.token_to_id(t) for t in maker.SPECIAL_TOKENS] == list(
+        range(last.get_vocab_size() - len(maker.SPECIAL_TOKENS), last.get_vocab_size()))
+
+
+def test_colpali_deviation_reference_is_the_bias_free_projection():
+    import torch
+    import transformers
+
+    config, _ = _composite(transformers.ColPaliConfig)
+    model = transformers.ColPaliForRetrieval(config).eval()
+    ids = torch.tensor([[5, 17, 99, 300]])
+    _, as_vllm = sweep.VLLM_MODEL_DEVIATIONS["ColPaliForRetrieval"]
+    with torch.no_grad():
+        model.embedding_proj_layer.bias.zero_()
+        want = sweep.POOLING_REFERENCES["ColPaliForRetrieval"](model, ids)
+        torch.testing.assert_close(as_vllm(model, ids), want)
