@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -331,12 +332,44 @@ def _olmo_hybrid_released(state: dict, config) -> dict:
     return out
 
 
+_HYV4_RELEASED_NAMES = [
+    # transformers' name (regex) -> the released checkpoints' (Hy4-preview's) name
+    (re.compile(r"\.attn_hc\.(fn|base|scale)$"), r".hc_attn_layer.hc_pre.hc_\1"),
+    (re.compile(r"\.ffn_hc\.(fn|base|scale)$"), r".hc_mlp_layer.hc_pre.hc_\1"),
+    (re.compile(r"^model\.hc_head\.hc_(fn|base|scale)$"), r"model.hc_head.hc_head_\1"),
+    (re.compile(r"\.self_attn\.sinks$"), r".self_attn.learnable_sink_param"),
+    (re.compile(r"\.self_attn\.gate_proj\.weight$"), r".self_attn.linear_gate.weight"),
+]
+
+
+def _hyv4_released(state: dict, config) -> dict:
+    """HY V4's released names: the hyper-connection weights under hc_attn_layer.hc_pre /
+    hc_mlp_layer.hc_pre and hc_head.hc_head_*, the attention gate as linear_gate, the sinks as
+    learnable_sink_param (transformers' conversion_mapping "hy_v4" renames these on load).
+    transformers 5.19's save_pretrained reverts that mapping wrongly: it writes
+    layers.N.hc_pre.hc_attn_layer.hc_fn and model.hc_pre.hc_head.hc_head_fn (reverting
+    ".hc_pre.hc_" -> ".hc_" after the others, on every ".hc_"), and linear_gate for the MLPs'
+    gate_proj too (reverting ".linear_gate" -> ".gate_proj" on every gate_proj), names neither
+    the released checkpoints nor vLLM use."""
+    out = {}
+    for name, tensor in state.items():
+        for pattern, repl in _HYV4_RELEASED_NAMES:
+            name, n = pattern.subn(repl, name)
+            if n:
+                break
+        out[name] = tensor
+    return out
+
+
 # Architectures whose checkpoint is written in its released layout from transformers' own
 # names (saved with save_original_format=False, then rewritten): arch -> (state, config) -> state.
-RELEASED_LAYOUT = {"OlmoHybridForCausalLM": _olmo_hybrid_released}
+RELEASED_LAYOUT = {"OlmoHybridForCausalLM": _olmo_hybrid_released,
+                   "HYV4ForCausalLM": _hyv4_released}
 
 
-def _save(model, arch: str, out: str) -> None:
+def save_model(model, arch: str, out: str) -> None:
+    """model.save_pretrained(out), in the released layout where RELEASED_LAYOUT has arch (checked
+    to load back into transformers as the very model saved)."""
     if arch not in RELEASED_LAYOUT:
         model.save_pretrained(out)
         return
@@ -367,7 +400,7 @@ def make_model(arch: str, out: str, seed: int = 0, **config_overrides) -> str:
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     rescale_weights(model, torch.Generator().manual_seed(seed))
-    _save(model, arch, out)
+    save_model(model, arch, out)
     return out
 
 

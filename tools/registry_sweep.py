@@ -144,6 +144,15 @@ SHRINK = dict(
     # dual encoders (CLIP, SigLIP) and vision-language models: a projection to the text width
     projection_dim=128, projection_size=128,
 )
+# Per config class, SHRINK's values replaced where transformers' and vLLM's model code agree only
+# on a narrower setting (each says why; docs/registry_sweep.md tells the story).
+SHRINK_OVERRIDES = {
+    # transformers 5.19's HYV4 rotates the rotary slice as halves (rotate_half, NeoX style);
+    # vLLM 0.32's as interleaved pairs (is_neox_style=False), as the released Hy4 checkpoints
+    # are laid out. With one pair (2 rotary dims) the two are the same function of the same
+    # weights; with more they are different models of one checkpoint.
+    "HYV4Config": dict(qk_rope_head_dim=2),
+}
 # Also set in a composite config's vision_config (a vision tower): 32x32 images in 8x8 patches
 # (16 patches). Qwen2-VL's tower names its width embed_dim, its depth depth and its heads
 # num_heads (its hidden_size is the text model's, which SHRINK sets).
@@ -672,7 +681,8 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
         tokenizer.add_special_tokens(extra_tokens)
     maker.save_tokenizer(tokenizer, out)
     token_ids = {t: tokenizer.token_to_id(t) for t in maker.SPECIAL_TOKENS + extra_tokens}
-    kwargs = shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids)
+    kwargs = dict(shrink_kwargs(config_cls, tokenizer.get_vocab_size(), token_ids),
+                  **SHRINK_OVERRIDES.get(config_cls.__name__, {}))
     try:
         config = config_cls(**kwargs)
     except Exception as exc:
@@ -683,7 +693,7 @@ def build_checkpoint(arch: str, out: str, seed: int) -> dict:
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     rescale_generic(model, torch.Generator().manual_seed(seed), maker)
-    model.save_pretrained(out)
+    maker.save_model(model, arch, out)  # in the released layout where make_tiny_model knows it
     compat_weights = add_compat_weights(config, out)
     released_format = rewrite_config_json(config, out)
     processor = save_processor(config, out)

@@ -107,6 +107,33 @@ def test_axk1_checkpoint_gets_the_dense_layers_unused_post_mlp_norm(tmp_path):
     assert sweep.add_compat_weights(config, str(tmp_path)) == []  # present: left alone
 
 
+def test_hy_v4_checkpoint_in_the_released_names(tmp_path):
+    import transformers
+    from safetensors import safe_open
+
+    kwargs = dict(sweep.shrink_kwargs(transformers.HYV4Config, 1024, TOKENS),
+                  **sweep.SHRINK_OVERRIDES["HYV4Config"])
+    config = transformers.HYV4Config(**kwargs)
+    # one rotary pair: transformers' half-split and vLLM's interleaved RoPE are the same function
+    assert config.qk_rope_head_dim == 2
+    assert config.indexer_types == ["full", "shared"]  # a layer reusing the other's selection
+    model = transformers.HYV4ForCausalLM(config)
+    sweep._model_maker().save_model(model, "HYV4ForCausalLM", str(tmp_path))  # checks load-back
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    for i in range(2):
+        for block in ("attn", "mlp"):
+            assert {f"model.layers.{i}.hc_{block}_layer.hc_pre.hc_{p}"
+                    for p in ("fn", "base", "scale")} <= names
+        assert {f"model.layers.{i}.self_attn.linear_gate.weight",
+                f"model.layers.{i}.self_attn.learnable_sink_param"} <= names
+    assert {f"model.hc_head.hc_head_{p}" for p in ("fn", "base", "scale")} <= names
+    assert {"model.layers.0.mlp.gate_proj.weight",
+            "model.layers.1.mlp.shared_experts.gate_proj.weight"} <= names
+    assert not [n for n in names if "hc_pre.hc_head" in n or ".attn_hc." in n
+                or ".ffn_hc." in n or "mlp.linear_gate" in n or "experts.linear_gate" in n]
+
+
 def test_deepseek_v4_config_json_in_the_released_format(tmp_path):
     import json
 

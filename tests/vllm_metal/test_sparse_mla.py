@@ -113,23 +113,29 @@ def test_indexer_topk_matches_reference(topk, monkeypatch):
         torch.testing.assert_close(rows[s], k.float())
 
 
-def reference_sparse_mla(query, latents, pes, selected, weight, scale):
+def reference_sparse_mla(query, latents, pes, selected, weight, scale, sinks=None):
     """float64 decompressed MLA of each token over its selected positions. query [N, P + R]
-    (not absorbed), latents [S, L], pes [S, R], selected: positions; weight kv_b_proj's."""
+    (not absorbed), latents [S, L], pes [S, R], selected: positions; weight kv_b_proj's; sinks
+    [N]: one more logit per head in the softmax, attending to nothing (HY V4)."""
     kv = (latents @ weight.T).view(-1, HEADS, NOPE + V_DIM)
     keys = torch.cat([kv[..., :NOPE], pes[:, None].expand(-1, HEADS, -1)], dim=-1)
     pick = torch.tensor(selected)
     scores = torch.einsum("hd,khd->hk", query, keys[pick]) * scale
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks[:, None]], dim=-1)
+    probs = torch.softmax(scores, dim=-1)[:, :len(selected)]
     return torch.einsum("hk,khd->hd", probs, kv[pick][..., NOPE:]).reshape(-1)
 
 
 @pytest.mark.parametrize("topk", [4, 128])
 @pytest.mark.parametrize("compiled", [True, False])
-def test_sparse_attention_matches_reference(topk, compiled):
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["", "sinks"])
+def test_sparse_attention_matches_reference(topk, compiled, with_sinks):
     """MLXSparseMLAImpl as vLLM's MLAAttention drives it eagerly (write, absorbed query through
-    forward_mqa for every token, W_UV) and as the compiled forward does (attend)."""
+    forward_mqa for every token, W_UV) and as the compiled forward does (attend); with HY V4's
+    learnable per-head sinks too."""
     gen = torch.Generator().manual_seed(10 + topk)
+    sinks = torch.randn(HEADS, generator=gen, dtype=torch.float64) * 2 if with_sinks else None
     weight = torch.randn(HEADS * (NOPE + V_DIM), LORA, generator=gen, dtype=torch.float64)
     weight *= LORA ** -0.5
     w = weight.view(HEADS, NOPE + V_DIM, LORA)
@@ -155,7 +161,8 @@ def test_sparse_attention_matches_reference(topk, compiled):
         qk_head_dim=NOPE + ROPE, v_head_dim=V_DIM, kv_b_proj=None,
         # padded past the step's tokens, as vLLM's buffer is
         topk_indices_buffer=torch.tensor(selection + [[5] * topk] * 2,
-                                         dtype=torch.int32).to("mlx"))
+                                         dtype=torch.int32).to("mlx"),
+        sinks=None if sinks is None else sinks.float().to("mlx"))
     for (context, _), latent, pe, slot in zip(REQUESTS, latents, pes, request_slots):
         if context:  # written by earlier steps
             impl.do_kv_cache_update(latent[:context].float().to("mlx"),
@@ -183,7 +190,7 @@ def test_sparse_attention_matches_reference(topk, compiled):
         for i in range(n):
             chosen = [p for p in selection[row] if p >= 0]
             expected.append(reference_sparse_mla(query[i], latent, pe, chosen, weight,
-                                                 impl.scale))
+                                                 impl.scale, sinks))
             row += 1
     torch.testing.assert_close(got, torch.stack(expected).float(), atol=2e-5, rtol=1e-4)
 
@@ -194,6 +201,9 @@ def test_platform_picks_the_sparse_mla_backend():
     sparse = types.SimpleNamespace(use_mla=True, use_sparse=True)
     assert MetalPlatform.get_attn_backend_cls(None, sparse) == \
         "vllm_metal.attention.sparse_mla.MLXSparseMLABackend"
+    from vllm_metal.attention.sparse_mla import MLXSparseMLABackend
+
+    assert MLXSparseMLABackend.supports_sink()  # HY V4 binds it for its learnable sinks
     with pytest.raises(NotImplementedError, match="without MLA"):
         MetalPlatform.get_attn_backend_cls(None, types.SimpleNamespace(use_mla=False,
                                                                        use_sparse=True))

@@ -29,6 +29,7 @@ from torch_mlx import from_mlx, to_mlx
 
 from .backend import MLXAttentionMetadata
 from .mla import MLXMLABackend, MLXMLAImpl, MLXMLAMetadata, _storage_4d, _token_major
+from .paged import softmax_with_sinks
 
 # Largest intermediate (elements) of one indexer score block [rows, H, S] or one gathered
 # top-k block [rows, topk, L + R]: long prefills are cut into row chunks below it.
@@ -110,11 +111,13 @@ def indexer_topk(q: mx.array, weights: mx.array, k_cache: mx.array, md: MLXAtten
 
 
 def sparse_mla_attention(query: mx.array, cache: mx.array, topk: mx.array,
-                         md: MLXAttentionMetadata, scale: float, kv_lora_rank: int) -> mx.array:
+                         md: MLXAttentionMetadata, scale: float, kv_lora_rank: int,
+                         sinks: mx.array | None = None) -> mx.array:
     """Absorbed MLA over each token's selected positions: query [T, N, L + R], cache [blocks,
     block_size, L + R] (latent rows, this step's written), topk [T, K] positions within each
     token's request (-1: none). Keys are whole rows, values their first L entries; returns
-    [T, N, L]."""
+    [T, N, L]. sinks [N] (HY V4's learnable sinks): a logit per head that joins each softmax
+    denominator and attends to nothing (scores in float32 then)."""
     requests, _ = token_positions(md)
     block_size, width = cache.shape[1], cache.shape[-1]
     flat = cache.reshape(-1, width)
@@ -128,8 +131,11 @@ def sparse_mla_attention(query: mx.array, cache: mx.array, topk: mx.array,
         slots = blocks * block_size + chosen % block_size
         rows = mx.take(flat, slots.reshape(-1), axis=0).reshape(e - s, -1, width)  # [t, K, C]
         scores = (query[s:e] * scale) @ rows.swapaxes(-1, -2)  # [t, N, K]
+        if sinks is not None:
+            scores = scores.astype(mx.float32)
         scores = mx.where(valid[:, None, :], scores, -mx.inf)
-        probs = mx.softmax(scores, axis=-1, precise=True).astype(rows.dtype)
+        probs = softmax_with_sinks(scores, None if sinks is None else sinks.reshape(1, -1, 1))
+        probs = probs.astype(rows.dtype)
         outputs.append(probs @ rows[..., :kv_lora_rank])
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
@@ -147,6 +153,10 @@ class MLXSparseMLABackend(MLXMLABackend):
     def is_sparse(cls) -> bool:
         return True
 
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return True  # HY V4's learnable per-head sinks (sparse_mla_attention)
+
 
 class MLXSparseMLAImpl(MLXMLAImpl):
     """Every token (prefill or decode) attends absorbed to its indexer-selected positions:
@@ -156,14 +166,21 @@ class MLXSparseMLAImpl(MLXMLAImpl):
     supports_dense_mha_prefill: ClassVar[bool] = False
 
     def __init__(self, *args, indexer=None, topk_indices_buffer: torch.Tensor | None = None,
-                 index_group_builder=None, **kwargs) -> None:
+                 index_group_builder=None, sinks: torch.Tensor | None = None,
+                 **kwargs) -> None:
         # index_group_builder: vLLM's CUDA-stream machinery that maps positions to cache slots
         # ahead of the attention; here sparse_mla_attention maps them itself.
         super().__init__(*args, **kwargs)
         if indexer is None and topk_indices_buffer is None:
             raise ValueError("sparse MLA needs the indexer's top-k buffer")
+        if sinks is not None and sinks.shape != (self.num_heads,):
+            raise ValueError(f"attention sinks must be one per query head ({self.num_heads}), "
+                             f"got shape {tuple(sinks.shape)}")
         self._indexer = indexer
         self._topk_indices_buffer = topk_indices_buffer
+        # the layer's parameter (HY V4's learnable_sink_param), read at each forward: its
+        # values are loaded after the impl is built
+        self.sinks = sinks
 
     @property
     def topk_indices_buffer(self) -> torch.Tensor:
@@ -180,6 +197,9 @@ class MLXSparseMLAImpl(MLXMLAImpl):
         """This step's [T, topk] positions, as the indexer left them in the shared buffer."""
         return to_mlx(self.topk_indices_buffer)[:num_tokens]
 
+    def _sinks(self) -> mx.array | None:
+        return None if self.sinks is None else to_mlx(self.sinks)
+
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLXMLAMetadata,
                     layer) -> tuple[torch.Tensor, None]:
         if isinstance(q, tuple):
@@ -188,7 +208,7 @@ class MLXSparseMLAImpl(MLXMLAImpl):
             query = to_mlx(q)
         cache = _token_major(to_mlx(kv_c_and_k_pe_cache))
         result = sparse_mla_attention(query, cache, self.selected(query.shape[0]), attn_metadata,
-                                      self.scale, self.kv_lora_rank)
+                                      self.scale, self.kv_lora_rank, self._sinks())
         return from_mlx(result), None
 
     def forward_mha(self, *args, **kwargs) -> None:
@@ -208,5 +228,5 @@ class MLXSparseMLAImpl(MLXMLAImpl):
         absorbed = mx.concatenate([(q_nope @ w_uk_t).transpose(1, 0, 2),
                                    query[..., self.qk_nope_head_dim:]], axis=-1)
         latent = sparse_mla_attention(absorbed, cache, self.selected(num_tokens), md,
-                                      self.scale, self.kv_lora_rank)  # [T, N, L]
+                                      self.scale, self.kv_lora_rank, self._sinks())  # [T, N, L]
         return (latent.transpose(1, 0, 2) @ w_uv).transpose(1, 0, 2).reshape(num_tokens, -1)

@@ -5,10 +5,10 @@ layers, quantizes the query to fp8 (``per_token_group_quant_fp8``, folding the s
 weights) and calls ``SparseAttnIndexer``, whose native forward exists for CUDA/ROCm/XPU/CPU
 kernels only. On mlx:
 
-- the query stays in the model dtype: ``install()`` rebinds the quantizer the model module
-  imported to one that returns the query unchanged with scale 1 (MLX has no fp8 arithmetic;
-  transformers' reference scores unquantized queries and keys);
-- ``install()`` also rebinds the model module's ``DeepseekV32IndexerCache`` to
+- the query stays in the model dtype: ``install()`` rebinds the quantizer the model modules
+  (DeepSeek-V3.2's, HY V4's) imported to one that returns the query unchanged with scale 1
+  (MLX has no fp8 arithmetic; transformers' reference scores unquantized queries and keys);
+- ``install()`` also rebinds the model modules' ``DeepseekV32IndexerCache`` to
   ``MLXIndexerCache``: keys stored in the model dtype, [blocks, block_size, index_head_dim],
   not vLLM's CUDA layout (fp8 values plus a float32 scale per 128, as uint8), and the MLX
   attention backend's metadata (block table, sequence lengths, slots) for the op;
@@ -140,8 +140,15 @@ def _unquantized_query(x: torch.Tensor, group_size: int, *args, **kwargs):
     return x, torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
 
 
-def install() -> None:
-    from vllm.model_executor.models import deepseek_v2
+# modules whose indexer builds the cache and quantizes the query through these names, imported
+# by name: DeepSeek-V3.2's (shared by GLM-MoE-DSA) and HY V4's
+_MODULES = ("vllm.model_executor.models.deepseek_v2", "vllm.models.hy_v4.nvidia.attention")
 
-    deepseek_v2.DeepseekV32IndexerCache = MLXIndexerCache
-    deepseek_v2.per_token_group_quant_fp8 = _unquantized_query
+
+def install() -> None:
+    import importlib
+
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        module.DeepseekV32IndexerCache = MLXIndexerCache
+        module.per_token_group_quant_fp8 = _unquantized_query
