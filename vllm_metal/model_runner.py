@@ -89,8 +89,11 @@ class MetalModelRunner(GPUModelRunner):
         # step's device work before writing the next step's inputs. Without TORCH_MLX_ASYNC=1
         # it finished before its ops returned, and this returns at once.
         if self.use_async_scheduling:
-            torch.accelerator.synchronize()  # waits with the GIL released
+            self._wait_for_previous_step()
         yield
+
+    def _wait_for_previous_step(self) -> None:
+        torch.accelerator.synchronize()  # every launched array; waits with the GIL released
 
     def _get_or_create_async_output_copy_stream(self):
         return None  # no copy stream: AsyncMLXModelRunnerOutput reads the tokens where they are
