@@ -95,7 +95,8 @@ print(json.dumps(res))
 VLLM_METAL = COMMON + """
 from vllm import LLM, SamplingParams
 llm = LLM(model={model!r}, dtype="bfloat16", max_model_len=1024, max_num_seqs=32,
-          max_num_batched_tokens=1024, seed=0, enforce_eager={eager})
+          max_num_batched_tokens=1024, seed=0, enforce_eager={eager},
+          async_scheduling={async_sched})
 prompt = {{"prompt_token_ids": PROMPT}}
 def generate(batch, tokens, return_ids=False):
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens,
@@ -160,7 +161,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
                         help="comma-separated; also vllm_metal_eager, vllm_metal_async "
-                             "(TORCH_MLX_ASYNC=1)")
+                             "(TORCH_MLX_ASYNC=1), vllm_metal_async_sched (vLLM's async "
+                             "scheduling with TORCH_MLX_ASYNC=1)")
     args = parser.parse_args()
 
     import torch
@@ -173,12 +175,15 @@ def main() -> int:
         "torch_cuda": TRANSFORMERS.format(device="cuda", mode="eager", **fmt),
         "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
-        "vllm_metal": VLLM_METAL.format(eager=False, **fmt),
-        "vllm_metal_eager": VLLM_METAL.format(eager=True, **fmt),
+        "vllm_metal": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
+        "vllm_metal_eager": VLLM_METAL.format(eager=True, async_sched=False, **fmt),
         # eager ops launched without waiting for the GPU (csrc/launch.h)
-        "vllm_metal_async": VLLM_METAL.format(eager=False, **fmt),
+        "vllm_metal_async": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
+        # and vLLM's async scheduling: the engine's host work between steps overlaps the device
+        "vllm_metal_async_sched": VLLM_METAL.format(eager=False, async_sched=True, **fmt),
     }
-    env = {"vllm_metal_async": {"TORCH_MLX_ASYNC": "1"}}
+    env = {"vllm_metal_async": {"TORCH_MLX_ASYNC": "1"},
+           "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     for name in args.engines.split(","):
         if name == "torch_cuda" and not torch.cuda.is_available():
@@ -189,15 +194,21 @@ def main() -> int:
     eager, compiled, peer = (result.get(k, {}) for k in ("mlx_eager", "mlx_compiled", "mlx_lm"))
     if "tokens" in eager and "tokens" in compiled:
         result["compiled_matches_eager"] = eager["tokens"] == compiled["tokens"]
+    if "tokens" in result.get("vllm_metal", {}) and "tokens" in result.get(
+            "vllm_metal_async_sched", {}):
+        result["async_sched_matches_vllm_metal"] = (result["vllm_metal"]["tokens"]
+                                                    == result["vllm_metal_async_sched"]["tokens"])
     if "tokens" in eager and "tokens" in result.get("vllm_metal", {}):
         result["vllm_metal_matches_mlx_eager"] = eager["tokens"] == result["vllm_metal"]["tokens"]
     if "batch1_tok_s" in peer:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
                             for k in ("mlx_eager", "mlx_compiled", "torch_cuda", "vllm_metal",
-                                      "vllm_metal_eager", "vllm_metal_async")
+                                      "vllm_metal_eager", "vllm_metal_async",
+                                      "vllm_metal_async_sched")
                             if "batch1_tok_s" in result.get(k, {})}
-        for k in ("vllm_metal", "vllm_metal_eager", "vllm_metal_async"):  # #16: 32 sequences vs mlx-lm batched
+        for k in ("vllm_metal", "vllm_metal_eager", "vllm_metal_async",
+                  "vllm_metal_async_sched"):  # #16: 32 sequences vs mlx-lm batched
             if "c32_tok_s" in result.get(k, {}) and "batch_tok_s" in peer:
                 result["ratios"][f"{k}_c32_vs_mlx_lm_batch"] = round(
                     result[k]["c32_tok_s"] / peer["batch_tok_s"], 3)

@@ -35,13 +35,16 @@
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
 #                profile:wait also synchronizes after each forward and sampling (device time
-#                apart from host time); profile:hf profiles transformers' compiled generate
+#                apart from host time); profile:async_sched runs vLLM's async scheduling with
+#                TORCH_MLX_ASYNC=1 (tools/profile_decode.py --async-scheduling); profile:hf profiles transformers' compiled generate
 #                (tools/profile_hf_generate.py: graph breaks, retraces, eager ops a step)
 #   census       tools/graph_census.py: the MLX primitives of one decode step, vllm_metal vs mlx-lm
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
-#                (bench:mlx_lm,vllm_metal)
+#                (bench:mlx_lm,vllm_metal); vllm_metal_async_sched is vLLM's async scheduling
+#                with TORCH_MLX_ASYNC=1 (bench:mlx_lm,vllm_metal,vllm_metal_async,
+#                vllm_metal_async_sched compares it with both launch modes)
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
 # the XML are still written. KIT_WORKERS (default 16, one a core) sets tests' xdist workers; work
 # stealing keeps them busy through the slow tail (the whole suite is ~7100 test-seconds on the H100).
@@ -257,10 +260,11 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
           --json "$LOG/profile_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
       else
         for batch in 1 32; do
-          TORCH_MLX_ASYNC=$([ "$mode" = async ] && echo 1 || echo 0) \
+          TORCH_MLX_ASYNC=$([ "$mode" = async ] || [ "$mode" = async_sched ] && echo 1 || echo 0) \
           TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
           python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
             $([ "$mode" = wait ] && echo --device-wait) \
+            $([ "$mode" = async_sched ] && echo --async-scheduling) \
             --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
             || status=1
         done

@@ -19,11 +19,19 @@ per step of:
 
 ``--ops`` also counts the torch ops of a step (torch.profiler).
 
+``--async-scheduling`` runs vLLM's async scheduling (the engine schedules step N+1 while the
+device runs step N): execute_model + sample_tokens then no longer add up to the step, so read
+the wall time per step; ``input wait`` is the runner waiting for the previous step's device work
+before it rewrites the staging buffers, ``output wait`` reading a step's sampled ids (both
+inside the parts above or between them). Pair it with TORCH_MLX_ASYNC=1, without which every
+step's device work has finished before its ops return and there is nothing to overlap.
+
 Timers are wall-clock and inclusive; the parts do not nest in one another. The first step (the
 prompt's prefill) is included: with a 16-token prompt and 64 tokens it is a small share.
 
     python tools/profile_decode.py [--batch 1] [--tokens 64] [--piecewise | --enforce-eager]
                                    [--model DIR] [--dtype bfloat16] [--ops] [--json OUT]
+                                   [--async-scheduling]
 """
 import argparse
 import collections
@@ -71,6 +79,8 @@ def main():
                              "evaluation, a GPU round trip on a GPU")
     parser.add_argument("--device-wait", action="store_true",
                         help="synchronize after each forward and sampling, timed apart")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="vLLM's async scheduling (with TORCH_MLX_ASYNC=1 to overlap)")
     parser.add_argument("--json")
     args = parser.parse_args()
     from bench_decode import make_bench_model
@@ -80,11 +90,13 @@ def main():
     from torch_mlx.compile import MlxGraph
     from vllm import LLM, SamplingParams
     from vllm_metal.attention.impl import MLXAttentionImpl
-    from vllm_metal.model_runner import MetalModelRunner
+    from vllm_metal.model_runner import AsyncMLXModelRunnerOutput, MetalModelRunner
     import mlx.core as mx
 
     timed(MetalModelRunner, "execute_model", "execute_model")
     timed(MetalModelRunner, "sample_tokens", "sample")
+    timed(MetalModelRunner, "_wait_for_previous_step", "input_wait")
+    timed(AsyncMLXModelRunnerOutput, "get_output", "output_wait")
     from torch_mlx.compile import _Segment, _Uncompiled
     timed(_Segment, "__call__", "segments")  # inside build: the mx.compile'd runs of steps
     timed(_Uncompiled, "__call__", "uncompiled")  # inside build: attention and other lowerings
@@ -110,7 +122,7 @@ def main():
         if args.piecewise else None
     llm = LLM(model=model, dtype=args.dtype, max_model_len=1024, max_num_seqs=32,
               max_num_batched_tokens=1024, seed=0, enforce_eager=args.enforce_eager,
-              compilation_config=compilation)
+              compilation_config=compilation, async_scheduling=args.async_scheduling)
     prompt = {"prompt_token_ids": list(range(10, 26))}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate([prompt] * args.batch, params, use_tqdm=False)  # warm-up (compiles)
@@ -134,13 +146,18 @@ def main():
     parts["host"] = step - sum(parts.values())
     mode = "enforce_eager" if args.enforce_eager else "piecewise" if args.piecewise else "whole"
     result = {"batch": args.batch, "mode": mode, "dtype": args.dtype,
+              "async_scheduling": args.async_scheduling,
+              "torch_mlx_async": os.environ.get("TORCH_MLX_ASYNC", "0"),
+              "input_wait_ms": ms.get("input_wait", 0.0),
+              "output_wait_ms": ms.get("output_wait", 0.0),
               "device": str(mx.default_device()), "steps": steps,
               "wall_ms_per_step": wall / steps * 1e3, "step_ms": step, "parts_ms": parts,
               "build_ms": ms.get("build", 0.0), "segments_ms": ms.get("segments", 0.0),
               "uncompiled_ms": ms.get("uncompiled", 0.0), "launch_ms": ms.get("launch", 0.0),
               "device_wait_ms": ms.get("device_wait", 0.0),
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
-    print(f"batch {args.batch} ({mode}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
+    print(f"batch {args.batch} ({mode}{', async scheduling' if args.async_scheduling else ''}, "
+          f"TORCH_MLX_ASYNC={result['torch_mlx_async']}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
           f"step (wall), engine step {step:.1f} ms")
     for name, value in parts.items():
         calls = result["calls_per_step"].get(name)
@@ -152,6 +169,9 @@ def main():
                   f"{ms.get('uncompiled', 0.0):.2f} in uncompiled steps)")
     print(f"  mx.async_eval (launches; on a GPU encodes the kernels) {ms.get('launch', 0.0):7.2f} ms "
           f"({result['calls_per_step'].get('launch', 0):.1f} calls)")
+    if args.async_scheduling:
+        print(f"  input wait (previous step's device work) {ms.get('input_wait', 0.0):7.2f} ms, "
+              f"output wait (sampled ids to the host) {ms.get('output_wait', 0.0):7.2f} ms")
     if args.device_wait:
         print(f"  device wait after forward and sampling {ms.get('device_wait', 0.0):7.2f} ms")
     print(f"  mx.eval (waits for MLX, inside the parts above) {ms.get('eval', 0.0):7.2f} ms "

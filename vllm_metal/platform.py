@@ -23,6 +23,28 @@ LOWERED_ATTENTION_OPS = ("vllm::unified_attention_with_output",
 # ops that run eagerly between compiled pieces besides vLLM's own (_attention_ops): the sparse
 # indexer, whose top-k buffer the next piece's MLA attention reads (ops/sparse_indexer.py)
 EAGER_SPLITTING_OPS = ("vllm_metal::sparse_attn_indexer",)
+# SchedulerConfig attribute holding async_scheduling as the user gave it (record_async_request)
+ASYNC_REQUESTED = "_vllm_metal_async_requested"
+
+
+def record_async_request() -> None:
+    """Keep the user's async_scheduling on each SchedulerConfig as it is built. vLLM resolves an
+    unset value (None) to its default before the platform's hook sees the config, so the hook
+    could not otherwise tell a request from the default. (Installed from
+    pre_register_and_update, which vLLM calls before it builds the scheduler config: when the
+    plugin is registered, vllm.config may be half imported.)"""
+    from vllm.config import SchedulerConfig
+
+    post_init = SchedulerConfig.__post_init__
+    if getattr(post_init, "_vllm_metal", False):
+        return
+
+    def __post_init__(self, *args, **kwargs):
+        object.__setattr__(self, ASYNC_REQUESTED, self.async_scheduling)
+        post_init(self, *args, **kwargs)
+
+    __post_init__._vllm_metal = True
+    SchedulerConfig.__post_init__ = __post_init__
 
 
 class MetalPlatform(Platform):
@@ -223,9 +245,14 @@ class MetalPlatform(Platform):
             compilation.compile_sizes = []
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.cudagraph_capture_sizes = []
-        # async scheduling overlaps host work with device streams; MLX eager work is already
-        # finished when each op returns.
-        vllm_config.scheduler_config.async_scheduling = False
+        # Async scheduling (model_runner.py: AsyncMLXModelRunnerOutput, synchronize_input_prep)
+        # runs when asked for (async_scheduling=True, --async-scheduling). Off unless asked: vLLM
+        # would turn it on by default, but its gain on a GPU (the engine's host work between
+        # steps overlapping the device, with TORCH_MLX_ASYNC=1) has not been measured yet, and
+        # on MLX's CPU backend, whose device work takes the same cores, it gains nothing.
+        scheduler = vllm_config.scheduler_config
+        if getattr(scheduler, ASYNC_REQUESTED, None) is not True:
+            scheduler.async_scheduling = False
 
         cls._choose_worker_start_method()
         # SIGTERM with streams in flight: the API server's shutdown must end them (shutdown.py)
@@ -268,6 +295,11 @@ class MetalPlatform(Platform):
             logger.info("vllm_metal: setting VLLM_WORKER_MULTIPROC_METHOD=spawn (a forked "
                         "engine process could hang on MLX's or OpenMP's threads)")
             os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
+    @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        super().pre_register_and_update(parser)
+        record_async_request()
 
     @classmethod
     def validate_environ(cls, hard_fail: bool) -> None:

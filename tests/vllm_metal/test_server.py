@@ -251,3 +251,40 @@ def test_embeddings_endpoint_equals_offline_embed(embedding_server, bert):
     cosine = sum(a * b for a, b in zip(got, offline)) / (
         sum(a * a for a in got) ** 0.5 * sum(b * b for b in offline) ** 0.5)
     assert cosine >= 0.9999
+
+
+# `vllm serve --async-scheduling` with TORCH_MLX_ASYNC=1 (launched steps, the engine a step
+# ahead): the same text as the default server, for concurrent streams, and an aborted stream
+@pytest.fixture(scope="module")
+def async_sched_server(model):
+    srv = Server(model, name=NAME, api_key=API_KEY, env={"TORCH_MLX_ASYNC": "1"},
+                 extra_args=("--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "32",
+                             "--async-scheduling"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_async_scheduling_server_equals_default(server, client, async_sched_server):
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(16)]
+    expected = [_greedy(client, p, max_tokens=8 + i) for i, p in enumerate(prompts)]
+
+    async def one(aclient, prompt, max_tokens):
+        stream = await aclient.completions.create(model=NAME, prompt=prompt,
+                                                  max_tokens=max_tokens, temperature=0.0,
+                                                  stream=True)
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def all_at_once():
+        aclient = async_sched_server.async_client()
+        return await asyncio.gather(*(one(aclient, p, 8 + i) for i, p in enumerate(prompts)))
+
+    assert asyncio.run(all_at_once()) == expected
+    # a stream closed mid-way: the engine aborts the request and serves the next
+    with requests.post(async_sched_server.url + "/v1/completions", stream=True, timeout=300,
+                       headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": NAME, "prompt": PROMPTS[1], "max_tokens": 200,
+                             "temperature": 0.0, "stream": True, "ignore_eos": True}) as r:
+        assert next(r.iter_lines()).startswith(b"data:")
+    async_client = async_sched_server.client()
+    assert _greedy(async_client, PROMPTS[0]) == _greedy(client, PROMPTS[0])
