@@ -227,7 +227,7 @@ run_item() {
       tail -c 12000 "$LOG/qprobe.log" ;;
     qmodel)  # vLLM vs mlx-lm on the GPU vs mlx-lm on the CPU, float and 4-bit (needs .gpu/c)
       timeout -k 10 "${KIT_ITEM_S:-560}" python3 tools/gpu_quantized_model_probe.py \
-        --json "$LOG/qmodel.json" >"$LOG/qmodel.log" 2>&1 || status=1
+        --timeout $(( ${KIT_ITEM_S:-560} - 60 )) --json "$LOG/qmodel.json" >"$LOG/qmodel.log" 2>&1 || status=1
       tail -c 8000 "$LOG/qmodel.log" ;;
     opcost)  # both launch modes (csrc/launch.h)
       python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1

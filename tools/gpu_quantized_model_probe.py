@@ -123,6 +123,8 @@ def main():
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--json")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds each run may take (the report names the ones cut off)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "PROMPTS_JSON"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,8 +161,11 @@ def main():
         # mlx-lm on the GPU: in float32 GEMM mode as torch_mlx sets it (IEEE, its default), and
         # with MLX's own default (TF32), to see what TF32 alone moves
         env["MLX_ENABLE_TF32"] = "1" if key[1] == "mlx_lm:gpu-tf32" else "0"
-        p = subprocess.run([sys.executable, __file__, "--child", key[1], model, prompts_file],
-                           capture_output=True, text=True, timeout=900, env=env)
+        try:
+            p = subprocess.run([sys.executable, __file__, "--child", key[1], model, prompts_file],
+                               capture_output=True, text=True, timeout=args.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return key, {"error": f"timed out after {args.timeout} s"}
         for line in p.stdout.splitlines():
             if line.startswith("RESULT "):
                 return key, json.loads(line[7:])
