@@ -34,6 +34,9 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
+#                profile:nographs launches MLX's kernels one by one (MLX_USE_CUDA_GRAPHS=0) and
+#                profile:ops1000 puts up to 1000 in one CUDA graph (MLX_MAX_OPS_PER_BUFFER, H100
+#                default 100): MLX CUDA instantiates a graph per commit unless its cache has it
 #                profile:wait also synchronizes after each forward and sampling (device time
 #                apart from host time); profile:async_sched runs vLLM's async scheduling with
 #                TORCH_MLX_ASYNC=1 (tools/profile_decode.py --async-scheduling); profile:hf profiles transformers' compiled generate
@@ -262,6 +265,8 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
         for batch in 1 32; do
           TORCH_MLX_ASYNC=$([ "$mode" = async ] || [ "$mode" = async_sched ] && echo 1 || echo 0) \
           TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
+          MLX_USE_CUDA_GRAPHS=$([ "$mode" = nographs ] && echo 0 || echo 1) \
+          MLX_MAX_OPS_PER_BUFFER=$([ "$mode" = ops1000 ] && echo 1000 || echo 100) \
           python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
             $([ "$mode" = wait ] && echo --device-wait) \
             $([ "$mode" = async_sched ] && echo --async-scheduling) \
