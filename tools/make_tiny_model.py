@@ -56,6 +56,15 @@ COMMON = dict(
 ATTN_CAP, FINAL_CAP = 5.0, 3.0
 
 # Per architecture: the config class and what differs from COMMON.
+# DeepSeek-V3's tiny shape: low-rank queries (q_lora_rank), sigmoid routing with a correction
+# bias in groups; DeepSeek-V3.2 adds its indexer to it
+_DEEPSEEK_V3 = dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
+                    qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4,
+                    num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128,
+                    first_k_dense_replace=1, n_group=2, topk_group=1,
+                    topk_method="noaux_tc", scoring_func="sigmoid",  # as V3 checkpoints name them
+                    rope_theta=10000.0, tie_word_embeddings=False)
+
 ARCHITECTURES = {
     "LlamaForCausalLM": ("LlamaConfig", dict(rope_theta=10000.0, tie_word_embeddings=False)),
     "Qwen2ForCausalLM": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
@@ -135,13 +144,7 @@ ARCHITECTURES = {
     ),
     "DeepseekV3ForCausalLM": (
         "DeepseekV3Config",
-        # low-rank queries (q_lora_rank), sigmoid routing with a correction bias in groups
-        dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-             qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2,
-             n_shared_experts=1,
-             moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
-             topk_method="noaux_tc", scoring_func="sigmoid",  # as V3 checkpoints name them
-             rope_theta=10000.0, tie_word_embeddings=False),
+        _DEEPSEEK_V3,
     ),
     # DeepSeek-V3.2's sparse MLA: V3's layers plus a lightning indexer per layer that keeps each
     # query's 8 best earlier tokens (fewer than most prompts have: the selection is exercised;
@@ -149,13 +152,7 @@ ARCHITECTURES = {
     # exact zero-score ties (a relu per head) improbable.
     "DeepseekV32ForCausalLM": (
         "DeepseekV32Config",
-        dict(num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-             qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=4, num_experts_per_tok=2,
-             n_shared_experts=1,
-             moe_intermediate_size=128, first_k_dense_replace=1, n_group=2, topk_group=1,
-             topk_method="noaux_tc", scoring_func="sigmoid",
-             index_topk=8, index_head_dim=32, index_n_heads=16,
-             rope_theta=10000.0, tie_word_embeddings=False),
+        dict(_DEEPSEEK_V3, index_topk=8, index_head_dim=32, index_n_heads=16),
     ),
     # State-space models (vLLM's Mamba mixers: causal conv1d and a selective scan, a recurrent
     # state per request instead of a KV cache). Mamba-1: per-channel decay (inner size 512).

@@ -23,22 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-TOTALS: dict[str, float] = collections.defaultdict(float)
-COUNTS: dict[str, int] = collections.defaultdict(int)
-
-
-def timed(owner, name: str, label: str) -> None:
-    inner = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            TOTALS[label] += time.perf_counter() - start
-            COUNTS[label] += 1
-
-    setattr(owner, name, wrapper)
+from profile_decode import COUNTS, TOTALS, timed  # noqa: E402  (its per-call timers)
 
 
 def main():

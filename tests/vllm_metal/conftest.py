@@ -5,6 +5,7 @@ seed, same bytes). Modules that build engines with vllm.LLM use ``in_process_eng
 this process: faster to start); test_multiprocess.py exercises the default engine process.
 """
 import importlib.util
+import os
 import pathlib
 
 import pytest
@@ -52,3 +53,15 @@ def in_process_engine():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         yield
+
+
+def rerun_with_async_launch(path: str, select: str, timeout: float):
+    """Run ``path``'s tests chosen by ``-k select`` in a child pytest with TORCH_MLX_ASYNC=1
+    (read once per process: eager ops and compiled forwards launched, not waited for)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k", select],
+        env=env, capture_output=True, text=True, timeout=timeout)

@@ -11,9 +11,6 @@ TORCH_MLX_ASYNC=0 here and again with =1 in a child process (the switch is read 
 process), where the previous step may still be running when the next one is prepared.
 """
 import gc
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ import vllm
 from vllm import SamplingParams
 
 import reference
-from conftest import PROMPTS
+from conftest import PROMPTS, rerun_with_async_launch
 
 pytestmark = pytest.mark.usefixtures("in_process_engine")
 
@@ -129,9 +126,5 @@ def test_async_scheduling_stays_off_unless_asked(model_dir):
 def test_async_scheduling_with_async_launch():
     # TORCH_MLX_ASYNC=1: compiled forwards and eager ops are launched, not waited for, so the
     # previous step's device work may still be running when the next step starts
-    env = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not with_async_launch and not stays_off"],
-        env=env, capture_output=True, text=True, timeout=1200)
+    done = rerun_with_async_launch(__file__, "not with_async_launch and not stays_off", 1200)
     assert done.returncode == 0 and "4 passed" in done.stdout, done.stdout[-3000:]

@@ -5,7 +5,6 @@ Every tiny architecture, eight prompts of different lengths in one batch, 32 gre
 imports vllm only: the platform must come from the vllm.platform_plugins entry point.
 """
 import gc
-import os
 
 import pytest
 import vllm
@@ -13,7 +12,7 @@ from vllm import SamplingParams
 
 import reference
 from vllm_metal.compiler import MlxCompiler
-from conftest import ARCHITECTURES, PROMPTS
+from conftest import ARCHITECTURES, PROMPTS, rerun_with_async_launch
 
 MAX_TOKENS = 32
 
@@ -147,12 +146,6 @@ def test_async_launch_engine_does_not_hang():
     # reference to a torch storage, whose Python object needs the GIL, while the engine's thread
     # waited for that task holding the GIL: DeepSeek-V2 eager never returned. The case, in a
     # child with the switch on (it is read once per process).
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "test_greedy_matches_transformers and DeepseekV2ForCausalLM-eager"],
-        env=env, capture_output=True, text=True, timeout=600)
+    done = rerun_with_async_launch(
+        __file__, "test_greedy_matches_transformers and DeepseekV2ForCausalLM-eager", 600)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:]

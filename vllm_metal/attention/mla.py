@@ -148,6 +148,16 @@ class MLXMLAPrefillBackend(MLAPrefillBackend):
                                   "mlx: MLXMLAImpl reads the context through the block table")
 
 
+def mqa_inputs(q, kv_c_and_k_pe_cache: torch.Tensor) -> tuple[mx.array, mx.array]:
+    """forward_mqa's absorbed query [T, N, L + R] (vLLM passes it whole or as its two parts)
+    and the cache as [blocks, block_size, L + R]."""
+    if isinstance(q, tuple):
+        query = mx.concatenate([to_mlx(q[0]), to_mlx(q[1])], axis=-1)
+    else:
+        query = to_mlx(q)
+    return query, _token_major(to_mlx(kv_c_and_k_pe_cache))
+
+
 class MLXMLAImpl(MLACommonBaseImpl[MLXMLAMetadata]):
     can_return_lse_for_decode: bool = False
 
@@ -204,11 +214,7 @@ class MLXMLAImpl(MLACommonBaseImpl[MLXMLAMetadata]):
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLXMLAMetadata,
                     layer) -> tuple[torch.Tensor, None]:
         """q: (q_nope absorbed [B, N, L], q_pe [B, N, R]) or their concatenation."""
-        if isinstance(q, tuple):
-            query = mx.concatenate([to_mlx(q[0]), to_mlx(q[1])], axis=-1)
-        else:
-            query = to_mlx(q)
-        cache = _token_major(to_mlx(kv_c_and_k_pe_cache))
+        query, cache = mqa_inputs(q, kv_c_and_k_pe_cache)
         return from_mlx(self.decode(query, cache, attn_metadata)), None
 
     def forward_mha(self, q: torch.Tensor, kv_c_normed: torch.Tensor, k_pe: torch.Tensor,

@@ -28,7 +28,7 @@ import torch
 from torch_mlx import from_mlx, to_mlx
 
 from .backend import MLXAttentionMetadata
-from .mla import MLXMLABackend, MLXMLAImpl, MLXMLAMetadata, _storage_4d, _token_major
+from .mla import MLXMLABackend, MLXMLAImpl, MLXMLAMetadata, _storage_4d, mqa_inputs
 from .paged import softmax_with_sinks
 
 # Largest intermediate (elements) of one indexer score block [rows, H, S] or one gathered
@@ -202,11 +202,7 @@ class MLXSparseMLAImpl(MLXMLAImpl):
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLXMLAMetadata,
                     layer) -> tuple[torch.Tensor, None]:
-        if isinstance(q, tuple):
-            query = mx.concatenate([to_mlx(q[0]), to_mlx(q[1])], axis=-1)
-        else:
-            query = to_mlx(q)
-        cache = _token_major(to_mlx(kv_c_and_k_pe_cache))
+        query, cache = mqa_inputs(q, kv_c_and_k_pe_cache)
         result = sparse_mla_attention(query, cache, self.selected(query.shape[0]), attn_metadata,
                                       self.scale, self.kv_lora_rank, self._sinks())
         return from_mlx(result), None

@@ -24,6 +24,7 @@ import torch
 
 from torch_mlx import from_mlx
 
+from .library import rebind
 from .mamba import (_chunks, _host, _mx, _mx_dtype, _state_index, _write_rows,
                     causal_conv1d_fn, causal_conv1d_update)
 
@@ -430,10 +431,4 @@ _MODULES = (
 
 
 def install() -> None:
-    import importlib
-
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        for kernel, fn in _KERNELS.items():
-            if hasattr(module, kernel):
-                setattr(module, kernel, fn)
+    rebind(_MODULES, _KERNELS)

@@ -25,3 +25,16 @@ def define(schema: str, fake):
     LIB.define(schema)
     torch.library.register_fake(f"vllm_metal::{name}", fake, lib=LIB)
     return getattr(torch.ops.vllm_metal, name).default
+
+
+def rebind(modules, names: dict) -> None:
+    """Set each of ``names`` (name -> replacement) in every module of ``modules`` that has it:
+    vLLM's layers call kernels by the names their modules imported, so the replacement must
+    sit in each of those modules."""
+    import importlib
+
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name, fn in names.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)

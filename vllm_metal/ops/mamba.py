@@ -20,7 +20,7 @@ import torch
 
 from torch_mlx import _C, from_mlx, to_mlx
 
-from .library import cpu_backend
+from .library import cpu_backend, rebind
 
 NULL_BLOCK_ID = 0  # vllm.v1.attention.backends.utils.NULL_BLOCK_ID (block 0 is the null block)
 PAD_SLOT_ID = -1
@@ -569,10 +569,4 @@ _MODULES = (
 
 
 def install() -> None:
-    import importlib
-
-    for name in _MODULES:
-        module = importlib.import_module(name)
-        for kernel, fn in _KERNELS.items():
-            if hasattr(module, kernel):
-                setattr(module, kernel, fn)
+    rebind(_MODULES, _KERNELS)
