@@ -31,6 +31,8 @@
 #   qmodel       tools/gpu_quantized_model_probe.py: a tiny Llama, float and 4-bit, greedy with
 #                top-5 logprobs through vLLM, mlx-lm on the GPU and mlx-lm on the CPU (.gpu/c)
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
+#   encodecost   tools/gpu_encode_cost.py: the host's launch cost per MLX primitive family, and a
+#                decode layer's attention and rope as written here vs MLX's fused kernels
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
@@ -237,6 +239,11 @@ run_item() {
       TORCH_MLX_ASYNC=1 python3 tools/gpu_op_cost.py >>"$LOG/opcost.log" 2>&1 || status=1
       grep '^{' "$LOG/opcost.log" >"$LOG/opcost.json" || true
       cat "$LOG/opcost.log" ;;
+    encodecost)  # the host's launch cost of each MLX primitive family, and attention/rope written
+      # vs fused (tools/gpu_encode_cost.py)
+      python3 tools/gpu_encode_cost.py --json "$LOG/encode_cost.json" >"$LOG/encodecost.log" 2>&1 \
+        || status=1
+      grep -v '^{' "$LOG/encodecost.log" | tail -40 ;;
     vtests|vtests:*)
       local vsel=()
       [ "$item" != vtests ] && vsel=(-k "${item#vtests:}")
