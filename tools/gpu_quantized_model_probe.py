@@ -81,8 +81,14 @@ def child_vllm(model: str, variant: str, prompts: list[list[int]]) -> list[dict]
     import vllm
     from vllm import SamplingParams
 
-    llm = vllm.LLM(model=model, max_model_len=512, max_num_seqs=1 if variant == "seq1" else 8,
-                   seed=0, enforce_eager=variant in ("eager", "cpu"))
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    # mlx-lm computes in the files' dtype; vLLM's "auto" would downcast float32 to bfloat16 on
+    # a GPU (the platform's preferred type) and to nothing on MLX's CPU backend
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    llm = vllm.LLM(model=model, dtype=dtype, max_model_len=512,
+                   max_num_seqs=1 if variant == "seq1" else 8, seed=0,
+                   enforce_eager=variant in ("eager", "cpu"))
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0,
                             logprobs=5)
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)

@@ -6,8 +6,19 @@ mlx-lm's top two logits there, so a comparison can tell a real divergence from a
 candidates within float rounding of each other).
 """
 import functools
+import json
+import os
 
 NEAR_TIE = 1e-3  # a divergence where mlx-lm's top-2 logit gap is below this is a near-tie
+
+
+def checkpoint_dtype(model_dir: str) -> str:
+    """The dtype mlx-lm computes in for these files: config.json's. vLLM's "auto" would downcast
+    a float32 checkpoint to the platform's preferred half type (bfloat16 on a GPU), so the vLLM
+    side of a comparison asks for this dtype explicitly."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    return config.get("torch_dtype") or config.get("dtype") or "float32"
 
 
 @functools.lru_cache(maxsize=2)

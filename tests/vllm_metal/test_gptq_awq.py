@@ -137,7 +137,8 @@ def test_greedy_matches_the_dequantized_model(fmt, bits, group, sym, desc_act, m
                                                tmp_path):
     path, twin = write_checkpoint(model_dir("LlamaForCausalLM"), str(tmp_path / fmt), fmt, bits,
                                   group, sym, desc_act)
-    llm = vllm.LLM(model=path, max_model_len=512, max_num_seqs=8, seed=0)
+    # the reference runs the float32 twin: "auto" would downcast to bfloat16 on a GPU
+    llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
     assert llm.llm_engine.vllm_config.model_config.quantization == f"mlx_{fmt}"
     assert "RepackedLinearMethod" in llm.collective_rpc(_methods)[0]
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)

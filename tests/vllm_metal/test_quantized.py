@@ -84,8 +84,8 @@ def _quant_summary(worker) -> dict:
 
 
 def _generate_and_compare(path: str, enforce_eager: bool = False, prompts=PROMPTS):
-    llm = vllm.LLM(model=path, max_model_len=512, max_num_seqs=8, seed=0,
-                   enforce_eager=enforce_eager)
+    llm = vllm.LLM(model=path, dtype=mlx_reference.checkpoint_dtype(path), max_model_len=512,
+                   max_num_seqs=8, seed=0, enforce_eager=enforce_eager)
     assert llm.llm_engine.vllm_config.model_config.quantization == "mlx"
     summary = llm.collective_rpc(_quant_summary)[0]
     params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0)
