@@ -68,6 +68,25 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
     check_mixed_batch(layout, heads, kv_heads, window)
 
 
+@pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
+@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (8, 1, 20)])
+@pytest.mark.parametrize("decodes", [1, 3])
+def test_gpu_decode_path_matches_reference(layout, heads, kv_heads, window, decodes,
+                                           monkeypatch):
+    """The GPU's decode attention (mx.fast.scaled_dot_product_attention over the gathered
+    blocks: one request cut to its length and window, several under the decode mask), run on
+    MLX's CPU by taking the GPU branch."""
+    from vllm_metal.attention import impl
+
+    monkeypatch.setattr(impl, "cpu_backend", lambda: False)
+    fused = impl.fused_decode_attention
+    calls = []
+    monkeypatch.setattr(impl, "fused_decode_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    check_mixed_batch(layout, heads, kv_heads, window, num_decodes=decodes)
+    assert calls, "the fused decode path did not run"
+
+
 def place_requests(requests, num_blocks: int, gen: torch.Generator):
     """Random distinct cache blocks for each (context, new) request, block 0 left as vLLM's null
     block: the block table [requests, width] and each request's slot of every position."""
@@ -84,11 +103,12 @@ def place_requests(requests, num_blocks: int, gen: torch.Generator):
     return block_table, slots
 
 
-def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None):
+def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, num_decodes=3):
     gen = torch.Generator().manual_seed(0)
     head_size = 32
-    # (context already cached, new tokens): three decodes first, as vLLM orders the batch.
+    # (context already cached, new tokens): the decodes first, as vLLM orders the batch.
     requests = [(37, 1), (5, 1), (64, 1), (0, 23), (40, 9), (17, 30), (0, 1)]
+    requests = requests[3 - num_decodes:]
     num_blocks = 64
     cache = make_cache(num_blocks, kv_heads, head_size, layout)
     block_table, request_slots = place_requests(requests, num_blocks, gen)
@@ -109,7 +129,7 @@ def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None):
     slot_mapping = torch.cat(slots).to("mlx")
     query_start = np.cumsum([0] + [n for _, n in requests])
     metadata = MLXAttentionMetadata(
-        num_actual_tokens=len(query), num_decodes=3, query_start=query_start,
+        num_actual_tokens=len(query), num_decodes=num_decodes, query_start=query_start,
         seq_lens=np.array([c + n for c, n in requests]),
         block_table=torch_mlx.to_mlx(block_table.to("mlx")), slot_mapping=slot_mapping,
         block_size=BLOCK_SIZE)

@@ -93,6 +93,41 @@ def test_rotary_embeddings(index, dtype):
     assert_close(got_q, want_q)
 
 
+# which ropes are plain rotations (mx.fast.rope on the GPU): YaRN scales cos and sin by its mscale
+PLAIN_ROTATION = [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", range(5))
+def test_rotary_embeddings_gpu_path(index, dtype, monkeypatch):
+    """The GPU's way (mx.fast.rope with the module's frequencies, where its cache is a plain
+    rotation) against forward_native, run here by taking the GPU branch on MLX's CPU."""
+    from vllm_metal.ops import rotary
+
+    monkeypatch.setattr(rotary, "cpu_backend", lambda: False)
+    torch.manual_seed(0)
+    rope = list(_ropes())[index]
+    assert (rope.mlx_rope_wavelengths is not None) == PLAIN_ROTATION[index]
+    calls = {"fast": 0}
+    fast = rotary.rotary_embedding_freqs_op
+
+    def counting(*args):
+        calls["fast"] += 1
+        return fast(*args)
+
+    monkeypatch.setattr(rotary, "rotary_embedding_freqs_op", counting)
+    positions = torch.tensor([0, 1, 2, 17, 500, 1023, 3, 4])
+    query = torch.randn(8, 4 * 64, dtype=dtype)
+    key = torch.randn(8, 2, 64, dtype=dtype)
+    want_q, want_k = copy.deepcopy(rope).forward_native(positions, query.clone(), key.clone())
+    got_q, got_k = on_mlx(rope).forward_oot(positions.to("mlx"), query.to("mlx"),
+                                            key.to("mlx"))
+    assert calls["fast"] == (2 if PLAIN_ROTATION[index] else 0)
+    assert got_q.shape == query.shape and got_k.shape == key.shape
+    assert_close(got_q, want_q)
+    assert_close(got_k, want_k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("make", [SiluAndMul, lambda: GeluAndMul("none"),
                                   lambda: GeluAndMul("tanh")])

@@ -25,7 +25,8 @@ from torch_mlx import _C, from_mlx, to_mlx
 from ..ops.cache import write_kv_rows
 from ..ops.library import cpu_backend
 from .backend import MLXAttentionMetadata
-from .paged import decode_attention, encoder_attention, gather_kv, prefill_attention
+from .paged import (decode_attention, encoder_attention, fused_decode_attention, gather_kv,
+                    prefill_attention)
 
 SUPPORTED_TYPES = (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
 
@@ -121,6 +122,12 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             outputs.append(_C.paged_decode_attention(
                 decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
                 self.sliding_window, self.head_size))
+        elif md.num_decodes and not written_out:
+            block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
+            mask = md.decode_mask(self.sliding_window) if md.num_decodes > 1 else None
+            outputs.append(fused_decode_attention(
+                decode_query, cache, block_table, md.seq_lens[: md.num_decodes], mask,
+                self.scale, self.head_size, self.sliding_window))
         elif md.num_decodes:
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(decode_query, cache, block_table,

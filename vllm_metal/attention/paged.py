@@ -116,6 +116,25 @@ def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, ma
     return (probs @ values).reshape(num_reqs, query_heads, values.shape[-1])
 
 
+def fused_decode_attention(query: mx.array, cache: mx.array, block_table: mx.array,
+                           seq_lens, mask: mx.array | None, scale: float, head_size: int,
+                           window: int | None) -> mx.array:
+    """decode_attention through mx.fast.scaled_dot_product_attention, the GPU's way: MLX's fused
+    decode kernel where it has one, in place of the written-out scale, two products, mask,
+    softmax and cast (each a kernel the host encodes: a small model's decode step on a GPU is
+    bound by that, tools/gpu_encode_cost.py). query [R, Hq, D]; seq_lens [R] on the host; mask
+    from decode_mask, used when R > 1 (one request's keys are cut to its length and window
+    instead). Returns [R, Hq, Dv]."""
+    keys, values = gather_kv(cache, block_table, head_size)  # [R, H, S, D]
+    if len(seq_lens) == 1:
+        end = int(seq_lens[0])
+        start = max(0, end - window) if window is not None else 0
+        keys, values, mask = keys[..., start:end, :], values[..., start:end, :], None
+    out = mx.fast.scaled_dot_product_attention(query[:, :, None, :], keys, values, scale=scale,
+                                               mask=mask)
+    return out[:, :, 0, :]
+
+
 def softmax_with_sinks(scores: mx.array, sinks: mx.array | None) -> mx.array:
     """Softmax over the last axis whose denominator also holds exp(sink) (sinks broadcast to
     scores' shape with the last axis 1; None: a plain softmax)."""

@@ -1,11 +1,17 @@
 """Rotary embedding in MLX, the exact equivalent of vLLM's RotaryEmbedding.forward_native.
 
-The angles come from the module's own cos/sin cache, gathered at each token's position, so
-every rope variant that only changes how that cache is computed (linear, dynamic-NTK, YaRN,
-Llama 3 scaling, ...) is covered by the same code. mx.fast.rope would recompute the angles from a
-base or frequencies and lose those variants' cos/sin scaling (YaRN's mscale). On MLX's CPU
-backend the same computation is one torch_mlx kernel (csrc/fast_cpu.cpp) instead of a dozen
-graph nodes per call.
+Two ways, chosen per module when vLLM builds it:
+
+- Where the module's cos/sin cache is a plain rotation, cos and sin of position * inv_freq as the
+  module's own ``_compute_inv_freq`` gives it (the default rope, Llama 3's, dynamic NTK's fixed
+  base, ...), on the GPU ``mx.fast.rope`` with those frequencies and each token's position: one
+  kernel per call. A decode step's launch is the host's time on a GPU (encoding each kernel: see
+  tools/gpu_encode_cost.py), and the written-out form below costs per call a gather of the
+  cache, four fused elementwise kernels and a concatenation.
+- Otherwise (linear scaling divides the positions, YaRN multiplies cos and sin by its mscale,
+  ...) the angles come from the module's own cache, gathered at each token's position, which
+  covers every variant that only changes how that cache is computed. On MLX's CPU backend that
+  is one torch_mlx kernel (csrc/fast_cpu.cpp) instead of a dozen graph nodes per call.
 """
 import mlx.core as mx
 import torch
@@ -19,6 +25,12 @@ from .library import cpu_backend, define
 
 rotary_embedding_op = define(
     "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, int head_size, "
+    "int rotary_dim, bool is_neox_style) -> Tensor",
+    lambda positions, x, *args: torch.empty_like(x))
+
+
+rotary_embedding_freqs_op = define(
+    "rotary_embedding_freqs(Tensor positions, Tensor x, Tensor wavelengths, int head_size, "
     "int rotary_dim, bool is_neox_style) -> Tensor",
     lambda positions, x, *args: torch.empty_like(x))
 
@@ -53,16 +65,64 @@ def rotary(positions, x, cos_sin_cache, head_size, rotary_dim, is_neox_style):
     return rotated.reshape(x.shape)
 
 
+@lowering("vllm_metal::rotary_embedding_freqs")
+def rotary_fast(positions, x, wavelengths, head_size, rotary_dim, is_neox_style):
+    """x [T, H * head_size] (or [T, H, head_size]) rotated by mx.fast.rope: each token is a batch
+    of its own whose offset is its position; ``wavelengths`` = 1 / inv_freq [rotary_dim // 2]."""
+    heads = x.reshape(x.shape[0], -1, 1, head_size)
+    out = mx.fast.rope(heads, rotary_dim, traditional=not is_neox_style, base=None, scale=1.0,
+                       offset=positions.flatten(), freqs=wavelengths)
+    return out.reshape(x.shape)
+
+
+def plain_rotation_wavelengths(rope: RotaryEmbedding) -> torch.Tensor | None:
+    """1 / inv_freq (float32, on the CPU) where ``rope``'s cos/sin cache is cos and sin of
+    position * inv_freq with the module's own ``_compute_inv_freq``, within its dtype's
+    rounding; None where it is anything else (scaled positions, scaled cos/sin, no cache)."""
+    cache = getattr(rope, "cos_sin_cache", None)
+    if cache is None or not hasattr(rope, "_compute_inv_freq") or cache.dim() != 2:
+        return None
+    # on the CPU whatever device vLLM builds the model under
+    with torch.device("cpu"):
+        try:
+            inv_freq = rope._compute_inv_freq(rope.base).to("cpu", torch.float32)
+        except Exception:  # a variant whose frequencies need more than its base
+            return None
+        if inv_freq.shape != (rope.rotary_dim // 2,) or cache.shape[-1] != rope.rotary_dim:
+            return None
+        angles = torch.outer(torch.arange(cache.shape[0], dtype=torch.float32), inv_freq)
+        expected = torch.cat([angles.cos(), angles.sin()], dim=-1).to(cache.dtype)
+        tol = 4 * torch.finfo(cache.dtype).eps
+        if not torch.allclose(cache.detach().cpu(), expected, rtol=0, atol=tol):
+            return None
+        return 1.0 / inv_freq
+
+
 class MLXRotaryMixin:
     """forward_oot for RotaryEmbedding and its subclasses that keep its forward_native."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # decided once, eagerly (never inside a torch.compile trace), on the cache's device (vLLM
+        # builds the model under a device context); a buffer moves with the module
+        wavelengths = plain_rotation_wavelengths(self)
+        if wavelengths is not None:
+            wavelengths = wavelengths.to(self.cos_sin_cache.device)
+        self.register_buffer("mlx_rope_wavelengths", wavelengths, persistent=False)
+
     def forward_oot(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
-        cache = self._match_cos_sin_cache_dtype(query)
-        args = (cache, self.head_size, self.rotary_dim, self.is_neox_style)
-        query = rotary_embedding_op(positions, query, *args)
+        if self.mlx_rope_wavelengths is not None and not cpu_backend():
+            op = rotary_embedding_freqs_op
+            args = (self.mlx_rope_wavelengths, self.head_size, self.rotary_dim,
+                    self.is_neox_style)
+        else:
+            op = rotary_embedding_op
+            args = (self._match_cos_sin_cache_dtype(query), self.head_size, self.rotary_dim,
+                    self.is_neox_style)
+        query = op(positions, query, *args)
         if key is not None:
-            key = rotary_embedding_op(positions, key, *args)
+            key = op(positions, key, *args)
         return query, key
 
 
