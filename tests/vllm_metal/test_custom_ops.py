@@ -109,13 +109,13 @@ def test_rotary_embeddings_gpu_path(index, dtype, monkeypatch):
     rope = list(_ropes())[index]
     assert (rope.mlx_rope_wavelengths is not None) == PLAIN_ROTATION[index]
     calls = {"fast": 0}
-    fast = rotary.rotary_embedding_freqs_op
+    fast_rope = rotary.mx.fast.rope
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls["fast"] += 1
-        return fast(*args)
+        return fast_rope(*args, **kwargs)
 
-    monkeypatch.setattr(rotary, "rotary_embedding_freqs_op", counting)
+    monkeypatch.setattr(rotary.mx.fast, "rope", counting)
     positions = torch.tensor([0, 1, 2, 17, 500, 1023, 3, 4])
     query = torch.randn(8, 4 * 64, dtype=dtype)
     key = torch.randn(8, 2, 64, dtype=dtype)

@@ -24,14 +24,8 @@ from torch_mlx.ops.registry import lowering
 from .library import cpu_backend, define
 
 rotary_embedding_op = define(
-    "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, int head_size, "
-    "int rotary_dim, bool is_neox_style) -> Tensor",
-    lambda positions, x, *args: torch.empty_like(x))
-
-
-rotary_embedding_freqs_op = define(
-    "rotary_embedding_freqs(Tensor positions, Tensor x, Tensor wavelengths, int head_size, "
-    "int rotary_dim, bool is_neox_style) -> Tensor",
+    "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, Tensor? wavelengths, "
+    "int head_size, int rotary_dim, bool is_neox_style) -> Tensor",
     lambda positions, x, *args: torch.empty_like(x))
 
 
@@ -50,11 +44,19 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array, is_neox_style: bool)
 
 
 @lowering("vllm_metal::rotary_embedding")
-def rotary(positions, x, cos_sin_cache, head_size, rotary_dim, is_neox_style):
-    """x [T, H * head_size]: the first rotary_dim of each head rotated by its token's angles."""
+def rotary(positions, x, cos_sin_cache, wavelengths, head_size, rotary_dim, is_neox_style):
+    """x [T, H * head_size] (or [T, H, head_size]): the first rotary_dim of each head rotated by
+    its token's angles. ``wavelengths`` (1 / inv_freq, [rotary_dim // 2]) where the cache is a
+    plain rotation, else None."""
     if cpu_backend():
         positions = positions if positions.ndim == 1 else positions.flatten()
         return _C.rope(x, positions, cos_sin_cache, head_size, rotary_dim, is_neox_style)
+    if wavelengths is not None:
+        # each token a batch of its own whose offset is its position: one kernel
+        heads = x.reshape(x.shape[0], -1, 1, head_size)
+        out = mx.fast.rope(heads, rotary_dim, traditional=not is_neox_style, base=None,
+                           scale=1.0, offset=positions.flatten(), freqs=wavelengths)
+        return out.reshape(x.shape)
     cos_sin = mx.take(cos_sin_cache, positions.flatten(), axis=0)[:, None, :]
     half = rotary_dim // 2
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
@@ -63,16 +65,6 @@ def rotary(positions, x, cos_sin_cache, head_size, rotary_dim, is_neox_style):
     if rotary_dim < head_size:
         rotated = mx.concatenate([rotated, heads[..., rotary_dim:]], axis=-1)
     return rotated.reshape(x.shape)
-
-
-@lowering("vllm_metal::rotary_embedding_freqs")
-def rotary_fast(positions, x, wavelengths, head_size, rotary_dim, is_neox_style):
-    """x [T, H * head_size] (or [T, H, head_size]) rotated by mx.fast.rope: each token is a batch
-    of its own whose offset is its position; ``wavelengths`` = 1 / inv_freq [rotary_dim // 2]."""
-    heads = x.reshape(x.shape[0], -1, 1, head_size)
-    out = mx.fast.rope(heads, rotary_dim, traditional=not is_neox_style, base=None, scale=1.0,
-                       offset=positions.flatten(), freqs=wavelengths)
-    return out.reshape(x.shape)
 
 
 def plain_rotation_wavelengths(rope: RotaryEmbedding) -> torch.Tensor | None:
@@ -112,17 +104,11 @@ class MLXRotaryMixin:
 
     def forward_oot(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
-        if self.mlx_rope_wavelengths is not None and not cpu_backend():
-            op = rotary_embedding_freqs_op
-            args = (self.mlx_rope_wavelengths, self.head_size, self.rotary_dim,
-                    self.is_neox_style)
-        else:
-            op = rotary_embedding_op
-            args = (self._match_cos_sin_cache_dtype(query), self.head_size, self.rotary_dim,
-                    self.is_neox_style)
-        query = op(positions, query, *args)
+        args = (self._match_cos_sin_cache_dtype(query), self.mlx_rope_wavelengths,
+                self.head_size, self.rotary_dim, self.is_neox_style)
+        query = rotary_embedding_op(positions, query, *args)
         if key is not None:
-            key = op(positions, key, *args)
+            key = rotary_embedding_op(positions, key, *args)
         return query, key
 
 
