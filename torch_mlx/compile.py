@@ -181,6 +181,13 @@ class _Tracing:
 _PIPELINE = os.environ.get("TORCH_MLX_PIPELINE") == "1"
 
 
+def _constant_array(t: torch.Tensor) -> mx.array:
+    if t.device.type == "mlx":
+        return _C.to_mlx(t)
+    return mx.array(t.detach().to(torch.float32).numpy()).astype(registry.to_mx_dtype(t.dtype)) \
+        if t.dtype == torch.bfloat16 else mx.array(t.detach().numpy())
+
+
 class MlxGraph(torch.nn.Module):
     """A graph whose every node has a lowering, run as MLX: one ``mx.compile``d function, or,
     where some lowerings must run outside mx.compile (``compiled=False``), compiled segments and
@@ -192,8 +199,14 @@ class MlxGraph(torch.nn.Module):
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.steps = []
+        # tensor constants the trace lifted into the module (e.g. the -inf scalar torch's
+        # attention makes of a boolean mask): MLX arrays once, fed to every run
+        self.constants = {}
         for node in gm.graph.nodes:
-            if _is_size_node(node):
+            if node.op == "get_attr" and isinstance(getattr(gm, node.target, None),
+                                                    torch.Tensor):
+                self.constants[node] = _constant_array(getattr(gm, node.target))
+            elif _is_size_node(node):
                 self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
             elif node.op == "call_function":
                 self.steps.append(_Step(node, _node_lowering(node)))
@@ -207,14 +220,14 @@ class MlxGraph(torch.nn.Module):
 
     def run(self, *inputs):
         with _Tracing():
-            env = dict(zip(self.placeholders, inputs))
+            env = {**self.constants, **dict(zip(self.placeholders, inputs))}
             for step in self.steps:
                 _execute(step, env)
             outs = _value(self.output.args[0], env)
         return list(outs) if isinstance(outs, (list, tuple)) else [outs]
 
     def run_parts(self, *inputs):
-        env = dict(zip(self.placeholders, inputs))
+        env = {**self.constants, **dict(zip(self.placeholders, inputs))}
         for part in self.parts:
             part(env)
             if _PIPELINE and isinstance(part, _Uncompiled):

@@ -351,3 +351,78 @@ def test_transformer_trains_like_cpu(dropout):
     torch.manual_seed(1)
     mlx = _train(model, batches, _lm_loss, "mlx")
     torch.testing.assert_close(torch.tensor(mlx), torch.tensor(cpu), rtol=1e-4, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# scaled_dot_product_attention: MLX's fused attention where it computes what torch asks
+
+
+def _sdpa_ops(fn):
+    """The aten ops an eager call dispatches (torch.profiler), by name."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+SDPA_CASES = [  # (query heads, kv heads, queries, keys, kwargs)
+    (4, 4, 5, 5, {}),
+    (8, 2, 5, 7, {"enable_gqa": True}),
+    (8, 2, 5, 5, {"enable_gqa": True, "is_causal": True}),
+    (4, 4, 3, 6, {"is_causal": True}),  # torch's causal mask is top-left aligned
+    (4, 4, 6, 3, {"is_causal": True}),
+    (4, 4, 5, 7, {"attn_mask": "bool"}),
+    (4, 4, 5, 7, {"attn_mask": "float", "scale": 0.3}),
+    (4, 4, 3, 4, {"attn_mask": "bool_row_masked"}),  # a row that sees no key gives zeros
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,lq,lk,kwargs", SDPA_CASES)
+def test_sdpa_runs_mlx_fused_attention(hq, hkv, lq, lk, kwargs, dtype):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, hq, lq, 16, generator=gen).to(dtype)
+    k = torch.randn(2, hkv, lk, 16, generator=gen).to(dtype)
+    v = torch.randn(2, hkv, lk, 16, generator=gen).to(dtype)
+    kwargs = dict(kwargs)
+    mask = kwargs.pop("attn_mask", None)
+    if mask == "bool":
+        kwargs["attn_mask"] = torch.rand(lq, lk, generator=gen) > 0.3
+        kwargs["attn_mask"][:, 0] = True
+    elif mask == "float":
+        kwargs["attn_mask"] = torch.randn(2, 1, lq, lk, generator=gen).to(dtype)
+    elif mask == "bool_row_masked":
+        kwargs["attn_mask"] = torch.ones(lq, lk, dtype=torch.bool)
+        kwargs["attn_mask"][1] = False
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def on_mlx():
+        moved = {n: a.to("mlx") if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
+        return F.scaled_dot_product_attention(q.to("mlx"), k.to("mlx"), v.to("mlx"), **moved)
+
+    got = on_mlx()
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got.cpu(), expected, **tol)
+    assert "aten::_scaled_dot_product_fused_attention_overrideable" in _sdpa_ops(on_mlx)
+    compiled = torch.compile(lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw),
+                             backend="mlx", dynamic=False)
+    moved = {n: a.to("mlx") if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
+    torch.testing.assert_close(compiled(q.to("mlx"), k.to("mlx"), v.to("mlx"), **moved).cpu(),
+                               expected, **tol)
+
+
+def test_sdpa_keeps_the_math_path_for_gradients_dropout_and_when_asked():
+    """The fused op has no backward here: anything autograd records, dropout, and
+    sdpa_kernel([MATH]) take torch's math path, with its gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    qm = q.to("mlx").requires_grad_()
+    fused = "aten::_scaled_dot_product_fused_attention_overrideable"
+    assert fused not in _sdpa_ops(
+        lambda: F.scaled_dot_product_attention(qm, k.to("mlx"), v.to("mlx")).sum().backward())
+    qc = q.clone().requires_grad_()
+    F.scaled_dot_product_attention(qc, k, v).sum().backward()
+    torch.testing.assert_close(qm.grad.cpu(), qc.grad, atol=1e-5, rtol=1e-4)
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert fused not in _sdpa_ops(
+            lambda: F.scaled_dot_product_attention(q.to("mlx"), k.to("mlx"), v.to("mlx")))

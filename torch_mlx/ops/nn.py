@@ -6,10 +6,13 @@ Reduced-precision inputs are normalised and reduced in float32, as torch's CPU k
 accumulate in float; the adapter casts results back to torch's result dtype. Backward ops of
 linear maps (convolution, pooling, resampling) are MLX's vjp of the forward lowering.
 
-Not here because they never reach the device: scaled_dot_product_attention, rms_norm,
-layer_norm, group_norm, cross_entropy, l1/kl/... losses are CompositeImplicitAutograd and
-decompose into the ops below (attention into bmm and _softmax: torch only routes PrivateUse1 to
-a fused attention op through a C++ dispatch stub).
+scaled_dot_product_attention is CompositeImplicitAutograd: torch asks the device's C++ dispatch
+stub which backend runs it, and csrc/attention.cpp answers MLX's fused attention
+(``_scaled_dot_product_fused_attention_overrideable``, below) where it computes what torch asks
+(no gradient, no dropout, 4-D inputs), else torch's math path (bmm and _softmax below).
+
+Not here because they never reach the device: rms_norm, layer_norm, group_norm, cross_entropy,
+l1/kl/... losses are CompositeImplicitAutograd and decompose into the ops below.
 """
 import itertools
 import math
@@ -1865,3 +1868,68 @@ def embedding_bag_per_sample_weights_backward(grad, weight, indices, offsets, of
                   mx.take(_upcast(weight), indices, axis=0), axis=1)
     dots = mx.where(in_bag, dots, 0)
     return dots if padding_idx < 0 else mx.where(indices == padding_idx, 0, dots)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+@lowering("_scaled_dot_product_fused_attention_overrideable")
+def scaled_dot_product_fused_attention(query, key, value, attn_bias=None, dropout_p=0.0,
+                                       is_causal=False, return_debug_mask=False, scale=None):
+    """torch's scaled_dot_product_attention where csrc/attention.cpp chose MLX's fused
+    attention: q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D(v)] (Hq a multiple of Hkv), the mask as
+    torch hands it (a boolean mask already made an additive bias). Returns torch's tuple:
+    (output, logsumexp [B, Hq, Lq] float32, None, None, Lq, Lk, seed, offset, None); the
+    logsumexp is computed only if something reads it (compiled graphs never evaluate it)."""
+    if dropout_p != 0.0:
+        raise NotImplementedError("_scaled_dot_product_fused_attention_overrideable: dropout "
+                                  "on mlx runs through torch's math path (csrc/attention.cpp)")
+    num_queries, num_keys = query.shape[2], key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    dtype = query.dtype
+    if dtype in (mx.float16, mx.bfloat16):
+        # in float32, as the CPU's flash kernel accumulates: MLX's fused GPU kernels do, but
+        # its fallback composition (the CPU backend; masks MLX CUDA's kernels refuse) rounds
+        # the scores to half, 15x the CPU's error on OpInfo's samples
+        query, key, value = (x.astype(mx.float32) for x in (query, key, value))
+    mask = None
+    if attn_bias is not None:
+        mask = attn_bias if attn_bias.dtype in (mx.bool_, query.dtype) \
+            else attn_bias.astype(query.dtype)
+    if is_causal:
+        # torch's causal mask is aligned top-left (query i sees keys 0..i), MLX's "causal"
+        # bottom-right: the same only for square scores
+        causal = mx.arange(num_queries)[:, None] >= mx.arange(num_keys)[None, :]
+        if mask is None:
+            mask = "causal" if num_queries == num_keys else causal
+        elif mask.dtype == mx.bool_:
+            mask = mask & causal
+        else:
+            mask = mx.where(causal, mask, mx.array(-mx.inf, dtype=mask.dtype))
+    out = mx.fast.scaled_dot_product_attention(query, key, value, scale=scale, mask=mask)
+    if isinstance(mask, mx.array):
+        # a query row that may attend to no key gives zeros, as torch's math path
+        # (_safe_softmax) and its CPU flash kernel do, where a plain softmax gives NaN
+        allowed = mask if mask.dtype == mx.bool_ else mask > -mx.inf
+        out = mx.where(mx.any(allowed, axis=-1, keepdims=True), out, 0)
+    return (out.astype(dtype), _attention_logsumexp(query, key, scale, mask), None, None, num_queries,
+            num_keys, mx.array(0, dtype=mx.int64), mx.array(0, dtype=mx.int64), None)
+
+
+def _attention_logsumexp(query, key, scale, mask):
+    """log(sum(exp(scores))) over the keys, float32 [B, Hq, Lq]: what the backward of a fused
+    attention reads."""
+    batch, query_heads, num_queries, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.astype(mx.float32).reshape(batch, kv_heads, query_heads // kv_heads,
+                                         num_queries, dim)
+    scores = (q * scale) @ key.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    scores = scores.reshape(batch, query_heads, num_queries, -1)
+    if isinstance(mask, str):
+        mask = mx.arange(num_queries)[:, None] + (key.shape[2] - num_queries) \
+            >= mx.arange(key.shape[2])[None, :]
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ \
+            else scores + mask.astype(mx.float32)
+    return mx.logsumexp(scores, axis=-1)

@@ -333,9 +333,12 @@ def _number_tensors(op, margs, mkwargs, args, kwargs):
 def _wrap(result, spec, low: Lowering, buffers: list):
     """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype) spec."""
     if isinstance(result, (tuple, list)):
-        specs = spec if isinstance(spec, tuple) and spec and isinstance(spec[0], tuple) \
-            else [None] * len(result)
-        return type(result)(_wrap(r, m, low, buffers) for r, m in zip(result, specs))
+        meta_ran = isinstance(spec, tuple) and bool(spec) and isinstance(spec[0], tuple)
+        specs = spec if meta_ran else [None] * len(result)
+        # an output torch's meta kernel gives as a number (a SymInt in the schema) stays one
+        return type(result)(
+            r if meta_ran and m is None and type(r) is int else _wrap(r, m, low, buffers)
+            for r, m in zip(result, specs))
     if result is None:
         return None
     if not isinstance(result, mx.array):
