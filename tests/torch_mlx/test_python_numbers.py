@@ -43,6 +43,7 @@ NOT_ELEMENTWISE = {
     "matrix products (operands are matrices or vectors, not broadcast elementwise)": [
         "_addmm_activation", "addbmm", "addmm", "addmv", "addr", "baddbmm", "bmm", "dot", "mm",
         "mv", "vdot", "_cdist_forward", "_pdist_backward", "linalg_cross",
+        "_scaled_dot_product_fused_attention_overrideable",
     ],
     "linear algebra (solves and factorizations of matrices)": [
         "_cholesky_solve_helper", "_linalg_solve_ex", "linalg_householder_product",
