@@ -394,20 +394,18 @@ def test_sdpa_runs_mlx_fused_attention(hq, hkv, lq, lk, kwargs, dtype):
         kwargs["attn_mask"] = torch.ones(lq, lk, dtype=torch.bool)
         kwargs["attn_mask"][1] = False
     expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    args = (q.to("mlx"), k.to("mlx"), v.to("mlx"))
+    moved = {n: a.to("mlx") if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
 
     def on_mlx():
-        moved = {n: a.to("mlx") if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
-        return F.scaled_dot_product_attention(q.to("mlx"), k.to("mlx"), v.to("mlx"), **moved)
+        return F.scaled_dot_product_attention(*args, **moved)
 
-    got = on_mlx()
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
-    torch.testing.assert_close(got.cpu(), expected, **tol)
+    torch.testing.assert_close(on_mlx().cpu(), expected, **tol)
     assert "aten::_scaled_dot_product_fused_attention_overrideable" in _sdpa_ops(on_mlx)
     compiled = torch.compile(lambda *a, **kw: F.scaled_dot_product_attention(*a, **kw),
                              backend="mlx", dynamic=False)
-    moved = {n: a.to("mlx") if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
-    torch.testing.assert_close(compiled(q.to("mlx"), k.to("mlx"), v.to("mlx"), **moved).cpu(),
-                               expected, **tol)
+    torch.testing.assert_close(compiled(*args, **moved).cpu(), expected, **tol)
 
 
 def test_sdpa_keeps_the_math_path_for_gradients_dropout_and_when_asked():

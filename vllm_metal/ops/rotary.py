@@ -13,6 +13,8 @@ Two ways, chosen per module when vLLM builds it:
   covers every variant that only changes how that cache is computed. On MLX's CPU backend that
   is one torch_mlx kernel (csrc/fast_cpu.cpp) instead of a dozen graph nodes per call.
 """
+import functools
+
 import mlx.core as mx
 import torch
 from vllm.model_executor.layers import rotary_embedding
@@ -24,7 +26,7 @@ from torch_mlx.ops.registry import lowering
 from .library import cpu_backend, define
 
 rotary_embedding_op = define(
-    "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, Tensor? wavelengths, "
+    "rotary_embedding(Tensor positions, Tensor x, Tensor cos_sin_cache, float[]? wavelengths, "
     "int head_size, int rotary_dim, bool is_neox_style) -> Tensor",
     lambda positions, x, *args: torch.empty_like(x))
 
@@ -46,8 +48,8 @@ def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array, is_neox_style: bool)
 @lowering("vllm_metal::rotary_embedding")
 def rotary(positions, x, cos_sin_cache, wavelengths, head_size, rotary_dim, is_neox_style):
     """x [T, H * head_size] (or [T, H, head_size]): the first rotary_dim of each head rotated by
-    its token's angles. ``wavelengths`` (1 / inv_freq, [rotary_dim // 2]) where the cache is a
-    plain rotation, else None."""
+    its token's angles. ``wavelengths`` (1 / inv_freq, rotary_dim // 2 numbers) where the cache
+    is a plain rotation, else None."""
     if cpu_backend():
         positions = positions if positions.ndim == 1 else positions.flatten()
         return _C.rope(x, positions, cos_sin_cache, head_size, rotary_dim, is_neox_style)
@@ -55,7 +57,8 @@ def rotary(positions, x, cos_sin_cache, wavelengths, head_size, rotary_dim, is_n
         # each token a batch of its own whose offset is its position: one kernel
         heads = x.reshape(x.shape[0], -1, 1, head_size)
         out = mx.fast.rope(heads, rotary_dim, traditional=not is_neox_style, base=None,
-                           scale=1.0, offset=positions.flatten(), freqs=wavelengths)
+                           scale=1.0, offset=positions.flatten(),
+                           freqs=_wavelength_array(tuple(wavelengths)))
         return out.reshape(x.shape)
     cos_sin = mx.take(cos_sin_cache, positions.flatten(), axis=0)[:, None, :]
     half = rotary_dim // 2
@@ -67,7 +70,12 @@ def rotary(positions, x, cos_sin_cache, wavelengths, head_size, rotary_dim, is_n
     return rotated.reshape(x.shape)
 
 
-def plain_rotation_wavelengths(rope: RotaryEmbedding) -> torch.Tensor | None:
+@functools.lru_cache(maxsize=64)
+def _wavelength_array(wavelengths: tuple) -> mx.array:
+    return mx.array(wavelengths, dtype=mx.float32)
+
+
+def plain_rotation_wavelengths(rope: RotaryEmbedding) -> list[float] | None:
     """1 / inv_freq (float32, on the CPU) where ``rope``'s cos/sin cache is cos and sin of
     position * inv_freq with the module's own ``_compute_inv_freq``, within its dtype's
     rounding; None where it is anything else (scaled positions, scaled cos/sin, no cache)."""
@@ -82,12 +90,18 @@ def plain_rotation_wavelengths(rope: RotaryEmbedding) -> torch.Tensor | None:
             return None
         if inv_freq.shape != (rope.rotary_dim // 2,) or cache.shape[-1] != rope.rotary_dim:
             return None
-        angles = torch.outer(torch.arange(cache.shape[0], dtype=torch.float32), inv_freq)
+        # the first positions and an even sample of the rest (a million-position cache is GBs
+        # to recompute): a variant that scales positions or values differs on nearly every row
+        rows = cache.shape[0]
+        positions = torch.unique(torch.cat([torch.arange(min(rows, 4096)),
+                                            torch.linspace(0, rows - 1, 4096).long()]))
+        angles = torch.outer(positions.to(torch.float32), inv_freq)
         expected = torch.cat([angles.cos(), angles.sin()], dim=-1).to(cache.dtype)
         tol = 4 * torch.finfo(cache.dtype).eps
-        if not torch.allclose(cache.detach().cpu(), expected, rtol=0, atol=tol):
+        if not torch.allclose(cache.detach()[positions.to(cache.device)].cpu(), expected,
+                              rtol=0, atol=tol):
             return None
-        return 1.0 / inv_freq
+        return (1.0 / inv_freq).tolist()
 
 
 class MLXRotaryMixin:
@@ -95,12 +109,10 @@ class MLXRotaryMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # decided once, eagerly (never inside a torch.compile trace), on the cache's device (vLLM
-        # builds the model under a device context); a buffer moves with the module
-        wavelengths = plain_rotation_wavelengths(self)
-        if wavelengths is not None:
-            wavelengths = wavelengths.to(self.cos_sin_cache.device)
-        self.register_buffer("mlx_rope_wavelengths", wavelengths, persistent=False)
+        # decided once, eagerly (never inside a torch.compile trace). Numbers, not a buffer: a
+        # compiled graph keeps them as constants of the op, so a graph vLLM cached on disk runs
+        # in any process (a module buffer is looked up by name where the graph is loaded)
+        self.mlx_rope_wavelengths = plain_rotation_wavelengths(self)
 
     def forward_oot(self, positions: torch.Tensor, query: torch.Tensor,
                     key: torch.Tensor | None = None):
