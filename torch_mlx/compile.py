@@ -184,8 +184,9 @@ _PIPELINE = os.environ.get("TORCH_MLX_PIPELINE") == "1"
 def _constant_array(t: torch.Tensor) -> mx.array:
     if t.device.type == "mlx":
         return _C.to_mlx(t)
-    return mx.array(t.detach().to(torch.float32).numpy()).astype(registry.to_mx_dtype(t.dtype)) \
-        if t.dtype == torch.bfloat16 else mx.array(t.detach().numpy())
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: through float32, exactly
+        return mx.array(t.detach().float().numpy()).astype(mx.bfloat16)
+    return mx.array(t.detach().numpy())
 
 
 class MlxGraph(torch.nn.Module):
