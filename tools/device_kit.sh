@@ -43,6 +43,9 @@
 #                apart from host time); profile:async_sched runs vLLM's async scheduling with
 #                TORCH_MLX_ASYNC=1 (tools/profile_decode.py --async-scheduling); profile:hf profiles transformers' compiled generate
 #                (tools/profile_hf_generate.py: graph breaks, retraces, eager ops a step)
+#                profile:pyspy samples the host's stacks, Python and native (py-spy --native),
+#                of a batch-1 vllm_metal decode and of mlx-lm's, summarized by
+#                tools/pyspy_summary.py: which C++ functions of libmlx the launch spends in
 #   census       tools/graph_census.py: the MLX primitives of one decode step, vllm_metal vs mlx-lm
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
@@ -64,7 +67,8 @@ STAGE="$ROOT/.gpu"
 KIT=/tmp/kit                      # on the device: wheels, installed packages, build stamp
 PART_BYTES=60000000               # the first piece: leaves room for the tree in a 64 MiB carry
 WHEELS=(mlx==0.32.4 mlx-cuda-13==0.32.4 nanobind==3.1.0 mlx-lm==0.32.2 expecttest==0.3.0
-        pycountry==26.2.16)   # pycountry: mistral_common's tokenizer (an extra vLLM's walk skips)
+        pycountry==26.2.16    # pycountry: mistral_common's tokenizer (an extra vLLM's walk skips)
+        py-spy==0.4.3)        # profile:pyspy, the host's native stacks (libmlx's C++ frames)
 
 stage() {
   mkdir -p "$STAGE/dl" "$STAGE/a" "$STAGE/b"
@@ -265,7 +269,19 @@ run_item() {
       mode=${mode#:}; mode=${mode:-sync}
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
-      if [ "$mode" = hf ]; then  # transformers' compiled generate on "mlx" (bench's mlx_compiled)
+      if [ "$mode" = pyspy ]; then  # native stacks: vllm_metal's decode, then mlx-lm's
+        local spy="$KIT/site/bin/py-spy"
+        "$spy" record --native -r 1000 -f raw -o "$LOG/pyspy_vllm_metal.txt" -- \
+          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 512 \
+            --batch 1 --json "$LOG/profile_pyspy_b1.json" >>"$LOG/profile.log" 2>&1 || status=1
+        "$spy" record --native -r 1000 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
+          python3 -m mlx_lm generate --model "$model" --prompt "hello world" --max-tokens 2000 \
+            --ignore-chat-template >>"$LOG/profile.log" 2>&1 || status=1
+        for f in vllm_metal mlx_lm; do
+          python3 tools/pyspy_summary.py "$LOG/pyspy_$f.txt" --top 45 --focus async_eval \
+            --json "$LOG/pyspy_$f.json" >>"$LOG/profile.log" 2>&1 || status=1
+        done
+      elif [ "$mode" = hf ]; then  # transformers' compiled generate on "mlx" (bench's mlx_compiled)
         python3 tools/profile_hf_generate.py --model "$model" --tokens 32 \
           --json "$LOG/profile_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
       else
