@@ -16,7 +16,11 @@ from vllm.v1.core.kv_cache_utils import (_max_memory_usage_bytes_from_groups,
 from vllm.v1.worker.gpu_worker import Worker, init_worker_distributed_environment
 from vllm.v1.worker.worker_base import CompilationTimes
 
-from . import envs
+# vllm_metal's custom-op overrides, registered in this (the engine) process at the worker's
+# import, before any layer is built: check_and_update_config registers them only in the process
+# that made the config, and here the first thing to import them would otherwise be the first
+# layer's attention, after that layer's rotary embedding was built (and cached by get_rope)
+from . import envs, ops  # noqa: F401
 from .memory import check_fits_one_request, device_total_memory, kv_cache_budget
 from .model_runner import MetalModelRunner
 

@@ -57,12 +57,18 @@ def main(path, prompts):
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
     params = vllm.SamplingParams(max_tokens=16, min_tokens=16, temperature=0.0)
     outputs = llm.generate(prompts, params)
+    # the layers the engine process built: vllm_metal's overrides, registered there before the
+    # model is built (the first layer's rope is built before its attention imports the backend)
+    layers = llm.apply_model(lambda model: sorted({{
+        type(m).__name__ for m in model.modules()
+        if type(m).__name__.endswith(("RotaryEmbedding", "RMSNorm"))}}))[0]
     import psutil
     from vllm.platforms import current_platform
     print("RESULT", json.dumps({{
         "platform": type(current_platform).__name__,
         "start_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
         "children": [p.name() for p in psutil.Process().children(recursive=True)],
+        "layers": layers,
         "prompts": [list(o.prompt_token_ids) for o in outputs],
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
     }}))
@@ -87,6 +93,7 @@ def run_script(tmp_path, before, guarded, *args, timeout):
         entry=GUARDED if guarded else UNGUARDED))
     environ = {k: v for k, v in os.environ.items() if k != "VLLM_WORKER_MULTIPROC_METHOD"}
     environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model's function
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=timeout, env=environ, cwd=tmp_path)
 
@@ -109,6 +116,7 @@ def test_engine_process_in_any_start_order(model_dir, tmp_path, before):
     assert result["platform"] == "MetalPlatform"
     assert result["start_method"] == "spawn"
     assert any("EngineCore" in name for name in result["children"]), result["children"]
+    assert result["layers"] == ["MLXRMSNorm", "MLXRotaryEmbedding"], result["layers"]
     for prompt_ids, tokens in zip(result["prompts"], result["tokens"]):
         assert tokens == reference.greedy(path, prompt_ids, 16)[0]
 
