@@ -46,6 +46,8 @@
 #                profile:pyspy samples the host's stacks, Python and native (py-spy --native),
 #                of a batch-1 vllm_metal decode and of mlx-lm's, summarized by
 #                tools/pyspy_summary.py: which C++ functions of libmlx the launch spends in
+#   moe          tools/bench_moe.py (float32, then 4-bit): routed experts vs the dense MLP of equal
+#                active parameters at 1 and 32 sequences, on the GPU (needs .gpu/c held)
 #   census       tools/graph_census.py: the MLX primitives of one decode step, vllm_metal vs mlx-lm
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
@@ -298,6 +300,10 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
         done
       fi
       grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/profile.log" | tail -120 ;;
+    moe)  # issue 18's MoE speed goal on the GPU: one routed-experts layer vs the dense MLP
+      python3 tools/bench_moe.py --json "$LOG/moe.json" >"$LOG/moe.log" 2>&1 || status=1
+      python3 tools/bench_moe.py --bits 4 --json "$LOG/moe_q4.json" >>"$LOG/moe.log" 2>&1 || status=1
+      grep -vE '^(INFO|WARNING|DEBUG)' "$LOG/moe.log" | tail -40 ;;
     census)  # the MLX primitives of one decode step: vllm_metal's graph vs mlx-lm's, same model
       local cmodel=models/bench-llama-16x1536-bf16
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
