@@ -69,11 +69,23 @@ def _meta_val(x):
     return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
+_COPY_ = torch.ops.aten.copy_.default
+_INDEX_COPY = torch.ops.aten.index_copy.default
+
+
+def _input_write(node: fx.Node) -> bool:
+    """``copy_(input, value)``: how AOTAutograd leaves an input mutation in an inference graph
+    (keep_inference_input_mutations), the graph's last use of that input."""
+    return (node.op == "call_function" and node.target is _COPY_
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder")
+
+
 class _Supported(OperatorSupportBase):
     def is_node_supported(self, submodules, node: fx.Node) -> bool:
         if node.op != "call_function":
             return False
-        return _size_op(node.target) is not None or _node_lowering(node) is not None
+        return (_size_op(node.target) is not None or _node_lowering(node) is not None
+                or _input_write(node))
 
 
 def _const_to_mx(x):
@@ -192,7 +204,13 @@ def _constant_array(t: torch.Tensor) -> mx.array:
 class MlxGraph(torch.nn.Module):
     """A graph whose every node has a lowering, run as MLX: one ``mx.compile``d function, or,
     where some lowerings must run outside mx.compile (``compiled=False``), compiled segments and
-    those calls in one lazy MLX graph that is evaluated once."""
+    those calls in one lazy MLX graph that is evaluated once.
+
+    Input mutations (``copy_(input, value)``, AOTAutograd's form of an in-place op on an input
+    of an inference graph) write into the input's storage: ``copy_(x, index_copy(x, d, i, src))``
+    (transformers' static KV cache: ``keys.index_copy_(2, cache_position, k)``) as a scatter of
+    ``src`` into x's own buffer, O(rows written), inside the step's one evaluation; any other
+    value is written after the graph, as torch's copy_ (what AOTAutograd's epilogue would do)."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
@@ -203,29 +221,80 @@ class MlxGraph(torch.nn.Module):
         # tensor constants the trace lifted into the module (e.g. the -inf scalar torch's
         # attention makes of a boolean mask): MLX arrays once, fed to every run
         self.constants = {}
+        # input mutations: (placeholder index, value node) written after the graph, and the
+        # placeholders written in place (their index_copy is a scatter into the input's buffer)
+        self.write_backs: list[tuple[int, fx.Node]] = []
+        self.in_place: set[int] = set()
+        writes = {n.args[1]: n.args[0] for n in gm.graph.nodes if _input_write(n)}
         for node in gm.graph.nodes:
             if node.op == "get_attr" and isinstance(getattr(gm, node.target, None),
                                                     torch.Tensor):
                 self.constants[node] = _constant_array(getattr(gm, node.target))
             elif _is_size_node(node):
                 self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
+            elif _input_write(node):
+                if node.args[1] not in self._in_place_values:
+                    self.write_backs.append((self.placeholders.index(node.args[0]),
+                                             node.args[1]))
             elif node.op == "call_function":
-                self.steps.append(_Step(node, _node_lowering(node)))
+                step = _Step(node, _node_lowering(node))
+                if self._writes_in_place(node, writes.get(node)):
+                    step.fn, step.compiled = self._index_copy_into(node.args[0]), False
+                self.steps.append(step)
             elif node.op in ("call_module", "call_method", "get_attr"):
                 raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")
+        self.results = [*self._graph_outputs(), *(v for _, v in self.write_backs)]
+        self._inputs: tuple = ()  # the torch tensors of the call running now
+        self._late_writes: list = []  # in-place writes that fell back to a write after the graph
         if all(isinstance(s, fx.Node) or s.compiled for s in self.steps):
             self.parts = None
             self.compiled = mx.compile(self.run)
         else:
-            self.parts = _split(self.steps, self.output)
+            self.parts = _split(self.steps, self.results)
+
+    @property
+    def _in_place_values(self) -> set:
+        return {s.node for s in self.steps if not isinstance(s, fx.Node)
+                and s.node.target is _INDEX_COPY and not s.compiled}
+
+    def _graph_outputs(self) -> list:
+        outs = self.output.args[0]
+        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+
+    def _writes_in_place(self, node: fx.Node, written) -> bool:
+        """index_copy(x, ...) whose result is written back into the input x, x used by nothing
+        else: computed as a scatter into x's buffer."""
+        if node.target is not _INDEX_COPY or written is None or node.args[0] is not written:
+            return False
+        return all(u is node or _input_write(u) for u in written.users)
+
+    def _index_copy_into(self, placeholder: fx.Node):
+        index = self.placeholders.index(placeholder)
+        self.in_place.add(index)
+
+        def write(_, dim, idx, source):
+            target = self._inputs[index]
+            dim = dim % target.dim()
+            dtype = registry.to_mx_dtype(target.dtype)
+            # mx.scatter's updates: one slice of the target per index, the indexed axis kept
+            updates = mx.expand_dims(mx.moveaxis(source.astype(dtype), dim, 0), dim + 1)
+            result = None
+            if target.numel() and idx.size:
+                result = _C.scatter_in_place(target, [idx.reshape(-1)], updates, [dim])
+            if result is None:  # its buffer cannot be lent (shared, offset, ...): out of place
+                low = _lowering_of(_INDEX_COPY)
+                with _Tracing():  # no eager index check: the graph's semantics
+                    result = low.fn(_C.to_mlx(target), dim, idx, source)
+                self._late_writes.append((index, result))
+            return result
+        return write
 
     def run(self, *inputs):
         with _Tracing():
             env = {**self.constants, **dict(zip(self.placeholders, inputs))}
             for step in self.steps:
                 _execute(step, env)
-            outs = _value(self.output.args[0], env)
-        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            return _value(self.results, env)
 
     def run_parts(self, *inputs):
         env = {**self.constants, **dict(zip(self.placeholders, inputs))}
@@ -236,36 +305,47 @@ class MlxGraph(torch.nn.Module):
                 values = [v for v in _flatten(env.get(part.step.node)) if isinstance(v, mx.array)]
                 if values:
                     mx.async_eval(values)
-        outs = _outer_value(self.output.args[0], env)
-        return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        return _outer_value(self.results, env)
 
     def forward(self, *inputs):
         precision.ensure()  # fixes MLX's float32 GEMM mode before any trace (no eval inside)
         buffers = []
         mx_inputs = []
-        for t in inputs:
+        for i, t in enumerate(inputs):
             if isinstance(t, torch.Tensor):
                 if t.device.type != "mlx":
                     raise RuntimeError(f"torch_mlx.compile: graph input on {t.device}; the mlx "
                                        f"backend runs graphs whose tensors are on 'mlx'")
                 if t.numel():
                     buffers.append(_C.buffer_address(t))
-                mx_inputs.append(_C.to_mlx(t))
+                # an input written in place is not viewed: the view would share its buffer,
+                # which then could not be lent to the scatter
+                mx_inputs.append(None if i in self.in_place else _C.to_mlx(t))
             else:
                 mx_inputs.append(t)
-        if self.parts is not None:
-            outs = self.run_parts(*mx_inputs)
-        # Off the main thread (e.g. backward on torch's autograd thread) the same graph runs as
-        # uncompiled MLX ops: see registry.compile_allowed.
-        elif registry.compile_allowed():
-            outs = self.compiled(*mx_inputs)
-        else:
-            outs = self.run(*mx_inputs)
+        self._inputs, self._late_writes = inputs, []
+        try:
+            if self.parts is not None:
+                outs = self.run_parts(*mx_inputs)
+            # Off the main thread (e.g. backward on torch's autograd thread) the same graph runs
+            # as uncompiled MLX ops: see registry.compile_allowed.
+            elif registry.compile_allowed():
+                outs = self.compiled(*mx_inputs)
+            else:
+                outs = self.run(*mx_inputs)
+            late, self._late_writes = self._late_writes, []
+        finally:
+            self._inputs = ()
         # launched, not waited for: each output's storage waits (by default) or, with
         # TORCH_MLX_ASYNC=1, keeps the running array until the host needs its bytes, so
         # the eager ops after a forward (vLLM's logits and sampling) queue behind it
-        mx.async_eval([o for o in outs if isinstance(o, mx.array)])
-        return [self._to_torch(o, buffers) for o in outs]
+        mx.async_eval([o for o in outs if isinstance(o, mx.array)] + [r for _, r in late])
+        n = len(outs) - len(self.write_backs)
+        for (i, _), value in zip(self.write_backs, outs[n:]):
+            inputs[i].copy_(self._to_torch(value, buffers))
+        for i, value in late:
+            inputs[i].copy_(self._to_torch(value, buffers))
+        return [self._to_torch(o, buffers) for o in outs[:n]]
 
     @staticmethod
     def _to_torch(out, input_buffers):
@@ -384,7 +464,7 @@ def _step_node(step) -> fx.Node:
     return step if isinstance(step, fx.Node) else step.node
 
 
-def _split(steps, output: fx.Node) -> list:
+def _split(steps, results: list) -> list:
     position = {_step_node(s): i for i, s in enumerate(steps)}
     parts, run = [], []
     for step in steps:
@@ -400,7 +480,7 @@ def _split(steps, output: fx.Node) -> list:
     if run:
         parts.append(_Segment(run, position))
     # what each part needs from the earlier ones decides what a segment returns
-    needs_after: set = _leaves(output.all_input_nodes)
+    needs_after: set = _leaves(_nodes_in(results))
     for part in reversed(parts):
         if isinstance(part, _Segment):
             part.outputs = [s.node for s in part.steps if s.node in needs_after]
@@ -413,6 +493,12 @@ def _split(steps, output: fx.Node) -> list:
         else:
             needs_after = (needs_after - {part.step.node}) | part.needs
     return parts
+
+
+def _nodes_in(value) -> list:
+    found = []
+    fx.node.map_arg(value, found.append)
+    return found
 
 
 def _returns_arrays(meta) -> bool:
@@ -481,18 +567,35 @@ def _with_tuple_output(gm: fx.GraphModule, example_inputs):
     return call
 
 
-def mlx_backend(gm: fx.GraphModule, example_inputs):
+# torch.compile's modes tune inductor; an MLX graph is one mx.compile function either way (and
+# MLX's CUDA backend already launches its kernels as CUDA graphs, what "reduce-overhead" asks
+# for). Accepted, so code written for inductor (transformers' CompileConfig defaults to
+# "reduce-overhead") runs unchanged; any other mode is an error, as in inductor.
+_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def mlx_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     """The ``torch.compile(backend="mlx")`` entry point."""
+    if mode not in _MODES:
+        raise RuntimeError(f"Unrecognized mode={mode}, should be one of: "
+                           f"{', '.join(m for m in _MODES if m)}")
+    if options:
+        raise RuntimeError(f"torch.compile(backend='mlx') takes no options (inductor's config "
+                           f"keys); got {sorted(options)}")
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     if not isinstance(output.args[0], (tuple, list)):
         return _with_tuple_output(gm, example_inputs)
     # AOTAutograd's on-disk cache stores inductor output code only; MLX graphs are rebuilt.
     # Ops that mutate arguments become auto_functionalized(op, **kwargs) (v1: mutated arguments
-    # are passed as they are; v2 passes their bases and view metadata).
+    # are passed as they are; v2 passes their bases and view metadata). An inference graph
+    # keeps its input mutations as trailing copy_(input, value) nodes, which MlxGraph writes
+    # in place (a KV cache's index_copy_ as a scatter into its buffer) instead of AOTAutograd
+    # copying each mutated input whole after the graph.
     with torch._functorch.config.patch(enable_autograd_cache=False), \
             torch._inductor.config.patch(enable_auto_functionalized_v2=False):
         return aot_autograd(fw_compiler=compile_fx_graph, bw_compiler=compile_fx_graph,
-                            decompositions=_decompositions())(gm, example_inputs)
+                            decompositions=_decompositions(),
+                            keep_inference_input_mutations=True)(gm, example_inputs)
 
 
 # Also reachable lazily through the `torch_dynamo_backends` entry point (setup.py), so

@@ -27,6 +27,16 @@ def test_elementwise_and_views_with_changing_shapes():
         _same(g(x, y), f(x, y))
 
 
+def test_inductor_modes_are_accepted_and_others_refused():
+    f = torch.compile(lambda x: x * 2 + 1, backend="mlx", mode="reduce-overhead")
+    x = torch.randn(3).to("mlx")
+    torch.testing.assert_close(f(x).cpu(), x.cpu() * 2 + 1)
+    with pytest.raises(Exception, match="Unrecognized mode=fastest"):
+        torch.compile(lambda x: x + 1, backend="mlx", mode="fastest")(x)
+    with pytest.raises(Exception, match="takes no options"):
+        torch.compile(lambda x: x + 1, backend="mlx", options={"max_autotune": True})(x)
+
+
 def test_graph_returning_a_bare_tensor_or_a_dict():
     # dynamo's graphs return tuples; graphs handed over by other callers (vLLM's piecewise
     # backend) may return one tensor or another pytree, which AOTAutograd refuses as it is
@@ -198,3 +208,66 @@ def test_assignment_into_a_slice_is_lowered():
     finally:
         mlx_compile.compile_fx_graph = original
     assert seen == []
+
+
+class _ScatterSpy:
+    """torch_mlx._C with scatter_in_place counted: lent (in place) or refused (None)."""
+
+    def __init__(self, c):
+        self._c, self.lent, self.refused = c, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def scatter_in_place(self, *args):
+        result = self._c.scatter_in_place(*args)
+        if result is None:
+            self.refused += 1
+        else:
+            self.lent += 1
+        return result
+
+
+def test_input_mutations_are_written_into_the_inputs(monkeypatch):
+    # transformers' static KV cache: keys.index_copy_(2, positions, k) on a graph input, then
+    # attention over the whole cache. Under no_grad AOTAutograd keeps the mutation in the graph;
+    # the index_copy becomes a scatter into the cache's own buffer (O(rows written)), a counter
+    # incremented in place is written after the graph as torch's copy_ would
+    spy = _ScatterSpy(torch_mlx.compile._C)
+    monkeypatch.setattr(torch_mlx.compile, "_C", spy)
+
+    def step(cache, counter, positions, new):
+        cache.index_copy_(2, positions, new)
+        counter.add_(positions.numel())
+        return (cache * 2).sum(dim=-1)
+
+    g = torch.compile(step, backend="mlx")
+    torch.manual_seed(0)
+    cache_cpu, counter_cpu = torch.zeros(1, 2, 16, 8), torch.zeros((), dtype=torch.long)
+    cache, counter = cache_cpu.to("mlx"), counter_cpu.to("mlx")
+    address = cache.data_ptr()
+    with torch.no_grad():
+        for start, n in ((0, 5), (5, 1), (6, 1), (7, 3)):
+            positions = torch.arange(start, start + n)
+            new = torch.randn(1, 2, n, 8)
+            expected = step(cache_cpu, counter_cpu, positions, new)
+            out = g(cache, counter, positions.to("mlx"), new.to("mlx"))
+            torch.testing.assert_close(out.cpu(), expected)
+            torch.testing.assert_close(cache.cpu(), cache_cpu)
+            assert counter.item() == counter_cpu.item()
+    assert cache.data_ptr() == address
+    assert spy.lent == 4 and spy.refused == 0
+
+    # a cache that cannot lend its buffer (a view into a larger storage): the same values,
+    # written after the graph
+    base = torch.zeros(2, 2, 16, 8).to("mlx")
+    view, view_cpu = base[1:], torch.zeros(1, 2, 16, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        positions, new = torch.arange(3, 6), torch.randn(1, 2, 3, 8)
+        expected = step(view_cpu, counter_cpu.clone(), positions, new)
+        out = g(view, counter.clone(), positions.to("mlx"), new.to("mlx"))
+    torch.testing.assert_close(out.cpu(), expected)
+    torch.testing.assert_close(view.cpu(), view_cpu)
+    assert not base[0].cpu().any()
+    assert spy.refused == 1

@@ -80,6 +80,28 @@ def test_llama_greedy_generation_matches_cpu():
     assert actual.cpu().tolist() == expected.tolist()
 
 
+def test_llama_compiled_static_cache_generation_matches_cpu():
+    """transformers' compiled decoding (a static KV cache, one captured graph a step) on
+    torch.compile(backend="mlx"): the cache's index_copy_ is written inside the graph; two
+    generations in a row check that the cache is reset and reused."""
+    from transformers.generation import CompileConfig
+
+    model = _tiny_llama("sdpa")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    prompt = _inputs(model.config.vocab_size, batch=1, length=8)
+    config = CompileConfig(backend="mlx")  # mode "reduce-overhead", fullgraph, not dynamic
+    config._compile_all_devices = True  # transformers compiles on its own list of devices only
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(**prompt, **kwargs)
+        device_model = copy.deepcopy(model).to("mlx")
+        for _ in range(2):
+            actual = device_model.generate(**_on("mlx", prompt), cache_implementation="static",
+                                           compile_config=config, **kwargs)
+            assert actual.cpu().tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_bert_model_outputs_match_cpu(attn_implementation):
     model = _tiny_bert(attn_implementation)
