@@ -128,6 +128,19 @@ def test_rotary_embeddings_gpu_path(index, dtype, monkeypatch):
     assert_close(got_k, want_k)
 
 
+@pytest.mark.parametrize("rows", [4096, 10000])
+def test_rope_check_under_a_bfloat16_default_dtype(rows):
+    # vLLM builds a model's layers with torch's default dtype set to the model's: the check's
+    # sampled positions must not take it (a bfloat16 linspace rounds 4095 up to 4096)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        rope = RotaryEmbedding(64, 64, rows, 10000.0, True, torch.float32)
+    finally:
+        torch.set_default_dtype(default)
+    assert rope.mlx_rope_wavelengths is not None and len(rope.mlx_rope_wavelengths) == 32
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("make", [SiluAndMul, lambda: GeluAndMul("none"),
                                   lambda: GeluAndMul("tanh")])

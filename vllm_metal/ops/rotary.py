@@ -92,9 +92,12 @@ def plain_rotation_wavelengths(rope: RotaryEmbedding) -> list[float] | None:
             return None
         # the first positions and an even sample of the rest (a million-position cache is GBs
         # to recompute): a variant that scales positions or values differs on nearly every row
+        # (explicit dtypes: vLLM builds layers under the model's default dtype, and a bfloat16
+        # linspace rounds 4095 to 4096)
         rows = cache.shape[0]
-        positions = torch.unique(torch.cat([torch.arange(min(rows, 4096)),
-                                            torch.linspace(0, rows - 1, 4096).long()]))
+        positions = torch.unique(torch.cat([
+            torch.arange(min(rows, 4096), dtype=torch.long),
+            torch.linspace(0, rows - 1, 4096, dtype=torch.float64).long()]))
         angles = torch.outer(positions.to(torch.float32), inv_freq)
         expected = torch.cat([angles.cos(), angles.sin()], dim=-1).to(cache.dtype)
         tol = 4 * torch.finfo(cache.dtype).eps
