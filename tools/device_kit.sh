@@ -272,14 +272,20 @@ run_item() {
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
       if [ "$mode" = pyspy ]; then  # native stacks: vllm_metal's decode, then mlx-lm's
-        local spy="$KIT/site/bin/py-spy"
-        "$spy" record --native -r 1000 -f raw -o "$LOG/pyspy_vllm_metal.txt" -- \
-          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 512 \
+        # py-spy on its own (installed with the other wheels its binary did not land in
+        # site/bin); 50 samples a second: unwinding native stacks through libmlx and the CUDA
+        # libraries is slow, and at 1000 a second the sampler fell minutes behind (eighth visit)
+        [ -x "$KIT/spy/bin/py-spy" ] || python3 -m pip install -q --no-index --no-deps \
+          --target "$KIT/spy" "$KIT"/wheels/py_spy-*.whl
+        local spy="$KIT/spy/bin/py-spy"
+        timeout 200 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_vllm_metal.txt" -- \
+          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 256 \
             --batch 1 --json "$LOG/profile_pyspy_b1.json" >>"$LOG/profile.log" 2>&1 || status=1
-        "$spy" record --native -r 1000 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
-          python3 -m mlx_lm generate --model "$model" --prompt "hello world" --max-tokens 2000 \
+        timeout 120 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
+          python3 -m mlx_lm generate --model "$model" --prompt "hello world" --max-tokens 1000 \
             --ignore-chat-template >>"$LOG/profile.log" 2>&1 || status=1
         for f in vllm_metal mlx_lm; do
+          [ -f "$LOG/pyspy_$f.txt" ] || continue
           python3 tools/pyspy_summary.py "$LOG/pyspy_$f.txt" --top 45 --focus async_eval \
             --json "$LOG/pyspy_$f.json" >>"$LOG/profile.log" 2>&1 || status=1
         done
