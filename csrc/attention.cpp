@@ -30,11 +30,14 @@ bool fused_fits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   auto dtype = q.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   if (k.scalar_type() != dtype || v.scalar_type() != dtype) return false;
-  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) return false;
-  if (q.size(0) != k.size(0) || k.size(0) != v.size(0)) return false;  // no batch broadcast
-  if (q.size(3) != k.size(3) || k.size(2) != v.size(2) || k.size(1) != v.size(1)) return false;
+  // sym_ sizes: under torch.compile with dynamic shapes the fake tensors' sizes are symbolic
+  // (plain numel()/size() throw there); each comparison becomes a guard of the graph
+  auto qs = q.sym_sizes(), ks = k.sym_sizes(), vs = v.sym_sizes();
+  if (q.sym_numel() == 0 || k.sym_numel() == 0 || v.sym_numel() == 0) return false;
+  if (qs[0] != ks[0] || ks[0] != vs[0]) return false;  // no batch broadcast
+  if (qs[3] != ks[3] || ks[2] != vs[2] || ks[1] != vs[1]) return false;
   // grouped-query attention: MLX shares each key/value head among its query heads
-  if (q.size(1) != k.size(1) && !(enable_gqa && q.size(1) % k.size(1) == 0)) return false;
+  if (qs[1] != ks[1] && !(enable_gqa && qs[1] % ks[1] == 0)) return false;
   if (mask.has_value()) {
     const auto& m = *mask;
     if (m.dim() > 4) return false;

@@ -243,7 +243,10 @@ class MlxGraph(torch.nn.Module):
                 self.steps.append(step)
             elif node.op in ("call_module", "call_method", "get_attr"):
                 raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")
-        self.results = [*self._graph_outputs(), *(v for _, v in self.write_backs)]
+        # an output that is a written input (copy_ returns its destination) is the value written
+        outputs = fx.node.map_arg(self._graph_outputs(),
+                                  lambda n: n.args[1] if _input_write(n) else n)
+        self.results = [*outputs, *(v for _, v in self.write_backs)]
         self._inputs: tuple = ()  # the torch tensors of the call running now
         self._late_writes: list = []  # in-place writes that fell back to a write after the graph
         if all(isinstance(s, fx.Node) or s.compiled for s in self.steps):

@@ -258,6 +258,20 @@ def test_input_mutations_are_written_into_the_inputs(monkeypatch):
     assert cache.data_ptr() == address
     assert spy.lent == 4 and spy.refused == 0
 
+    # a graph that returns the mutated input itself
+    def step_returning_cache(cache, positions, new):
+        cache.index_copy_(2, positions, new)
+        return cache, cache.sum()
+
+    h = torch.compile(step_returning_cache, backend="mlx")
+    with torch.no_grad():
+        positions, new = torch.arange(10, 12), torch.randn(1, 2, 2, 8)
+        expected = step_returning_cache(cache_cpu, positions, new)
+        out = h(cache, positions.to("mlx"), new.to("mlx"))
+    torch.testing.assert_close(out[0].cpu(), expected[0])
+    torch.testing.assert_close(out[1].cpu(), expected[1])
+    torch.testing.assert_close(cache.cpu(), cache_cpu)
+
     # a cache that cannot lend its buffer (a view into a larger storage): the same values,
     # written after the graph
     base = torch.zeros(2, 2, 16, 8).to("mlx")
@@ -271,3 +285,24 @@ def test_input_mutations_are_written_into_the_inputs(monkeypatch):
     torch.testing.assert_close(view.cpu(), view_cpu)
     assert not base[0].cpu().any()
     assert spy.refused == 1
+
+
+def test_attention_under_dynamic_shapes():
+    # torch asks the device which attention backend to use with fake tensors whose sizes are
+    # symbolic (dynamic=True, or dynamo's automatic dynamic shapes once a length changes: a
+    # growing KV cache); the answer must come from symbolic sizes, not fail on them
+    import torch.nn.functional as F
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    g = torch.compile(attend, backend="mlx", dynamic=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for length in (5, 9, 12):
+            q = torch.randn(1, 4, 1, 16)
+            k, v = torch.randn(1, 2, length, 16), torch.randn(1, 2, length, 16)
+            mask = torch.rand(1, 1, 1, length) > 0.3
+            mask[..., 0] = True
+            got = g(*(t.to("mlx") for t in (q, k, v, mask)))
+            torch.testing.assert_close(got.cpu(), attend(q, k, v, mask), atol=1e-5, rtol=1e-5)
