@@ -122,11 +122,13 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             outputs.append(_C.paged_decode_attention(
                 decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
                 self.sliding_window, self.head_size))
-        elif md.num_decodes and not written_out:
-            block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
-            mask = md.decode_mask(self.sliding_window) if md.num_decodes > 1 else None
+        elif md.num_decodes == 1 and not written_out:
+            # one request: MLX's fused kernel over its keys. Several need the decode mask, and
+            # MLX CUDA's masked attention then launches and runs slower than the written-out
+            # path (tools/gpu_encode_cost.py on the H100, 32 requests: 58 + 179 us a layer
+            # against 44 + 115; one request: 11 + 13 against 46 + 6)
             outputs.append(fused_decode_attention(
-                decode_query, cache, block_table, md.seq_lens[: md.num_decodes], mask,
+                decode_query, cache, md.block_table[:1, : md.decode_blocks], int(md.seq_lens[0]),
                 self.scale, self.head_size, self.sliding_window))
         elif md.num_decodes:
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]

@@ -117,21 +117,17 @@ def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, ma
 
 
 def fused_decode_attention(query: mx.array, cache: mx.array, block_table: mx.array,
-                           seq_lens, mask: mx.array | None, scale: float, head_size: int,
+                           seq_len: int, scale: float, head_size: int,
                            window: int | None) -> mx.array:
-    """decode_attention through mx.fast.scaled_dot_product_attention, the GPU's way: MLX's fused
-    decode kernel where it has one, in place of the written-out scale, two products, mask,
+    """One request's decode_attention through mx.fast.scaled_dot_product_attention, the GPU's
+    way: MLX's fused decode kernel in place of the written-out scale, two products, mask,
     softmax and cast (each a kernel the host encodes: a small model's decode step on a GPU is
-    bound by that, tools/gpu_encode_cost.py). query [R, Hq, D]; seq_lens [R] on the host; mask
-    from decode_mask, used when R > 1 (one request's keys are cut to its length and window
-    instead). Returns [R, Hq, Dv]."""
-    keys, values = gather_kv(cache, block_table, head_size)  # [R, H, S, D]
-    if len(seq_lens) == 1:
-        end = int(seq_lens[0])
-        start = max(0, end - window) if window is not None else 0
-        keys, values, mask = keys[..., start:end, :], values[..., start:end, :], None
-    out = mx.fast.scaled_dot_product_attention(query[:, :, None, :], keys, values, scale=scale,
-                                               mask=mask)
+    bound by that, tools/gpu_encode_cost.py). query [1, Hq, D]; block_table [1, blocks]; the
+    keys are cut to the request's length and window, so no mask. Returns [1, Hq, Dv]."""
+    keys, values = gather_kv(cache, block_table, head_size)  # [1, H, S, D]
+    start = max(0, seq_len - window) if window is not None else 0
+    keys, values = keys[..., start:seq_len, :], values[..., start:seq_len, :]
+    out = mx.fast.scaled_dot_product_attention(query[:, :, None, :], keys, values, scale=scale)
     return out[:, :, 0, :]
 
 
