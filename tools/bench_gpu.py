@@ -160,7 +160,8 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder (made if missing)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
-                        help="comma-separated; also vllm_metal_eager, vllm_metal_async "
+                        help="comma-separated; also mlx_compiled_async (TORCH_MLX_ASYNC=1), "
+                             "vllm_metal_eager, vllm_metal_async "
                              "(TORCH_MLX_ASYNC=1), vllm_metal_async_sched (vLLM's async "
                              "scheduling with TORCH_MLX_ASYNC=1)")
     args = parser.parse_args()
@@ -175,6 +176,9 @@ def main() -> int:
         "torch_cuda": TRANSFORMERS.format(device="cuda", mode="eager", **fmt),
         "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
+        # transformers' eager ops around the compiled step (~500 a step) launched unwaited
+        "mlx_compiled_async": TRANSFORMERS.format(device="mlx", mode="compiled",
+                                                  **dict(fmt, batch=0)),
         "vllm_metal": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
         "vllm_metal_eager": VLLM_METAL.format(eager=True, async_sched=False, **fmt),
         # eager ops launched without waiting for the GPU (csrc/launch.h)
@@ -183,6 +187,7 @@ def main() -> int:
         "vllm_metal_async_sched": VLLM_METAL.format(eager=False, async_sched=True, **fmt),
     }
     env = {"vllm_metal_async": {"TORCH_MLX_ASYNC": "1"},
+           "mlx_compiled_async": {"TORCH_MLX_ASYNC": "1"},
            "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     for name in args.engines.split(","):
@@ -203,7 +208,8 @@ def main() -> int:
     if "batch1_tok_s" in peer:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
-                            for k in ("mlx_eager", "mlx_compiled", "torch_cuda", "vllm_metal",
+                            for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_async",
+                                      "torch_cuda", "vllm_metal",
                                       "vllm_metal_eager", "vllm_metal_async",
                                       "vllm_metal_async_sched")
                             if "batch1_tok_s" in result.get(k, {})}
