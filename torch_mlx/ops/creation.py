@@ -23,7 +23,11 @@ def _is_float_dtype(dtype) -> bool:
     return mx.issubdtype(dtype, mx.floating)
 
 
-@lowering("full")
+# full and arange: compiled graphs only. Eagerly torch's composites run them over the native
+# empty + fill_ and arange.start_out below: host fills of the unified memory (as every eager
+# fill and copy is, csrc/memory_ops.cpp), where an MLX kernel would cost the host a launch and,
+# on a GPU, a wait (tens of microseconds; transformers' generate makes ~20 aranges a step).
+@lowering("full", eager=False)
 def full(size, fill_value, dtype=None, layout=None, device=None, pin_memory=None):
     # the meta kernel's dtype (bool, int64 or the default float for a number) is applied after
     return mx.full([int(s) for s in size], fill_value, dtype=dtype)
@@ -47,7 +51,7 @@ def eye(n, m=None, dtype=None, layout=None, device=None, pin_memory=None):
     return mx.eye(int(n), int(n if m is None else m), dtype=_dtype_or_default(dtype))
 
 
-@lowering("arange.start_step")
+@lowering("arange.start_step", eager=False)
 def arange(start, end, step=1, dtype=None, layout=None, device=None, pin_memory=None):
     """start + step * i as torch's CPU kernel computes it: in the accumulation type (int64 for
     integral dtypes, which truncates float arguments; double for float32, float32 for half)."""
@@ -68,10 +72,11 @@ def arange(start, end, step=1, dtype=None, layout=None, device=None, pin_memory=
 
 @torch_kernel("arange.start_out")
 def arange_out(start, end, step=1, *, out):
-    """What torch.arange(..., device="mlx") reaches (arange is composite over this overload)."""
-    result = torch.ops.aten.arange.start_step(start, end, step, dtype=out.dtype, device=out.device)
-    torch._refs._maybe_resize_out(out, result.shape)
-    return out.copy_(result)
+    """What torch.arange(..., device="mlx") reaches (arange is composite over this overload):
+    torch's CPU kernel, copied into the unified memory (a native host copy)."""
+    values = torch.arange(start, end, step, dtype=out.dtype)
+    torch._refs._maybe_resize_out(out, values.shape)
+    return out.copy_(values)
 
 
 def _linspace_float(start, end, steps, dtype):
