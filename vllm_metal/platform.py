@@ -179,6 +179,11 @@ class MetalPlatform(Platform):
         triton_off()  # in this (the front-end) process; the worker does the same at its start
 
         enable_for_checkpoint(vllm_config)
+        if isinstance(vllm_config.additional_config, dict):
+            # part of VllmConfig.compute_hash, which keys vLLM's on-disk AOT-compiled forwards
+            from .compiler import source_hash
+
+            vllm_config.additional_config.setdefault("vllm_metal_source", source_hash())
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:

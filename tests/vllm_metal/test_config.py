@@ -150,9 +150,28 @@ def test_block_size_comes_from_the_environment(monkeypatch, model_dir):
     assert config.cache_config.block_size == 32
     assert config.parallel_config.worker_cls == "vllm_metal.worker.MetalWorker"
     assert config.compilation_config.cudagraph_mode.name == "NONE"
+    # vLLM's on-disk compiled forwards are keyed by the config: the plugin's code is part of it
+    from vllm_metal.compiler import source_hash
+    assert config.additional_config["vllm_metal_source"] == source_hash()
     assert llm.collective_rpc(lambda worker: worker.model_runner.kv_caches[0].shape[2])[0] == 32
     del llm
     gc.collect()
+
+
+def test_compile_cache_key_follows_the_code(tmp_path):
+    from vllm_metal.compiler import tree_digest
+
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    module = tmp_path / "pkg" / "ops.py"
+    module.write_text("x = 1\n")
+    first = tree_digest([str(tmp_path / "pkg")], "mlx 1")
+    (tmp_path / "pkg" / "__pycache__" / "ops.cpython-311.pyc").write_bytes(b"bytecode")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    assert tree_digest([str(tmp_path / "pkg")], "mlx 1") == first
+    module.write_text("x = 2\n")
+    assert tree_digest([str(tmp_path / "pkg")], "mlx 1") != first
+    module.write_text("x = 1\n")
+    assert tree_digest([str(tmp_path / "pkg")], "mlx 2") != first
 
 
 def test_auto_dtype_of_a_float32_checkpoint_follows_the_mlx_device(model_dir):
