@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -46,6 +47,23 @@ void note_launch(const mx::array& arr) {
   }
   g_launched_arrays.push_back(arr);
 }
+
+// Host time spent evaluating eager results (sync mode: launch and wait, one per op) and waiting
+// for launched work (host reads): what a profile of a decode step attributes to "host" but is
+// the host waiting for MLX (tools/profile_decode.py reads it through _C.host_wait_stats).
+std::atomic<uint64_t> g_eval_count{0}, g_eval_ns{0}, g_wait_count{0}, g_wait_ns{0};
+
+struct Timed {
+  std::atomic<uint64_t>& count;
+  std::atomic<uint64_t>& ns;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  ~Timed() {
+    count.fetch_add(1, std::memory_order_relaxed);
+    ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                     std::chrono::steady_clock::now() - start).count(),
+                 std::memory_order_relaxed);
+  }
+};
 
 // Waits with the GIL released when this thread holds it: MLX's stream thread, finishing a task,
 // drops its inputs, and the last reference to a torch storage (bridge.cpp's deleter) takes the
@@ -96,9 +114,20 @@ bool launch(mx::array& arr) {
       return true;
     }
   }
+  Timed timed{g_eval_count, g_eval_ns};
   mx::eval(arr);
   without_gil([&] { arr.wait(); });
   return false;
+}
+
+HostWaitStats host_wait_stats(bool reset) {
+  auto take = [reset](std::atomic<uint64_t>& a) { return reset ? a.exchange(0) : a.load(); };
+  HostWaitStats stats;
+  stats.evals = take(g_eval_count);
+  stats.eval_seconds = take(g_eval_ns) * 1e-9;
+  stats.waits = take(g_wait_count);
+  stats.wait_seconds = take(g_wait_ns) * 1e-9;
+  return stats;
 }
 
 void wait_for_launches() {
@@ -108,6 +137,7 @@ void wait_for_launches() {
       std::lock_guard<std::mutex> lock(g_launched_mutex);
       launched.swap(g_launched_arrays);
     }
+    Timed timed{g_wait_count, g_wait_ns};
     without_gil([&] {
       for (auto& a : launched) a.wait();
     });
@@ -127,6 +157,7 @@ void* host_data(const c10::Storage& storage) {
   if (ctx.buffer.ptr() == nullptr) return storage.mutable_data();
   settle_write(ctx);
   if (ctx.producer) {  // the storage's own writer, whichever stream it ran on
+    Timed timed{g_wait_count, g_wait_ns};
     without_gil([&] { ctx.producer->wait(); });
   }
   ctx.producer.reset();

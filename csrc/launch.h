@@ -33,6 +33,13 @@ bool launch(mlx::core::array& arr);
 // Waits for all GPU work launched by launch(); call before the host touches "mlx" memory.
 void wait_for_launches();
 
+// Host time in eager evaluations (sync mode) and in waits for launched work, since the last reset.
+struct HostWaitStats {
+  uint64_t evals = 0, waits = 0;
+  double eval_seconds = 0, wait_seconds = 0;
+};
+HostWaitStats host_wait_stats(bool reset);
+
 // The address torch's DataPtr holds for a buffer.
 void* buffer_address(mlx::core::allocator::Buffer buffer);
 

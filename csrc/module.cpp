@@ -8,6 +8,7 @@
 #include <mlx/array.h>
 #include <mlx/memory.h>
 
+#include "launch.h"
 #include "adapter.h"
 #include "bridge.h"
 #include "errors.h"
@@ -130,6 +131,16 @@ NB_MODULE(_C, m) {
     return 0;
   });
 #endif
+
+  m.def(
+      "host_wait_stats",
+      [](bool reset) {
+        HostWaitStats s = host_wait_stats(reset);
+        return nb::make_tuple(s.evals, s.eval_seconds, s.waits, s.wait_seconds);
+      },
+      nb::arg("reset") = false,
+      "(eager evaluations, their seconds, host waits for launched work, their seconds) since "
+      "the last reset: host time that is the host waiting for MLX.");
 
   m.def("array_data_address", [](const mx::array& a) {
     return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());

@@ -132,9 +132,13 @@ def main():
     if args.ops:
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         profiler.__enter__()
+    from torch_mlx import _C
+
+    _C.host_wait_stats(True)
     start = time.perf_counter()
     llm.generate([prompt] * args.batch, params, use_tqdm=False)
     wall = time.perf_counter() - start
+    evals, eval_s, waits, wait_s = _C.host_wait_stats(True)
     if profiler is not None:
         profiler.__exit__(None, None, None)
 
@@ -155,6 +159,11 @@ def main():
               "build_ms": ms.get("build", 0.0), "segments_ms": ms.get("segments", 0.0),
               "uncompiled_ms": ms.get("uncompiled", 0.0), "launch_ms": ms.get("launch", 0.0),
               "device_wait_ms": ms.get("device_wait", 0.0),
+              # results evaluated and waited for one by one (TORCH_MLX_ASYNC=0: eager ops and a
+              # compiled forward's outputs, the device's time included), and host waits for
+              # launched work (host reads): the host waiting for MLX, all threads
+              "eager_evals_per_step": evals / steps, "eager_eval_ms": eval_s / steps * 1e3,
+              "host_waits_per_step": waits / steps, "host_wait_ms": wait_s / steps * 1e3,
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
     print(f"batch {args.batch} ({mode}{', async scheduling' if args.async_scheduling else ''}, "
           f"TORCH_MLX_ASYNC={result['torch_mlx_async']}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
@@ -176,6 +185,10 @@ def main():
         print(f"  device wait after forward and sampling {ms.get('device_wait', 0.0):7.2f} ms")
     print(f"  mx.eval (waits for MLX, inside the parts above) {ms.get('eval', 0.0):7.2f} ms "
           f"({result['calls_per_step'].get('eval', 0):.1f} calls)")
+    print(f"  results evaluated and waited for one by one (eager ops, the forward's outputs; "
+          f"the device's time included) {result['eager_eval_ms']:7.2f} ms "
+          f"({result['eager_evals_per_step']:.1f} a step); host waits for launched work "
+          f"{result['host_wait_ms']:7.2f} ms ({result['host_waits_per_step']:.1f} a step)")
     if profiler is not None:
         # top-level ops only: an op's own callees (aten::copy_ inside aten::to) are its cost
         counts: dict[str, int] = collections.Counter()

@@ -73,3 +73,29 @@ def test_gradients_on_the_autograd_thread():
                            "-k", "test_gradients_match_cpu"],
                           env=ASYNC_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]  # rc 5: none ran
+
+
+def test_host_wait_stats_count_what_the_host_waits_for():
+    # profile_decode's split of host time: results evaluated one by one (the default mode: each
+    # eager op) and, with TORCH_MLX_ASYNC=1, host waits for launched work (reads)
+    code = PRELUDE + """
+x = torch.ones(1000, device="mlx")
+_C.host_wait_stats(True)
+for _ in range(5):
+    x = x * 2
+x.cpu()
+print(*_C.host_wait_stats(True))
+print(*_C.host_wait_stats(False))
+"""
+    runs = {}
+    for mode in ("0", "1"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(ASYNC_ENV, TORCH_MLX_ASYNC=mode), timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        first, after_reset = [line.split() for line in done.stdout.split("\n")[:2]]
+        assert [float(v) for v in after_reset] == [0, 0, 0, 0]
+        runs[mode] = (int(first[0]), float(first[1]), int(first[2]), float(first[3]))
+    evals, eval_s, waits, wait_s = runs["0"]
+    assert evals == 5 and eval_s > 0 and waits == 0
+    evals, eval_s, waits, wait_s = runs["1"]
+    assert evals == 0 and waits >= 1 and wait_s >= 0
