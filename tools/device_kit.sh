@@ -54,7 +54,8 @@
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
 #                (bench:mlx_lm,vllm_metal); vllm_metal_async_sched is vLLM's async scheduling
 #                with TORCH_MLX_ASYNC=1 (bench:mlx_lm,vllm_metal,vllm_metal_async,
-#                vllm_metal_async_sched compares it with both launch modes)
+#                vllm_metal_async_sched compares it with both launch modes); mlx_compiled_async
+#                is transformers' compiled generate with TORCH_MLX_ASYNC=1
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
 # the XML are still written. KIT_WORKERS (default 16, one a core) sets tests' xdist workers; work
 # stealing keeps them busy through the slow tail (the whole suite is ~7100 test-seconds on the H100).
