@@ -233,9 +233,9 @@ class MlxGraph(torch.nn.Module):
             elif _is_size_node(node):
                 self.steps.append(node)  # getitem of a multi-output node, or size arithmetic
             elif _input_write(node):
-                if node.args[1] not in self._in_place_values:
-                    self.write_backs.append((self.placeholders.index(node.args[0]),
-                                             node.args[1]))
+                index = self.placeholders.index(node.args[0])
+                if index not in self.in_place:  # else its index_copy wrote it already
+                    self.write_backs.append((index, node.args[1]))
             elif node.op == "call_function":
                 step = _Step(node, _node_lowering(node))
                 if self._writes_in_place(node, writes.get(node)):
@@ -254,11 +254,6 @@ class MlxGraph(torch.nn.Module):
             self.compiled = mx.compile(self.run)
         else:
             self.parts = _split(self.steps, self.results)
-
-    @property
-    def _in_place_values(self) -> set:
-        return {s.node for s in self.steps if not isinstance(s, fx.Node)
-                and s.node.target is _INDEX_COPY and not s.compiled}
 
     def _graph_outputs(self) -> list:
         outs = self.output.args[0]
@@ -344,9 +339,8 @@ class MlxGraph(torch.nn.Module):
         # the eager ops after a forward (vLLM's logits and sampling) queue behind it
         mx.async_eval([o for o in outs if isinstance(o, mx.array)] + [r for _, r in late])
         n = len(outs) - len(self.write_backs)
-        for (i, _), value in zip(self.write_backs, outs[n:]):
-            inputs[i].copy_(self._to_torch(value, buffers))
-        for i, value in late:
+        written = [i for i, _ in self.write_backs]
+        for i, value in [*zip(written, outs[n:]), *late]:
             inputs[i].copy_(self._to_torch(value, buffers))
         return [self._to_torch(o, buffers) for o in outs[:n]]
 
