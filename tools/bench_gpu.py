@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -141,9 +142,12 @@ def make_model(out: str, layers: int, hidden: int) -> str:
 
 
 def run_engine(code: str, timeout: float, env: dict | None = None) -> dict:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                              text=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
         return {"error": done.stderr[-3000:]}
     return json.loads(next(l for l in done.stdout.splitlines()[::-1] if l.startswith("{")))
@@ -158,7 +162,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--model", help="checkpoint folder (made if missing)")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds, each engine")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds for the whole run (0: none): an engine gets what is left, "
+                             "later ones are reported as skipped; the JSON is rewritten after "
+                             "each engine, so a device visit cut short keeps what finished")
     parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
                         help="comma-separated; also mlx_compiled_async (TORCH_MLX_ASYNC=1), "
                              "vllm_metal_eager, vllm_metal_async "
@@ -190,12 +198,26 @@ def main() -> int:
            "mlx_compiled_async": {"TORCH_MLX_ASYNC": "1"},
            "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
+    end = time.monotonic() + args.deadline if args.deadline else None
     for name in args.engines.split(","):
+        left = args.timeout if end is None else min(args.timeout, end - time.monotonic())
         if name == "torch_cuda" and not torch.cuda.is_available():
             result[name] = {"skipped": "torch has no CUDA device here"}
-            continue
-        result[name] = run_engine(engines[name], args.timeout, env.get(name))
+        elif left < 30:
+            result[name] = {"skipped": f"--deadline {args.deadline:.0f} s reached"}
+        else:
+            result[name] = run_engine(engines[name], left, env.get(name))
         print(name, json.dumps(result[name])[:400], flush=True)
+        summarize(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=1))
+    return 0 if all("error" not in v for v in result.values() if isinstance(v, dict)) else 1
+
+
+def summarize(result: dict) -> None:
+    """Token agreement between engines and tok/s ratios against mlx-lm, of what has run."""
     eager, compiled, peer = (result.get(k, {}) for k in ("mlx_eager", "mlx_compiled", "mlx_lm"))
     if "tokens" in eager and "tokens" in compiled:
         result["compiled_matches_eager"] = eager["tokens"] == compiled["tokens"]
@@ -218,12 +240,6 @@ def main() -> int:
             if "c32_tok_s" in result.get(k, {}) and "batch_tok_s" in peer:
                 result["ratios"][f"{k}_c32_vs_mlx_lm_batch"] = round(
                     result[k]["c32_tok_s"] / peer["batch_tok_s"], 3)
-    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if all("error" not in v for v in result.values() if isinstance(v, dict)) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,7 +33,8 @@
 #   opcost       tools/gpu_op_cost.py: one eager op's time, MLX alone vs through torch_mlx
 #   encodecost   tools/gpu_encode_cost.py: the host's launch cost per MLX primitive family, and a
 #                decode layer's attention and rope as written here vs MLX's fused kernels
-#   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k
+#   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k,
+#                vtests:@FILE with node ids (tools/gpu_lists/ holds the lists a visit plans on)
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
 #                counts: where a decode step's time goes on the GPU
 #                profile:nographs launches MLX's kernels one by one (MLX_USE_CUDA_GRAPHS=0) and
@@ -253,8 +254,11 @@ run_item() {
       grep -v '^{' "$LOG/encodecost.log" | tail -40 ;;
     vtests|vtests:*)
       local vsel=()
-      [ "$item" != vtests ] && vsel=(-k "${item#vtests:}")
-      timeout -s INT -k 30 "${KIT_ITEM_S:-560}" \
+      case "$item" in
+        vtests:@*) vsel=(-p pytest_nodeids --nodeids-file "${item#vtests:@}") ;;
+        vtests:*) vsel=(-k "${item#vtests:}") ;;
+      esac
+      PYTHONPATH="$ROOT/tools${PYTHONPATH:+:$PYTHONPATH}" timeout -s INT -k 30 "${KIT_ITEM_S:-560}" \
         python3 -m pytest -v -p no:cacheprovider -n "${KIT_VWORKERS:-4}" --dist worksteal \
         --timeout 900 tests/vllm_metal "${vsel[@]}" \
         --junitxml "$LOG/vtests.xml" -rfEx >"$LOG/vtests.log" 2>&1 || status=1
@@ -328,13 +332,20 @@ bench_gpu.make_model('$smodel', 16, 1536)" >"$LOG/serve.log" 2>&1 || status=1
     bench|bench:*)
       local engines=()
       [ "$item" != bench ] && engines=(--engines "${item#bench:}")
+      # --deadline: engines that would not finish in time are reported skipped, and the JSON is
+      # rewritten after each engine (the ninth visit lost a whole bench to an outer timeout)
       python3 tools/bench_gpu.py --json "$LOG/bench_gpu.json" "${engines[@]}" \
-        >"$LOG/bench.log" 2>&1 || status=1
+        --deadline "${KIT_ITEM_S:-560}" >"$LOG/bench.log" 2>&1 || status=1
       cat "$LOG/bench.log" ;;
     *) echo "unknown selection item: $item"; return 2 ;;
   esac
   echo "=== $item: rc=$status, $((SECONDS - t0)) s"
   return "$status"
+}
+
+save_out() {  # at most 8 files come back: the JSON reports, and every log in one archive
+  cp "$LOG"/*.json "$OUT"/ 2>/dev/null || true
+  tar czf "$OUT/logs.tgz" -C "$LOG" . || true
 }
 
 # Items run one after another; items joined by '+' (tests+conformance) run side by side.
@@ -350,6 +361,7 @@ run_selection() {
     done
     for pid in "${pids[@]}"; do wait "$pid" || status=1; done
     for item in "${items[@]}"; do echo "=== $item"; cat "$LOG/console-${item%%:*}.txt"; done
+    save_out  # after each group too: a later item cut off by the call's limit loses only itself
   done
   return "$status"
 }
@@ -363,8 +375,7 @@ case "${1:-}" in
     : "${OUT:?run on the device machine, where \$OUT is set}"
     export PYTHONUNBUFFERED=1
     LOG="$KIT/logs"; rm -rf "$LOG"; mkdir -p "$LOG"
-    # at most 8 files come back: the JSON reports, and every log in one archive
-    trap 'cp "$LOG"/*.json "$OUT"/ 2>/dev/null || true; tar czf "$OUT/logs.tgz" -C "$LOG" .' EXIT
+    trap save_out EXIT
     setup_device
     run_selection "$@" ;;
   *) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 2 ;;
