@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <mlx/backend/gpu/device_info.h>
@@ -93,9 +95,18 @@ bool on_mlx_cuda() {
 }  // namespace
 
 bool async_launch() {
+  // Default: on where MLX has a GPU (Metal, CUDA), off on the CPU-only backend. Measured on the
+  // H100 (ninth visit, vLLM 0.5B bf16): 95.4 vs 79.1 tok/s at batch 1, 1923 vs 1889 at 32, same
+  // tokens. On the CPU backend the synchronous mode measured faster (tools/bench_decode.py: 17.0
+  // vs 15.2 tok/s at batch 1): there a wait is a thread hand-off, not a device round trip.
   static const bool on = [] {
     const char* v = std::getenv("TORCH_MLX_ASYNC");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return mx::gpu::is_available();
+    if (std::strcmp(v, "1") == 0) return true;
+    if (std::strcmp(v, "0") == 0) return false;
+    throw std::invalid_argument(std::string("TORCH_MLX_ASYNC=") + v +
+                                ": use 1 (launch without waiting), 0 (wait for each result) or "
+                                "auto (1 where MLX has a GPU)");
   }();
   return on;
 }

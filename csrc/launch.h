@@ -1,5 +1,6 @@
 // How results become torch storages without waiting for the GPU, and how the host then reaches
-// "mlx" memory safely. Off unless TORCH_MLX_ASYNC=1 (to be measured on the GPU first).
+// "mlx" memory safely. On by default where MLX has a GPU (TORCH_MLX_ASYNC=auto; 1 / 0 force it
+// on / off): launch.cpp's async_launch() gives the measurements behind the default.
 //
 // Eagerly, every op's result becomes a torch storage. Waiting for each one costs a GPU round
 // trip per op. With async launch, GPU work is launched (mx::async_eval encodes it and allocates

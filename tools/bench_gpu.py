@@ -168,10 +168,12 @@ def main() -> int:
                              "later ones are reported as skipped; the JSON is rewritten after "
                              "each engine, so a device visit cut short keeps what finished")
     parser.add_argument("--engines", default="mlx_lm,vllm_metal,torch_cuda,mlx_eager,mlx_compiled",
-                        help="comma-separated; also mlx_compiled_async (TORCH_MLX_ASYNC=1), "
-                             "vllm_metal_eager, vllm_metal_async "
-                             "(TORCH_MLX_ASYNC=1), vllm_metal_async_sched (vLLM's async "
-                             "scheduling with TORCH_MLX_ASYNC=1)")
+                        help="comma-separated; each runs torch_mlx's default launch mode "
+                             "(TORCH_MLX_ASYNC=auto: launched, not waited for, on a GPU) unless "
+                             "named for one: mlx_compiled_sync / vllm_metal_sync wait for each "
+                             "result (=0), mlx_compiled_async / vllm_metal_async launch (=1); also "
+                             "vllm_metal_eager, vllm_metal_async_sched (vLLM's async scheduling "
+                             "with TORCH_MLX_ASYNC=1)")
     args = parser.parse_args()
 
     import torch
@@ -189,12 +191,19 @@ def main() -> int:
                                                   **dict(fmt, batch=0)),
         "vllm_metal": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
         "vllm_metal_eager": VLLM_METAL.format(eager=True, async_sched=False, **fmt),
+        # each eager result (and the compiled forward) waited for: the default before the ninth
+        # GPU visit, and still on MLX's CPU backend
+        "vllm_metal_sync": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
+        "mlx_compiled_sync": TRANSFORMERS.format(device="mlx", mode="compiled",
+                                                 **dict(fmt, batch=0)),
         # eager ops launched without waiting for the GPU (csrc/launch.h)
         "vllm_metal_async": VLLM_METAL.format(eager=False, async_sched=False, **fmt),
         # and vLLM's async scheduling: the engine's host work between steps overlaps the device
         "vllm_metal_async_sched": VLLM_METAL.format(eager=False, async_sched=True, **fmt),
     }
     env = {"vllm_metal_async": {"TORCH_MLX_ASYNC": "1"},
+           "vllm_metal_sync": {"TORCH_MLX_ASYNC": "0"},
+           "mlx_compiled_sync": {"TORCH_MLX_ASYNC": "0"},
            "mlx_compiled_async": {"TORCH_MLX_ASYNC": "1"},
            "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
@@ -231,11 +240,11 @@ def summarize(result: dict) -> None:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
                             for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_async",
-                                      "torch_cuda", "vllm_metal",
-                                      "vllm_metal_eager", "vllm_metal_async",
+                                      "mlx_compiled_sync", "torch_cuda", "vllm_metal",
+                                      "vllm_metal_eager", "vllm_metal_async", "vllm_metal_sync",
                                       "vllm_metal_async_sched")
                             if "batch1_tok_s" in result.get(k, {})}
-        for k in ("vllm_metal", "vllm_metal_eager", "vllm_metal_async",
+        for k in ("vllm_metal", "vllm_metal_eager", "vllm_metal_async", "vllm_metal_sync",
                   "vllm_metal_async_sched"):  # #16: 32 sequences vs mlx-lm batched
             if "c32_tok_s" in result.get(k, {}) and "batch_tok_s" in peer:
                 result["ratios"][f"{k}_c32_vs_mlx_lm_batch"] = round(

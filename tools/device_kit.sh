@@ -36,7 +36,8 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k,
 #                vtests:@FILE with node ids (tools/gpu_lists/ holds the lists a visit plans on)
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
-#                counts: where a decode step's time goes on the GPU
+#                counts: where a decode step's time goes on the GPU; profile:sync waits for
+#                each eager result (TORCH_MLX_ASYNC=0, the GPU default before the ninth visit)
 #                profile:nographs launches MLX's kernels one by one (MLX_USE_CUDA_GRAPHS=0) and
 #                profile:ops1000 puts up to 1000 in one CUDA graph (MLX_MAX_OPS_PER_BUFFER, H100
 #                default 100): MLX CUDA instantiates a graph per commit unless its cache has it
@@ -53,10 +54,10 @@
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
-#                (bench:mlx_lm,vllm_metal); vllm_metal_async_sched is vLLM's async scheduling
-#                with TORCH_MLX_ASYNC=1 (bench:mlx_lm,vllm_metal,vllm_metal_async,
-#                vllm_metal_async_sched compares it with both launch modes); mlx_compiled_async
-#                is transformers' compiled generate with TORCH_MLX_ASYNC=1
+#                (bench:mlx_lm,vllm_metal); engines run torch_mlx's default launch mode
+#                (launched, not waited for, on a GPU) unless named _sync (TORCH_MLX_ASYNC=0) or
+#                _async (=1); vllm_metal_async_sched is vLLM's async scheduling with =1
+#                (bench:mlx_lm,vllm_metal,vllm_metal_sync,vllm_metal_async_sched)
 # KIT_ITEM_S (default 560) stops tests/vtests with SIGINT after that many seconds: the summary and
 # the XML are still written. KIT_WORKERS (default 16, one a core) sets tests' xdist workers; work
 # stealing keeps them busy through the slow tail (the whole suite is ~7100 test-seconds on the H100).
@@ -243,7 +244,7 @@ run_item() {
         --timeout $(( ${KIT_ITEM_S:-560} - 60 )) --json "$LOG/qmodel.json" >"$LOG/qmodel.log" 2>&1 || status=1
       tail -c 8000 "$LOG/qmodel.log" ;;
     opcost)  # both launch modes (csrc/launch.h)
-      python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
+      TORCH_MLX_ASYNC=0 python3 tools/gpu_op_cost.py >"$LOG/opcost.log" 2>&1 || status=1
       TORCH_MLX_ASYNC=1 python3 tools/gpu_op_cost.py >>"$LOG/opcost.log" 2>&1 || status=1
       grep '^{' "$LOG/opcost.log" >"$LOG/opcost.json" || true
       cat "$LOG/opcost.log" ;;
@@ -270,7 +271,8 @@ run_item() {
       done
       cat "$LOG/cachewrite.log" ;;
     profile|profile:*)  # where a vllm_metal decode step goes on the GPU: bench_gpu's model,
-      # bf16. profile:async launches eager ops without waiting (TORCH_MLX_ASYNC=1),
+      # bf16, the launch mode as the product defaults it (TORCH_MLX_ASYNC=auto: launched, not
+      # waited for, on a GPU); profile:sync waits for each result (=0), profile:async forces =1,
       # profile:pipeline starts each layer's work while the next is recorded (TORCH_MLX_PIPELINE=1)
       local model=models/bench-llama-16x1536-bf16 mode=${item#profile}
       mode=${mode#:}; mode=${mode:-sync}
@@ -299,7 +301,8 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
           --json "$LOG/profile_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
       else
         for batch in 1 32; do
-          TORCH_MLX_ASYNC=$([ "$mode" = async ] || [ "$mode" = async_sched ] && echo 1 || echo 0) \
+          TORCH_MLX_ASYNC=$(case "$mode" in async|async_sched) echo 1 ;; sync) echo 0 ;;
+                            *) echo auto ;; esac) \
           TORCH_MLX_PIPELINE=$([ "$mode" = pipeline ] && echo 1 || echo 0) \
           MLX_USE_CUDA_GRAPHS=$([ "$mode" = nographs ] && echo 0 || echo 1) \
           MLX_MAX_OPS_PER_BUFFER=$([ "$mode" = ops1000 ] && echo 1000 || echo 100) \

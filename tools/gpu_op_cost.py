@@ -42,7 +42,7 @@ def main() -> int:
     mx.eval(a, b)
     t_a, t_b = torch.randn(n).to("mlx"), torch.randn(n).to("mlx")
     res: dict = {"device": str(mx.default_device()), "n": n, "reps": reps,
-                 "torch_mlx_async": os.environ.get("TORCH_MLX_ASYNC", "0")}
+                 "torch_mlx_async": str(int(torch_mlx._C.async_launch()))}
 
     res["mlx_eval_wait_us"] = _per_call(lambda: mx.eval(a + b), reps)
     res["mlx_async_eval_us"] = _per_call(lambda: mx.async_eval(a + b), reps)

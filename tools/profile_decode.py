@@ -151,7 +151,7 @@ def main():
     mode = "enforce_eager" if args.enforce_eager else "piecewise" if args.piecewise else "whole"
     result = {"batch": args.batch, "mode": mode, "dtype": args.dtype,
               "async_scheduling": args.async_scheduling,
-              "torch_mlx_async": os.environ.get("TORCH_MLX_ASYNC", "0"),
+              "torch_mlx_async": str(int(_C.async_launch())),  # the effective mode
               "input_wait_ms": ms.get("input_wait", 0.0),
               "output_wait_ms": ms.get("output_wait", 0.0),
               "device": str(mx.default_device()), "steps": steps,

@@ -334,8 +334,8 @@ class MlxGraph(torch.nn.Module):
             late, self._late_writes = self._late_writes, []
         finally:
             self._inputs = ()
-        # launched, not waited for: each output's storage waits (by default) or, with
-        # TORCH_MLX_ASYNC=1, keeps the running array until the host needs its bytes, so
+        # launched, not waited for: each output's storage waits (TORCH_MLX_ASYNC=0, the CPU
+        # backend's default) or keeps the running array until the host needs its bytes, so
         # the eager ops after a forward (vLLM's logits and sampling) queue behind it
         mx.async_eval([o for o in outs if isinstance(o, mx.array)] + [r for _, r in late])
         n = len(outs) - len(self.write_backs)

@@ -3,9 +3,9 @@
 What differs from the GPU runner, and why:
 - host staging buffers and device buffers are one MLX allocation (unified_buffer.py), so the
   per-step host-to-device copies of token ids, block tables and slot mappings vanish;
-- eager MLX work is complete when a torch op returns (by default; TORCH_MLX_ASYNC=1 launches it
-  and a host read waits), so device synchronisation is a no-op and reading sampled tokens back
-  needs no CUDA event;
+- eager MLX work is launched when a torch op returns and a host read of "mlx" memory waits for
+  it (torch_mlx's default on a GPU; on MLX's CPU backend, or with TORCH_MLX_ASYNC=0, it is
+  complete when the op returns), so reading sampled tokens back needs no CUDA event;
 - no CUDA graphs and no CUDA streams or events (the platform turns graphs off; async scheduling's
   copy stream and events are replaced, below);
 - async scheduling (``async_scheduling=True``): the sampled ids stay an "mlx" tensor until the
@@ -86,8 +86,9 @@ class MetalModelRunner(GPUModelRunner):
         # vLLM's async path waits here for the previous step's host-to-device copies before
         # the host rewrites its staging buffers. On "mlx" the staging buffers are what the
         # previous step's launched forward (and its sampler) read, so the host waits for that
-        # step's device work before writing the next step's inputs. Without TORCH_MLX_ASYNC=1
-        # it finished before its ops returned, and this returns at once.
+        # step's device work before writing the next step's inputs. With each result waited for
+        # (TORCH_MLX_ASYNC=0, the CPU backend's default) it finished before its ops returned,
+        # and this returns at once.
         if self.use_async_scheduling:
             self._wait_for_previous_step()
         yield

@@ -99,3 +99,33 @@ print(*_C.host_wait_stats(False))
     assert evals == 5 and eval_s > 0 and waits == 0
     evals, eval_s, waits, wait_s = runs["1"]
     assert evals == 0 and waits >= 1 and wait_s >= 0
+
+
+@pytest.mark.parametrize("value", ["", "auto", "1", "0", "yes"])
+def test_switch_values_and_default(value):
+    # unset / auto: launched where MLX has a GPU (measured faster on the H100), waited for on the
+    # CPU-only backend (measured faster there); anything but 1 / 0 / auto is refused by name
+    code = PRELUDE + """
+import mlx.core as mx
+try:
+    y = (torch.ones(3, device="mlx") * 2).sum().item()
+except ValueError as e:
+    print("refused:", e)
+else:
+    print(_C.async_launch(), mx.is_available(mx.gpu), y)
+"""
+    env = dict(ASYNC_ENV)
+    if value:
+        env["TORCH_MLX_ASYNC"] = value
+    else:
+        env.pop("TORCH_MLX_ASYNC")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.strip().splitlines()[-1]
+    if value == "yes":
+        assert out.startswith("refused: TORCH_MLX_ASYNC=yes: use 1") and "auto" in out
+        return
+    launched, has_gpu, y = out.split()
+    assert float(y) == 6.0
+    assert launched == {"1": "True", "0": "False"}.get(value, has_gpu)
