@@ -15,6 +15,10 @@ the two are timed alternately, and the ratio is of the medians. Issue 18's goal:
 1 and 32 sequences. --mlx-gather runs the experts' products with MLX's gather_mm / gather_qmm
 (what the GPU runs) instead of torch_mlx's grouped CPU kernels.
 
+A third line runs the same layer as mlx-lm does (its SwitchGLU and Mixtral-style routing:
+argpartition top-k, softmax over the chosen logits), on the same weights: what the peer this
+project is measured against pays for routed experts (``mlx_lm_ms``, ``ratio_vs_mlx_lm``).
+
 What bounds the ratio at 32 sequences: the step reads every expert some token routed to
 (``experts_touched``, each whole) where the dense MLP reads k experts' worth; the JSON reports
 both byte counts.
@@ -33,8 +37,32 @@ import mlx.core as mx
 SHAPES = {"mixtral": (1024, 3584, 8, 2), "qwen3": (1024, 384, 64, 8)}
 
 
+def mlx_lm_layer(gate, w13, w2, top_k, bits=None):
+    """The layer as mlx-lm runs it (mlx_lm.models.mixtral's block over SwitchGLU)."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    experts, inter2, hidden = w13.shape
+    switch = SwitchGLU(hidden, inter2 // 2, experts)
+    switch.gate_proj.weight = w13[:, :inter2 // 2]
+    switch.up_proj.weight = w13[:, inter2 // 2:]
+    switch.down_proj.weight = w2
+    if bits is not None:
+        nn.quantize(switch, group_size=64, bits=bits)
+    mx.eval(switch.parameters())
+
+    def layer(x):
+        gates = x @ gate.T
+        inds = mx.stop_gradient(mx.argpartition(-gates, kth=top_k - 1, axis=-1)[..., :top_k])
+        scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)
+        return (switch(x, inds) * scores[..., None]).sum(axis=-2)
+
+    return mx.compile(layer)
+
+
 def layer_functions(hidden, inter, experts, top_k, bits=None, seed=0):
-    """(moe(x), dense(x), route(x) -> expert ids, bytes of one expert's matrices)."""
+    """(moe(x), dense(x), route(x) -> expert ids, bytes of one expert's matrices, mlx-lm's
+    layer(x))."""
     from vllm_metal.ops.activation import silu_and_mul
     from vllm_metal.ops.moe import moe_experts, moe_route, quantized_moe_experts
     from vllm_metal.ops.quantized import quantized_matmul
@@ -60,7 +88,8 @@ def layer_functions(hidden, inter, experts, top_k, bits=None, seed=0):
         def dense(x):
             return silu_and_mul(x @ dense13.T) @ dense2.T
 
-        return mx.compile(moe), mx.compile(dense), route, 3 * inter * hidden * 4
+        return (mx.compile(moe), mx.compile(dense), route, 3 * inter * hidden * 4,
+                mlx_lm_layer(gate, w13, w2, top_k))
 
     q13, q2, qd13, qd2 = (mx.quantize(w, group_size=64, bits=bits)
                           for w in (w13, w2, dense13, dense2))
@@ -76,7 +105,8 @@ def layer_functions(hidden, inter, experts, top_k, bits=None, seed=0):
                                 bits)
 
     expert_bytes = sum(a.nbytes for a in (*q13, *q2)) // experts
-    return mx.compile(moe), mx.compile(dense), route, expert_bytes
+    return (mx.compile(moe), mx.compile(dense), route, expert_bytes,
+            mlx_lm_layer(gate, w13, w2, top_k, bits))
 
 
 def time_alternately(fns, x, repeats):
@@ -106,11 +136,13 @@ def main():
     results = []
     for shape in args.shape:
         hidden, inter, experts, top_k = SHAPES[shape]
-        moe, dense, route, expert_bytes = layer_functions(hidden, inter, experts, top_k,
-                                                          args.bits)
+        moe, dense, route, expert_bytes, peer = layer_functions(hidden, inter, experts, top_k,
+                                                                args.bits)
         for tokens in args.tokens:
             x = mx.random.normal((tokens, hidden))
-            moe_s, dense_s = time_alternately([moe, dense], x, args.repeats)
+            moe_s, dense_s, peer_s = time_alternately([moe, dense, peer], x, args.repeats)
+            # the peer's layer is the same function of the same weights: say how close
+            peer_diff = mx.abs(moe(x) - peer(x)).max().item()
             touched = len(set(route(x)[1].flatten().tolist()))
             row = {"shape": shape, "bits": args.bits or 32, "mlx_gather": args.mlx_gather,
                    "hidden": hidden,
@@ -119,12 +151,15 @@ def main():
                    "dense_ms": statistics.median(dense_s) * 1e3,
                    "moe_min_ms": min(moe_s) * 1e3, "dense_min_ms": min(dense_s) * 1e3,
                    "experts_touched": touched, "moe_mb_read": touched * expert_bytes / 1e6,
-                   "dense_mb_read": top_k * expert_bytes / 1e6}
+                   "dense_mb_read": top_k * expert_bytes / 1e6,
+                   "mlx_lm_ms": statistics.median(peer_s) * 1e3, "mlx_lm_max_abs_diff": peer_diff}
             row["ratio"] = row["moe_ms"] / row["dense_ms"]
+            row["ratio_vs_mlx_lm"] = row["moe_ms"] / row["mlx_lm_ms"]
             results.append(row)
             print(f"{shape:8} {row['bits']:2} bits T={tokens:3}: MoE {row['moe_ms']:8.2f} ms, "
                   f"dense {row['dense_ms']:8.2f} ms, ratio {row['ratio']:.2f} "
-                  f"({touched} experts read)", flush=True)
+                  f"({touched} experts read); mlx-lm's layer {row['mlx_lm_ms']:8.2f} ms",
+                  flush=True)
     report = {"device": str(mx.default_device()), "goal_ratio": 1.5, "results": results}
     print(json.dumps(report, indent=2))
     if args.json:
