@@ -146,7 +146,11 @@ NB_MODULE(_C, m) {
         "Whether eager results and compiled forwards are launched without waiting for them "
         "(TORCH_MLX_ASYNC: 1, 0, or auto = where MLX has a GPU).");
 
+  // Where the array's first byte is, as torch's data_ptr() of a storage made from it says:
+  // array::data() would move an MLX CUDA buffer to managed memory first (Buffer::raw_ptr), so the
+  // address is read the way storages read it (launch.cpp's buffer_address).
   m.def("array_data_address", [](const mx::array& a) {
-    return reinterpret_cast<uintptr_t>(const_cast<mx::array&>(a).data<char>());
+    return reinterpret_cast<uintptr_t>(static_cast<char*>(buffer_address(a.buffer())) +
+                                       a.offset());
   });
 }
