@@ -36,7 +36,8 @@
 #   vtests       pytest tests/vllm_metal (needs .gpu/c held), junit XML; vtests:EXPR with -k,
 #                vtests:@FILE with node ids (tools/gpu_lists/ holds the lists a visit plans on)
 #   profile      tools/profile_decode.py on bench_gpu's 0.5B bf16 Llama, batch 1 and 32, with op
-#                counts: where a decode step's time goes on the GPU; profile:sync waits for
+#                counts: where a decode step's time goes on the GPU (KIT_PROFILE_LAYERS=4: a
+#                4-layer model, to split the launch per layer and per step); profile:sync waits for
 #                each eager result (TORCH_MLX_ASYNC=0, the GPU default before the ninth visit)
 #                profile:nographs launches MLX's kernels one by one (MLX_USE_CUDA_GRAPHS=0) and
 #                profile:ops1000 puts up to 1000 in one CUDA graph (MLX_MAX_OPS_PER_BUFFER, H100
@@ -274,10 +275,13 @@ run_item() {
       # bf16, the launch mode as the product defaults it (TORCH_MLX_ASYNC=auto: launched, not
       # waited for, on a GPU); profile:sync waits for each result (=0), profile:async forces =1,
       # profile:pipeline starts each layer's work while the next is recorded (TORCH_MLX_PIPELINE=1)
-      local model=models/bench-llama-16x1536-bf16 mode=${item#profile}
-      mode=${mode#:}; mode=${mode:-sync}
+      # KIT_PROFILE_LAYERS (default 16) changes the model's depth: two depths split a step's
+      # launch into a per-layer cost and a per-step one
+      local layers=${KIT_PROFILE_LAYERS:-16}
+      local model=models/bench-llama-${layers}x1536-bf16 mode=${item#profile}
+      mode=${mode#:}; mode=${mode:-default}
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
-bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
+bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
       if [ "$mode" = pyspy ]; then  # native stacks: vllm_metal's decode, then mlx-lm's
         # py-spy on its own (installed with the other wheels its binary did not land in
         # site/bin); 50 samples a second: unwinding native stacks through libmlx and the CUDA
@@ -309,7 +313,8 @@ bench_gpu.make_model('$model', 16, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
           python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 64 --ops \
             $([ "$mode" = wait ] && echo --device-wait) \
             $([ "$mode" = async_sched ] && echo --async-scheduling) \
-            --batch "$batch" --json "$LOG/profile_${mode}_b$batch.json" >>"$LOG/profile.log" 2>&1 \
+            --batch "$batch" --json "$LOG/profile_${mode}_L${layers}_b$batch.json" \
+            >>"$LOG/profile.log" 2>&1 \
             || status=1
         done
       fi
