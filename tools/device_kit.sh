@@ -205,8 +205,11 @@ EOF
 run_item() {
   local item=$1 t0=$SECONDS status=0
   case "$item" in
-    probe)
-      python3 tools/gpu_probe.py --gdb --json "$LOG/probe.json" >"$LOG/probe.log" 2>&1 || status=1
+    probe|probe:*)  # probe:NAME,NAME runs only those checks
+      local only=()
+      [ "$item" != probe ] && only=(--only "${item#probe:}")
+      python3 tools/gpu_probe.py --gdb "${only[@]}" --json "$LOG/probe.json" >"$LOG/probe.log" \
+        2>&1 || status=1
       cat "$LOG/probe.log" ;;
     tests|tests:*)
       local sel=()
