@@ -15,7 +15,8 @@
 #
 # SELECTION is any of:
 #   probe        tools/gpu_probe.py: one subprocess per check (bridge, compile, matmul
-#                precision, bad input), so a crash is reported, not fatal
+#                precision, bad input, MLX CUDA's grouped GEMM), so a crash is reported, not
+#                fatal; probe:NAME,NAME runs those checks only
 #   tests        pytest tests/torch_mlx (pytest-xdist workers: a crashed test is reported as
 #                such and its worker replaced), junit XML
 #   tests:EXPR   the same, restricted with pytest -k EXPR; tests:@FILE runs the node ids listed
