@@ -293,10 +293,12 @@ bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || stat
         [ -x "$KIT/spy/bin/py-spy" ] || python3 -m pip install -q --no-index --no-deps \
           --target "$KIT/spy" "$KIT"/wheels/py_spy-*.whl
         local spy="$KIT/spy/bin/py-spy"
-        timeout 200 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_vllm_metal.txt" -- \
-          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 256 \
+        # SIGINT at the limit: py-spy writes what it sampled (killed by SIGTERM it writes nothing)
+        timeout -s INT -k 20 200 "$spy" record --native -r 50 -f raw \
+          -o "$LOG/pyspy_vllm_metal.txt" -- \
+          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 960 \
             --batch 1 --json "$LOG/profile_pyspy_b1.json" >>"$LOG/profile.log" 2>&1 || status=1
-        timeout 120 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
+        timeout -s INT -k 20 120 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
           python3 -m mlx_lm generate --model "$model" --prompt "hello world" --max-tokens 1000 \
             --ignore-chat-template >>"$LOG/profile.log" 2>&1 || status=1
         for f in vllm_metal mlx_lm; do
