@@ -142,6 +142,10 @@ NB_MODULE(_C, m) {
       "(eager evaluations, their seconds, host waits for launched work, their seconds) since "
       "the last reset: host time that is the host waiting for MLX.");
 
+  m.def("wait_for_launches", []() { wait_for_launches(); },
+        "Wait for every result launched without waiting (TORCH_MLX_ASYNC), on any thread's "
+        "streams; returns at once when nothing is running.");
+
   m.def("async_launch", &async_launch,
         "Whether eager results and compiled forwards are launched without waiting for them "
         "(TORCH_MLX_ASYNC: 1, 0, or auto = where MLX has a GPU).");

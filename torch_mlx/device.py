@@ -75,7 +75,10 @@ def blas_info() -> dict:
 
 
 def synchronize(device=None) -> None:
-    """Wait for work queued on MLX's default stream (eager torch ops have already finished)."""
+    """Wait for all MLX work torch ops queued: results launched without waiting (the GPU
+    default, csrc/launch.h), on whichever thread's streams they run, then MLX's default stream.
+    torch.accelerator.synchronize() does the same (csrc/guard.cpp)."""
+    _C.wait_for_launches()
     mx.synchronize()
 
 
