@@ -46,25 +46,23 @@ struct MlxGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   c10::DeviceIndex deviceCount() const noexcept override {
     return 1;
   }
-  // Every eager op has finished when it returns; only work queued directly on MLX by the user
-  // can still be running.
+  // Launched eager results (the GPU default, launch.h) and work queued on MLX directly may
+  // still be running: both are waited for.
   void synchronizeStream(const Stream&) const override {
-    wait_for_launches();
-    mlx::core::synchronize();
+    synchronize_all();
   }
   void synchronizeDevice(const c10::DeviceIndex) const override {
-    wait_for_launches();
-    mlx::core::synchronize();
+    synchronize_all();
   }
   bool queryStream(const Stream&) const override {
     return true;
   }
-  // Events: there is one in-order stream and eager ops complete before returning, so an event
-  // is complete once recorded. Recording waits for work queued on MLX directly and stamps the
-  // time, so torch.Event(enable_timing=True).elapsed_time measures host-observed intervals.
+  // Events: recording waits for all of torch's MLX work (launched results included) and stamps
+  // the time, so an event is complete once recorded and torch.Event(enable_timing=True)
+  // .elapsed_time measures host-observed intervals that include the device's work.
   void record(void** event, const Stream&, const c10::DeviceIndex,
               const c10::EventFlag) const override {
-    mlx::core::synchronize();
+    synchronize_all();
     if (*event == nullptr) {
       *event = new Clock::time_point();
     }

@@ -155,6 +155,11 @@ void wait_for_launches() {
   }
 }
 
+void synchronize_all() {
+  wait_for_launches();
+  mx::synchronize();
+}
+
 void* buffer_address(mx::allocator::Buffer buffer) {
   if (async_launch() && on_mlx_cuda() && buffer.ptr() != nullptr) {
     return static_cast<CudaBufferHead*>(buffer.ptr())->data;

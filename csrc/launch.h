@@ -34,6 +34,10 @@ bool launch(mlx::core::array& arr);
 // Waits for all GPU work launched by launch(); call before the host touches "mlx" memory.
 void wait_for_launches();
 
+// Waits for everything torch put on MLX: launched results (wait_for_launches), then MLX's default
+// stream (work queued on MLX directly). torch's synchronize calls and event records use it.
+void synchronize_all();
+
 // Host time in eager evaluations (sync mode) and in waits for launched work, since the last reset.
 struct HostWaitStats {
   uint64_t evals = 0, waits = 0;

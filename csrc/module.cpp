@@ -142,9 +142,10 @@ NB_MODULE(_C, m) {
       "(eager evaluations, their seconds, host waits for launched work, their seconds) since "
       "the last reset: host time that is the host waiting for MLX.");
 
-  m.def("wait_for_launches", []() { wait_for_launches(); },
+  m.def("synchronize", &synchronize_all,
         "Wait for every result launched without waiting (TORCH_MLX_ASYNC), on any thread's "
-        "streams; returns at once when nothing is running.");
+        "streams, then for MLX's default stream: what torch.mlx.synchronize() and "
+        "torch.accelerator.synchronize() do.");
 
   m.def("async_launch", &async_launch,
         "Whether eager results and compiled forwards are launched without waiting for them "

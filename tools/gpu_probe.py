@@ -109,8 +109,8 @@ for name, weights in (("device-made", w), ("host-made", mx.array(np.array(w)))):
     print(name, "max error", float(np.abs(np.array(y).reshape(P, N) - ref).max()))
 """,
     # What tells the two apart (the device-made weights above were read by the host for the
-    # reference, so both lived in managed memory): weights never read by the host, a GPU copy of
-    # host-made ones, host-made ones re-made contiguous, at a Mixtral-like size too, and what
+    # reference, so both lived in managed memory): weights never read by the host, host-made
+    # ones, a GPU copy of host-made ones, host-read ones, at a Mixtral-like size too, and what
     # the sorted (grouped) GEMM saves over the gathered one there (vllm_metal's MoE at 32
     # sequences on the H100 read every expert once per (token, expert) pair: 0.77 ms a layer)
     "gather_mm_sorted_variants": """

@@ -76,10 +76,9 @@ def blas_info() -> dict:
 
 def synchronize(device=None) -> None:
     """Wait for all MLX work torch ops queued: results launched without waiting (the GPU
-    default, csrc/launch.h), on whichever thread's streams they run, then MLX's default stream.
-    torch.accelerator.synchronize() does the same (csrc/guard.cpp)."""
-    _C.wait_for_launches()
-    mx.synchronize()
+    default, csrc/launch.h), on whichever thread's streams they run, then MLX's default stream
+    (csrc/launch.cpp synchronize_all, which torch.accelerator.synchronize() also runs)."""
+    _C.synchronize()
 
 
 def get_amp_supported_dtype():

@@ -53,8 +53,9 @@ torch.testing.assert_close(z.cpu(), x + 1)
 torch.testing.assert_close(w.cpu(), torch.full_like(x, 6.0))
 assert _C.cpu_alias(w)[5].item() == 6.0
 """,
-    # torch.mlx.synchronize() (like torch.accelerator.synchronize()) waits for launched results,
-    # also those launched on another thread's MLX streams; with nothing running it does not wait
+    # torch.mlx.synchronize() (like torch.accelerator.synchronize() and an event's record) waits
+    # for launched results, also those launched on another thread's MLX streams; with nothing
+    # running it does not wait
     "synchronize_waits_for_launches": """
 import threading
 x = torch.ones(1 << 16, device="mlx")
@@ -72,6 +73,10 @@ assert evals == 0 and waits == 1, (evals, waits)
 torch.mlx.synchronize()
 assert _C.host_wait_stats(True)[2] == 0
 torch.testing.assert_close(out["y"].cpu(), torch.full((1 << 16,), 1.0001 ** 50))
+z = x * 3
+_C.host_wait_stats(True)
+torch.Event(device="mlx", enable_timing=True).record()
+assert _C.host_wait_stats(True)[2] == 1
 """,
 }
 
