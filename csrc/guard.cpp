@@ -54,8 +54,10 @@ struct MlxGuardImpl final : public c10::impl::DeviceGuardImplInterface {
   void synchronizeDevice(const c10::DeviceIndex) const override {
     synchronize_all();
   }
+  // Done when every launched eager result has finished (a polling loop ends once they do);
+  // work queued on MLX directly cannot be queried, as before.
   bool queryStream(const Stream&) const override {
-    return true;
+    return launches_done();
   }
   // Events: recording waits for all of torch's MLX work (launched results included) and stamps
   // the time, so an event is complete once recorded and torch.Event(enable_timing=True)

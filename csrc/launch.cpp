@@ -155,6 +155,15 @@ void wait_for_launches() {
   }
 }
 
+bool launches_done() {
+  std::lock_guard<std::mutex> lock(g_launched_mutex);
+  std::erase_if(g_launched_arrays, [](mx::array& a) { return a.is_available(); });
+  if (!g_launched_arrays.empty()) return false;
+  // under the lock note_launch takes, so a launch recorded after the erase keeps its flag
+  g_launched.store(false, std::memory_order_release);
+  return true;
+}
+
 void synchronize_all() {
   wait_for_launches();
   mx::synchronize();

@@ -34,6 +34,10 @@ bool launch(mlx::core::array& arr);
 // Waits for all GPU work launched by launch(); call before the host touches "mlx" memory.
 void wait_for_launches();
 
+// Whether every result launched by launch() has finished, without waiting (drops the finished
+// ones). Work queued on MLX directly is not seen: MLX has no stream query.
+bool launches_done();
+
 // Waits for everything torch put on MLX: launched results (wait_for_launches), then MLX's default
 // stream (work queued on MLX directly). torch's synchronize calls and event records use it.
 void synchronize_all();

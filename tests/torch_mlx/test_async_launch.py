@@ -78,6 +78,26 @@ _C.host_wait_stats(True)
 torch.Event(device="mlx", enable_timing=True).record()
 assert _C.host_wait_stats(True)[2] == 1
 """,
+    # a stream query answers from the launched results, without waiting: not done while a chain
+    # of products runs (a few hundred ms on the CPU backend), done once it has finished
+    "stream_query_sees_launches": """
+import time
+s = torch.accelerator.current_stream("mlx")
+a = torch.randn(1024, 1024, device="mlx") / 32
+s.synchronize()
+assert s.query()
+y = a
+for _ in range(12):
+    y = y @ a
+_C.host_wait_stats(True)
+assert not s.query()
+assert _C.host_wait_stats(True)[2] == 0  # the query did not wait
+deadline = time.monotonic() + 60
+while not s.query():
+    assert time.monotonic() < deadline, "the stream never reported done"
+    time.sleep(0.001)
+torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 13), rtol=1e-3, atol=1e-5)
+""",
 }
 
 
