@@ -210,6 +210,43 @@ def test_assignment_into_a_slice_is_lowered():
     assert seen == []
 
 
+def test_where_with_numbers_stays_one_graph():
+    """``where(mask, 0.0, -inf)`` (transformers' sdpa mask, twice a layer) decomposes into
+    aten.scalar_tensor, lowered for graphs: no split around eager scalars every call."""
+    from torch_mlx import compile as mlx_compile
+
+    def f(x, mask):
+        bias = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
+        return torch.softmax(x + bias, -1), torch.where(mask, x, -1.5)
+
+    seen, calls = [], []
+    original = mlx_compile.compile_fx_graph
+
+    def spy(gm, example_inputs):
+        support = mlx_compile._Supported()
+        calls.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        seen.extend(str(n.target) for n in gm.graph.nodes
+                    if n.op == "call_function" and not support.is_node_supported({}, n))
+        return original(gm, example_inputs)
+
+    mlx_compile.compile_fx_graph = spy
+    try:
+        torch._dynamo.reset()
+        g = torch.compile(f, backend="mlx")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, 8, dtype=dtype)
+            mask = torch.rand(3, 8) > 0.3
+            mask[:, 0] = True
+            got = g(x.to("mlx"), mask.to("mlx"))
+            for a, b in zip(got, f(x, mask)):
+                assert a.dtype == b.dtype
+                torch.testing.assert_close(a.cpu(), b)
+    finally:
+        mlx_compile.compile_fx_graph = original
+    assert "aten.scalar_tensor.default" in calls  # the decomposition this test is about
+    assert seen == []
+
+
 class _ScatterSpy:
     """torch_mlx._C with scatter_in_place counted: lent (in place) or refused (None)."""
 

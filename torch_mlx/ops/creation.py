@@ -1,7 +1,8 @@
 """Creation ops: arange, full, eye, linspace, logspace, tril/triu indices.
 
 ``empty*`` are native (csrc/memory_ops.cpp); ``zeros``, ``ones``, ``*_like`` and ``scalar_tensor``
-are torch's composites over ``empty`` and the native ``fill_``. The lowerings here compute what
+are torch's composites over ``empty`` and the native ``fill_`` eagerly (``full``, ``arange`` and
+``scalar_tensor`` have lowerings for compiled graphs). The lowerings here compute what
 torch's CPU kernels compute. Where torch's CPU kernel works in double precision (``logspace``;
 ``linspace`` into an integer dtype), the values are computed on the host in float64 with numpy:
 they depend on scalar arguments only, and MLX has no float64 on the GPU.
@@ -31,6 +32,14 @@ def _is_float_dtype(dtype) -> bool:
 def full(size, fill_value, dtype=None, layout=None, device=None, pin_memory=None):
     # the meta kernel's dtype (bool, int64 or the default float for a number) is applied after
     return mx.full([int(s) for s in size], fill_value, dtype=dtype)
+
+
+# Compiled graphs only (eagerly torch's composite, empty + fill_, as above). Without it a graph
+# holding one (transformers' sdpa mask: where(mask, 0.0, -inf) makes two a layer) was split
+# around it, the scalars made eagerly every call.
+@lowering("scalar_tensor", eager=False)
+def scalar_tensor(s, dtype=None, layout=None, device=None, pin_memory=None):
+    return mx.array(s, dtype=_dtype_or_default(dtype))
 
 
 # Compiled graphs only: eager empty* are native (csrc/memory_ops.cpp). Inside an MLX graph an
