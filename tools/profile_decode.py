@@ -117,6 +117,16 @@ def main():
     timed(MLXAttentionImpl, "forward", "attention")
     timed(mx, "eval", "eval")  # every wait for MLX's results made through mx.eval
     timed(mx, "async_eval", "launch")  # hands the graph to MLX: on a GPU, encodes its kernels
+    # full device waits (the KV write's retry when its buffer could not be lent, csrc bridge)
+    timed(mx, "synchronize", "synchronize")
+    from torch_mlx import _C as _c
+    _scatter = _c.scatter_in_place
+
+    def scatter_in_place(*a, **k):  # in-place KV writes: lent, or refused (None)
+        result = _scatter(*a, **k)
+        COUNTS["kv_write_lent" if result is not None else "kv_write_refused"] += 1
+        return result
+    _c.scatter_in_place = scatter_in_place
 
     compilation = {"splitting_ops": ["vllm::unified_attention_with_output"]} \
         if args.piecewise else None
@@ -183,6 +193,10 @@ def main():
               f"output wait (sampled ids to the host) {ms.get('output_wait', 0.0):7.2f} ms")
     if args.device_wait:
         print(f"  device wait after forward and sampling {ms.get('device_wait', 0.0):7.2f} ms")
+    calls = result["calls_per_step"]
+    print(f"  mx.synchronize {ms.get('synchronize', 0.0):7.2f} ms ({calls.get('synchronize', 0):.1f} "
+          f"calls); in-place KV writes a step: {calls.get('kv_write_lent', 0):.1f} lent, "
+          f"{calls.get('kv_write_refused', 0):.1f} refused")
     print(f"  mx.eval (waits for MLX, inside the parts above) {ms.get('eval', 0.0):7.2f} ms "
           f"({result['calls_per_step'].get('eval', 0):.1f} calls)")
     print(f"  results evaluated and waited for one by one (eager ops, the forward's outputs; "
