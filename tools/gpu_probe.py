@@ -149,25 +149,41 @@ case(8, 7168, 1024, 64)  # Mixtral-like w13 at a quarter width, 32 tokens x top-
 # A decode step of a 16-layer, hidden-1536 bf16 Llama written in plain MLX (mlx-lm's ops:
 # rms_norm, GEMVs, fast.rope, fast SDPA over a fixed KV, SiLU MLP), with its weights in three
 # kinds of memory: MLX-made (device memory on CUDA), MLX-made from host data (managed memory),
-# and torch_mlx storages bridged with to_mlx (what vllm_metal's compiled forward reads). Times
-# per step: recording the graph, mx.async_eval (encoding the kernels), waiting. If the torch
-# storages launch slower, the cost is in how their arrays are made or released, not in the graph.
+# and torch_mlx storages bridged with to_mlx (what vllm_metal's compiled forward reads); then
+# with the MLP mx.compiled, and the whole step as one mx.compile (vllm_metal's segments are
+# mx.compile'd). Times per step: recording the graph, mx.async_eval (encoding the kernels),
+# waiting. Tells which of these makes a step's launch slow.
 import time, numpy as np
 L, H, F, NH, KVH, D, T = 16, 1536, 4096, 12, 2, 128, 256
 def mlx_made(shape):
     return (mx.random.normal(shape) * 0.02).astype(mx.bfloat16)
 def host_made(shape):
     return mx.array((np.random.randn(*shape) * 0.02).astype(np.float32)).astype(mx.bfloat16)
+keep = []
 def torch_made(shape):
     t = (torch.randn(*shape, device="mlx") * 0.02).to(torch.bfloat16)
     keep.append(t)
     return lambda: torch_mlx.to_mlx(t)  # bridged anew every step, as MlxGraph.forward does
-keep = []
 def mlp(h, wg, wu, wd):
     g = h @ wg.T
     return (mx.sigmoid(g) * g * (h @ wu.T)) @ wd.T
 compiled_mlp = mx.compile(mlp)
-def run(kind, make, compiled=False):
+def layer(x, k, v, wq, wk, wv, wo, wg, wu, wd, n1, n2, mlp_fn=mlp):
+    h = mx.fast.rms_norm(x, n1, 1e-6)
+    q = (h @ wq.T).reshape(1, 1, NH, D).transpose(0, 2, 1, 3)
+    kk = (h @ wk.T).reshape(1, 1, KVH, D).transpose(0, 2, 1, 3)
+    q = mx.fast.rope(q, D, traditional=False, base=10000.0, scale=1.0, offset=T - 1)
+    kk = mx.fast.rope(kk, D, traditional=False, base=10000.0, scale=1.0, offset=T - 1)
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
+    x = x + o.transpose(0, 2, 1, 3).reshape(1, 1, NH * D) @ wo.T
+    h = mx.fast.rms_norm(x, n2, 1e-6)
+    return x + mlp_fn(h, wg, wu, wd)
+def whole(x, k, v, *flat):
+    for i in range(L):
+        x = layer(x, k, v, *flat[9 * i: 9 * i + 9])
+    return x
+compiled_whole = mx.compile(whole)
+def run(kind, make, mode="plain"):
     ws = [[make(s) for s in [(NH*D, H), (KVH*D, H), (KVH*D, H), (H, NH*D), (F, H), (F, H), (H, F), (H,), (H,)]]
           for _ in range(L)]
     mx.eval([w for l in ws for w in l if isinstance(w, mx.array)])
@@ -177,30 +193,27 @@ def run(kind, make, compiled=False):
     rec = lau = wai = 0.0; n = 40 if mx.default_device() == mx.gpu else 2
     for i in range(n + 5):
         t0 = time.perf_counter()
-        x = x0
-        for l in ws:
-            wq, wk, wv, wo, wg, wu, wd, n1, n2 = (get(w) for w in l)
-            h = mx.fast.rms_norm(x, n1, 1e-6)
-            q = (h @ wq.T).reshape(1, 1, NH, D).transpose(0, 2, 1, 3)
-            kk = (h @ wk.T).reshape(1, 1, KVH, D).transpose(0, 2, 1, 3)
-            q = mx.fast.rope(q, D, traditional=False, base=10000.0, scale=1.0, offset=T - 1)
-            kk = mx.fast.rope(kk, D, traditional=False, base=10000.0, scale=1.0, offset=T - 1)
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
-            x = x + o.transpose(0, 2, 1, 3).reshape(1, 1, NH * D) @ wo.T
-            h = mx.fast.rms_norm(x, n2, 1e-6)
-            x = x + (compiled_mlp if compiled else mlp)(h, wg, wu, wd)
+        if mode == "whole":
+            x = compiled_whole(x0, k, v, *(get(w) for l in ws for w in l))
+        else:
+            x = x0
+            for l in ws:
+                x = layer(x, k, v, *(get(w) for w in l),
+                          mlp_fn=compiled_mlp if mode == "mlp" else mlp)
         t1 = time.perf_counter(); mx.async_eval(x); t2 = time.perf_counter(); mx.eval(x)
         t3 = time.perf_counter()
         if i >= 5:
             rec += t1 - t0; lau += t2 - t1; wai += t3 - t2
-    print(f"{kind:32s} record {rec/n*1e3:6.3f} ms  launch {lau/n*1e3:6.3f} ms  "
+    print(f"{kind:44s} record {rec/n*1e3:6.3f} ms  launch {lau/n*1e3:6.3f} ms  "
           f"wait {wai/n*1e3:6.3f} ms a step")
 run("MLX-made weights", mlx_made)
 run("MLX-made from host data", host_made)
 run("torch_mlx storages (to_mlx)", torch_made)
 run("MLX-made weights, again", mlx_made)
-run("MLX-made weights, MLP mx.compiled", mlx_made, compiled=True)
-run("torch_mlx storages, MLP mx.compiled", torch_made, compiled=True)
+run("MLX-made weights, MLP mx.compiled", mlx_made, "mlp")
+run("torch_mlx storages, MLP mx.compiled", torch_made, "mlp")
+run("MLX-made weights, whole step mx.compiled", mlx_made, "whole")
+run("torch_mlx storages, whole step mx.compiled", torch_made, "whole")
 """,
 }
 
