@@ -84,8 +84,18 @@ class _Supported(OperatorSupportBase):
     def is_node_supported(self, submodules, node: fx.Node) -> bool:
         if node.op != "call_function":
             return False
+        if _makes_tensor_off_mlx(node):  # a factory for the CPU (say): torch runs it eagerly
+            return False
         return (_size_op(node.target) is not None or _node_lowering(node) is not None
                 or _input_write(node))
+
+
+def _makes_tensor_off_mlx(node: fx.Node) -> bool:
+    """A node whose value torch's trace puts on another device than "mlx" (``torch.tensor(2.0)``
+    on the CPU): an MLX graph would return it on "mlx"."""
+    vals = node.meta.get("val")
+    vals = vals if isinstance(vals, (list, tuple)) else [vals]
+    return any(isinstance(v, torch.Tensor) and v.device.type != "mlx" for v in vals)
 
 
 def _const_to_mx(x):
@@ -310,7 +320,11 @@ class MlxGraph(torch.nn.Module):
         buffers = []
         mx_inputs = []
         for i, t in enumerate(inputs):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 0:
+                # a CPU scalar (made outside the graph: _makes_tensor_off_mlx) combines with
+                # "mlx" tensors as in eager torch
+                mx_inputs.append(_constant_array(t))
+            elif isinstance(t, torch.Tensor):
                 if t.device.type != "mlx":
                     raise RuntimeError(f"torch_mlx.compile: graph input on {t.device}; the mlx "
                                        f"backend runs graphs whose tensors are on 'mlx'")

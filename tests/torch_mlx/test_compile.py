@@ -247,6 +247,20 @@ def test_where_with_numbers_stays_one_graph():
     assert seen == []
 
 
+def test_tensors_made_for_the_cpu_stay_on_the_cpu():
+    """A factory for another device inside a graph (``torch.tensor(2.5)`` is a CPU scalar) runs
+    as torch runs it; the CPU scalar still combines with "mlx" tensors in the MLX graph."""
+    def f(x):
+        s = torch.ops.aten.scalar_tensor.default(2.5)
+        return x * s, s, torch.ops.aten.scalar_tensor.default(3.0, device=x.device)
+
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="mlx")(torch.arange(3.0, device="mlx"))
+    assert [o.device.type for o in got] == ["mlx", "cpu", "mlx"]
+    torch.testing.assert_close(got[0].cpu(), torch.tensor([0.0, 2.5, 5.0]))
+    assert got[1].item() == 2.5 and got[2].item() == 3.0
+
+
 class _ScatterSpy:
     """torch_mlx._C with scatter_in_place counted: lent (in place) or refused (None)."""
 
