@@ -293,14 +293,13 @@ bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || stat
         [ -x "$KIT/spy/bin/py-spy" ] || python3 -m pip install -q --no-index --no-deps \
           --target "$KIT/spy" "$KIT"/wheels/py_spy-*.whl
         local spy="$KIT/spy/bin/py-spy"
-        # SIGINT at the limit: py-spy writes what it sampled (killed by SIGTERM it writes nothing)
-        timeout -s INT -k 20 200 "$spy" record --native -r 50 -f raw \
-          -o "$LOG/pyspy_vllm_metal.txt" -- \
-          python3 tools/profile_decode.py --model "$model" --dtype bfloat16 --tokens 960 \
-            --batch 1 --json "$LOG/profile_pyspy_b1.json" >>"$LOG/profile.log" 2>&1 || status=1
-        timeout -s INT -k 20 120 "$spy" record --native -r 50 -f raw -o "$LOG/pyspy_mlx_lm.txt" -- \
-          python3 -m mlx_lm generate --model "$model" --prompt "hello world" --max-tokens 1000 \
-            --ignore-chat-template >>"$LOG/profile.log" 2>&1 || status=1
+        # attached after each warm-up (tools/pyspy_self.py): under py-spy from the start, vLLM's
+        # start-up alone outlasted 200 s and mlx-lm's samples were its first-use JIT (tenth visit)
+        timeout -s INT -k 20 240 python3 tools/profile_decode.py --model "$model" \
+          --dtype bfloat16 --tokens 960 --batch 1 --pyspy "$LOG/pyspy_vllm_metal.txt" \
+          --pyspy-bin "$spy" --json "$LOG/profile_pyspy_b1.json" >>"$LOG/profile.log" 2>&1 || status=1
+        timeout -s INT -k 20 120 python3 tools/pyspy_mlx_lm.py --model "$model" \
+          --out "$LOG/pyspy_mlx_lm.txt" --pyspy-bin "$spy" >>"$LOG/profile.log" 2>&1 || status=1
         for f in vllm_metal mlx_lm; do
           [ -f "$LOG/pyspy_$f.txt" ] || continue
           python3 tools/pyspy_summary.py "$LOG/pyspy_$f.txt" --top 45 --focus async_eval \

@@ -35,6 +35,7 @@ prompt's prefill) is included: with a 16-token prompt and 64 tokens it is a smal
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -82,6 +83,10 @@ def main():
     parser.add_argument("--async-scheduling", action="store_true",
                         help="vLLM's async scheduling (with TORCH_MLX_ASYNC=1 to overlap)")
     parser.add_argument("--json")
+    parser.add_argument("--pyspy", metavar="OUT",
+                        help="sample the measured generation's native stacks with py-spy "
+                             "(attached after the warm-up) into OUT (raw format)")
+    parser.add_argument("--pyspy-bin", default="py-spy")
     args = parser.parse_args()
     from bench_decode import make_bench_model
 
@@ -145,9 +150,14 @@ def main():
     from torch_mlx import _C
 
     _C.host_wait_stats(True)
-    start = time.perf_counter()
-    llm.generate([prompt] * args.batch, params, use_tqdm=False)
-    wall = time.perf_counter() - start
+    sampling = contextlib.nullcontext()
+    if args.pyspy:
+        import pyspy_self
+        sampling = pyspy_self.sampled(args.pyspy, args.pyspy_bin)
+    with sampling:
+        start = time.perf_counter()
+        llm.generate([prompt] * args.batch, params, use_tqdm=False)
+        wall = time.perf_counter() - start
     evals, eval_s, waits, wait_s = _C.host_wait_stats(True)
     if profiler is not None:
         profiler.__exit__(None, None, None)
