@@ -226,6 +226,7 @@ c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset) {
   ctx->buffer = arr.buffer();
   ctx->byte_offset = byte_offset;
   ctx->owner = arr.data_shared_ptr();
+  ctx->exposed = true;
   void* data = static_cast<char*>(buffer_address(ctx->buffer)) + byte_offset;
   return {data, ctx, &delete_storage_ctx, c10::Device(c10::DeviceType::PrivateUse1, 0)};
 }

@@ -141,6 +141,7 @@ mx::array tensor_to_array(const at::Tensor& t) {
   const c10::Storage& storage = t.storage();
   StorageCtx& ctx = storage_ctx(storage);
   settle_write(ctx);
+  ctx.exposed = true;
   // The array's deleter holds a reference to the torch storage: the bytes stay valid until both
   // the torch side and every array over them are gone.
   c10::intrusive_ptr<c10::StorageImpl> keep = c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(
@@ -244,6 +245,7 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
   mx::array result = mx::scatter(lent, indices, updates, axes);  // may throw: nothing lent yet
   ctx.holder.reset();  // `lent`, an input of `result` only, is the buffer's sole owner now
   ctx.pending_write = result;
+  ctx.exposed = true;
   return result;
 }
 

@@ -28,6 +28,12 @@ struct StorageCtx {
   std::optional<mlx::core::array> pending_write;
   // Under async launch (csrc/launch.h): the array whose GPU work writes the bytes, while it runs.
   std::optional<mlx::core::array> producer;
+  // Whether MLX may hold an array over these bytes: set when one is made from the storage
+  // (to_mlx, a lent write) and for storages made from arrays. Until then no launched kernel can
+  // read them (MLX recycles a buffer only after the kernels using it have finished), so the host
+  // writes a fresh allocator storage (torch.arange, zeros, a copy from the CPU) without waiting
+  // for the GPU (launch.cpp host_data).
+  bool exposed = false;
 };
 
 c10::Allocator* mlx_allocator();

@@ -78,6 +78,28 @@ _C.host_wait_stats(True)
 torch.Event(device="mlx", enable_timing=True).record()
 assert _C.host_wait_stats(True)[2] == 1
 """,
+    # host writes into fresh storages (arange, zeros, a copy from the CPU) do not wait for
+    # launched work: no kernel can read bytes MLX never had an array over; a host write into a
+    # storage launched work reads still waits, and every value is right
+    "fresh_storage_host_writes_do_not_wait": """
+a = torch.randn(512, 512, device="mlx") / 23
+torch.mlx.synchronize()
+y = a
+for _ in range(8):
+    y = y @ a
+_C.host_wait_stats(True)
+r = torch.arange(1000, device="mlx")
+z = torch.zeros(300, device="mlx")
+c = torch.full((7,), 2.5).to("mlx")
+assert _C.host_wait_stats(True)[2] == 0
+torch.testing.assert_close(r.cpu(), torch.arange(1000))
+assert z.cpu().eq(0).all() and c.cpu().eq(2.5).all()
+w = r * 2  # launched: reads r
+r.fill_(7)  # so this host write waits for it
+assert _C.host_wait_stats(True)[2] == 1
+torch.testing.assert_close(w.cpu(), torch.arange(1000) * 2)
+torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
+""",
     # a stream query answers from the launched results, without waiting: not done while a chain
     # of products runs (a few hundred ms on the CPU backend), done once it has finished
     "stream_query_sees_launches": """
