@@ -264,6 +264,8 @@ class MetalPlatform(Platform):
         from . import shutdown
 
         shutdown.install()
+        # at exit, the engine client's output thread ends before the interpreter finalizes
+        shutdown.join_output_threads_at_exit()
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config) -> None:

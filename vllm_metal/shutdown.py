@@ -23,6 +23,8 @@ platform-specific; tests/vllm_metal/test_faults.py covers it.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 _MARK = "_vllm_metal_fails_requests_in_flight"
 
@@ -62,3 +64,30 @@ def install() -> None:
 
     setattr(shutdown, _MARK, True)
     AsyncLLM.shutdown = shutdown
+
+
+# At interpreter exit. vLLM's engine client shuts down from a weakref.finalize run at exit
+# (MPClient's ``resources``), which only signals its output thread ("EngineCoreOutputQueueThread",
+# a daemon) to stop. The thread's frame still holds the last decoded outputs; for a pooling
+# model they are tensors over the ZMQ frames (torch.frombuffer), whose deleter takes the GIL. When
+# the thread ends while the interpreter is finalizing, that deleter is unwound by the thread's
+# forced exit and the process aborts ("terminate called without an active exception", SIGABRT
+# after the program's last line: 2 of 6 `LLM.embed` scripts here). Joining the thread before
+# finalization lets it end, and free its outputs, normally. exit finalizers run newest first, so
+# this one, made before the client's, runs after the client's has sent the stop.
+_EXIT_SENTINEL = type("_ExitSentinel", (), {})()
+_exit_join = None
+
+
+def _join_output_threads(timeout: float = 5.0) -> None:
+    for thread in threading.enumerate():
+        if thread.name == "EngineCoreOutputQueueThread" and thread.is_alive():
+            thread.join(timeout)
+
+
+def join_output_threads_at_exit() -> None:
+    """Make the exit finalizer above once (idempotent); call before an engine client exists."""
+    global _exit_join
+    if _exit_join is None:
+        _exit_join = weakref.finalize(_EXIT_SENTINEL, _join_output_threads)
+

@@ -173,3 +173,38 @@ def test_overload_preempts_and_every_output_equals_the_request_alone(model):
         print(f"{preemptions:.0f} preemptions")
     finally:
         server.stop()
+
+
+_EXIT_ORDER = """
+import threading, time, weakref
+from vllm_metal import shutdown
+
+shutdown.join_output_threads_at_exit()  # as the platform does, before any engine client
+stop = threading.Event()
+
+def output_thread():  # vLLM's: stops when the client's exit finalizer signals it
+    stop.wait()
+    time.sleep(0.3)  # its last outputs being freed
+    print("output thread ended", flush=True)
+
+threading.Thread(target=output_thread, name="EngineCoreOutputQueueThread", daemon=True).start()
+
+class Client:
+    pass
+
+client = Client()  # alive until exit, like an LLM held by a script
+weakref.finalize(client, stop.set)
+print("script done", flush=True)
+"""
+
+
+def test_engine_output_thread_ends_before_the_interpreter_finalizes():
+    # A pooling script (LLM.embed) aborted after its last line in 2 of 6 runs: vLLM's output
+    # thread, stopped at exit, freed its torch.frombuffer outputs while the interpreter was
+    # finalizing. The platform's exit finalizer joins it after the client's has stopped it.
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _EXIT_ORDER], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == "script done output thread ended".split(), done.stdout
