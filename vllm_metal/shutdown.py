@@ -90,4 +90,3 @@ def join_output_threads_at_exit() -> None:
     global _exit_join
     if _exit_join is None:
         _exit_join = weakref.finalize(_EXIT_SENTINEL, _join_output_threads)
-

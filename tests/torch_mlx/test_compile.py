@@ -175,76 +175,68 @@ def test_uncompiled_lowering_runs_between_compiled_segments_in_one_graph(pipelin
     assert _UNCOMPILED_CALLS[-1] is mx.array
 
 
-def test_assignment_into_a_slice_is_lowered():
-    """``q[..., n:] = rope(q[..., n:])`` (DeepSeek's MLA attention) reaches the graph as
-    aten.copy + aten.slice_scatter: both lowered, so the graph stays one MLX function."""
+def _record_graph_nodes(monkeypatch):
+    """compile_fx_graph spied on: the call_function targets of every graph the backend gets,
+    and those it cannot lower (each splits the graph into MLX partitions and eager ops)."""
     from torch_mlx import compile as mlx_compile
 
+    calls, unsupported = [], []
+    original = mlx_compile.compile_fx_graph
+
+    def spy(gm, example_inputs):
+        support = mlx_compile._Supported()
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                calls.append(str(n.target))
+                if not support.is_node_supported({}, n):
+                    unsupported.append(str(n.target))
+        return original(gm, example_inputs)
+
+    monkeypatch.setattr(mlx_compile, "compile_fx_graph", spy)
+    return calls, unsupported
+
+
+def test_assignment_into_a_slice_is_lowered(monkeypatch):
+    """``q[..., n:] = rope(q[..., n:])`` (DeepSeek's MLA attention) reaches the graph as
+    aten.copy + aten.slice_scatter: both lowered, so the graph stays one MLX function."""
     def f(q, pe, every_other):
         q = q * 2
         q[..., 4:] = q[..., 4:] * pe
         q[:, ::2] = every_other
         return q + 1
 
-    seen = []
-    original = mlx_compile.compile_fx_graph
-
-    def spy(gm, example_inputs):
-        support = mlx_compile._Supported()
-        seen.extend(str(n.target) for n in gm.graph.nodes
-                    if n.op == "call_function" and not support.is_node_supported({}, n))
-        return original(gm, example_inputs)
-
-    mlx_compile.compile_fx_graph = spy
-    try:
-        torch._dynamo.reset()
-        g = torch.compile(f, backend="mlx")
-        for n in (3, 5, 1):
-            q, pe = torch.randn(n, 4, 12), torch.randn(n, 4, 8)
-            every_other = torch.randn(n, 2, 12)
-            expected = f(q.clone(), pe, every_other)
-            got = g(q.to("mlx"), pe.to("mlx"), every_other.to("mlx"))
-            torch.testing.assert_close(got.cpu(), expected)
-    finally:
-        mlx_compile.compile_fx_graph = original
-    assert seen == []
+    _, unsupported = _record_graph_nodes(monkeypatch)
+    torch._dynamo.reset()
+    g = torch.compile(f, backend="mlx")
+    for n in (3, 5, 1):
+        q, pe = torch.randn(n, 4, 12), torch.randn(n, 4, 8)
+        every_other = torch.randn(n, 2, 12)
+        expected = f(q.clone(), pe, every_other)
+        got = g(q.to("mlx"), pe.to("mlx"), every_other.to("mlx"))
+        torch.testing.assert_close(got.cpu(), expected)
+    assert unsupported == []
 
 
-def test_where_with_numbers_stays_one_graph():
+def test_where_with_numbers_stays_one_graph(monkeypatch):
     """``where(mask, 0.0, -inf)`` (transformers' sdpa mask, twice a layer) decomposes into
     aten.scalar_tensor, lowered for graphs: no split around eager scalars every call."""
-    from torch_mlx import compile as mlx_compile
-
     def f(x, mask):
         bias = torch.where(mask, 0.0, float("-inf")).to(x.dtype)
         return torch.softmax(x + bias, -1), torch.where(mask, x, -1.5)
 
-    seen, calls = [], []
-    original = mlx_compile.compile_fx_graph
-
-    def spy(gm, example_inputs):
-        support = mlx_compile._Supported()
-        calls.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        seen.extend(str(n.target) for n in gm.graph.nodes
-                    if n.op == "call_function" and not support.is_node_supported({}, n))
-        return original(gm, example_inputs)
-
-    mlx_compile.compile_fx_graph = spy
-    try:
-        torch._dynamo.reset()
-        g = torch.compile(f, backend="mlx")
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(3, 8, dtype=dtype)
-            mask = torch.rand(3, 8) > 0.3
-            mask[:, 0] = True
-            got = g(x.to("mlx"), mask.to("mlx"))
-            for a, b in zip(got, f(x, mask)):
-                assert a.dtype == b.dtype
-                torch.testing.assert_close(a.cpu(), b)
-    finally:
-        mlx_compile.compile_fx_graph = original
+    calls, unsupported = _record_graph_nodes(monkeypatch)
+    torch._dynamo.reset()
+    g = torch.compile(f, backend="mlx")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 8, dtype=dtype)
+        mask = torch.rand(3, 8) > 0.3
+        mask[:, 0] = True
+        got = g(x.to("mlx"), mask.to("mlx"))
+        for a, b in zip(got, f(x, mask)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.cpu(), b)
     assert "aten.scalar_tensor.default" in calls  # the decomposition this test is about
-    assert seen == []
+    assert unsupported == []
 
 
 def test_tensors_made_for_the_cpu_stay_on_the_cpu():
