@@ -31,24 +31,16 @@ def load(model_dir: str):
 def greedy(model_dir: str, prompt_ids: list[int], max_tokens: int):
     """mlx-lm's greedy continuation of exactly max_tokens tokens (EOS suppressed, as vLLM's
     min_tokens does), and the top-1 minus top-2 logit gap at each step."""
-    import importlib
-
-    # the module (the package's `generate` attribute is the function of that name)
-    generate_module = importlib.import_module("mlx_lm.generate")
     model, tokenizer = load(model_dir)
     eos = sorted(tokenizer.eos_token_ids)
     # The reference runs on MLX's CPU backend wherever the tests run. On MLX CUDA 0.32.4,
     # mlx-lm's float32 prefill of a group-128 checkpoint fails to launch (the quantized GEMM asks
     # for 64 KiB of shared memory past 32 rows: vllm_metal/ops/quantized.py works around it,
     # mlx-lm does not); MLX's CPU and GPU results for these files agree within 1.4e-5 (the
-    # device kit's qmodel probe). generate_step runs on its module's stream, made at import on
-    # the default device: swapped for a CPU stream for this call.
-    stream = generate_module.generation_stream
-    generate_module.generation_stream = _cpu_stream()
-    try:
-        return _greedy(model, prompt_ids, max_tokens, eos)
-    finally:
-        generate_module.generation_stream = stream
+    # device kit's qmodel probe). generate_step's `stream` defaults to a stream its module made
+    # at import on the default device (a default argument: rebinding the module's
+    # generation_stream does not reach it), so the CPU stream is passed explicitly.
+    return _greedy(model, prompt_ids, max_tokens, eos, _cpu_stream())
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +50,7 @@ def _cpu_stream():
     return mx.new_stream(mx.cpu)
 
 
-def _greedy(model, prompt_ids, max_tokens, eos):
+def _greedy(model, prompt_ids, max_tokens, eos, stream):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -68,7 +60,7 @@ def _greedy(model, prompt_ids, max_tokens, eos):
 
     tokens, gaps = [], []
     for token, logprobs in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens,
-                                         logits_processors=[suppress_eos]):
+                                         logits_processors=[suppress_eos], stream=stream):
         top2 = mx.topk(logprobs, 2).tolist()
         tokens.append(int(token))
         gaps.append(abs(top2[0] - top2[1]))
