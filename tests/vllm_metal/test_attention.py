@@ -70,27 +70,39 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
 
 @pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
 @pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (8, 1, 20)])
-@pytest.mark.parametrize("decodes", [1, 3])
+@pytest.mark.parametrize("decodes,consecutive", [(1, False), (1, True), (3, False), (3, True)])
 def test_gpu_decode_path_matches_reference(layout, heads, kv_heads, window, decodes,
-                                           monkeypatch):
+                                           consecutive, monkeypatch):
     """The GPU's decode attention, run on MLX's CPU by taking the GPU branch: one request
-    through mx.fast.scaled_dot_product_attention over its gathered blocks cut to its length and
-    window, several through the written-out path under the decode mask."""
-    from vllm_metal.attention import impl
+    through mx.fast.scaled_dot_product_attention over its blocks (read in place when they are
+    consecutive, else gathered) cut to its length and window, several through the written-out
+    path under the decode mask."""
+    from vllm_metal.attention import impl, paged
 
     monkeypatch.setattr(impl, "cpu_backend", lambda: False)
-    fused = impl.fused_decode_attention
-    calls = []
+    fused, gather = impl.fused_decode_attention, paged.gather_kv
+    calls, gathers = [], []
     monkeypatch.setattr(impl, "fused_decode_attention",
                         lambda *a, **k: calls.append(1) or fused(*a, **k))
-    check_mixed_batch(layout, heads, kv_heads, window, num_decodes=decodes)
+    monkeypatch.setattr(paged, "gather_kv", lambda *a, **k: gathers.append(1) or gather(*a, **k))
+    check_mixed_batch(layout, heads, kv_heads, window, num_decodes=decodes,
+                      consecutive=consecutive)
     assert len(calls) == (1 if decodes == 1 else 0)
+    if decodes == 1:  # the lone decode's keys: a slice of the cache when its blocks allow
+        assert len(gathers) == (0 if consecutive else 1)
 
 
-def place_requests(requests, num_blocks: int, gen: torch.Generator):
+def place_requests(requests, num_blocks: int, gen: torch.Generator, consecutive=False):
     """Random distinct cache blocks for each (context, new) request, block 0 left as vLLM's null
-    block: the block table [requests, width] and each request's slot of every position."""
+    block: the block table [requests, width] and each request's slot of every position.
+    ``consecutive``: the first request's blocks are b, b + 1, ... (the rest still random)."""
     free = torch.randperm(num_blocks - 1, generator=gen) + 1
+    if consecutive:
+        run = torch.arange(9, 9 + math.ceil(sum(requests[0]) / BLOCK_SIZE))
+        free = torch.cat([run, free[~torch.isin(free, run)]])
+    else:  # the shuffle must not make them consecutive by chance
+        first = free[:math.ceil(sum(requests[0]) / BLOCK_SIZE)]
+        assert len(first) < 2 or not bool((first.diff() == 1).all())
     width = max(math.ceil((c + n) / BLOCK_SIZE) for c, n in requests)
     block_table = torch.zeros(len(requests), width, dtype=torch.int32)
     slots = []
@@ -103,7 +115,8 @@ def place_requests(requests, num_blocks: int, gen: torch.Generator):
     return block_table, slots
 
 
-def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, num_decodes=3):
+def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, num_decodes=3,
+                      consecutive=False):
     gen = torch.Generator().manual_seed(0)
     head_size = 32
     # (context already cached, new tokens): the decodes first, as vLLM orders the batch.
@@ -111,7 +124,7 @@ def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, n
     requests = requests[3 - num_decodes:]
     num_blocks = 64
     cache = make_cache(num_blocks, kv_heads, head_size, layout)
-    block_table, request_slots = place_requests(requests, num_blocks, gen)
+    block_table, request_slots = place_requests(requests, num_blocks, gen, consecutive)
     full_k, full_v, queries, slots = [], [], [], []
     for (context, new), slot in zip(requests, request_slots):
         total = context + new
@@ -132,7 +145,7 @@ def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, n
         num_actual_tokens=len(query), num_decodes=num_decodes, query_start=query_start,
         seq_lens=np.array([c + n for c, n in requests]),
         block_table=torch_mlx.to_mlx(block_table.to("mlx")), slot_mapping=slot_mapping,
-        block_size=BLOCK_SIZE)
+        block_size=BLOCK_SIZE, block_table_tensor=block_table)
     scale = head_size ** -0.5
     impl = MLXAttentionImpl(heads, head_size, scale, kv_heads,
                             None if alibi is None else alibi.tolist(), window, "auto",

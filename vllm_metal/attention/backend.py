@@ -93,6 +93,8 @@ class MLXAttentionMetadata:
     block_table: mx.array  # [num_reqs, width], zero-copy view of the runner's block table
     slot_mapping: torch.Tensor  # [num_tokens] on "mlx": cache slot of each new token
     block_size: int
+    # the same table as a torch tensor, where the builder has it (read on the host on demand)
+    block_table_tensor: torch.Tensor | None = None
     _decode_masks: dict = field(default_factory=dict)
     _encoder_runs: dict = field(default_factory=dict)
 
@@ -122,6 +124,21 @@ class MLXAttentionMetadata:
         """Block-table columns that cover the longest decode request."""
         longest = int(self.seq_lens[: self.num_decodes].max())
         return -(-longest // self.block_size)
+
+    @functools.cached_property
+    def lone_decode_block_table(self) -> mx.array:
+        """[1, decode_blocks]: the one decode request's row (shared by all layers)."""
+        return self.block_table[:1, : self.decode_blocks]
+
+    @functools.cached_property
+    def decode_run_start(self) -> int | None:
+        """One decode request whose blocks are consecutive (b, b + 1, ...: as vLLM's block pool
+        hands out free blocks in order, the usual case): b, so attention reads them as one slice
+        of the cache instead of gathering (copying) them in every layer; else None."""
+        if self.num_decodes != 1 or self.block_table_tensor is None:
+            return None
+        blocks = host_view(self.block_table_tensor)[0, : self.decode_blocks]
+        return int(blocks[0]) if bool((np.diff(blocks) == 1).all()) else None
 
     def decode_mask(self, window: int | None) -> mx.array:
         """Shared by all layers with the same window."""
@@ -175,6 +192,7 @@ class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]
         query_start = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
         seq_lens = host_view(common.seq_lens[:num_reqs]).astype(np.int64)  # a copy
         query_lens = np.diff(query_start)
+        block_table = common.block_table_tensor[:num_reqs]
         not_decode = np.flatnonzero(query_lens != 1)
         num_decodes = int(not_decode[0]) if len(not_decode) else num_reqs
         return MLXAttentionMetadata(
@@ -182,7 +200,8 @@ class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]
             num_decodes=num_decodes,
             query_start=query_start,
             seq_lens=seq_lens,
-            block_table=to_mlx(common.block_table_tensor[:num_reqs]),
+            block_table=to_mlx(block_table),
+            block_table_tensor=block_table,
             slot_mapping=common.slot_mapping,
             block_size=self.kv_cache_spec.block_size,
         )

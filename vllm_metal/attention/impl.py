@@ -128,8 +128,8 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             # path (tools/gpu_encode_cost.py on the H100, 32 requests: 58 + 179 us a layer
             # against 44 + 115; one request: 11 + 13 against 46 + 6)
             outputs.append(fused_decode_attention(
-                decode_query, cache, md.block_table[:1, : md.decode_blocks], int(md.seq_lens[0]),
-                self.scale, self.head_size, self.sliding_window))
+                decode_query, cache, md.lone_decode_block_table, int(md.seq_lens[0]),
+                self.scale, self.head_size, self.sliding_window, md.decode_run_start))
         elif md.num_decodes:
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(decode_query, cache, block_table,

@@ -116,15 +116,30 @@ def decode_attention(query: mx.array, cache: mx.array, block_table: mx.array, ma
     return (probs @ values).reshape(num_reqs, query_heads, values.shape[-1])
 
 
+def consecutive_kv(cache: mx.array, first: int, num_blocks: int,
+                   head_size: int) -> tuple[mx.array, mx.array]:
+    """gather_kv of the blocks first, first + 1, ..., first + num_blocks - 1, as [1, H, n * BS,
+    D] views of the cache (in vLLM's token-major layout; a copy of those blocks in the other)."""
+    _, block_size, heads, content = cache.shape
+    blocks = cache[first: first + num_blocks].reshape(1, num_blocks * block_size, heads, content)
+    kv = blocks.swapaxes(-3, -2)
+    return kv[..., :head_size], kv[..., head_size:]
+
+
 def fused_decode_attention(query: mx.array, cache: mx.array, block_table: mx.array,
                            seq_len: int, scale: float, head_size: int,
-                           window: int | None) -> mx.array:
+                           window: int | None, run_start: int | None = None) -> mx.array:
     """One request's decode_attention through mx.fast.scaled_dot_product_attention, the GPU's
     way: MLX's fused decode kernel in place of the written-out scale, two products, mask,
     softmax and cast (each a kernel the host encodes: a small model's decode step on a GPU is
     bound by that, tools/gpu_encode_cost.py). query [1, Hq, D]; block_table [1, blocks]; the
-    keys are cut to the request's length and window, so no mask. Returns [1, Hq, Dv]."""
-    keys, values = gather_kv(cache, block_table, head_size)  # [1, H, S, D]
+    keys are cut to the request's length and window, so no mask. ``run_start``: the first
+    block when the request's blocks are consecutive (MLXAttentionMetadata.decode_run_start):
+    the keys are then read in place, with no gather. Returns [1, Hq, Dv]."""
+    if run_start is None:
+        keys, values = gather_kv(cache, block_table, head_size)  # [1, H, S, D]
+    else:
+        keys, values = consecutive_kv(cache, run_start, block_table.shape[-1], head_size)
     start = max(0, seq_len - window) if window is not None else 0
     keys, values = keys[..., start:seq_len, :], values[..., start:seq_len, :]
     out = mx.fast.scaled_dot_product_attention(query[:, :, None, :], keys, values, scale=scale)

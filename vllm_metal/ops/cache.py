@@ -99,12 +99,16 @@ def _scatter_rows(storage: torch.Tensor, kv_cache: mx.array, key: mx.array, valu
         key, value = key[pick], value[pick]
     rows = mx.concatenate([key, value], axis=2).astype(kv_cache.dtype)  # [T, H, Dk + Dv]
 
+    head_major = storage.is_contiguous()  # [B, H, N, C] in memory
+    # else vLLM's token-major layout, [B, N, H, C] in memory: one torch view (a dispatched op)
+    token_major = None if head_major else storage.transpose(1, 2)
+
     def scatter():
-        if storage.is_contiguous():  # [B, H, N, C] in memory
+        if head_major:
             return _C.scatter_in_place(storage, [blocks, offsets],
                                        rows.reshape(rows.shape[0], 1, heads, 1, width), [0, 2])
-        if storage.transpose(1, 2).is_contiguous():  # vLLM's token-major layout: [B, N, H, C]
-            result = _C.scatter_in_place(storage.transpose(1, 2), [blocks, offsets],
+        if token_major.is_contiguous():
+            result = _C.scatter_in_place(token_major, [blocks, offsets],
                                          rows.reshape(rows.shape[0], 1, 1, heads, width), [0, 1])
             # the logical view, read through the write
             return None if result is None else result.swapaxes(1, 2)
