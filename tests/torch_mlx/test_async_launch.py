@@ -100,6 +100,29 @@ assert _C.host_wait_stats(True)[2] == 1
 torch.testing.assert_close(w.cpu(), torch.arange(1000) * 2)
 torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
 """,
+    # eager casts, clones and .contiguous() of launched results are MLX ops, launched like any
+    # other: none waits for its input (through host memory each waited, and the CPU copied);
+    # a strided copy, a CPU -> "mlx" copy and a copy to the CPU still go through host memory
+    "copies_and_casts_are_launched": """
+a = torch.randn(256, 256, device="mlx") / 16
+torch.mlx.synchronize()
+y = a
+for _ in range(6):
+    y = y @ a
+_C.host_wait_stats(True)
+h = y.to(torch.bfloat16)
+f = h.float()
+c = y.clone()
+t = y.t().contiguous()
+i = (y * 100).to(torch.int32)
+assert _C.host_wait_stats(True)[2] == 0
+assert c.data_ptr() != y.data_ptr() and t.is_contiguous() and h.dtype == torch.bfloat16
+expected = torch.linalg.matrix_power(a.cpu(), 7)
+torch.testing.assert_close(c.cpu(), expected, rtol=1e-3, atol=1e-5)
+torch.testing.assert_close(t.cpu(), expected.t(), rtol=1e-3, atol=1e-5)
+torch.testing.assert_close(f.cpu(), expected.bfloat16().float(), rtol=1e-2, atol=1e-3)
+torch.testing.assert_close(i.cpu(), (y.cpu() * 100).to(torch.int32))
+""",
     # a stream query answers from the launched results, without waiting: not done while a chain
     # of products runs (a few hundred ms on the CPU backend), done once it has finished
     "stream_query_sees_launches": """

@@ -1785,17 +1785,45 @@ lowering("bitwise_right_shift.Tensor", "bitwise_right_shift.Tensor_Scalar",
 
 
 # ----------------------------------------------------------------------------------------------
-# Copies. In eager mode clone and _to_copy are torch's composites (empty + the native copy,
-# which keeps strides and converts dtypes exactly as the CPU does); in compiled graphs they are
-# MLX ops.
+# Copies. An eager clone or _to_copy that stays on "mlx" and gives a contiguous result is one MLX
+# copy or cast, launched like any op; the others run torch's composite (empty + the native copy
+# through host memory, which keeps a non-contiguous input's strides and converts complex and
+# conjugate views as the CPU does). Through host memory a GPU copy waits for its input and is
+# done by the CPU (x.float(), x.clone(), y.contiguous() of a transposed y).
 
 
-@lowering("clone", eager=False)
+def _copies_on_device(self, dtype=None, layout=None, device=None, pin_memory=None,
+                      non_blocking=False, memory_format=None):
+    # _to_copy reaches this kernel for a CPU tensor going to "mlx" too (the dispatcher counts
+    # the device argument)
+    if self.device.type != "mlx" or (device is not None and torch.device(device).type != "mlx"):
+        return False
+    if layout not in (None, torch.strided) or pin_memory or self.numel() == 0:
+        return False
+    if self.is_complex() or self.is_conj() or self.is_neg():
+        return False
+    if dtype is not None and (dtype.is_complex or dtype not in _registry.TORCH_TO_MX):
+        return False  # the composite raises torch_mlx's dtype error
+    fmt = memory_format or torch.preserve_format
+    return fmt == torch.contiguous_format or (fmt == torch.preserve_format and
+                                              self.is_contiguous())
+
+
+def _fresh_copy(x: mx.array) -> mx.array:
+    """x's elements in a new row-contiguous buffer. A select moves bits without arithmetic, so
+    every value (-0.0, NaN payloads, subnormals) is kept; mx.contiguous alone would share an
+    already contiguous input's buffer, and a clone must not."""
+    return mx.contiguous(mx.where(mx.array(True), x, x))
+
+
+@lowering("clone", eager=_copies_on_device)
 def clone(self, memory_format=None):
-    return mx.array(self)
+    return _fresh_copy(self)
 
 
-@lowering("_to_copy", eager=False)
+@lowering("_to_copy", eager=_copies_on_device)
 def to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
             memory_format=None):
-    return self.astype(dtype) if dtype is not None else mx.array(self)
+    if dtype is None or dtype == self.dtype:
+        return _fresh_copy(self)
+    return mx.contiguous(self.astype(dtype))  # a cast writes a new buffer

@@ -20,6 +20,7 @@ The compiled path (torch.compile backend "mlx") calls the same ``Lowering.fn``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Callable
 
@@ -71,7 +72,11 @@ class Lowering:
     fn: Callable
     promote: PROMOTE | None  # elementwise type promotion of the tensor/number inputs
     meta: bool  # run torch's meta kernel first (False for data-dependent output shapes)
-    eager: bool = True  # False: compiled graphs only (view ops, which eager runs natively in C++)
+    # False: compiled graphs only (view ops, which eager runs natively in C++). A predicate
+    # ``eager(*args, **kwargs) -> bool``: eager calls where it is true run the lowering, the
+    # others torch's CompositeExplicitAutograd kernel (ops whose composite is right everywhere
+    # but goes through host memory, where the common case is one MLX op: see eager_kernel).
+    eager: bool | Callable = True
     # True: half-precision inputs are promoted to float32 (torch's "opmath"). False: inputs are
     # cast to the result dtype, for ops whose CPU kernels round every step to half precision.
     opmath: bool = True
@@ -135,7 +140,7 @@ def lowering(*names: str, promote: PROMOTE | None = None, meta: bool = True,
                 raise RuntimeError(f"aten::{name} is lowered twice")
             TABLE[name] = Lowering(name, fn, promote, meta, eager, opmath, compiled, spec)
             if _registrar is not None and eager:  # a lowering added after import (a plugin's)
-                _registrar.functional(name, functional_kernel(overload(name), TABLE[name]))
+                _registrar.functional(name, eager_kernel(overload(name), TABLE[name]))
         return fn
 
     return register
@@ -528,6 +533,22 @@ def functional_kernel(op, low: Lowering):
     return kernel
 
 
+def eager_kernel(op, low: Lowering):
+    """The eager kernel of a lowering: functional_kernel, or, where ``low.eager`` is a predicate,
+    that kernel for the calls it accepts and torch's composite kernel for the rest."""
+    kernel = functional_kernel(op, low)
+    if low.eager is True:
+        return kernel
+    accepts = low.eager
+    composite = functools.partial(op._op_dk, torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def guarded(*args, **kwargs):
+        return (kernel if accepts(*args, **kwargs) else composite)(*args, **kwargs)
+
+    guarded.__name__ = kernel.__name__
+    return guarded
+
+
 def inplace_kernel(op_inplace, functional_op):
     """``self.op_(...)``: torch's in-place checks, the functional result, then a copy into self."""
 
@@ -756,7 +777,7 @@ class Registrar:
             self.impl(name, fn)
         for name, low in TABLE.items():
             if low.eager:
-                self.functional(name, functional_kernel(overload(name), low))
+                self.functional(name, eager_kernel(overload(name), low))
         _registrar = self  # lowerings registered from now on (plugins) are bound at once
 
 
