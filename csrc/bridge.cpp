@@ -249,11 +249,11 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
   return result;
 }
 
-at::Tensor cpu_alias(const at::Tensor& t) {
+at::Tensor cpu_alias(const at::Tensor& t, bool for_write) {
   TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
               "cpu_alias expects an 'mlx' tensor, got one on ", t.device());
   c10::Storage keep = t.storage();
-  host_data(keep);  // waits for the GPU; the storage's address may move (launch.h)
+  host_data(keep, for_write);  // waits for the GPU; the storage's address may move (launch.h)
   auto options = t.options().device(c10::kCPU);
   if (!t.storage().data()) {
     return at::empty_strided(t.sizes(), t.strides(), options);

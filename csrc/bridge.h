@@ -23,7 +23,8 @@ mlx::core::array tensor_to_array(const at::Tensor& t);
 at::Tensor array_to_tensor(mlx::core::array arr);
 
 // A CPU tensor aliasing the bytes of an "mlx" tensor (unified memory); keeps the storage alive.
-at::Tensor cpu_alias(const at::Tensor& t);
+// for_write=false: for reading only (see host_data).
+at::Tensor cpu_alias(const at::Tensor& t, bool for_write = true);
 
 // An in-place scatter into an "mlx" tensor, as a lazy MLX node: mx::scatter(t, indices,
 // updates, axes) whose result shares t's buffer, O(updates) when evaluated. MLX writes an op's

@@ -176,12 +176,13 @@ void* buffer_address(mx::allocator::Buffer buffer) {
   return buffer.raw_ptr();
 }
 
-void* host_data(const c10::Storage& storage) {
+void* host_data(const c10::Storage& storage, bool for_write) {
   StorageCtx& ctx = storage_ctx(storage);
   if (ctx.buffer.ptr() == nullptr) return storage.mutable_data();
   // A launched kernel may still read the bytes a host write replaces: wait for all launched
-  // work, unless MLX never had an array over this storage (StorageCtx::exposed)
-  if (ctx.exposed) wait_for_launches();
+  // work, unless MLX never had an array over this storage (StorageCtx::exposed) or the host
+  // only reads
+  if (ctx.exposed && for_write) wait_for_launches();
   settle_write(ctx);
   if (ctx.producer) {  // the storage's own writer, whichever stream it ran on
     Timed timed{g_wait_count, g_wait_ns};

@@ -54,6 +54,8 @@ void* buffer_address(mlx::core::allocator::Buffer buffer);
 
 // Makes the storage's bytes host-accessible (waiting for launches, moving device memory to
 // managed memory on MLX CUDA) and returns the storage's data pointer, rebased if it moved.
-void* host_data(const c10::Storage& storage);
+// for_write=false: the host only reads the bytes, so launched kernels that read them too are
+// not waited for; the storage's own writer still is.
+void* host_data(const c10::Storage& storage, bool for_write = true);
 
 }  // namespace torch_mlx

@@ -87,8 +87,13 @@ NB_MODULE(_C, m) {
 
   m.def(
       "cpu_alias",
-      [](nb::handle t) { return wrap(translate([&] { return cpu_alias(as_tensor(t, "cpu_alias")); })); },
-      nb::arg("tensor"), "A CPU tensor over the same bytes as an 'mlx' tensor.");
+      [](nb::handle t, bool writes) {
+        return wrap(translate([&] { return cpu_alias(as_tensor(t, "cpu_alias"), writes); }));
+      },
+      nb::arg("tensor"), nb::arg("writes") = true,
+      "A CPU tensor over the same bytes as an 'mlx' tensor. writes=False: the caller only reads "
+      "it, so kernels still running that only read the bytes are not waited for (the tensor's "
+      "own writer is).");
 
   m.def(
       "buffer_address",

@@ -14,11 +14,15 @@ import torch
 from torch_mlx import _C
 
 
-def host_view(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy array over ``tensor``'s bytes ("mlx" or CPU), no copy."""
+def host_view(tensor: torch.Tensor, writes: bool = True) -> np.ndarray:
+    """A numpy array over ``tensor``'s bytes ("mlx" or CPU), no copy. ``writes=False``: a
+    read-only view, which does not wait for launched kernels that only read the bytes."""
     if tensor.device.type == "mlx":
-        tensor = _C.cpu_alias(tensor)
-    return tensor.numpy()
+        tensor = _C.cpu_alias(tensor, writes)
+    view = tensor.numpy()
+    if not writes:
+        view.flags.writeable = False
+    return view
 
 
 def compute_slot_mapping(
@@ -30,9 +34,10 @@ def compute_slot_mapping(
     PAD_ID for the tail up to max_num_tokens (vllm.v1.worker.block_table's kernel)."""
     if TOTAL_CP_WORLD_SIZE != 1:
         raise NotImplementedError("context parallelism is not supported on mlx")
-    query_start = host_view(query_start_loc_ptr).astype(np.int64)
-    positions = host_view(positions_ptr)[:num_tokens]
-    block_table = host_view(block_table_ptr)
+    # inputs read on the host (launched kernels that read them too need no wait)
+    query_start = host_view(query_start_loc_ptr, writes=False).astype(np.int64)
+    positions = host_view(positions_ptr, writes=False)[:num_tokens]
+    block_table = host_view(block_table_ptr, writes=False)
     requests = np.repeat(np.arange(len(query_start) - 1), np.diff(query_start))
     block_size = KV_CACHE_BLOCK_SIZE
     blocks = block_table[requests, positions // block_size].astype(np.int64)

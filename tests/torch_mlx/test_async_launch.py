@@ -123,6 +123,27 @@ torch.testing.assert_close(t.cpu(), expected.t(), rtol=1e-3, atol=1e-5)
 torch.testing.assert_close(f.cpu(), expected.bfloat16().float(), rtol=1e-2, atol=1e-3)
 torch.testing.assert_close(i.cpu(), (y.cpu() * 100).to(torch.int32))
 """,
+    # a read-only host alias (cpu_alias(t, writes=False)) does not wait for launched kernels
+    # that only read t; one of a tensor still being computed waits for it, and a writable
+    # alias still waits for t's readers
+    "read_only_alias_waits_only_for_the_writer": """
+t = torch.arange(1 << 16, dtype=torch.float32, device="mlx")
+a = torch.randn(512, 512, device="mlx") / 23
+torch.mlx.synchronize()
+y = a
+for _ in range(8):
+    y = y @ a
+u = t * 2  # launched: reads t
+_C.host_wait_stats(True)
+assert _C.cpu_alias(t, writes=False)[7].item() == 7.0
+assert _C.host_wait_stats(True)[2] == 0
+assert _C.cpu_alias(u, writes=False)[7].item() == 14.0  # u's own writer: waited for
+assert _C.host_wait_stats(True)[2] == 1
+v = t + 1
+_C.cpu_alias(t)  # may be written: waits for v, which reads t
+assert _C.host_wait_stats(True)[2] == 1
+torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
+""",
     # a stream query answers from the launched results, without waiting: not done while a chain
     # of products runs (a few hundred ms on the CPU backend), done once it has finished
     "stream_query_sees_launches": """

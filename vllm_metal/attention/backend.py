@@ -137,7 +137,8 @@ class MLXAttentionMetadata:
         of the cache instead of gathering (copying) them in every layer; else None."""
         if self.num_decodes != 1 or self.block_table_tensor is None:
             return None
-        blocks = host_view(self.block_table_tensor)[0, : self.decode_blocks]
+        # read only: host-written, never by a kernel, so launched readers need no wait
+        blocks = host_view(self.block_table_tensor, writes=False)[0, : self.decode_blocks]
         return int(blocks[0]) if bool((np.diff(blocks) == 1).all()) else None
 
     def decode_mask(self, window: int | None) -> mx.array:
@@ -190,7 +191,7 @@ class MLXAttentionMetadataBuilder(AttentionMetadataBuilder[MLXAttentionMetadata]
             raise NotImplementedError("non-causal decoder attention is not supported on mlx")
         num_reqs = common.num_reqs
         query_start = common.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-        seq_lens = host_view(common.seq_lens[:num_reqs]).astype(np.int64)  # a copy
+        seq_lens = host_view(common.seq_lens[:num_reqs], writes=False).astype(np.int64)  # a copy
         query_lens = np.diff(query_start)
         block_table = common.block_table_tensor[:num_reqs]
         not_decode = np.flatnonzero(query_lens != 1)
