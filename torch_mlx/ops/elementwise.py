@@ -1816,14 +1816,19 @@ def _fresh_copy(x: mx.array) -> mx.array:
     return mx.contiguous(mx.where(mx.array(True), x, x))
 
 
+# Inside a compiled graph (tracing) a copy is the value itself: no kernel, and the graph's
+# wrapper copies an output that would share an input's buffer.
+
+
 @lowering("clone", eager=_copies_on_device)
 def clone(self, memory_format=None):
-    return _fresh_copy(self)
+    return mx.array(self) if tracing() else _fresh_copy(self)
 
 
 @lowering("_to_copy", eager=_copies_on_device)
 def to_copy(self, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
             memory_format=None):
     if dtype is None or dtype == self.dtype:
-        return _fresh_copy(self)
-    return mx.contiguous(self.astype(dtype))  # a cast writes a new buffer
+        return mx.array(self) if tracing() else _fresh_copy(self)
+    cast = self.astype(dtype)  # a cast writes a new buffer
+    return cast if tracing() else mx.contiguous(cast)
