@@ -27,6 +27,8 @@ query's row, so the softmax is the same; ``k - q`` keeps the bias at most 0. Sco
 are float32 (a bias of a few hundred in bfloat16 would be off by whole units), so ALiBi layers
 take the written-out paths.
 """
+import math
+
 import mlx.core as mx
 import numpy as np
 
@@ -37,11 +39,16 @@ def gather_kv(cache: mx.array, block_ids: mx.array, head_size: int) -> tuple[mx.
     ``cache`` is one layer's cache seen token-major, ``[num_blocks, BS, H, Dk + Dv]``: in vLLM's
     LBNHC layout that view is contiguous, so the gather copies whole blocks (about 6x faster on
     the CPU than gathering through the head-major view, whose elements are strided)."""
-    lead = block_ids.shape[:-1]
-    num_blocks = block_ids.shape[-1]
-    _, block_size, heads, content = cache.shape
     blocks = mx.take(cache, block_ids.reshape(-1), axis=0)  # [prod(lead) * n, BS, H, C]
-    kv = blocks.reshape(*lead, num_blocks * block_size, heads, content).swapaxes(-3, -2)
+    return _split_kv(blocks, block_ids.shape[:-1], head_size)
+
+
+def _split_kv(blocks: mx.array, lead: tuple, head_size: int) -> tuple[mx.array, mx.array]:
+    """Blocks [prod(lead) * n, BS, H, Dk + Dv], n per leading index, as keys and values
+    [*lead, H, n * BS, D]."""
+    _, block_size, heads, content = blocks.shape
+    tokens = blocks.shape[0] // math.prod(lead) * block_size
+    kv = blocks.reshape(*lead, tokens, heads, content).swapaxes(-3, -2)
     return kv[..., :head_size], kv[..., head_size:]
 
 
@@ -120,10 +127,7 @@ def consecutive_kv(cache: mx.array, first: int, num_blocks: int,
                    head_size: int) -> tuple[mx.array, mx.array]:
     """gather_kv of the blocks first, first + 1, ..., first + num_blocks - 1, as [1, H, n * BS,
     D] views of the cache (in vLLM's token-major layout; a copy of those blocks in the other)."""
-    _, block_size, heads, content = cache.shape
-    blocks = cache[first: first + num_blocks].reshape(1, num_blocks * block_size, heads, content)
-    kv = blocks.swapaxes(-3, -2)
-    return kv[..., :head_size], kv[..., head_size:]
+    return _split_kv(cache[first: first + num_blocks], (1,), head_size)
 
 
 def fused_decode_attention(query: mx.array, cache: mx.array, block_table: mx.array,
