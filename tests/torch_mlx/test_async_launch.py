@@ -13,6 +13,16 @@ ASYNC_ENV = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD=
 PRELUDE = """
 import torch, torch_mlx
 from torch_mlx import _C
+
+def launched_products(size, scale, steps):
+    # a random a (waited for), then a @ a @ ... (steps + 1 factors) launched and not waited for:
+    # work that keeps MLX busy while a check runs
+    a = torch.randn(size, size, device="mlx") / scale
+    torch.mlx.synchronize()
+    y = a
+    for _ in range(steps):
+        y = y @ a
+    return a, y
 """
 
 CHECKS = {
@@ -82,11 +92,7 @@ assert _C.host_wait_stats(True)[2] == 1
     # launched work: no kernel can read bytes MLX never had an array over; a host write into a
     # storage launched work reads still waits, and every value is right
     "fresh_storage_host_writes_do_not_wait": """
-a = torch.randn(512, 512, device="mlx") / 23
-torch.mlx.synchronize()
-y = a
-for _ in range(8):
-    y = y @ a
+a, y = launched_products(512, 23, 8)
 _C.host_wait_stats(True)
 r = torch.arange(1000, device="mlx")
 z = torch.zeros(300, device="mlx")
@@ -104,11 +110,7 @@ torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=
     # other: none waits for its input (through host memory each waited, and the CPU copied);
     # a strided copy, a CPU -> "mlx" copy and a copy to the CPU still go through host memory
     "copies_and_casts_are_launched": """
-a = torch.randn(256, 256, device="mlx") / 16
-torch.mlx.synchronize()
-y = a
-for _ in range(6):
-    y = y @ a
+a, y = launched_products(256, 16, 6)
 _C.host_wait_stats(True)
 h = y.to(torch.bfloat16)
 f = h.float()
@@ -128,11 +130,7 @@ torch.testing.assert_close(i.cpu(), (y.cpu() * 100).to(torch.int32))
     # alias still waits for t's readers
     "read_only_alias_waits_only_for_the_writer": """
 t = torch.arange(1 << 16, dtype=torch.float32, device="mlx")
-a = torch.randn(512, 512, device="mlx") / 23
-torch.mlx.synchronize()
-y = a
-for _ in range(8):
-    y = y @ a
+a, y = launched_products(512, 23, 8)
 u = t * 2  # launched: reads t
 _C.host_wait_stats(True)
 assert _C.cpu_alias(t, writes=False)[7].item() == 7.0
