@@ -99,6 +99,28 @@ void check_shape(const mx::array& result, nb::handle shape, const char* op_name)
   throw nb::python_error();
 }
 
+// torch's meta kernel gives a result's strides; MLX picks its own. They agree wherever a
+// dimension has more than one element, except after ops whose layout MLX chooses differently
+// (left as MLX made them). On a size-1 dimension the stride addresses nothing, but torch's
+// choice is visible: dynamo guards on it (a clone(memory_format=contiguous_format) that kept
+// an input's stride there recompiled transformers' generate graph every step), and so do
+// OpInfo's stride checks. So size-1 strides follow torch's.
+void adopt_size_one_strides(at::Tensor& t, nb::handle strides) {
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(strides.ptr());
+  if (ndim != t.dim()) return;
+  std::vector<int64_t> torch_strides(ndim);
+  bool differ = false;
+  for (Py_ssize_t d = 0; d < ndim; ++d) {
+    torch_strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
+    if (torch_strides[d] == t.stride(d)) continue;
+    if (t.size(d) != 1) return;
+    differ = true;
+  }
+  if (differ) {
+    t.unsafeGetTensorImpl()->set_sizes_and_strides(t.sizes(), torch_strides, t.storage_offset());
+  }
+}
+
 // One argument as a lowering sees it.
 nb::object to_lowering_arg(nb::handle obj, nb::list& buffers, nb::handle fallback) {
   PyObject* p = obj.ptr();
@@ -200,7 +222,7 @@ void register_adapter(nb::module_& m) {
   m.def(
       "wrap_result",
       [](mx::array result, nb::handle shape, std::optional<mx::Dtype> dtype, nb::list buffers,
-         const char* op_name) {
+         const char* op_name, nb::handle strides) {
         if (!shape.is_none()) check_shape(result, shape, op_name);
         if (dtype && result.dtype() != *dtype) result = mx::astype(result, *dtype);
         at::Tensor t;
@@ -214,13 +236,15 @@ void register_adapter(nb::module_& m) {
         if (aliases(t, buffers) || at::has_internal_overlap(t) == at::MemOverlap::Yes) {
           t = translate([&] { return t.clone(at::MemoryFormat::Contiguous); });
         }
+        if (!strides.is_none()) adopt_size_one_strides(t, strides);
         return nb::steal(wrap_tensor(std::move(t)));
       },
       nb::arg("result"), nb::arg("shape").none(), nb::arg("dtype").none(), nb::arg("buffers"),
-      nb::arg("op_name"),
+      nb::arg("op_name"), nb::arg("strides").none() = nb::none(),
       "An mx.array result as an 'mlx' tensor, checked against torch's shape and cast to its "
       "dtype (each when given); a dense copy when it is the buffer of one of the inputs or has "
-      "stride-0 (overlapping) dimensions.");
+      "stride-0 (overlapping) dimensions. strides (torch's, from its meta kernel) are taken "
+      "where they differ from MLX's only on dimensions of size 1.");
 }
 
 }  // namespace torch_mlx

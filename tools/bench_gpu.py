@@ -70,8 +70,11 @@ if device == "mlx":
 model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.bfloat16).to(device).eval()
 kwargs = dict(do_sample=False)
 if mode == "compiled":
-    config = CompileConfig(backend="mlx", fullgraph=False, dynamic=False, mode=None)
-    config._compile_all_devices = True  # transformers compiles on its own list of devices only
+    if device == "mlx":
+        config = CompileConfig(backend="mlx", fullgraph=False, dynamic=False, mode=None)
+        config._compile_all_devices = True  # transformers compiles on its own devices only
+    else:  # transformers' default: inductor, CUDA graphs ("reduce-overhead"), one full graph
+        config = CompileConfig()
     kwargs.update(cache_implementation="static", compile_config=config)
 else:
     kwargs.update(disable_compile=True)
@@ -184,6 +187,9 @@ def main() -> int:
     engines = {
         "mlx_lm": MLX_LM.format(**fmt),
         "torch_cuda": TRANSFORMERS.format(device="cuda", mode="eager", **fmt),
+        # the same compiled generate on torch CUDA: what transformers' own loop allows there
+        "torch_cuda_compiled": TRANSFORMERS.format(device="cuda", mode="compiled",
+                                                   **dict(fmt, batch=0)),
         "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
         # transformers' eager ops around the compiled step (~500 a step) launched unwaited
@@ -210,7 +216,7 @@ def main() -> int:
     end = time.monotonic() + args.deadline if args.deadline else None
     for name in args.engines.split(","):
         left = args.timeout if end is None else min(args.timeout, end - time.monotonic())
-        if name == "torch_cuda" and not torch.cuda.is_available():
+        if name.startswith("torch_cuda") and not torch.cuda.is_available():
             result[name] = {"skipped": "torch has no CUDA device here"}
         elif left < 30:
             result[name] = {"skipped": f"--deadline {args.deadline:.0f} s reached"}
@@ -240,7 +246,8 @@ def summarize(result: dict) -> None:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
                             for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_async",
-                                      "mlx_compiled_sync", "torch_cuda", "vllm_metal",
+                                      "mlx_compiled_sync", "torch_cuda", "torch_cuda_compiled",
+                                      "vllm_metal",
                                       "vllm_metal_eager", "vllm_metal_async", "vllm_metal_sync",
                                       "vllm_metal_async_sched")
                             if "batch1_tok_s" in result.get(k, {})}

@@ -97,6 +97,24 @@ def test_a_result_with_broadcast_strides_is_made_dense():
                                    torch.mvlgamma((base.abs() + 2).expand(3, 1, 3), p))
 
 
+def test_size_one_strides_are_torchs():
+    # MLX keeps an input's stride on a size-1 dimension (it addresses nothing); torch's result
+    # strides there are visible to dynamo's guards and stride checks, so they must be torch's.
+    # A slice of a growing sequence, as transformers' generate feeds each decode step:
+    calls = [lambda t: t + 1, torch.exp, lambda t: t.clone(memory_format=torch.contiguous_format),
+             torch.clone, lambda t: t.float(), lambda t: t.to(torch.int32),
+             lambda t: t.sum(-1, keepdim=True), lambda t: t * t]
+    for shape, cut in (((1, 80), (slice(None), slice(-1, None))),
+                       ((2, 40, 1), (slice(None), slice(-1, None)))):
+        cpu = torch.arange(80.0).reshape(shape)[cut]
+        on_mlx = torch.arange(80.0, device="mlx").reshape(shape)[cut]
+        assert on_mlx.stride() == cpu.stride()
+        for call in calls:
+            expected, actual = call(cpu), call(on_mlx)
+            assert actual.stride() == expected.stride(), (shape, expected.stride())
+            torch.testing.assert_close(actual.cpu(), expected)
+
+
 def test_a_result_of_the_wrong_shape_is_a_lowering_bug():
     x = torch.arange(6.0).to("mlx")
     expected = r"wrong_shape returned shape \(12,\), torch expects \(6,\)"

@@ -83,7 +83,11 @@ def test_llama_greedy_generation_matches_cpu():
 def test_llama_compiled_static_cache_generation_matches_cpu():
     """transformers' compiled decoding (a static KV cache, one captured graph a step) on
     torch.compile(backend="mlx"): the cache's index_copy_ is written inside the graph; two
-    generations in a row check that the cache is reset and reused."""
+    generations in a row check that the cache is reset and reused. Every decode step reuses
+    one graph: the step's input_ids, ``clone(memory_format=contiguous_format)`` of a slice of
+    the growing sequence, must have torch's strides, or dynamo recompiles at each step until
+    its limit and then runs the model eagerly."""
+    from torch._dynamo.utils import counters
     from transformers.generation import CompileConfig
 
     model = _tiny_llama("sdpa")
@@ -96,10 +100,12 @@ def test_llama_compiled_static_cache_generation_matches_cpu():
     with torch.no_grad():
         expected = model.generate(**prompt, **kwargs)
         device_model = copy.deepcopy(model).to("mlx")
+        graphs = counters["stats"]["unique_graphs"]
         for _ in range(2):
             actual = device_model.generate(**_on("mlx", prompt), cache_implementation="static",
                                            compile_config=config, **kwargs)
             assert actual.cpu().tolist() == expected.tolist()
+    assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

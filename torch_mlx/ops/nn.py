@@ -1178,7 +1178,7 @@ def _multi_margin_terms(self, target, p, margin, weight):
 def _multi_margin_loss_spec(spec, self, target, p=1, margin=1, weight=None, reduction=1):
     """The CPU kernel gives the unreduced loss the target's shape: () for a 0-d target (one
     unbatched sample). torch's meta kernel, its decomposition, gives (1,)."""
-    return ((), spec[1]) if reduction == 0 and target.dim() == 0 else spec
+    return ((), spec[1], ()) if reduction == 0 and target.dim() == 0 else spec
 
 
 @lowering("multi_margin_loss", spec=_multi_margin_loss_spec)
@@ -1223,8 +1223,8 @@ def _multilabel_active(self, target):
 def _multilabel_margin_loss_spec(spec, self, target, reduction):
     """The CPU kernel gives an unbatched (0-d or 1-d) input's unreduced loss shape ();
     torch's meta kernel, its decomposition, gives (1,)."""
-    (_, loss_dtype), is_target = spec
-    return (((), loss_dtype), is_target) if reduction == 0 and self.dim() < 2 else spec
+    (_, loss_dtype, _), is_target = spec
+    return (((), loss_dtype, ()), is_target) if reduction == 0 and self.dim() < 2 else spec
 
 
 @lowering("multilabel_margin_loss_forward", spec=_multilabel_margin_loss_spec)

@@ -84,8 +84,8 @@ class Lowering:
     # calls in the same lazy graph, because it reads state that changes per call (vLLM's
     # attention reads the step's metadata and KV cache).
     compiled: bool = True
-    # spec(meta_spec, *args, **kwargs) -> spec: the CPU kernel's result (shape, dtype) where
-    # torch's meta kernel for the op (a Python decomposition) gives another one; eager only.
+    # spec(meta_spec, *args, **kwargs) -> spec: the CPU kernel's result (shape, dtype, strides)
+    # where torch's meta kernel for the op (a Python decomposition) gives another; eager only.
     spec: Callable | None = None
 
 
@@ -336,7 +336,8 @@ def _number_tensors(op, margs, mkwargs, args, kwargs):
 
 
 def _wrap(result, spec, low: Lowering, buffers: list):
-    """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype) spec."""
+    """MLX result(s) -> "mlx" tensor(s), cast and checked against torch's (shape, dtype,
+    strides) spec."""
     if isinstance(result, (tuple, list)):
         meta_ran = isinstance(spec, tuple) and bool(spec) and isinstance(spec[0], tuple)
         specs = spec if meta_ran else [None] * len(result)
@@ -348,8 +349,9 @@ def _wrap(result, spec, low: Lowering, buffers: list):
         return None
     if not isinstance(result, mx.array):
         result = mx.array(result)
-    shape, dtype = spec if spec is not None else (None, None)
-    return _C.wrap_result(result, shape, dtype and to_mx_dtype(dtype), buffers, low.name)
+    shape, dtype, strides = spec if spec is not None else (None, None, None)
+    return _C.wrap_result(result, shape, dtype and to_mx_dtype(dtype), buffers, low.name,
+                          strides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def _key_of(x):
 
 def _spec_of(meta_out):
     if isinstance(meta_out, torch.Tensor):
-        return (tuple(meta_out.shape), meta_out.dtype)
+        return (tuple(meta_out.shape), meta_out.dtype, meta_out.stride())
     if isinstance(meta_out, (tuple, list)):
         return tuple(_spec_of(m) for m in meta_out)
     return None

@@ -196,7 +196,7 @@ def unfold_mx(self, dimension, size, step):
 def _unfold_backward_spec(spec, grad_in, input_sizes, dim, size, step):
     """The gradient of a 0-d input is 0-d on the CPU; torch's meta kernel, its decomposition,
     gives a size-0 window's gradient the shape (0,)."""
-    return ((), spec[1]) if len(input_sizes) == 0 else spec
+    return ((), spec[1], ()) if len(input_sizes) == 0 else spec
 
 
 @lowering("unfold_backward", spec=_unfold_backward_spec)
