@@ -111,6 +111,19 @@ def layer_parts(reps: int, dtype, batch: int) -> dict:
             mask=mask if batch > 1 else None)
         return out[:, :, 0, :]
 
+    calls = [0]
+
+    def fused_growing(q):
+        # requests of one length (a lone one, or a batch in lockstep): no mask, and the keys one
+        # longer at every call, as in decoding (a kernel planned per shape would pay each time)
+        calls[0] += 1
+        length = ctx - 3 - calls[0] % 200
+        keys = mx.take(cache, table.reshape(-1), axis=0).reshape(batch, ctx, hkv, 2 * hd)
+        keys = keys.swapaxes(1, 2)[..., :length, :]
+        out = mx.fast.scaled_dot_product_attention(
+            q[:, :, None, :], keys[..., :hd], keys[..., hd:], scale=scale)
+        return out[:, :, 0, :]
+
     def rope_written(q):
         cs = mx.take(cos_sin, positions, axis=0)[:, None, :]
         return apply_rotary(q, cs[..., : hd // 2], cs[..., hd // 2:], True)
@@ -120,6 +133,7 @@ def layer_parts(reps: int, dtype, batch: int) -> dict:
                             offset=positions)[:, :, 0, :]
 
     cases = {"attention_written": written, "attention_fused": fused,
+             "attention_fused_growing": fused_growing,
              "rope_written": rope_written, "rope_fused": rope_fused}
     return {name: _chain_cost(fn, q0, 16, reps) for name, fn in cases.items()}
 

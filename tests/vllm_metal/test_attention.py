@@ -70,13 +70,15 @@ def test_mixed_batch_matches_reference(layout, heads, kv_heads, window):
 
 @pytest.mark.parametrize("layout", ["LBNHC", "LBHNC"])
 @pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (8, 1, 20)])
-@pytest.mark.parametrize("decodes,consecutive", [(1, False), (1, True), (3, False), (3, True)])
+@pytest.mark.parametrize("decodes,consecutive,uniform", [
+    (1, False, False), (1, True, False), (3, False, False), (3, True, False), (3, False, True)])
 def test_gpu_decode_path_matches_reference(layout, heads, kv_heads, window, decodes,
-                                           consecutive, monkeypatch):
+                                           consecutive, uniform, monkeypatch):
     """The GPU's decode attention, run on MLX's CPU by taking the GPU branch: one request
     through mx.fast.scaled_dot_product_attention over its blocks (read in place when they are
-    consecutive, else gathered) cut to its length and window, several through the written-out
-    path under the decode mask."""
+    consecutive, else gathered) cut to its length and window; several of one length
+    (``uniform``) the same way over their gathered blocks; several of different lengths through
+    the written-out path under the decode mask."""
     from vllm_metal.attention import impl, paged
 
     monkeypatch.setattr(impl, "cpu_backend", lambda: False)
@@ -86,8 +88,8 @@ def test_gpu_decode_path_matches_reference(layout, heads, kv_heads, window, deco
                         lambda *a, **k: calls.append(1) or fused(*a, **k))
     monkeypatch.setattr(paged, "gather_kv", lambda *a, **k: gathers.append(1) or gather(*a, **k))
     check_mixed_batch(layout, heads, kv_heads, window, num_decodes=decodes,
-                      consecutive=consecutive)
-    assert len(calls) == (1 if decodes == 1 else 0)
+                      consecutive=consecutive, uniform=uniform)
+    assert len(calls) == (1 if decodes == 1 or uniform else 0)
     if decodes == 1:  # the lone decode's keys: a slice of the cache when its blocks allow
         assert len(gathers) == (0 if consecutive else 1)
 
@@ -116,12 +118,14 @@ def place_requests(requests, num_blocks: int, gen: torch.Generator, consecutive=
 
 
 def check_mixed_batch(layout, heads, kv_heads, window, sinks=None, alibi=None, num_decodes=3,
-                      consecutive=False):
+                      consecutive=False, uniform=False):
     gen = torch.Generator().manual_seed(0)
     head_size = 32
     # (context already cached, new tokens): the decodes first, as vLLM orders the batch.
     requests = [(37, 1), (5, 1), (64, 1), (0, 23), (40, 9), (17, 30), (0, 1)]
     requests = requests[3 - num_decodes:]
+    if uniform:  # the decodes hold one length (a batch decoding in lockstep)
+        requests[:num_decodes] = [(37, 1)] * num_decodes
     num_blocks = 64
     cache = make_cache(num_blocks, kv_heads, head_size, layout)
     block_table, request_slots = place_requests(requests, num_blocks, gen, consecutive)

@@ -126,6 +126,15 @@ class MLXAttentionMetadata:
         return -(-longest // self.block_size)
 
     @functools.cached_property
+    def uniform_decode_len(self) -> int | None:
+        """The decode requests' common sequence length, or None when their lengths differ
+        (a lone request; a batch decoding in lockstep from prompts of one length): equal
+        lengths need no mask, so attention can take MLX's fused kernel."""
+        lengths = self.seq_lens[: self.num_decodes]
+        return int(lengths[0]) if self.num_decodes and bool((lengths == lengths[0]).all()) \
+            else None
+
+    @functools.cached_property
     def lone_decode_block_table(self) -> mx.array:
         """[1, decode_blocks]: the one decode request's row (shared by all layers)."""
         return self.block_table[:1, : self.decode_blocks]

@@ -122,14 +122,17 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             outputs.append(_C.paged_decode_attention(
                 decode_query, kv_cache, md.decode_block_table, md.decode_seq_lens, self.scale,
                 self.sliding_window, self.head_size))
-        elif md.num_decodes == 1 and not written_out:
-            # one request: MLX's fused kernel over its keys. Several need the decode mask, and
-            # MLX CUDA's masked attention then launches and runs slower than the written-out
-            # path (tools/gpu_encode_cost.py on the H100, 32 requests: 58 + 179 us a layer
-            # against 44 + 115; one request: 11 + 13 against 46 + 6)
+        elif md.uniform_decode_len is not None and not written_out:
+            # one request, or requests of one length: MLX's fused kernel over their keys, cut
+            # to that length, with no mask. Requests of different lengths need the decode mask,
+            # and MLX CUDA's masked attention then launches and runs slower than the
+            # written-out path (tools/gpu_encode_cost.py on the H100, 32 requests: 58 + 179 us
+            # a layer against 44 + 115; one request: 11 + 13 against 46 + 6)
+            table = md.lone_decode_block_table if md.num_decodes == 1 else \
+                md.decode_block_table[:, : md.decode_blocks]
             outputs.append(fused_decode_attention(
-                decode_query, cache, md.lone_decode_block_table, int(md.seq_lens[0]),
-                self.scale, self.head_size, self.sliding_window, md.decode_run_start))
+                decode_query, cache, table, md.uniform_decode_len, self.scale, self.head_size,
+                self.sliding_window, md.decode_run_start))
         elif md.num_decodes:
             block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
             outputs.append(decode_attention(decode_query, cache, block_table,

@@ -133,15 +133,16 @@ def consecutive_kv(cache: mx.array, first: int, num_blocks: int,
 def fused_decode_attention(query: mx.array, cache: mx.array, block_table: mx.array,
                            seq_len: int, scale: float, head_size: int,
                            window: int | None, run_start: int | None = None) -> mx.array:
-    """One request's decode_attention through mx.fast.scaled_dot_product_attention, the GPU's
-    way: MLX's fused decode kernel in place of the written-out scale, two products, mask,
-    softmax and cast (each a kernel the host encodes: a small model's decode step on a GPU is
-    bound by that, tools/gpu_encode_cost.py). query [1, Hq, D]; block_table [1, blocks]; the
-    keys are cut to the request's length and window, so no mask. ``run_start``: the first
-    block when the request's blocks are consecutive (MLXAttentionMetadata.decode_run_start):
-    the keys are then read in place, with no gather. Returns [1, Hq, Dv]."""
+    """decode_attention of requests that all hold ``seq_len`` tokens, through
+    mx.fast.scaled_dot_product_attention, the GPU's way: MLX's fused decode kernel in place of
+    the written-out scale, two products, mask, softmax and cast (each a kernel the host encodes:
+    a small model's decode step on a GPU is bound by that, tools/gpu_encode_cost.py).
+    query [R, Hq, D]; block_table [R, blocks]; the keys are cut to the common length and
+    window, so no mask. ``run_start`` (one request): the first block when its blocks are
+    consecutive (MLXAttentionMetadata.decode_run_start): the keys are then read in place, with
+    no gather. Returns [R, Hq, Dv]."""
     if run_start is None:
-        keys, values = gather_kv(cache, block_table, head_size)  # [1, H, S, D]
+        keys, values = gather_kv(cache, block_table, head_size)  # [R, H, S, D]
     else:
         keys, values = consecutive_kv(cache, run_start, block_table.shape[-1], head_size)
     start = max(0, seq_len - window) if window is not None else 0
