@@ -53,7 +53,7 @@
 #   moe          tools/bench_moe.py (float32, then 4-bit): routed experts vs the dense MLP of equal
 #                active parameters at 1 and 32 sequences, on the GPU (needs .gpu/c held)
 #   census       tools/graph_census.py: the MLX primitives of one decode step, vllm_metal vs mlx-lm
-#                (census:32: at 32 sequences)
+#                (census:32: at 32 sequences; census:hf: transformers' compiled generate's graph)
 #   serve        tools/bench_serve.py: `vllm serve` vs mlx_lm.server on bench_gpu's 0.5B model
 #   bench        tools/bench_gpu.py (vllm_metal and transformers generate on "mlx" eager/compiled
 #                vs mlx-lm on MLX CUDA vs transformers on torch CUDA); bench:ENGINES picks some
@@ -330,13 +330,14 @@ bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || stat
       python3 tools/bench_moe.py --bits 4 --json "$LOG/moe_q4.json" >>"$LOG/moe.log" 2>&1 || status=1
       grep -vE '^(INFO|WARNING|DEBUG)' "$LOG/moe.log" | tail -40 ;;
     census|census:*)  # the MLX primitives of one decode step: vllm_metal's graph vs mlx-lm's,
-      # same model; census:32 at 32 sequences
-      local cmodel=models/bench-llama-16x1536-bf16 cbatch=${item#census}
+      # same model; census:32 at 32 sequences; census:hf transformers' compiled generate's graph
+      local cmodel=models/bench-llama-16x1536-bf16 cbatch=${item#census} cengine=both
       cbatch=${cbatch#:}; cbatch=${cbatch:-1}
+      [ "$cbatch" = hf ] && cengine=hf cbatch=1
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$cmodel', 16, 1536)" >>"$LOG/census.log" 2>&1 || status=1
-      python3 tools/graph_census.py --model "$cmodel" --batch "$cbatch" \
-        --json "$LOG/census_b$cbatch.json" >>"$LOG/census.log" 2>&1 || status=1
+      python3 tools/graph_census.py --model "$cmodel" --batch "$cbatch" --engine "$cengine" \
+        --json "$LOG/census_${cengine}_b$cbatch.json" >>"$LOG/census.log" 2>&1 || status=1
       grep -vE '^(\(|INFO|WARNING|DEBUG)' "$LOG/census.log" | tail -60 ;;
     serve)  # #16: `vllm serve` against mlx_lm.server on bench_gpu's model, concurrency 1 / 8 / 32
       local smodel=models/bench-llama-16x1536-bf16

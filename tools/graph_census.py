@@ -1,13 +1,15 @@
 """What one decode step asks of MLX: the primitives of vllm_metal's step graph vs mlx-lm's.
 
-    python tools/graph_census.py [--model DIR] [--batch 1] [--gpu-paths] [--json OUT]
+    python tools/graph_census.py [--model DIR] [--batch 1] [--gpu-paths]
+                                 [--engine both|vllm|mlx_lm|hf] [--json OUT]
 
 On a GPU a decode step of a small model is bound by how many kernels it launches and how long the
 host takes to record them, not by arithmetic (tools/profile_decode.py on the H100: a step costs the
 same at 1 and 32 sequences). This counts the nodes of the lazy MLX graph each engine hands to
 ``mx.eval``/``mx.async_eval`` for one decode step, by primitive (``mx.export_to_dot``), for
 vllm_metal's compiled forward (torch_mlx.compile.MlxGraph, captured at its 4th call: a decode
-step) and for mlx-lm's model called on one token with its KV cache, on the same checkpoint.
+step) and for mlx-lm's model called on one token with its KV cache, on the same checkpoint;
+``--engine hf``: transformers' compiled ``generate`` on "mlx" (its decode graph) beside mlx-lm.
 Views (reshape, slice, broadcast, ...) cost no kernel; the rest each launch about one (a
 ``Compiled`` node is one fused elementwise kernel).
 
@@ -87,6 +89,45 @@ def mlx_lm_step(model: str, batch: int) -> collections.Counter:
     return census([mx.argmax(logits, axis=-1)])
 
 
+def hf_step(model: str, batch: int) -> collections.Counter:
+    """The decode graph of transformers' compiled generate on "mlx" (a static cache,
+    ``CompileConfig(backend="mlx")``, as tools/bench_gpu.py's ``mlx_compiled``): the MLX graph
+    its last compiled call launches."""
+    import mlx.core as mx
+    import torch
+    from torch_mlx.compile import MlxGraph
+    from transformers import AutoModelForCausalLM
+    from transformers.generation import CompileConfig
+
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to("mlx").eval()
+    captured = []
+    original = MlxGraph.forward
+
+    def forward(self, *inputs):
+        real = mx.async_eval
+
+        def capture(arrays):
+            captured.append(census(arrays))
+            return real(arrays)
+        mx.async_eval = capture
+        try:
+            return original(self, *inputs)
+        finally:
+            mx.async_eval = real
+
+    MlxGraph.forward = forward
+    config = CompileConfig(backend="mlx", fullgraph=False, dynamic=False, mode=None)
+    config._compile_all_devices = True  # transformers compiles on its own devices only
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * batch, device="mlx")
+    with torch.no_grad():
+        net.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                     cache_implementation="static", compile_config=config, pad_token_id=0)
+    return captured[-1] if captured else collections.Counter()
+
+
+ENGINES = ("mlx_lm", "vllm_metal", "hf_compiled")
+
+
 def summary(counts: collections.Counter) -> dict:
     kernels = {k: v for k, v in counts.items() if k not in VIEWS}
     return {"nodes": sum(counts.values()), "kernel_nodes": sum(kernels.values()),
@@ -98,26 +139,27 @@ def main():
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-2x384-bf16"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gpu-paths", action="store_true")
-    parser.add_argument("--engine", choices=["both", "vllm", "mlx_lm"], default="both")
+    parser.add_argument("--engine", choices=["both", "vllm", "mlx_lm", "hf"], default="both",
+                        help="both: mlx_lm and vllm; hf: transformers' compiled generate on "
+                             '"mlx" and mlx_lm')
     parser.add_argument("--json")
     args = parser.parse_args()
     report = {"model": args.model, "batch": args.batch, "gpu_paths": args.gpu_paths}
-    if args.engine in ("both", "mlx_lm"):
+    if args.engine in ("both", "mlx_lm", "hf"):
         report["mlx_lm"] = summary(mlx_lm_step(args.model, args.batch))
     if args.engine in ("both", "vllm"):
         report["vllm_metal"] = summary(vllm_step(args.model, args.batch, args.gpu_paths))
-    names = sorted({k for e in ("mlx_lm", "vllm_metal") if e in report
-                    for k in report[e]["by_primitive"]},
-                   key=lambda k: -max(report[e]["by_primitive"].get(k, 0)
-                                      for e in ("mlx_lm", "vllm_metal") if e in report))
-    print(f"{'primitive':28s} {'mlx_lm':>8s} {'vllm_metal':>10s}")
+    if args.engine == "hf":
+        report["hf_compiled"] = summary(hf_step(args.model, args.batch))
+    shown = [e for e in ENGINES if e in report]
+    names = sorted({k for e in shown for k in report[e]["by_primitive"]},
+                   key=lambda k: -max(report[e]["by_primitive"].get(k, 0) for e in shown))
+    print(f"{'primitive':28s} " + " ".join(f"{e:>11s}" for e in shown))
     for k in names:
-        row = [report[e]["by_primitive"].get(k, 0) if e in report else "-"
-               for e in ("mlx_lm", "vllm_metal")]
-        print(f"{k + (' (view)' if k in VIEWS else ''):28s} {row[0]!s:>8s} {row[1]!s:>10s}")
+        print(f"{k + (' (view)' if k in VIEWS else ''):28s} "
+              + " ".join(f"{report[e]['by_primitive'].get(k, 0)!s:>11s}" for e in shown))
     for key in ("nodes", "kernel_nodes"):
-        print(f"{key:28s} " + " ".join(f"{report[e][key] if e in report else '-'!s:>8s}"
-                                       for e in ("mlx_lm", "vllm_metal")))
+        print(f"{key:28s} " + " ".join(f"{report[e][key]!s:>11s}" for e in shown))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
