@@ -39,6 +39,42 @@ def census(outputs) -> collections.Counter:
     return collections.Counter(re.findall(r'\[label ="([^"]+)"', f.getvalue()))
 
 
+class ForwardCensus:
+    """While entered, ``taken`` holds, once ``on`` is set, one census a call of
+    torch_mlx.compile.MlxGraph's forward: the graph of its last ``mx.async_eval`` (the
+    forward's outputs; an earlier launch in the same call starts part of that graph)."""
+
+    def __enter__(self):
+        import mlx.core as mx
+        from torch_mlx.compile import MlxGraph
+
+        self.taken, self.on = [], False
+        self._original = original = MlxGraph.forward
+        outer = self
+
+        def forward(graph, *inputs):
+            real, last = mx.async_eval, []
+
+            def capture(arrays):
+                if outer.on:
+                    last[:] = [census(arrays)]
+                return real(arrays)
+            mx.async_eval = capture
+            try:
+                return original(graph, *inputs)
+            finally:
+                mx.async_eval = real
+                outer.taken.extend(last)
+
+        MlxGraph.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        from torch_mlx.compile import MlxGraph
+
+        MlxGraph.forward = self._original
+
+
 def vllm_step(model: str, batch: int, gpu_paths: bool) -> collections.Counter:
     if gpu_paths:
         import vllm_metal.ops  # noqa: F401  (imports every module that imported cpu_backend)
@@ -46,33 +82,14 @@ def vllm_step(model: str, batch: int, gpu_paths: bool) -> collections.Counter:
             if name.startswith("vllm_metal") and hasattr(module, "cpu_backend"):
                 module.cpu_backend = lambda: False
     import vllm
-    from torch_mlx.compile import MlxGraph
 
-    captured = {}
-    calls = [0]
-    original = MlxGraph.forward
-
-    def forward(self, *inputs):
-        import mlx.core as mx
-
-        real = mx.async_eval
-        calls[0] += 1
-        if calls[0] == 4 and not captured:
-            def capture(arrays):
-                captured["census"] = census(arrays)
-                return real(arrays)
-            mx.async_eval = capture
-        try:
-            return original(self, *inputs)
-        finally:
-            mx.async_eval = real
-
-    MlxGraph.forward = forward
-    llm = vllm.LLM(model=model, max_model_len=256, max_num_seqs=max(batch, 1), seed=0)
-    calls[0] = 0  # start-up's compile and warm-up runs do not count
-    params = vllm.SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0)
-    llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * batch, params)
-    return captured.get("census", collections.Counter())
+    with ForwardCensus() as graphs:
+        llm = vllm.LLM(model=model, max_model_len=256, max_num_seqs=max(batch, 1), seed=0)
+        graphs.on = True  # start-up's compile and warm-up runs do not count
+        params = vllm.SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0)
+        llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8]}] * batch, params)
+    # the prompt's forward, then decode steps: the fourth is a decode step well under way
+    return graphs.taken[3] if len(graphs.taken) > 3 else collections.Counter()
 
 
 def mlx_lm_step(model: str, batch: int) -> collections.Counter:
@@ -93,36 +110,19 @@ def hf_step(model: str, batch: int) -> collections.Counter:
     """The decode graph of transformers' compiled generate on "mlx" (a static cache,
     ``CompileConfig(backend="mlx")``, as tools/bench_gpu.py's ``mlx_compiled``): the MLX graph
     its last compiled call launches."""
-    import mlx.core as mx
     import torch
-    from torch_mlx.compile import MlxGraph
     from transformers import AutoModelForCausalLM
     from transformers.generation import CompileConfig
 
     net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to("mlx").eval()
-    captured = []
-    original = MlxGraph.forward
-
-    def forward(self, *inputs):
-        real = mx.async_eval
-
-        def capture(arrays):
-            captured.append(census(arrays))
-            return real(arrays)
-        mx.async_eval = capture
-        try:
-            return original(self, *inputs)
-        finally:
-            mx.async_eval = real
-
-    MlxGraph.forward = forward
     config = CompileConfig(backend="mlx", fullgraph=False, dynamic=False, mode=None)
     config._compile_all_devices = True  # transformers compiles on its own devices only
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]] * batch, device="mlx")
-    with torch.no_grad():
+    with ForwardCensus() as graphs, torch.no_grad():
+        graphs.on = True
         net.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                      cache_implementation="static", compile_config=config, pad_token_id=0)
-    return captured[-1] if captured else collections.Counter()
+    return graphs.taken[-1] if graphs.taken else collections.Counter()
 
 
 ENGINES = ("mlx_lm", "vllm_metal", "hf_compiled")
