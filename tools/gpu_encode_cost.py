@@ -103,9 +103,12 @@ def layer_parts(reps: int, dtype, batch: int) -> dict:
     def written(q):
         return decode_attention(q, cache, table, mask, scale, hd)
 
+    def gathered():  # every request's blocks as [batch, H, ctx, K | V]
+        kv = mx.take(cache, table.reshape(-1), axis=0).reshape(batch, ctx, hkv, 2 * hd)
+        return kv.swapaxes(1, 2)
+
     def fused(q):
-        keys = mx.take(cache, table.reshape(-1), axis=0).reshape(batch, ctx, hkv, 2 * hd)
-        keys = keys.swapaxes(1, 2)
+        keys = gathered()
         out = mx.fast.scaled_dot_product_attention(
             q[:, :, None, :], keys[..., :hd], keys[..., hd:], scale=scale,
             mask=mask if batch > 1 else None)
@@ -118,8 +121,7 @@ def layer_parts(reps: int, dtype, batch: int) -> dict:
         # longer at every call, as in decoding (a kernel planned per shape would pay each time)
         calls[0] += 1
         length = ctx - 3 - calls[0] % 200
-        keys = mx.take(cache, table.reshape(-1), axis=0).reshape(batch, ctx, hkv, 2 * hd)
-        keys = keys.swapaxes(1, 2)[..., :length, :]
+        keys = gathered()[..., :length, :]
         out = mx.fast.scaled_dot_product_attention(
             q[:, :, None, :], keys[..., :hd], keys[..., hd:], scale=scale)
         return out[:, :, 0, :]

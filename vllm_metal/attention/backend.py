@@ -135,9 +135,10 @@ class MLXAttentionMetadata:
             else None
 
     @functools.cached_property
-    def lone_decode_block_table(self) -> mx.array:
-        """[1, decode_blocks]: the one decode request's row (shared by all layers)."""
-        return self.block_table[:1, : self.decode_blocks]
+    def decode_block_columns(self) -> mx.array:
+        """[num_decodes, decode_blocks]: the decode requests' rows, cut to the columns their
+        longest covers (the MLX attention paths' table, shared by all layers)."""
+        return self.block_table[: self.num_decodes, : self.decode_blocks]
 
     @functools.cached_property
     def decode_run_start(self) -> int | None:

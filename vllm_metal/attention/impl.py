@@ -128,14 +128,11 @@ class MLXAttentionImpl(AttentionImpl[MLXAttentionMetadata]):
             # and MLX CUDA's masked attention then launches and runs slower than the
             # written-out path (tools/gpu_encode_cost.py on the H100, 32 requests: 58 + 179 us
             # a layer against 44 + 115; one request: 11 + 13 against 46 + 6)
-            table = md.lone_decode_block_table if md.num_decodes == 1 else \
-                md.decode_block_table[:, : md.decode_blocks]
             outputs.append(fused_decode_attention(
-                decode_query, cache, table, md.uniform_decode_len, self.scale, self.head_size,
-                self.sliding_window, md.decode_run_start))
+                decode_query, cache, md.decode_block_columns, md.uniform_decode_len, self.scale,
+                self.head_size, self.sliding_window, md.decode_run_start))
         elif md.num_decodes:
-            block_table = md.block_table[: md.num_decodes, : md.decode_blocks]
-            outputs.append(decode_attention(decode_query, cache, block_table,
+            outputs.append(decode_attention(decode_query, cache, md.decode_block_columns,
                                             md.decode_mask(self.sliding_window), self.scale,
                                             self.head_size, self.soft_cap, sinks, self.alibi,
                                             md.decode_seq_lens))
