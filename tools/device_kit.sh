@@ -83,7 +83,7 @@ stage() {
   grep -qx '/.gpu/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu/' >>"$ROOT/.git/info/exclude"
   for w in "${WHEELS[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-      --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 \
+      --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
       --platform any -d "$STAGE/dl" "$w"
   done
   rm -f "$STAGE"/a/* "$STAGE"/b/*
