@@ -228,7 +228,7 @@ void register_adapter(nb::module_& m) {
         at::Tensor t;
         {
           nb::gil_scoped_release release;
-          t = translate([&] { return array_to_tensor(std::move(result)); });
+          t = translate([&] { return array_to_tensor(std::move(result), /*result=*/true); });
         }
         // A functional op must return fresh storage, not an input's buffer, and no element
         // twice: MLX gives an elementwise op on a broadcast input the input's stride-0 layout

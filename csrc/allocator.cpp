@@ -221,11 +221,16 @@ StorageCtx& storage_ctx(const c10::Storage& storage) {
   return *static_cast<StorageCtx*>(dp.get_context());
 }
 
-c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset) {
+c10::DataPtr data_ptr_for_array(const mx::array& arr, int64_t byte_offset, bool hold) {
   auto* ctx = new StorageCtx();
   ctx->buffer = arr.buffer();
   ctx->byte_offset = byte_offset;
-  ctx->owner = arr.data_shared_ptr();
+  if (hold) {
+    // the buffer only: the array's inputs (a graph still referenced) are not kept
+    ctx->holder = buffer_holder(arr);
+  } else {
+    ctx->owner = arr.data_shared_ptr();
+  }
   ctx->exposed = true;
   void* data = static_cast<char*>(buffer_address(ctx->buffer)) + byte_offset;
   return {data, ctx, &delete_storage_ctx, c10::Device(c10::DeviceType::PrivateUse1, 0)};

@@ -1,6 +1,7 @@
 #include "bridge.h"
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 
 #include <ATen/ATen.h>
@@ -169,7 +170,7 @@ mx::array tensor_to_array(const at::Tensor& t) {
   return out;
 }
 
-at::Tensor array_to_tensor(mx::array arr) {
+at::Tensor array_to_tensor(mx::array arr, bool result) {
   auto scalar_type = to_torch_dtype(arr.dtype());
   run_first_use_hook();
   auto options = at::TensorOptions().dtype(scalar_type).device(c10::DeviceType::PrivateUse1, 0);
@@ -192,13 +193,21 @@ at::Tensor array_to_tensor(mx::array arr) {
   }
   // Storage spans the whole buffer from its start, so views keep their offset and strides.
   size_t nbytes = arr.buffer_size();
-  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, data_ptr_for_array(arr, 0),
-                       mlx_allocator(), /*resizable=*/true);
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes,
+                       data_ptr_for_array(arr, 0, /*hold=*/result), mlx_allocator(),
+                       /*resizable=*/true);
   if (running) storage_ctx(storage).producer = arr;
   at::Tensor t = at::empty({0}, options);
   t.unsafeGetTensorImpl()->set_storage_keep_dtype(std::move(storage));
   t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, arr.offset() / itemsize);
   return t;
+}
+
+mx::array buffer_holder(const mx::array& arr) {
+  mx::array holder({1}, mx::uint8, nullptr, {});
+  holder.copy_shared_buffer(arr, {1}, {true, true, true}, 1, 0);
+  holder.set_status(mx::array::Status::available);
+  return holder;
 }
 
 void settle_write(StorageCtx& ctx) {
@@ -214,7 +223,7 @@ void settle_write(StorageCtx& ctx) {
               "torch_mlx internal error: an in-place write into an 'mlx' storage was done out "
               "of place (MLX did not donate the buffer); please report it with your MLX "
               "version");
-  ctx.holder = result;
+  ctx.holder = buffer_holder(result);  // not `result`: it keeps its inputs, the lent array too
   ctx.pending_write.reset();
 }
 
@@ -247,6 +256,109 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
   ctx.pending_write = result;
   ctx.exposed = true;
   return result;
+}
+
+namespace {
+
+// The array to lend a storage's buffer from, made its sole owner: the holder, or, while the
+// storage's own writer (an op's result) still shares the buffer, that writer, once the holder
+// is dropped. Empty (the storage unchanged) when another array holds the buffer too.
+std::optional<mx::array> take_buffer_owner(StorageCtx& ctx) {
+  if (!ctx.holder) return std::nullopt;
+  if (ctx.producer && ctx.producer->is_available()) {
+    // a finished writer: its array (and the launch record's copy) no longer holds the buffer
+    ctx.producer.reset();
+    launches_done();
+  }
+  if (ctx.holder->is_donatable()) {
+    std::optional<mx::array> owner = std::move(ctx.holder);
+    ctx.holder.reset();
+    return owner;
+  }
+  if (!ctx.producer || ctx.producer->buffer().ptr() != ctx.buffer.ptr()) return std::nullopt;
+  ctx.holder.reset();
+  if (!ctx.producer->is_donatable()) {
+    ctx.holder = buffer_holder(*ctx.producer);
+    return std::nullopt;
+  }
+  return ctx.producer;
+}
+
+std::atomic<uint64_t> g_device_writes{0};
+
+}  // namespace
+
+uint64_t device_write_count(bool reset) {
+  return reset ? g_device_writes.exchange(0) : g_device_writes.load();
+}
+
+bool write_in_place(const at::Tensor& dst, const mx::array& values) {
+  if (dst.numel() == 0 || !dst.is_privateuseone() || !dst.is_contiguous() || dst.is_conj() ||
+      dst.is_neg() || values.dtype() != to_mlx_dtype(dst.scalar_type())) {
+    return false;
+  }
+  StorageCtx& ctx = storage_ctx(dst.storage());
+  settle_write(ctx);
+  if (!ctx.holder || ctx.byte_offset != 0) return false;
+  // The lent array spans the whole buffer, so MLX's donation rule (sole owner, same item size,
+  // buffer at most 16 KiB past the result) holds for any contiguous range of it. MLX copies a
+  // one-element input as a scalar, never in place: a buffer of one element is lent as bytes.
+  const int64_t itemsize = dst.element_size();
+  const int64_t buffer_bytes = static_cast<int64_t>(mx::allocator::allocator().size(ctx.buffer));
+  const bool as_bytes = buffer_bytes / itemsize < 2;
+  const int64_t unit = as_bytes ? 1 : itemsize;
+  const int64_t n = buffer_bytes / unit;
+  const int64_t start = dst.storage_offset() * itemsize / unit;
+  const int64_t count = dst.numel() * itemsize / unit;
+  if (n < 2 || n > std::numeric_limits<int32_t>::max() || start + count > n) return false;
+  mx::Shape shape(dst.sizes().begin(), dst.sizes().end());
+  mx::array value = mx::reshape(mx::broadcast_to(values, shape), {-1});
+  if (as_bytes) value = mx::view(value, mx::uint8);
+
+  std::optional<mx::Event> writer;  // the storage's own writer, if it still runs
+  if (ctx.producer && !ctx.producer->is_available()) writer = ctx.producer->event();
+  std::optional<mx::array> owner = take_buffer_owner(ctx);
+  if (!owner) return false;
+  // The dynamic form of mx::slice_update: the static one returns the update itself (nothing
+  // written into the buffer) when it covers the whole array
+  mx::array result = [&] {
+    mx::array lent({static_cast<int32_t>(n)}, as_bytes ? mx::uint8 : value.dtype(), nullptr, {});
+    lent.copy_shared_buffer(*owner, {1}, {true, true, true}, static_cast<size_t>(n), 0);
+    owner.reset();
+    ctx.producer.reset();  // `lent`, an input of the write only, owns the buffer alone now
+    if (writer) {
+      lent.set_status(mx::array::Status::evaluated);  // ordered after the writer
+      lent.attach_event(*writer);
+    } else {
+      lent.set_status(mx::array::Status::available);
+    }
+    return mx::slice_update(lent, value, mx::array({static_cast<int32_t>(start)}), {0});
+  }();
+  ctx.exposed = true;
+  // MLX allocates (and donates) as it launches, on this thread, then detaches the write from
+  // its inputs: the buffer is the write's from here on
+  bool running = launch(result);
+  TORCH_CHECK(result.buffer().ptr() == ctx.buffer.ptr(),
+              "torch_mlx internal error: an in-place copy into an 'mlx' storage was done out "
+              "of place (MLX did not donate the buffer); please report it with your MLX "
+              "version");
+  ctx.holder = buffer_holder(result);
+  if (running) ctx.producer = result;
+  g_device_writes.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+bool host_write_would_wait(const at::Tensor& dst, const at::Tensor* src) {
+  auto running = [](const StorageCtx& ctx) {
+    return ctx.pending_write || (ctx.producer && !ctx.producer->is_available());
+  };
+  const StorageCtx& ctx = storage_ctx(dst.storage());
+  const bool src_running = src != nullptr && src->is_privateuseone() &&
+                           running(storage_ctx(src->storage()));
+  if (!running(ctx) && !src_running && !ctx.exposed) return false;  // a fresh storage
+  // (async_launch() after that: a bad TORCH_MLX_ASYNC is reported by the first op's lowering)
+  if (!async_launch()) return false;  // every result has finished before its op returned
+  return running(ctx) || src_running || !launches_done();
 }
 
 at::Tensor cpu_alias(const at::Tensor& t, bool for_write) {

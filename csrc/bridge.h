@@ -20,7 +20,9 @@ mlx::core::array tensor_to_array(const at::Tensor& t);
 
 // A tensor on "mlx" over the array's bytes; evaluates the array first. The storage keeps the
 // array's data alive. Arrays whose layout torch cannot express are made row-contiguous first.
-at::Tensor array_to_tensor(mlx::core::array arr);
+// result=true for an op's fresh result (data_ptr_for_array's hold): its storage can later lend
+// its buffer for in-place writes.
+at::Tensor array_to_tensor(mlx::core::array arr, bool result = false);
 
 // A CPU tensor aliasing the bytes of an "mlx" tensor (unified memory); keeps the storage alive.
 // for_write=false: for reading only (see host_data).
@@ -38,5 +40,22 @@ std::optional<mlx::core::array> scatter_in_place(const at::Tensor& t,
                                                  const std::vector<mlx::core::array>& indices,
                                                  const mlx::core::array& updates,
                                                  const std::vector<int>& axes);
+
+// Writes `values` (broadcast to dst's shape, of dst's dtype) over dst's elements as MLX work on
+// the device, in place: dst's storage lends its whole buffer (as for scatter_in_place) to a
+// dynamic slice update, which MLX computes in the lent buffer. Under async launch it is launched,
+// not waited for, and the storage records it as its producer, as for a result: a copy_ or fill_
+// (so an in-place op, whose functional result is copied into self, or a compiled graph's input
+// mutation) costs no host round trip. False, with nothing written, where it does not apply: dst
+// not contiguous, conjugate / negative, a buffer that cannot be lent (not the allocator's or a
+// result's, another array holds it). The caller makes sure values does not read dst's bytes.
+bool write_in_place(const at::Tensor& dst, const mlx::core::array& values);
+
+// How many writes write_in_place made since the last reset.
+uint64_t device_write_count(bool reset);
+
+// Whether a host write into dst (a copy_ from src, or a fill) would wait for MLX: dst or src is
+// still being written by launched work, or dst's bytes may be read by work still running.
+bool host_write_would_wait(const at::Tensor& dst, const at::Tensor* src);
 
 }  // namespace torch_mlx

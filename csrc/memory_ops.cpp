@@ -3,6 +3,8 @@
 // Views reuse ATen's device-generic implementations. Copies and fills run on CPU aliases of the
 // same bytes: memory is unified, every eager MLX op has completed when it returns, and this keeps
 // a write into part of a large buffer at O(bytes written).
+#include <cstring>
+
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/native/Resize.h>
@@ -17,8 +19,13 @@
 #include <ATen/ops/zero_native.h>
 #include <torch/library.h>
 
+#include <mlx/allocator.h>
+#include <mlx/ops.h>
+
 #include "bridge.h"
 #include "storage.h"
+
+namespace mx = mlx::core;
 
 namespace torch_mlx {
 namespace {
@@ -101,6 +108,14 @@ at::Tensor cpu_alias_with_math_bits(const at::Tensor& t) {
 
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst, bool non_blocking) {
   if (dst.numel() == 0) return dst;
+  // Between two "mlx" tensors of one dtype, where a host copy would wait for the GPU: on the
+  // device, in dst's own buffer (write_in_place), if it can be lent
+  if (self.is_privateuseone() && dst.is_privateuseone() &&
+      self.scalar_type() == dst.scalar_type() && !self.is_conj() && !self.is_neg() &&
+      !self.storage().is_alias_of(dst.storage()) && host_write_would_wait(dst, &self) &&
+      write_in_place(dst, tensor_to_array(self))) {
+    return dst;
+  }
   // "mlx" memory is host memory (unified, or CUDA managed memory under MLX's CUDA backend):
   // copies to and from another device (torch's CUDA, say) go through the host.
   at::Tensor src = self.is_privateuseone() ? cpu_alias_with_math_bits(self)
@@ -130,7 +145,17 @@ c10::Scalar local_scalar_dense(const at::Tensor& self) {
 }
 
 at::Tensor& fill_scalar(at::Tensor& self, const c10::Scalar& value) {
-  if (self.numel() > 0) cpu_alias(self).fill_(value);
+  if (self.numel() == 0) return self;
+  if (!self.is_complex() && host_write_would_wait(self, nullptr)) {
+    // the value converted (and range-checked) by torch's CPU fill, then written on the device
+    at::Tensor host = at::empty({}, self.options().device(c10::kCPU)).fill_(value);
+    mx::allocator::Data data = mx::allocator::malloc(host.element_size());
+    std::memcpy(data.buffer().raw_ptr(), host.data_ptr(), host.element_size());
+    if (write_in_place(self, mx::array(std::move(data), {}, to_mlx_dtype(self.scalar_type())))) {
+      return self;
+    }
+  }
+  cpu_alias(self).fill_(value);
   return self;
 }
 

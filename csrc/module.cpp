@@ -147,6 +147,10 @@ NB_MODULE(_C, m) {
       "(eager evaluations, their seconds, host waits for launched work, their seconds) since "
       "the last reset: host time that is the host waiting for MLX.");
 
+  m.def("device_write_count", &device_write_count, nb::arg("reset") = false,
+        "How many copy_ / fill_ writes into 'mlx' storages were made on the device, in place, "
+        "since the last reset (where a host write would have waited for MLX).");
+
   m.def("synchronize", &synchronize_all,
         "Wait for every result launched without waiting (TORCH_MLX_ASYNC), on any thread's "
         "streams, then for MLX's default stream: what torch.mlx.synchronize() and "

@@ -43,11 +43,18 @@ c10::Allocator* mlx_allocator();
 // host.
 void settle_write(StorageCtx& ctx);
 
+// An array sharing only arr's buffer (not its inputs): what a storage's `holder` is made of.
+mlx::core::array buffer_holder(const mlx::core::array& arr);
+
 // The MLX context behind an "mlx" storage; throws if the storage was not made by this backend.
 StorageCtx& storage_ctx(const c10::Storage& storage);
 
-// A DataPtr for a storage over an evaluated array's buffer (used by from_mlx).
-c10::DataPtr data_ptr_for_array(const mlx::core::array& arr, int64_t byte_offset);
+// A DataPtr for a storage over an evaluated array's buffer. hold=false (from_mlx): the context
+// keeps the array's data alive through `owner`. hold=true (an op's result, whose array nothing
+// else should keep): through `holder`, an array sharing only the buffer, so the storage can lend
+// it for in-place writes once no other array holds it (write_in_place, scatter_in_place).
+c10::DataPtr data_ptr_for_array(const mlx::core::array& arr, int64_t byte_offset,
+                                bool hold = false);
 
 // Zeroes [data, data + nbytes) of `storage` by pages where that commits no memory (large ranges
 // of the CPU backend's malloc memory: allocator.cpp says how); false, with nothing written, where

@@ -59,6 +59,18 @@ def main() -> int:
     res["torch_mlx_view_us"] = _per_call(lambda: t_a.view(64, -1), reps)
     m = torch.randn(64, 64).to("mlx")
     res["torch_mlx_mm_64_us"] = _per_call(lambda: m @ m, reps)
+    # in-place: the functional result written into self on the device (write_in_place) where a
+    # host write would wait; a chain on one tensor alternates with host writes (the previous
+    # write still holds the buffer)
+    t_c = torch.randn(n).to("mlx")
+    res["torch_mlx_add_inplace_us"] = _per_call(lambda: t_c.add_(t_b), reps)
+    # transformers' static cache pattern: a 0-d counter written back while a forward runs
+    big = torch.randn(1024, 1024).to("mlx")
+    k = torch.zeros((), dtype=torch.int64).to("mlx")
+    res["torch_mlx_mm_1024_us"] = _per_call(lambda: big @ big, max(reps // 10, 5))
+    res["torch_mlx_mm_1024_then_counter_write_us"] = _per_call(
+        lambda: (big @ big, k.copy_(k + 1)), max(reps // 10, 5))
+    res["device_writes"] = torch_mlx._C.device_write_count(True)
 
     # the host access: a fresh MLX result read by the host (raw_ptr: device -> managed on CUDA)
     def host_read():

@@ -150,6 +150,7 @@ def main():
     from torch_mlx import _C
 
     _C.host_wait_stats(True)
+    _C.device_write_count(True)
     sampling = contextlib.nullcontext()
     if args.pyspy:
         import pyspy_self
@@ -159,6 +160,7 @@ def main():
         llm.generate([prompt] * args.batch, params, use_tqdm=False)
         wall = time.perf_counter() - start
     evals, eval_s, waits, wait_s = _C.host_wait_stats(True)
+    device_writes = _C.device_write_count(True)
     if profiler is not None:
         profiler.__exit__(None, None, None)
 
@@ -184,6 +186,8 @@ def main():
               # launched work (host reads): the host waiting for MLX, all threads
               "eager_evals_per_step": evals / steps, "eager_eval_ms": eval_s / steps * 1e3,
               "host_waits_per_step": waits / steps, "host_wait_ms": wait_s / steps * 1e3,
+              # copy_ / fill_ written on the device where a host write would have waited
+              "device_writes_per_step": device_writes / steps,
               "calls_per_step": {n: COUNTS[n] / steps for n in COUNTS}}
     print(f"batch {args.batch} ({mode}{', async scheduling' if args.async_scheduling else ''}, "
           f"TORCH_MLX_ASYNC={result['torch_mlx_async']}): {steps} steps, {result['wall_ms_per_step']:.1f} ms per "
@@ -212,7 +216,8 @@ def main():
     print(f"  results evaluated and waited for one by one (eager ops, the forward's outputs; "
           f"the device's time included) {result['eager_eval_ms']:7.2f} ms "
           f"({result['eager_evals_per_step']:.1f} a step); host waits for launched work "
-          f"{result['host_wait_ms']:7.2f} ms ({result['host_waits_per_step']:.1f} a step)")
+          f"{result['host_wait_ms']:7.2f} ms ({result['host_waits_per_step']:.1f} a step); "
+          f"copies / fills written on the device {result['device_writes_per_step']:.1f} a step")
     if profiler is not None:
         # top-level ops only: an op's own callees (aten::copy_ inside aten::to) are its cost
         counts: dict[str, int] = collections.Counter()

@@ -35,6 +35,7 @@ def main():
 
     import torch_mlx  # noqa: F401
     import torch_mlx.compile as tc
+    from torch_mlx import _C
     from transformers import AutoModelForCausalLM
     from transformers.generation import CompileConfig
 
@@ -63,6 +64,8 @@ def main():
     for tokens in (1, args.tokens):  # the difference is the decode steps
         TOTALS.clear()
         COUNTS.clear()
+        _C.host_wait_stats(True)
+        _C.device_write_count(True)
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         start = time.perf_counter()
         with profiler:
@@ -74,6 +77,9 @@ def main():
             if event.key.startswith("aten::"):
                 ops[event.key] += event.count
                 self_us[event.key] += event.self_cpu_time_total
+        waits = _C.host_wait_stats(True)
+        COUNTS["host_waits"], TOTALS["host_waits"] = waits[2], waits[3]
+        COUNTS["device_writes"] = _C.device_write_count(True)
         results[tokens] = (wall, dict(TOTALS), dict(COUNTS), ops, self_us)
     steps = args.tokens - 1
     (w1, t1, c1, o1, s1), (wn, tn, cn, on, sn) = results[1], results[args.tokens]

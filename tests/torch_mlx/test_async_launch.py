@@ -101,7 +101,7 @@ assert _C.host_wait_stats(True)[2] == 0
 torch.testing.assert_close(r.cpu(), torch.arange(1000))
 assert z.cpu().eq(0).all() and c.cpu().eq(2.5).all()
 w = r * 2  # launched: reads r
-r.fill_(7)  # so this host write waits for it
+_C.cpu_alias(r).fill_(7)  # so a host write into r waits for it
 assert _C.host_wait_stats(True)[2] == 1
 torch.testing.assert_close(w.cpu(), torch.arange(1000) * 2)
 torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
@@ -124,6 +124,49 @@ torch.testing.assert_close(c.cpu(), expected, rtol=1e-3, atol=1e-5)
 torch.testing.assert_close(t.cpu(), expected.t(), rtol=1e-3, atol=1e-5)
 torch.testing.assert_close(f.cpu(), expected.bfloat16().float(), rtol=1e-2, atol=1e-3)
 torch.testing.assert_close(i.cpu(), (y.cpu() * 100).to(torch.int32))
+""",
+    # copy_ and fill_ into "mlx" storages that launched work still reads (or writes), where a
+    # host write would wait: written on the device, in the storage's own buffer, after the
+    # kernels launched before (csrc/bridge.h write_in_place); an in-place op is its functional
+    # result copied into self. Where the buffer cannot be lent (a strided view, another dtype, a
+    # from_mlx storage whose array is still held) the host writes, after waiting
+    "device_writes": """
+import mlx.core as mx
+x = torch.arange(4096, dtype=torch.float32, device="mlx")
+k = torch.zeros((), dtype=torch.int64, device="mlx")
+b = torch.ones(3, dtype=torch.bfloat16, device="mlx") * 2
+r = torch.arange(100, dtype=torch.float32, device="mlx") * 1
+s = torch.arange(100, dtype=torch.float32, device="mlx") * 1
+z = torch.ones(64, dtype=torch.bool, device="mlx")
+held = mx.arange(8).astype(mx.float32) * 1
+t = torch_mlx.from_mlx(held)
+torch.mlx.synchronize()
+a, y = launched_products(512, 23, 8)
+u = x * 2  # launched: reads x before the writes below
+_C.host_wait_stats(True)
+_C.device_write_count(True)
+x.add_(1)  # add(x, 1), then its copy into x
+k.copy_(y.sum().isfinite().long() + 6)  # one element: the buffer is lent as bytes
+b.mul_(torch.tensor(1.5, device="mlx").bfloat16())
+r[10:20].fill_(-1)  # a range of the storage: lent whole, written where the view is
+s[90:].zero_()
+z.logical_not_()
+assert _C.host_wait_stats(True)[2] == 0
+assert _C.device_write_count(True) == 6
+r[::2].copy_(torch.zeros(50, device="mlx"))  # strided: the host writes, after waiting
+t.copy_(torch.full((8,), 3.0, device="mlx") + 0)  # `held` shares the buffer: the host writes
+assert _C.device_write_count(True) == 0 and held.tolist() == [3.0] * 8
+x.mul_(2).sub_(1)  # chained: each write after the one before, on the device or the host
+expected = (torch.arange(4096, dtype=torch.float32) + 1) * 2 - 1
+torch.testing.assert_close(x.cpu(), expected)
+torch.testing.assert_close(u.cpu(), torch.arange(4096, dtype=torch.float32) * 2)
+expected = torch.arange(100, dtype=torch.float32)
+expected[10:20] = -1
+expected[::2] = 0
+torch.testing.assert_close(r.cpu(), expected)
+assert s.cpu()[89].item() == 89 and s.cpu()[90:].eq(0).all()
+assert k.item() == 7 and b.cpu().tolist() == [3.0, 3.0, 3.0] and not z.cpu().any()
+torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
 """,
     # a read-only host alias (cpu_alias(t, writes=False)) does not wait for launched kernels
     # that only read t; one of a tensor still being computed waits for it, and a writable
