@@ -205,7 +205,8 @@ at::Tensor array_to_tensor(mx::array arr, bool result) {
 
 mx::array buffer_holder(const mx::array& arr) {
   mx::array holder({1}, mx::uint8, nullptr, {});
-  holder.copy_shared_buffer(arr, {1}, {true, true, true}, 1, 0);
+  // from the buffer's first byte, wherever arr starts in it
+  holder.copy_shared_buffer(arr, {1}, {true, true, true}, 1, -static_cast<int64_t>(arr.offset()));
   holder.set_status(mx::array::Status::available);
   return holder;
 }
@@ -315,15 +316,27 @@ bool write_in_place(const at::Tensor& dst, const mx::array& values) {
   mx::array value = mx::reshape(mx::broadcast_to(values, shape), {-1});
   if (as_bytes) value = mx::view(value, mx::uint8);
 
+  std::optional<mx::array> owner = take_buffer_owner(ctx);
+  if (!owner && ctx.producer && !ctx.producer->is_available() &&
+      ctx.producer->buffer().ptr() == ctx.buffer.ptr()) {
+    // the storage's previous write (or result) still runs and holds the buffer until it ends:
+    // wait for that one array (a chain of in-place ops on one tensor), not for every launch
+    wait_for(*ctx.producer);
+    owner = take_buffer_owner(ctx);
+  }
+  if (!owner || owner->offset() % unit != 0) {
+    if (owner && !ctx.holder) ctx.holder = buffer_holder(*owner);
+    return false;
+  }
   std::optional<mx::Event> writer;  // the storage's own writer, if it still runs
   if (ctx.producer && !ctx.producer->is_available()) writer = ctx.producer->event();
-  std::optional<mx::array> owner = take_buffer_owner(ctx);
-  if (!owner) return false;
   // The dynamic form of mx::slice_update: the static one returns the update itself (nothing
   // written into the buffer) when it covers the whole array
   mx::array result = [&] {
     mx::array lent({static_cast<int32_t>(n)}, as_bytes ? mx::uint8 : value.dtype(), nullptr, {});
-    lent.copy_shared_buffer(*owner, {1}, {true, true, true}, static_cast<size_t>(n), 0);
+    // from the buffer's first byte (an op's result may start further in)
+    lent.copy_shared_buffer(*owner, {1}, {true, true, true}, static_cast<size_t>(n),
+                            -owner->offset() / unit);
     owner.reset();
     ctx.producer.reset();  // `lent`, an input of the write only, owns the buffer alone now
     if (writer) {

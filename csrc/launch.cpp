@@ -141,6 +141,12 @@ HostWaitStats host_wait_stats(bool reset) {
   return stats;
 }
 
+void wait_for(mx::array arr) {
+  if (arr.is_available()) return;
+  Timed timed{g_wait_count, g_wait_ns};
+  without_gil([&] { arr.wait(); });
+}
+
 void wait_for_launches() {
   if (g_launched.exchange(false, std::memory_order_acq_rel)) {
     std::vector<mx::array> launched;

@@ -31,6 +31,9 @@ bool async_launch();
 // be running (the array's event is signaled when it completes).
 bool launch(mlx::core::array& arr);
 
+// Waits for one launched array (a host wait, counted by host_wait_stats).
+void wait_for(mlx::core::array arr);
+
 // Waits for all GPU work launched by launch(); call before the host touches "mlx" memory.
 void wait_for_launches();
 
