@@ -138,6 +138,10 @@ b = torch.ones(3, dtype=torch.bfloat16, device="mlx") * 2
 r = torch.arange(100, dtype=torch.float32, device="mlx") * 1
 s = torch.arange(100, dtype=torch.float32, device="mlx") * 1
 z = torch.ones(64, dtype=torch.bool, device="mlx")
+# a compiled graph's output that is a slice of a value computed in the graph: its array starts
+# 160 bytes into its buffer, and its storage (the whole buffer) at the buffer's first byte
+c = torch.compile(lambda v: (v * 1)[40:], backend="mlx")(torch.arange(64.0, device="mlx"))
+assert c.storage_offset() == 40
 held = mx.arange(8).astype(mx.float32) * 1
 t = torch_mlx.from_mlx(held)
 torch.mlx.synchronize()
@@ -151,8 +155,9 @@ b.mul_(torch.tensor(1.5, device="mlx").bfloat16())
 r[10:20].fill_(-1)  # a range of the storage: lent whole, written where the view is
 s[90:].zero_()
 z.logical_not_()
+c.add_(100)  # lent from the buffer's first byte, written at the view's offset
 assert _C.host_wait_stats(True)[2] == 0
-assert _C.device_write_count(True) == 6
+assert _C.device_write_count(True) == 7
 r[::2].copy_(torch.zeros(50, device="mlx"))  # strided: the host writes, after waiting
 t.copy_(torch.full((8,), 3.0, device="mlx") + 0)  # `held` shares the buffer: the host writes
 assert _C.device_write_count(True) == 0 and held.tolist() == [3.0] * 8
@@ -166,6 +171,7 @@ expected[::2] = 0
 torch.testing.assert_close(r.cpu(), expected)
 assert s.cpu()[89].item() == 89 and s.cpu()[90:].eq(0).all()
 assert k.item() == 7 and b.cpu().tolist() == [3.0, 3.0, 3.0] and not z.cpu().any()
+torch.testing.assert_close(c.cpu(), torch.arange(40.0, 64.0) + 100)
 torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
 """,
     # a read-only host alias (cpu_alias(t, writes=False)) does not wait for launched kernels
