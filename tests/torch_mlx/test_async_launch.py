@@ -233,6 +233,25 @@ def test_gradients_on_the_autograd_thread():
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]  # rc 5: none ran
 
 
+def test_inplace_suites_with_device_writes():
+    # the in-place write tests and the training loops (optimizer steps: in-place updates of
+    # every parameter) with the switch on, where copy_ / fill_ into storages that launched work
+    # still uses are written on the device (write_in_place); some must have been
+    here = os.path.dirname(__file__)
+    code = f"""
+import sys, pytest, torch, torch_mlx
+rc = pytest.main(["-q", "-p", "no:cacheprovider", {os.path.join(here, "test_inplace_writes.py")!r},
+                  {os.path.join(here, "test_training.py")!r}])
+print("device writes", torch_mlx._C.device_write_count())
+sys.exit(int(rc))
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=ASYNC_ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]  # rc 5: none ran
+    writes = int(done.stdout.split("device writes")[-1].split()[0])
+    assert writes > 0, done.stdout[-2000:]
+
+
 def test_host_wait_stats_count_what_the_host_waits_for():
     # profile_decode's split of host time: results evaluated one by one (the default mode: each
     # eager op) and, with TORCH_MLX_ASYNC=1, host waits for launched work (reads)
