@@ -261,28 +261,26 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
 
 namespace {
 
-// The array to lend a storage's buffer from, made its sole owner: the holder, or, while the
-// storage's own writer (an op's result) still shares the buffer, that writer, once the holder
-// is dropped. Empty (the storage unchanged) when another array holds the buffer too.
+// The storage's holder, taken out of the context to be lent, when it is the sole array over the
+// buffer; empty (the storage unchanged) when another array holds it too. The storage's own
+// previous write (or result) holds the buffer while it runs (MLX keeps it until its kernel
+// completes): a chain of in-place ops on one tensor waits for that one array, not for every
+// launch as a host write would.
 std::optional<mx::array> take_buffer_owner(StorageCtx& ctx) {
   if (!ctx.holder) return std::nullopt;
+  if (ctx.producer && !ctx.producer->is_available() && !ctx.holder->is_donatable() &&
+      ctx.producer->buffer().ptr() == ctx.buffer.ptr()) {
+    wait_for(*ctx.producer);
+  }
   if (ctx.producer && ctx.producer->is_available()) {
     // a finished writer: its array (and the launch record's copy) no longer holds the buffer
     ctx.producer.reset();
     launches_done();
   }
-  if (ctx.holder->is_donatable()) {
-    std::optional<mx::array> owner = std::move(ctx.holder);
-    ctx.holder.reset();
-    return owner;
-  }
-  if (!ctx.producer || ctx.producer->buffer().ptr() != ctx.buffer.ptr()) return std::nullopt;
+  if (!ctx.holder->is_donatable()) return std::nullopt;
+  std::optional<mx::array> owner = std::move(ctx.holder);
   ctx.holder.reset();
-  if (!ctx.producer->is_donatable()) {
-    ctx.holder = buffer_holder(*ctx.producer);
-    return std::nullopt;
-  }
-  return ctx.producer;
+  return owner;
 }
 
 std::atomic<uint64_t> g_device_writes{0};
@@ -317,26 +315,15 @@ bool write_in_place(const at::Tensor& dst, const mx::array& values) {
   if (as_bytes) value = mx::view(value, mx::uint8);
 
   std::optional<mx::array> owner = take_buffer_owner(ctx);
-  if (!owner && ctx.producer && !ctx.producer->is_available() &&
-      ctx.producer->buffer().ptr() == ctx.buffer.ptr()) {
-    // the storage's previous write (or result) still runs and holds the buffer until it ends:
-    // wait for that one array (a chain of in-place ops on one tensor), not for every launch
-    wait_for(*ctx.producer);
-    owner = take_buffer_owner(ctx);
-  }
-  if (!owner || owner->offset() % unit != 0) {
-    if (owner && !ctx.holder) ctx.holder = buffer_holder(*owner);
-    return false;
-  }
+  if (!owner) return false;
   std::optional<mx::Event> writer;  // the storage's own writer, if it still runs
   if (ctx.producer && !ctx.producer->is_available()) writer = ctx.producer->event();
   // The dynamic form of mx::slice_update: the static one returns the update itself (nothing
   // written into the buffer) when it covers the whole array
   mx::array result = [&] {
     mx::array lent({static_cast<int32_t>(n)}, as_bytes ? mx::uint8 : value.dtype(), nullptr, {});
-    // from the buffer's first byte (an op's result may start further in)
-    lent.copy_shared_buffer(*owner, {1}, {true, true, true}, static_cast<size_t>(n),
-                            -owner->offset() / unit);
+    // a holder starts at the buffer's first byte (buffer_holder)
+    lent.copy_shared_buffer(*owner, {1}, {true, true, true}, static_cast<size_t>(n), 0);
     owner.reset();
     ctx.producer.reset();  // `lent`, an input of the write only, owns the buffer alone now
     if (writer) {

@@ -60,8 +60,8 @@ def main() -> int:
     m = torch.randn(64, 64).to("mlx")
     res["torch_mlx_mm_64_us"] = _per_call(lambda: m @ m, reps)
     # in-place: the functional result written into self on the device (write_in_place) where a
-    # host write would wait; a chain on one tensor alternates with host writes (the previous
-    # write still holds the buffer)
+    # host write would wait; in a chain on one tensor each write first waits for the previous
+    # one, which holds the buffer until its kernel completes
     t_c = torch.randn(n).to("mlx")
     res["torch_mlx_add_inplace_us"] = _per_call(lambda: t_c.add_(t_b), reps)
     # transformers' static cache pattern: a 0-d counter written back while a forward runs
