@@ -25,7 +25,7 @@ from torch._prims_common import Number, elementwise_dtypes
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
-from . import _C, precision
+from . import _C, compile_patterns, precision
 from .ops import registry
 
 __all__ = ["mlx_backend", "compile_fx_graph"]
@@ -201,6 +201,8 @@ class _Tracing:
 # each uncompiled step (an attention layer), so the device starts on the first layers while the
 # rest of the step is still being recorded.
 _PIPELINE = os.environ.get("TORCH_MLX_PIPELINE") == "1"
+# TORCH_MLX_COMPILE_PATTERNS=0 lowers graphs as traced, op by op (compile_patterns: A/B checks)
+_PATTERNS = os.environ.get("TORCH_MLX_COMPILE_PATTERNS", "1") != "0"
 
 
 def _constant_array(t: torch.Tensor) -> mx.array:
@@ -521,6 +523,8 @@ def _returns_arrays(meta) -> bool:
 def compile_fx_graph(gm: fx.GraphModule, example_inputs=None):
     """Lower an aten-level FX graph: one MLX function if every node has a lowering, otherwise
     MLX functions for the supported partitions with the rest left to eager dispatch."""
+    if _PATTERNS:
+        compile_patterns.rewrite(gm)  # written-out RMSNorm, rotary, repeated KV: fewer kernels
     support = _Supported()
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     if all(support.is_node_supported({}, n) for n in calls):  # the common case: one function

@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (each module fills the table on import)
     creation,
     elementwise,
     fft,
+    fused,
     indexing,
     linalg,
     nn,
