@@ -176,7 +176,8 @@ def main() -> int:
                              "named for one: mlx_compiled_sync / vllm_metal_sync wait for each "
                              "result (=0), mlx_compiled_async / vllm_metal_async launch (=1); also "
                              "vllm_metal_eager, vllm_metal_async_sched (vLLM's async scheduling "
-                             "with TORCH_MLX_ASYNC=1)")
+                             "with TORCH_MLX_ASYNC=1); mlx_compiled_nopatterns: "
+                             "TORCH_MLX_COMPILE_PATTERNS=0")
     args = parser.parse_args()
 
     import torch
@@ -192,6 +193,10 @@ def main() -> int:
                                                    **dict(fmt, batch=0)),
         "mlx_eager": TRANSFORMERS.format(device="mlx", mode="eager", **dict(fmt, batch=0)),
         "mlx_compiled": TRANSFORMERS.format(device="mlx", mode="compiled", **dict(fmt, batch=0)),
+        # the graph lowered op by op, as traced (torch_mlx.compile_patterns off): the A/B of
+        # the rewrites of written-out RMSNorm, rotary, repeated KV heads
+        "mlx_compiled_nopatterns": TRANSFORMERS.format(device="mlx", mode="compiled",
+                                                       **dict(fmt, batch=0)),
         # transformers' eager ops around the compiled step (~500 a step) launched unwaited
         "mlx_compiled_async": TRANSFORMERS.format(device="mlx", mode="compiled",
                                                   **dict(fmt, batch=0)),
@@ -211,6 +216,7 @@ def main() -> int:
            "vllm_metal_sync": {"TORCH_MLX_ASYNC": "0"},
            "mlx_compiled_sync": {"TORCH_MLX_ASYNC": "0"},
            "mlx_compiled_async": {"TORCH_MLX_ASYNC": "1"},
+           "mlx_compiled_nopatterns": {"TORCH_MLX_COMPILE_PATTERNS": "0"},
            "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     end = time.monotonic() + args.deadline if args.deadline else None
@@ -245,7 +251,8 @@ def summarize(result: dict) -> None:
     if "batch1_tok_s" in peer:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
-                            for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_async",
+                            for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_nopatterns",
+                                      "mlx_compiled_async",
                                       "mlx_compiled_sync", "torch_cuda", "torch_cuda_compiled",
                                       "vllm_metal",
                                       "vllm_metal_eager", "vllm_metal_async", "vllm_metal_sync",
