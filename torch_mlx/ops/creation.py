@@ -73,9 +73,9 @@ def arange(start, end, step=1, dtype=None, layout=None, device=None, pin_memory=
     n = max(0, math.ceil((end - start) / step))
     if not _is_float_dtype(dtype):
         stop = start + n * step
-        if max(abs(start), abs(stop)) < 2 ** 53:  # MLX takes its bounds as doubles: exact here
-            return mx.arange(start, stop, step, dtype=mx.int64)  # one primitive, not three
-        return mx.arange(n, dtype=mx.int64) * step + start
+        # the values are known here: a constant of the graph (no kernel launched each call;
+        # transformers' static cache makes one a layer a decode step)
+        return mx.array(np.arange(n, dtype=np.int64) * step + start)
     return mx.arange(n, dtype=mx.float32) * step + start
 
 
