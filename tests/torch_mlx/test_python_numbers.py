@@ -59,6 +59,10 @@ NOT_ELEMENTWISE = {
     "backward of reductions along a dimension (softmax, glu: a slice-wise op)": [
         "_log_softmax_backward_data", "_softmax_backward_data", "glu_backward",
     ],
+    "fused ops of compiled graphs' rewrites (compile_patterns: rotary_half pairs element i "
+    "with element i +- h of the last dim)": [
+        "torch_mlx::rotary_half",
+    ],
     "writes of a tensor into a region of another (compiled graphs only: slice assignment)": [
         "copy", "slice_scatter",
     ],
