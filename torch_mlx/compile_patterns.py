@@ -9,7 +9,8 @@ else reads a value that disappears.
 
 - RMSNorm (transformers' LlamaRMSNorm and its copies): ``y = v * rsqrt(mean(v**2, -1) + eps)``
   on a float32 ``v``, and when ``v = x.float()`` and ``y`` is cast back to x's dtype, the whole
-  cast-normalise-cast -> ``torch_mlx::rms_norm`` (MLX's fused kernel: 1 kernel instead of 3).
+  cast-normalise-cast, and the weight's multiply after it where the weight has the result's
+  dtype -> ``torch_mlx::rms_norm`` (MLX's fused kernel: 1 kernel instead of 4).
 - Rotary embedding written with ``rotate_half``: ``x * cos + cat(-x2, x1) * sin`` ->
   ``torch_mlx::rotary_half`` (1 elementwise kernel instead of negate, concatenate, multiply-add).
 - Attention inputs: keys and values repeated for grouped-query attention (transformers'
@@ -78,12 +79,13 @@ def _cast_of(node) -> fx.Node | None:
     return None
 
 
-def _replace(graph: fx.Graph, old: fx.Node, target, args) -> None:
+def _replace(graph: fx.Graph, old: fx.Node, target, args) -> fx.Node:
     with graph.inserting_before(old):
         new = graph.call_function(target, args)
     new.meta = dict(old.meta)
     old.replace_all_uses_with(new)
     graph.erase_node(old)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,14 +121,34 @@ def _rms_norm(graph: fx.Graph, mul: fx.Node) -> int:
         if source is not None and _cast_of(back) is mul and isinstance(_val(source), torch.Tensor) \
                 and _val(source).dtype in (torch.float16, torch.bfloat16) \
                 and back.kwargs["dtype"] == _val(source).dtype:
-            _replace(graph, back, fused.rms_norm_op, (source, eps))
+            normed = _replace(graph, back, fused.rms_norm_op, (source, None, eps))
             graph.erase_node(mul)
         else:
-            _replace(graph, mul, fused.rms_norm_op, (v, eps))
+            normed = _replace(graph, mul, fused.rms_norm_op, (v, None, eps))
         for node in (r, add, mean, square):
             graph.erase_node(node)
+        _fold_weight(graph, normed)
         return 1
     return 0
+
+
+def _fold_weight(graph: fx.Graph, normed: fx.Node) -> None:
+    """rms_norm(x, None, eps) * weight -> rms_norm(x, weight, eps): a 1-D weight of the result's
+    dtype and size of its last dim (MLX's kernel rounds the normalised value to that dtype, then
+    the product, as the two ops do)."""
+    scale = next(iter(normed.users)) if len(normed.users) == 1 else None
+    if not (_call(scale, aten.mul.Tensor) and len(scale.args) == 2 and not scale.kwargs):
+        return
+    weight = scale.args[1] if scale.args[0] is normed else scale.args[0]
+    w, out, result = _val(weight), _val(normed), _val(scale)
+    if not (isinstance(weight, fx.Node) and isinstance(w, torch.Tensor) and w.dim() == 1
+            and isinstance(out, torch.Tensor) and isinstance(result, torch.Tensor)
+            and w.dtype == out.dtype == result.dtype and w.shape[0] == out.shape[-1]
+            and tuple(result.shape) == tuple(out.shape)):
+        return
+    source, _, eps = normed.args
+    _replace(graph, scale, fused.rms_norm_op, (source, weight, eps))
+    graph.erase_node(normed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,18 +13,30 @@ from torch_mlx import compile_patterns
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+class _Rewrites(list):
+    """The number of patterns rewritten in each graph compiled while the test runs (the list),
+    and the graphs after rewriting (``graphs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.graphs = []
+
+    def calls(self, target) -> list:
+        return [n for gm in self.graphs for n in gm.graph.nodes if n.target is target]
+
+
 @pytest.fixture
 def rewrites(monkeypatch):
-    """The number of patterns rewritten in each graph compiled while the test runs."""
-    counts = []
+    record = _Rewrites()
     original = compile_patterns.rewrite
 
     def counting(gm):
-        counts.append(original(gm))
-        return counts[-1]
+        record.append(original(gm))
+        record.graphs.append(gm)
+        return record[-1]
 
     monkeypatch.setattr(compile_patterns, "rewrite", counting)
-    return counts
+    return record
 
 
 def _hf_rms_norm(x, eps=1e-6):  # transformers' LlamaRMSNorm, less the weight
@@ -42,10 +54,13 @@ def _hf_rotary(x, cos, sin):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_op_matches_the_written_out_norm(dtype):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rms_norm_op_matches_the_written_out_norm(dtype, weighted):
     x = torch.randn(3, 5, 96).to(dtype) * 4
-    expected = _hf_rms_norm(x)
-    actual = torch.ops.torch_mlx.rms_norm(x.to("mlx"), 1e-6)
+    weight = (torch.rand(96) + 0.5).to(dtype) if weighted else None
+    expected = _hf_rms_norm(x) if weight is None else weight * _hf_rms_norm(x)
+    actual = torch.ops.torch_mlx.rms_norm(
+        x.to("mlx"), None if weight is None else weight.to("mlx"), 1e-6)
     assert actual.dtype == dtype and actual.device.type == "mlx"
     torch.testing.assert_close(actual.cpu(), expected)
 
@@ -108,8 +123,10 @@ def test_a_block_compiles_to_the_fused_ops_with_eager_values(dtype, rewrites):
         mlx_inputs = [t.to("mlx") for t in inputs]
         eager = device_block(*mlx_inputs)
         compiled = torch.compile(device_block, backend="mlx", fullgraph=True)(*mlx_inputs)
-    # rms_norm, 2 rotary, the unrepeated keys and values, the boolean mask
+    # rms_norm (its weight folded in), 2 rotary, the unrepeated keys and values, the mask
     assert rewrites == [5]
+    [norm] = rewrites.calls(torch.ops.torch_mlx.rms_norm.default)
+    assert norm.args[1] is not None
     # the rewritten graph computes what the written-out ops compute on "mlx", bit for bit
     torch.testing.assert_close(compiled.cpu(), eager.cpu(), rtol=0, atol=0)
     if dtype == torch.float32:  # (in bfloat16 both round differently from torch's CPU SDPA)
@@ -140,6 +157,25 @@ def test_look_alikes_are_not_rewritten(rewrites):
     assert rewrites == [0]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.cpu(), e.cpu(), rtol=0, atol=0)
+
+
+def test_a_weight_of_another_dtype_stays_a_multiply(rewrites):
+    """A float32 weight times the bfloat16 normalised value is a float32 product of the rounded
+    value: the norm is fused, the multiply is not (MLX's kernel would skip the rounding)."""
+    weight = torch.rand(64) + 0.5
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+
+    def f(x, weight):
+        return weight * _hf_rms_norm(x)
+
+    with torch.no_grad():
+        expected = f(x.to("mlx"), weight.to("mlx"))
+        actual = torch.compile(f, backend="mlx")(x.to("mlx"), weight.to("mlx"))
+    assert rewrites == [1]
+    [norm] = rewrites.calls(torch.ops.torch_mlx.rms_norm.default)
+    assert norm.args[1] is None
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0)
 
 
 def test_patterns_can_be_switched_off(monkeypatch, rewrites):

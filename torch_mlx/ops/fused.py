@@ -23,19 +23,20 @@ def _define(schema: str, fake):
     return getattr(torch.ops.torch_mlx, name).default
 
 
-rms_norm_op = _define("rms_norm(Tensor x, float eps) -> Tensor",
-                      lambda x, eps: torch.empty_like(x))
+rms_norm_op = _define("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor",
+                      lambda x, weight, eps: torch.empty_like(x))
 rotary_half_op = _define("rotary_half(Tensor x, Tensor cos, Tensor sin) -> Tensor",
                          lambda x, cos, sin: torch.empty_like(x))
 
 
 @lowering("torch_mlx::rms_norm")
-def rms_norm(x, eps):
+def rms_norm(x, weight, eps):
     """``(x.float() * rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)``, the
-    normalisation of transformers' RMSNorm (its weight multiply stays a separate op: the model
-    rounds the normalised value to x's dtype before scaling). One kernel on the GPU, float32
-    inside, rounded once, as the pattern."""
-    return mx.fast.rms_norm(x, None, eps)
+    normalisation of transformers' RMSNorm, then ``weight *`` that (a weight of x's dtype and
+    size of its last dim) if given. One kernel on the GPU: float32 inside, the normalised value
+    rounded to x's dtype, then the weight's product rounded again, as the pattern's two ops
+    (MLX's kernels and its CPU fallback compute ``w * T(x * inv_rms)``)."""
+    return mx.fast.rms_norm(x, weight, eps)
 
 
 @lowering("torch_mlx::rotary_half")
