@@ -228,11 +228,9 @@ void settle_write(StorageCtx& ctx) {
   ctx.pending_write.reset();
 }
 
-std::optional<mx::array> scatter_in_place(const at::Tensor& t,
-                                          const std::vector<mx::array>& indices,
-                                          const mx::array& updates, const std::vector<int>& axes) {
+std::optional<mx::array> lend_buffer(const at::Tensor& t) {
   TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
-              "scatter_in_place expects an 'mlx' tensor, got one on ", t.device());
+              "lend_buffer expects an 'mlx' tensor, got one on ", t.device());
   StorageCtx& ctx = storage_ctx(t.storage());
   settle_write(ctx);
   // MLX's donation rule (mlx/backend/common/utils.h is_donatable, copy.h): the input is the
@@ -252,10 +250,39 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
   auto flags = layout_flags(lent.shape(), strides, t.numel());
   lent.copy_shared_buffer(*ctx.holder, strides, flags, t.numel(), 0);
   lent.set_status(mx::array::Status::available);
-  mx::array result = mx::scatter(lent, indices, updates, axes);  // may throw: nothing lent yet
-  ctx.holder.reset();  // `lent`, an input of `result` only, is the buffer's sole owner now
-  ctx.pending_write = result;
+  ctx.holder.reset();  // `lent` is the buffer's sole owner now
   ctx.exposed = true;
+  return lent;
+}
+
+void finish_lend(const at::Tensor& t, const mx::array& result) {
+  StorageCtx& ctx = storage_ctx(t.storage());
+  // MLX allocated (or donated) the result's buffer when it launched it, on this thread
+  TORCH_CHECK(result.buffer().ptr() == ctx.buffer.ptr(),
+              "torch_mlx internal error: an in-place write into an 'mlx' storage inside a "
+              "compiled graph was done out of place (MLX did not donate the lent buffer); "
+              "please report it with your MLX version");
+  ctx.pending_write = result;
+}
+
+std::optional<mx::array> scatter_in_place(const at::Tensor& t,
+                                          const std::vector<mx::array>& indices,
+                                          const mx::array& updates, const std::vector<int>& axes) {
+  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
+              "scatter_in_place expects an 'mlx' tensor, got one on ", t.device());
+  std::optional<mx::array> lent = lend_buffer(t);
+  if (!lent) return std::nullopt;
+  StorageCtx& ctx = storage_ctx(t.storage());
+  std::optional<mx::array> made;
+  try {
+    made = mx::scatter(*lent, indices, updates, axes);
+  } catch (...) {
+    ctx.holder = buffer_holder(*lent);  // a bad argument: the storage keeps its buffer
+    throw;
+  }
+  mx::array result = std::move(*made);
+  lent.reset();  // `lent`, an input of `result` only, is the buffer's sole owner
+  ctx.pending_write = result;
   return result;
 }
 

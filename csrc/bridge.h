@@ -41,6 +41,17 @@ std::optional<mlx::core::array> scatter_in_place(const at::Tensor& t,
                                                  const mlx::core::array& updates,
                                                  const std::vector<int>& axes);
 
+// The same loan for a write recorded elsewhere (inside an mx.compile'd graph): an array over
+// t's whole buffer that is its sole owner, the storage holding nothing meanwhile. The caller
+// makes it the input of one op that MLX computes in place (a scatter), drops every other
+// reference to it before evaluating, and hands the op's result to finish_lend. Empty when the
+// storage cannot lend (the conditions of scatter_in_place).
+std::optional<mlx::core::array> lend_buffer(const at::Tensor& t);
+
+// Takes the buffer back from the in-place result of a lend_buffer loan (after it was launched):
+// the result owns the buffer until it is settled, as a scatter_in_place result.
+void finish_lend(const at::Tensor& t, const mlx::core::array& result);
+
 // Writes `values` (broadcast to dst's shape, of dst's dtype) over dst's elements as MLX work on
 // the device, in place: dst's storage lends its whole buffer (as for scatter_in_place) to a
 // dynamic slice update, which MLX computes in the lent buffer. Under async launch it is launched,

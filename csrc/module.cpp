@@ -7,6 +7,7 @@
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <mlx/array.h>
 #include <mlx/memory.h>
+#include <mlx/ops.h>
 
 #include "launch.h"
 #include "adapter.h"
@@ -84,6 +85,37 @@ NB_MODULE(_C, m) {
       "mx.scatter(tensor, indices, updates, axes) done in the tensor's own buffer, lazily: the "
       "result shares the buffer (read the new contents through it). None when the tensor "
       "cannot lend its buffer (not contiguous, shared, or not from the allocator).");
+
+  m.def(
+      "scatter",
+      [](const mx::array& a, std::vector<mx::array> indices, const mx::array& updates,
+         std::vector<int> axes) {
+        return translate([&] { return mx::scatter(a, indices, updates, axes); });
+      },
+      nb::arg("a"), nb::arg("indices"), nb::arg("updates"), nb::arg("axes"),
+      "MLX's scatter (mlx::core::scatter, which MLX's Python API lacks): one index array per "
+      "axis in `axes`, `updates` of shape index shape + a's shape with those axes of size 1. "
+      "Its input is `a` itself, so MLX computes it in a's buffer where it may donate it.");
+
+  m.def(
+      "lend_buffer",
+      [](nb::handle t) -> nb::object {
+        auto lent = translate([&] { return lend_buffer(as_tensor(t, "lend_buffer")); });
+        if (!lent) return nb::none();
+        return nb::cast(std::move(*lent));
+      },
+      nb::arg("tensor"),
+      "An mx.array over the tensor's whole buffer, its sole owner (the storage holds nothing "
+      "until finish_lend): the input of one op MLX computes in place. Drop every other "
+      "reference to it before evaluating. None when the storage cannot lend its buffer.");
+
+  m.def(
+      "finish_lend",
+      [](nb::handle t, const mx::array& result) {
+        translate([&] { finish_lend(as_tensor(t, "finish_lend"), result); });
+      },
+      nb::arg("tensor"), nb::arg("result"),
+      "Give a lend_buffer loan back: `result`, launched, is the op computed in the lent buffer.");
 
   m.def(
       "cpu_alias",

@@ -187,6 +187,19 @@ def _execute(step, env) -> None:
     env[step.node] = _cast(result, step.out_dtypes)
 
 
+def _write_rows(x, dim, index, source):
+    """index_copy(x, dim, index, source) as one mx.scatter of source's slices into x: computed in
+    x's buffer when x is a lent buffer (MlxGraph.forward; MLX donates it), out of place when x is
+    a view of an input that could not lend its buffer. No index check: the graph's semantics."""
+    dim = dim % x.ndim
+    if index.size == 0:
+        return x
+    # one slice of x per index, the indexed axis kept (a Python assignment x[:, :, index] would
+    # index every axis: an arange and a cast each)
+    updates = mx.expand_dims(mx.moveaxis(source.astype(x.dtype), dim, 0), dim + 1)
+    return _C.scatter(x, [index.reshape(-1)], updates, [dim])
+
+
 class _Tracing:
     """registry.tracing() is true inside: the code runs only while mx.compile traces it."""
 
@@ -236,7 +249,7 @@ class MlxGraph(torch.nn.Module):
         # input mutations: (placeholder index, value node) written after the graph, and the
         # placeholders written in place (their index_copy is a scatter into the input's buffer)
         self.write_backs: list[tuple[int, fx.Node]] = []
-        self.in_place: set[int] = set()
+        self.in_place: dict[int, fx.Node] = {}  # placeholder index -> its index_copy node
         writes = {n.args[1]: n.args[0] for n in gm.graph.nodes if _input_write(n)}
         for node in gm.graph.nodes:
             if node.op == "get_attr" and isinstance(getattr(gm, node.target, None),
@@ -251,16 +264,16 @@ class MlxGraph(torch.nn.Module):
             elif node.op == "call_function":
                 step = _Step(node, _node_lowering(node))
                 if self._writes_in_place(node, writes.get(node)):
-                    step.fn, step.compiled = self._index_copy_into(node.args[0]), False
+                    self.in_place[self.placeholders.index(node.args[0])] = node
+                    step.fn = _write_rows
                 self.steps.append(step)
             elif node.op in ("call_module", "call_method", "get_attr"):
                 raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")
         # an output that is a written input (copy_ returns its destination) is the value written
         outputs = fx.node.map_arg(self._graph_outputs(),
                                   lambda n: n.args[1] if _input_write(n) else n)
-        self.results = [*outputs, *(v for _, v in self.write_backs)]
-        self._inputs: tuple = ()  # the torch tensors of the call running now
-        self._late_writes: list = []  # in-place writes that fell back to a write after the graph
+        # the in-place writes are results too: forward takes each lent buffer back from its write
+        self.results = [*outputs, *(v for _, v in self.write_backs), *self.in_place.values()]
         if all(isinstance(s, fx.Node) or s.compiled for s in self.steps):
             self.parts = None
             self.compiled = mx.compile(self.run)
@@ -277,27 +290,6 @@ class MlxGraph(torch.nn.Module):
         if node.target is not _INDEX_COPY or written is None or node.args[0] is not written:
             return False
         return all(u is node or _input_write(u) for u in written.users)
-
-    def _index_copy_into(self, placeholder: fx.Node):
-        index = self.placeholders.index(placeholder)
-        self.in_place.add(index)
-
-        def write(_, dim, idx, source):
-            target = self._inputs[index]
-            dim = dim % target.dim()
-            dtype = registry.to_mx_dtype(target.dtype)
-            # mx.scatter's updates: one slice of the target per index, the indexed axis kept
-            updates = mx.expand_dims(mx.moveaxis(source.astype(dtype), dim, 0), dim + 1)
-            result = None
-            if target.numel() and idx.size:
-                result = _C.scatter_in_place(target, [idx.reshape(-1)], updates, [dim])
-            if result is None:  # its buffer cannot be lent (shared, offset, ...): out of place
-                low = _lowering_of(_INDEX_COPY)
-                with _Tracing():  # no eager index check: the graph's semantics
-                    result = low.fn(_C.to_mlx(target), dim, idx, source)
-                self._late_writes.append((index, result))
-            return result
-        return write
 
     def run(self, *inputs):
         with _Tracing():
@@ -321,6 +313,7 @@ class MlxGraph(torch.nn.Module):
         precision.ensure()  # fixes MLX's float32 GEMM mode before any trace (no eval inside)
         buffers = []
         mx_inputs = []
+        loans = set()  # inputs whose buffer is lent to the graph's in-place write
         for i, t in enumerate(inputs):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 0:
                 # a CPU scalar (made outside the graph: _makes_tensor_off_mlx) combines with
@@ -332,12 +325,17 @@ class MlxGraph(torch.nn.Module):
                                        f"backend runs graphs whose tensors are on 'mlx'")
                 if t.numel():
                     buffers.append(_C.buffer_address(t))
-                # an input written in place is not viewed: the view would share its buffer,
-                # which then could not be lent to the scatter
-                mx_inputs.append(None if i in self.in_place else _C.to_mlx(t))
+                # an input written in place (index_copy) lends its buffer to the graph's scatter,
+                # which MLX then computes in it; it is not viewed (a view would share the buffer
+                # and forbid the loan). A buffer that cannot be lent is viewed, the scatter
+                # computed out of place and copied in after the graph.
+                lent = _C.lend_buffer(t) if i in self.in_place and t.numel() else None
+                if lent is not None:
+                    loans.add(i)
+                mx_inputs.append(_C.to_mlx(t) if lent is None else lent)
+                del lent
             else:
                 mx_inputs.append(t)
-        self._inputs, self._late_writes = inputs, []
         try:
             if self.parts is not None:
                 outs = self.run_parts(*mx_inputs)
@@ -347,17 +345,26 @@ class MlxGraph(torch.nn.Module):
                 outs = self.compiled(*mx_inputs)
             else:
                 outs = self.run(*mx_inputs)
-            late, self._late_writes = self._late_writes, []
-        finally:
-            self._inputs = ()
+        except BaseException:
+            for i in loans:  # nothing was launched: the storages keep their buffers
+                _C.finish_lend(inputs[i], mx_inputs[i])
+            raise
+        # the scatters must be the lent arrays' only holders when MLX launches them, for it to
+        # compute them in the lent buffers
+        del mx_inputs
         # launched, not waited for: each output's storage waits (TORCH_MLX_ASYNC=0, the CPU
         # backend's default) or keeps the running array until the host needs its bytes, so
         # the eager ops after a forward (vLLM's logits and sampling) queue behind it
-        mx.async_eval([o for o in outs if isinstance(o, mx.array)] + [r for _, r in late])
-        n = len(outs) - len(self.write_backs)
+        mx.async_eval([o for o in outs if isinstance(o, mx.array)])
+        n = len(outs) - len(self.write_backs) - len(self.in_place)
         written = [i for i, _ in self.write_backs]
-        for i, value in [*zip(written, outs[n:]), *late]:
+        for i, value in zip(written, outs[n:]):
             inputs[i].copy_(self._to_torch(value, buffers))
+        for i, value in zip(self.in_place, outs[n + len(written):]):
+            if i in loans:
+                _C.finish_lend(inputs[i], value)
+            elif inputs[i].numel():  # computed out of place
+                inputs[i].copy_(self._to_torch(value, buffers))
         return [self._to_torch(o, buffers) for o in outs[:n]]
 
     @staticmethod

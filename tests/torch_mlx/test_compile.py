@@ -254,21 +254,26 @@ def test_tensors_made_for_the_cpu_stay_on_the_cpu():
 
 
 class _ScatterSpy:
-    """torch_mlx._C with scatter_in_place counted: lent (in place) or refused (None)."""
+    """torch_mlx._C with the loans of input buffers to a graph's in-place write counted: lent
+    (each taken back, in place, by finish_lend) or refused (None)."""
 
     def __init__(self, c):
-        self._c, self.lent, self.refused = c, 0, 0
+        self._c, self.lent, self.refused, self.finished = c, 0, 0, 0
 
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def scatter_in_place(self, *args):
-        result = self._c.scatter_in_place(*args)
+    def lend_buffer(self, *args):
+        result = self._c.lend_buffer(*args)
         if result is None:
             self.refused += 1
         else:
             self.lent += 1
         return result
+
+    def finish_lend(self, *args):
+        self._c.finish_lend(*args)  # raises if the write was not made in the lent buffer
+        self.finished += 1
 
 
 def test_input_mutations_are_written_into_the_inputs(monkeypatch):
@@ -299,7 +304,7 @@ def test_input_mutations_are_written_into_the_inputs(monkeypatch):
             torch.testing.assert_close(cache.cpu(), cache_cpu)
             assert counter.item() == counter_cpu.item()
     assert cache.data_ptr() == address
-    assert spy.lent == 4 and spy.refused == 0
+    assert spy.lent == spy.finished == 4 and spy.refused == 0
 
     # a graph that returns the mutated input itself
     def step_returning_cache(cache, positions, new):
