@@ -187,11 +187,21 @@ def test_patterns_can_be_switched_off(monkeypatch, rewrites):
     assert rewrites == []
 
 
-def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewrites):
+def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewrites, monkeypatch):
     """transformers' compiled static-cache decoding in bfloat16 (grouped-query heads): every
-    layer's norms, rotary embeddings, repeated keys/values and mask are rewritten, and greedy
-    tokens are the CPU's."""
+    layer's norms, rotary embeddings, repeated keys/values and mask are rewritten, the step is
+    one mx.compile'd function (the caches' in-place writes included), and greedy tokens are the
+    CPU's."""
     from transformers.generation import CompileConfig
+
+    graphs = []
+    original_init = tc.MlxGraph.__init__
+
+    def recording_init(self, gm):
+        original_init(self, gm)
+        graphs.append(self)
+
+    monkeypatch.setattr(tc.MlxGraph, "__init__", recording_init)
 
     config = transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -214,3 +224,5 @@ def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewri
     assert actual.cpu().tolist() == expected.tolist()
     # one decode graph: per layer 2 norms, 2 rotary, keys/values, mask; the final norm
     assert rewrites == [2 * 6 + 1]
+    [graph] = graphs
+    assert graph.parts is None and len(graph.in_place) == 2 * 2  # keys and values a layer
