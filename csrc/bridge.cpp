@@ -257,6 +257,8 @@ std::optional<mx::array> lend_buffer(const at::Tensor& t) {
 
 void finish_lend(const at::Tensor& t, const mx::array& result) {
   StorageCtx& ctx = storage_ctx(t.storage());
+  TORCH_CHECK(result.status() != mx::array::Status::unscheduled,
+              "finish_lend: launch the write (mx.async_eval) before handing it back");
   // MLX allocated (or donated) the result's buffer when it launched it, on this thread
   TORCH_CHECK(result.buffer().ptr() == ctx.buffer.ptr(),
               "torch_mlx internal error: an in-place write into an 'mlx' storage inside a "

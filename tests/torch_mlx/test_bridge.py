@@ -168,3 +168,45 @@ def test_extension_exports_only_its_init_function():
     names = subprocess.run(["nm", "-D", "--defined-only", torch_mlx._C.__file__],
                            capture_output=True, text=True, check=True).stdout.split()
     assert [n for n in names if not n.startswith("0") and len(n) > 1] == ["PyInit__C"]
+
+
+def test_a_lent_buffer_is_written_in_place_and_taken_back():
+    """lend_buffer / finish_lend, the loan behind compiled graphs' in-place cache writes: the
+    scatter MLX computes on the lent array lands in the tensor's own buffer."""
+    t = torch.zeros(4, 3, device="mlx")
+    address = t.data_ptr()
+    lent = _C.lend_buffer(t)
+    assert lent is not None and lent.shape == (4, 3)
+    rows = mx.array([2, 0])
+    result = _C.scatter(lent, [rows], mx.array([[[1.0, 2, 3]], [[4.0, 5, 6]]]), [0])
+    del lent  # the scatter must be the lent array's only holder when it runs
+    mx.async_eval(result)
+    _C.finish_lend(t, result)
+    assert t.data_ptr() == address
+    assert t.cpu().tolist() == [[4, 5, 6], [0, 0, 0], [1, 2, 3], [0, 0, 0]]
+    t.add_(1)  # the storage holds its buffer again
+    assert t.cpu()[1].tolist() == [1, 1, 1]
+
+
+def test_a_loan_is_refused_or_given_back_whole():
+    base = torch.zeros(4, 3, device="mlx")
+    assert _C.lend_buffer(base[1:]) is None  # a view past the buffer's first byte
+    # a tensor over an mx.array's buffer: the array may be read elsewhere, nothing to lend
+    assert _C.lend_buffer(torch_mlx.from_mlx(mx.zeros((4, 3)) + 1)) is None
+    # a result that is not in the lent buffer is refused; the loan can still be given back
+    lent = _C.lend_buffer(base)
+    elsewhere = mx.zeros((4, 3)) + 1
+    with pytest.raises(RuntimeError, match="launch the write"):
+        _C.finish_lend(base, elsewhere)
+    mx.eval(elsewhere)
+    with pytest.raises(RuntimeError, match="out of place"):
+        _C.finish_lend(base, elsewhere)
+    _C.finish_lend(base, lent)
+    del lent
+    base.fill_(2)
+    assert base.cpu().sum().item() == 24
+    # scatter_in_place (a loan and a scatter) with a bad argument keeps the buffer
+    with pytest.raises(ValueError):
+        _C.scatter_in_place(base, [mx.array([0])], mx.ones((1, 1, 5)), [0])
+    base.add_(1)
+    assert base.cpu().sum().item() == 36
