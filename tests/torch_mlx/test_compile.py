@@ -354,3 +354,31 @@ def test_attention_under_dynamic_shapes():
             mask[..., 0] = True
             got = g(*(t.to("mlx") for t in (q, k, v, mask)))
             torch.testing.assert_close(got.cpu(), attend(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_a_graph_that_fails_gives_its_loans_back(monkeypatch):
+    """An input lent to the graph's in-place write keeps its buffer and values when the graph
+    raises before anything is launched."""
+    def step(cache, positions, new):
+        cache.index_copy_(2, positions, new)
+        return cache.sum(dim=-1)
+
+    cache = torch.arange(32.0).reshape(1, 2, 4, 4).to("mlx")
+    g = torch.compile(step, backend="mlx")
+    with torch.no_grad():
+        g(cache, torch.tensor([0]).to("mlx"), torch.zeros(1, 2, 1, 4).to("mlx"))  # compiled
+    expected = cache.cpu()
+
+    def failing_scatter(*args):
+        raise RuntimeError("scatter failed")
+
+    spy = _ScatterSpy(torch_mlx.compile._C)
+    spy.scatter = failing_scatter
+    monkeypatch.setattr(torch_mlx.compile, "_C", spy)
+    monkeypatch.setattr(torch_mlx.compile.registry, "compile_allowed", lambda: False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="scatter failed"):
+        g(cache, torch.tensor([1]).to("mlx"), torch.ones(1, 2, 1, 4).to("mlx"))
+    assert spy.lent == 1
+    torch.testing.assert_close(cache.cpu(), expected)
+    cache.add_(1)  # the storage holds its buffer again
+    torch.testing.assert_close(cache.cpu(), expected + 1)
