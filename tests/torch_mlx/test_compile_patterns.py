@@ -198,7 +198,18 @@ def test_patterns_can_be_switched_off(monkeypatch, rewrites):
     assert rewrites == []
 
 
-def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewrites, monkeypatch):
+# (config, model, extra config, rewrites a layer): per layer 2 norms, 2 rotary, keys/values,
+# mask (Qwen3 adds its query and key norms)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, 6),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), 8),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16), 6),  # scales by 1 + weight
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0), 6),  # fused qkv projection
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_compiled_decode_graph_is_rewritten_and_generates_as_the_cpu(arch, rewrites, monkeypatch):
     """transformers' compiled static-cache decoding in bfloat16 (grouped-query heads): every
     layer's norms, rotary embeddings, repeated keys/values and mask are rewritten, the step is
     one mx.compile'd function (the caches' in-place writes included), and greedy tokens are the
@@ -214,12 +225,13 @@ def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewri
 
     monkeypatch.setattr(tc.MlxGraph, "__init__", recording_init)
 
-    config = transformers.LlamaConfig(
+    config_class, model_class, extra, per_layer = ARCHITECTURES[arch]
+    config = getattr(transformers, config_class)(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, **extra)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # a sharp next-token distribution: no near-ties
     model = model.to(torch.bfloat16)
@@ -233,7 +245,6 @@ def test_compiled_llama_decode_graph_is_rewritten_and_generates_as_the_cpu(rewri
             prompt.to("mlx"), attention_mask=torch.ones_like(prompt).to("mlx"),
             cache_implementation="static", compile_config=compile_config, **kwargs)
     assert actual.cpu().tolist() == expected.tolist()
-    # one decode graph: per layer 2 norms, 2 rotary, keys/values, mask; the final norm
-    assert rewrites == [2 * 6 + 1]
+    assert rewrites == [2 * per_layer + 1]  # one decode graph; the final norm
     [graph] = graphs
     assert graph.parts is None and len(graph.in_place) == 2 * 2  # keys and values a layer
