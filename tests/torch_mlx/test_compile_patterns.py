@@ -3,6 +3,7 @@ heads and torch's additive form of a boolean mask are rewritten before lowering,
 values the written-out ops give; look-alikes that differ are left as they are."""
 import copy
 
+import mlx.core as mx
 import pytest
 import torch
 import transformers
@@ -138,8 +139,19 @@ def test_a_block_compiles_to_the_fused_ops_with_eager_values(dtype, rewrites):
     assert rewrites == [5]
     [norm] = rewrites.calls(torch.ops.torch_mlx.rms_norm.default)
     assert norm.args[1] is not None
-    # the rewritten graph computes what the written-out ops compute on "mlx", bit for bit
-    torch.testing.assert_close(compiled.cpu(), eager.cpu(), rtol=0, atol=0)
+    if mx.default_device() == mx.cpu:
+        # MLX's CPU backend runs the fused ops as the written-out ones: bit for bit
+        torch.testing.assert_close(compiled.cpu(), eager.cpu(), rtol=0, atol=0)
+    else:
+        # a GPU's fused kernels (RMSNorm, attention over shared KV heads) sum in other orders
+        # (H100: 4.8e-7 float32, 0.02 bfloat16 at an element near 0): as close to float64 as
+        # the written-out ops
+        reference = _Block().double()
+        reference.load_state_dict(block.state_dict())
+        with torch.no_grad():
+            exact = reference(*(t.double() if t.is_floating_point() else t for t in inputs))
+        error = (compiled.cpu().double() - exact).abs().max()
+        assert error <= 2 * (eager.cpu().double() - exact).abs().max()
     if dtype == torch.float32:  # (in bfloat16 both round differently from torch's CPU SDPA)
         torch.testing.assert_close(compiled.cpu(), expected)
 
