@@ -275,17 +275,15 @@ std::optional<mx::array> scatter_in_place(const at::Tensor& t,
   std::optional<mx::array> lent = lend_buffer(t);
   if (!lent) return std::nullopt;
   StorageCtx& ctx = storage_ctx(t.storage());
-  std::optional<mx::array> made;
   try {
-    made = mx::scatter(*lent, indices, updates, axes);
+    mx::array result = mx::scatter(*lent, indices, updates, axes);
+    lent.reset();  // `lent`, an input of `result` only, is the buffer's sole owner
+    ctx.pending_write = result;
+    return result;
   } catch (...) {
     ctx.holder = buffer_holder(*lent);  // a bad argument: the storage keeps its buffer
     throw;
   }
-  mx::array result = std::move(*made);
-  lent.reset();  // `lent`, an input of `result` only, is the buffer's sole owner
-  ctx.pending_write = result;
-  return result;
 }
 
 namespace {

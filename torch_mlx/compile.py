@@ -187,19 +187,6 @@ def _execute(step, env) -> None:
     env[step.node] = _cast(result, step.out_dtypes)
 
 
-def _write_rows(x, dim, index, source):
-    """index_copy(x, dim, index, source) as one mx.scatter of source's slices into x: computed in
-    x's buffer when x is a lent buffer (MlxGraph.forward; MLX donates it), out of place when x is
-    a view of an input that could not lend its buffer. No index check: the graph's semantics."""
-    dim = dim % x.ndim
-    if index.size == 0:
-        return x
-    # one slice of x per index, the indexed axis kept (a Python assignment x[:, :, index] would
-    # index every axis: an arange and a cast each)
-    updates = mx.expand_dims(mx.moveaxis(source.astype(x.dtype), dim, 0), dim + 1)
-    return _C.scatter(x, [index.reshape(-1)], updates, [dim])
-
-
 class _Tracing:
     """registry.tracing() is true inside: the code runs only while mx.compile traces it."""
 
@@ -264,8 +251,9 @@ class MlxGraph(torch.nn.Module):
             elif node.op == "call_function":
                 step = _Step(node, _node_lowering(node))
                 if self._writes_in_place(node, writes.get(node)):
+                    # index_copy's lowering is one scatter onto x: in x's buffer when forward
+                    # lends it, out of place when x is a view of an input that could not lend
                     self.in_place[self.placeholders.index(node.args[0])] = node
-                    step.fn = _write_rows
                 self.steps.append(step)
             elif node.op in ("call_module", "call_method", "get_attr"):
                 raise NotImplementedError(f"torch_mlx.compile: unexpected {node.op} node {node}")

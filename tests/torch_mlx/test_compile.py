@@ -373,8 +373,10 @@ def test_a_graph_that_fails_gives_its_loans_back(monkeypatch):
         raise RuntimeError("scatter failed")
 
     spy = _ScatterSpy(torch_mlx.compile._C)
-    spy.scatter = failing_scatter
     monkeypatch.setattr(torch_mlx.compile, "_C", spy)
+    failing = _ScatterSpy(torch_mlx.ops.indexing._C)  # index_copy's lowering: the scatter
+    failing.scatter = failing_scatter
+    monkeypatch.setattr(torch_mlx.ops.indexing, "_C", failing)
     monkeypatch.setattr(torch_mlx.compile.registry, "compile_allowed", lambda: False)
     with torch.no_grad(), pytest.raises(RuntimeError, match="scatter failed"):
         g(cache, torch.tensor([1]).to("mlx"), torch.ones(1, 2, 1, 4).to("mlx"))

@@ -454,11 +454,14 @@ def index_copy(self, dim, index, source):
     idx = _wrap_checked(idx, size, dim, negative=False,
                         msg="index_copy_(): index {i} is out of bounds for dimension "
                             f"{dim} with size {size}")
+    if idx.size == 0:
+        return self
     x, src = _source_nd(self, 1), _source_nd(source, 1)
-    x = mx.swapaxes(x, 0, dim)
-    x = mx.reshape(x, x.shape)
-    x[idx] = mx.swapaxes(src, 0, dim).astype(self.dtype)
-    return mx.reshape(mx.swapaxes(x, 0, dim), self.shape)
+    # one scatter whose input is self itself (no transposed copy), of source's slices (the
+    # indexed axis kept, size 1): MLX computes it in self's buffer where it may donate it, which
+    # is how a compiled graph writes a lent KV cache in place (torch_mlx.compile)
+    updates = mx.expand_dims(mx.moveaxis(src.astype(self.dtype), dim, 0), dim + 1)
+    return mx.reshape(_C.scatter(x, [idx], updates, [dim]), self.shape)
 
 
 def _check_source_shape(self_shape, source_shape, dim: int) -> None:
