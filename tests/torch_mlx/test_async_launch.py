@@ -11,18 +11,44 @@ import pytest
 
 ASYNC_ENV = dict(os.environ, TORCH_MLX_ASYNC="1", TORCH_DEVICE_BACKEND_AUTOLOAD="1")
 PRELUDE = """
+import math, time
+import mlx.core as mx
 import torch, torch_mlx
 from torch_mlx import _C
 
-def launched_products(size, scale, steps):
-    # a random a (waited for), then a @ a @ ... (steps + 1 factors) launched and not waited for:
-    # work that keeps MLX busy while a check runs
-    a = torch.randn(size, size, device="mlx") / scale
-    torch.mlx.synchronize()
+def chain(a, steps):
     y = a
     for _ in range(steps):
         y = y @ a
-    return a, y
+    return y
+
+def launched_products():
+    # a random a (waited for), then a @ a @ ... launched and not waited for: work that keeps
+    # MLX busy while a check runs. MLX's CPU backend takes a few hundred ms for 8 products of
+    # 512 squares; an H100 finishes those before the host reaches the check, so on a GPU the
+    # squares are 6144 wide and as many as take about half a second (at most 64: 9 GiB)
+    a = torch.randn(512, 512, device="mlx") / 23
+    steps = 8
+    if mx.default_device() == mx.gpu:
+        a = torch.randn(6144, 6144, device="mlx") / 78
+        chain(a, 2).cpu()  # kernels ready
+        t0 = time.perf_counter()
+        chain(a, 4).cpu()
+        steps = max(8, min(64, math.ceil(0.5 / ((time.perf_counter() - t0) / 4))))
+    torch.mlx.synchronize()
+    return a, chain(a, steps), steps
+
+def expected_products(a, steps):
+    # the product of steps + 1 factors: torch's CPU on MLX's CPU backend; on a GPU (a CPU
+    # product of 6144 squares takes seconds) the same kernels again, once all launched work has
+    # finished: what the check read while the chain ran must equal what it reads after
+    if mx.default_device() != mx.gpu:
+        return torch.linalg.matrix_power(a.cpu(), steps + 1)
+    torch.mlx.synchronize()
+    return chain(a, steps).cpu()
+
+def check_products(a, y, steps):
+    torch.testing.assert_close(y.cpu(), expected_products(a, steps), rtol=1e-3, atol=1e-5)
 """
 
 CHECKS = {
@@ -92,7 +118,7 @@ assert _C.host_wait_stats(True)[2] == 1
     # launched work: no kernel can read bytes MLX never had an array over; a host write into a
     # storage launched work reads still waits, and every value is right
     "fresh_storage_host_writes_do_not_wait": """
-a, y = launched_products(512, 23, 8)
+a, y, steps = launched_products()
 _C.host_wait_stats(True)
 r = torch.arange(1000, device="mlx")
 z = torch.zeros(300, device="mlx")
@@ -104,13 +130,13 @@ w = r * 2  # launched: reads r
 _C.cpu_alias(r).fill_(7)  # so a host write into r waits for it
 assert _C.host_wait_stats(True)[2] == 1
 torch.testing.assert_close(w.cpu(), torch.arange(1000) * 2)
-torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
+check_products(a, y, steps)
 """,
     # eager casts, clones and .contiguous() of launched results are MLX ops, launched like any
     # other: none waits for its input (through host memory each waited, and the CPU copied);
     # a strided copy, a CPU -> "mlx" copy and a copy to the CPU still go through host memory
     "copies_and_casts_are_launched": """
-a, y = launched_products(256, 16, 6)
+a, y, steps = launched_products()
 _C.host_wait_stats(True)
 h = y.to(torch.bfloat16)
 f = h.float()
@@ -119,7 +145,7 @@ t = y.t().contiguous()
 i = (y * 100).to(torch.int32)
 assert _C.host_wait_stats(True)[2] == 0
 assert c.data_ptr() != y.data_ptr() and t.is_contiguous() and h.dtype == torch.bfloat16
-expected = torch.linalg.matrix_power(a.cpu(), 7)
+expected = expected_products(a, steps)
 torch.testing.assert_close(c.cpu(), expected, rtol=1e-3, atol=1e-5)
 torch.testing.assert_close(t.cpu(), expected.t(), rtol=1e-3, atol=1e-5)
 torch.testing.assert_close(f.cpu(), expected.bfloat16().float(), rtol=1e-2, atol=1e-3)
@@ -145,7 +171,7 @@ assert c.storage_offset() == 40
 held = mx.arange(8).astype(mx.float32) * 1
 t = torch_mlx.from_mlx(held)
 torch.mlx.synchronize()
-a, y = launched_products(512, 23, 8)
+a, y, steps = launched_products()
 u = x * 2  # launched: reads x before the writes below
 _C.host_wait_stats(True)
 _C.device_write_count(True)
@@ -172,14 +198,14 @@ torch.testing.assert_close(r.cpu(), expected)
 assert s.cpu()[89].item() == 89 and s.cpu()[90:].eq(0).all()
 assert k.item() == 7 and b.cpu().tolist() == [3.0, 3.0, 3.0] and not z.cpu().any()
 torch.testing.assert_close(c.cpu(), torch.arange(40.0, 64.0) + 100)
-torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
+check_products(a, y, steps)
 """,
     # a read-only host alias (cpu_alias(t, writes=False)) does not wait for launched kernels
     # that only read t; one of a tensor still being computed waits for it, and a writable
     # alias still waits for t's readers
     "read_only_alias_waits_only_for_the_writer": """
 t = torch.arange(1 << 16, dtype=torch.float32, device="mlx")
-a, y = launched_products(512, 23, 8)
+a, y, steps = launched_products()
 u = t * 2  # launched: reads t
 _C.host_wait_stats(True)
 assert _C.cpu_alias(t, writes=False)[7].item() == 7.0
@@ -189,19 +215,16 @@ assert _C.host_wait_stats(True)[2] == 1
 v = t + 1
 _C.cpu_alias(t)  # may be written: waits for v, which reads t
 assert _C.host_wait_stats(True)[2] == 1
-torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 9), rtol=1e-3, atol=1e-5)
+check_products(a, y, steps)
 """,
     # a stream query answers from the launched results, without waiting: not done while a chain
-    # of products runs (a few hundred ms on the CPU backend), done once it has finished
+    # of products runs, done once it has finished
     "stream_query_sees_launches": """
-import time
 s = torch.accelerator.current_stream("mlx")
-a = torch.randn(1024, 1024, device="mlx") / 32
+a, y, steps = launched_products()
 s.synchronize()
 assert s.query()
-y = a
-for _ in range(12):
-    y = y @ a
+y = chain(a, steps)
 _C.host_wait_stats(True)
 assert not s.query()
 assert _C.host_wait_stats(True)[2] == 0  # the query did not wait
@@ -209,7 +232,7 @@ deadline = time.monotonic() + 60
 while not s.query():
     assert time.monotonic() < deadline, "the stream never reported done"
     time.sleep(0.001)
-torch.testing.assert_close(y.cpu(), torch.linalg.matrix_power(a.cpu(), 13), rtol=1e-3, atol=1e-5)
+check_products(a, y, steps)
 """,
 }
 
