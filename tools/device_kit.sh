@@ -46,7 +46,8 @@
 #                profile:wait also synchronizes after each forward and sampling (device time
 #                apart from host time); profile:async_sched runs vLLM's async scheduling with
 #                TORCH_MLX_ASYNC=1 (tools/profile_decode.py --async-scheduling); profile:hf profiles transformers' compiled generate
-#                (tools/profile_hf_generate.py: graph breaks, retraces, eager ops a step)
+#                (tools/profile_hf_generate.py: graph breaks, retraces, eager ops a step;
+#                profile:hf_pyspy adds py-spy's native host stacks of a 512-token generate)
 #                profile:pyspy samples the host's stacks, Python and native (py-spy --native),
 #                of a batch-1 vllm_metal decode and of mlx-lm's, summarized by
 #                tools/pyspy_summary.py: which C++ functions of libmlx the launch spends in
@@ -287,13 +288,15 @@ run_item() {
       mode=${mode#:}; mode=${mode:-default}
       python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_gpu; \
 bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || status=1
-      if [ "$mode" = pyspy ]; then  # native stacks: vllm_metal's decode, then mlx-lm's
-        # py-spy on its own (installed with the other wheels its binary did not land in
-        # site/bin); 50 samples a second: unwinding native stacks through libmlx and the CUDA
-        # libraries is slow, and at 1000 a second the sampler fell minutes behind (eighth visit)
-        [ -x "$KIT/spy/bin/py-spy" ] || python3 -m pip install -q --no-index --no-deps \
+      # py-spy on its own (installed with the other wheels its binary did not land in
+      # site/bin); 50 samples a second: unwinding native stacks through libmlx and the CUDA
+      # libraries is slow, and at 1000 a second the sampler fell minutes behind (eighth visit)
+      local spy="$KIT/spy/bin/py-spy"
+      if [ "$mode" = pyspy ] || [ "$mode" = hf_pyspy ]; then
+        [ -x "$spy" ] || python3 -m pip install -q --no-index --no-deps \
           --target "$KIT/spy" "$KIT"/wheels/py_spy-*.whl
-        local spy="$KIT/spy/bin/py-spy"
+      fi
+      if [ "$mode" = pyspy ]; then  # native stacks: vllm_metal's decode, then mlx-lm's
         # attached after each warm-up (tools/pyspy_self.py): under py-spy from the start, vLLM's
         # start-up alone outlasted 200 s and mlx-lm's samples were its first-use JIT (tenth visit)
         timeout -s INT -k 20 240 python3 tools/profile_decode.py --model "$model" \
@@ -306,9 +309,15 @@ bench_gpu.make_model('$model', $layers, 1536)" >>"$LOG/profile.log" 2>&1 || stat
           python3 tools/pyspy_summary.py "$LOG/pyspy_$f.txt" --top 45 --focus async_eval \
             --json "$LOG/pyspy_$f.json" >>"$LOG/profile.log" 2>&1 || status=1
         done
-      elif [ "$mode" = hf ]; then  # transformers' compiled generate on "mlx" (bench's mlx_compiled)
-        python3 tools/profile_hf_generate.py --model "$model" --tokens 32 \
+      elif [ "$mode" = hf ] || [ "$mode" = hf_pyspy ]; then  # transformers' compiled generate
+        # on "mlx" (bench's mlx_compiled); hf_pyspy also samples the host's native stacks
+        timeout -s INT -k 20 300 python3 tools/profile_hf_generate.py --model "$model" --tokens 32 \
+          $([ "$mode" = hf_pyspy ] && echo --pyspy "$LOG/pyspy_hf.txt" --pyspy-bin "$spy") \
           --json "$LOG/profile_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
+        if [ -f "$LOG/pyspy_hf.txt" ]; then
+          python3 tools/pyspy_summary.py "$LOG/pyspy_hf.txt" --top 60 --focus GenerationMixin._sample \
+            --json "$LOG/pyspy_hf.json" >>"$LOG/profile.log" 2>&1 || status=1
+        fi
       else
         for batch in 1 32; do
           TORCH_MLX_ASYNC=$(case "$mode" in async|async_sched) echo 1 ;; sync) echo 0 ;;

@@ -31,6 +31,10 @@ def main():
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "bench-llama-2x384-bf16"))
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--json")
+    parser.add_argument("--pyspy", metavar="OUT",
+                        help="then sample a longer generate's host stacks (py-spy --native, raw)")
+    parser.add_argument("--pyspy-bin", default="py-spy")
+    parser.add_argument("--pyspy-tokens", type=int, default=512)
     args = parser.parse_args()
 
     import torch_mlx  # noqa: F401
@@ -103,6 +107,14 @@ def main():
     for k, n in report["aten_ops_per_step"].items():
         print(f"    {n:6.1f}  {report['aten_self_ms_per_step'][k]:7.3f} ms self  {k}")
     print(json.dumps(report))
+    if args.pyspy:  # the host's stacks over a steady-state generate (compiled above)
+        import pyspy_self
+        generate(args.pyspy_tokens)  # its cache length is a new graph: compiled before sampling
+        with pyspy_self.sampled(args.pyspy, args.pyspy_bin):
+            start = time.perf_counter()
+            generate(args.pyspy_tokens)
+            report["pyspy_ms_per_token"] = (time.perf_counter() - start) / args.pyspy_tokens * 1e3
+        print(f"sampled: {report['pyspy_ms_per_token']:.2f} ms a token under py-spy")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
