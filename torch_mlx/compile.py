@@ -299,31 +299,13 @@ class MlxGraph(torch.nn.Module):
 
     def forward(self, *inputs):
         precision.ensure()  # fixes MLX's float32 GEMM mode before any trace (no eval inside)
-        buffers = []
-        mx_inputs = []
-        loans = set()  # inputs whose buffer is lent to the graph's in-place write
-        for i, t in enumerate(inputs):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 0:
-                # a CPU scalar (made outside the graph: _makes_tensor_off_mlx) combines with
-                # "mlx" tensors as in eager torch
-                mx_inputs.append(_constant_array(t))
-            elif isinstance(t, torch.Tensor):
-                if t.device.type != "mlx":
-                    raise RuntimeError(f"torch_mlx.compile: graph input on {t.device}; the mlx "
-                                       f"backend runs graphs whose tensors are on 'mlx'")
-                if t.numel():
-                    buffers.append(_C.buffer_address(t))
-                # an input written in place (index_copy) lends its buffer to the graph's scatter,
-                # which MLX then computes in it; it is not viewed (a view would share the buffer
-                # and forbid the loan). A buffer that cannot be lent is viewed, the scatter
-                # computed out of place and copied in after the graph.
-                lent = _C.lend_buffer(t) if i in self.in_place and t.numel() else None
-                if lent is not None:
-                    loans.add(i)
-                mx_inputs.append(_C.to_mlx(t) if lent is None else lent)
-                del lent
-            else:
-                mx_inputs.append(t)
+        # inputs as MLX values (csrc/module.cpp graph_inputs): a tensor on "mlx" viewed as an
+        # mx.array; one written in place (index_copy) lends its buffer to the graph's scatter,
+        # which MLX then computes in it (it is not viewed: a view would share the buffer and
+        # forbid the loan; a buffer that cannot lend is viewed, the scatter computed out of
+        # place and copied in after the graph); a CPU scalar (made outside the graph:
+        # _makes_tensor_off_mlx) combines with "mlx" tensors as in eager torch
+        mx_inputs, buffers, loans = _C.graph_inputs(inputs, self.in_place, _constant_array)
         try:
             if self.parts is not None:
                 outs = self.run_parts(*mx_inputs)

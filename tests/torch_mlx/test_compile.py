@@ -263,13 +263,11 @@ class _ScatterSpy:
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def lend_buffer(self, *args):
-        result = self._c.lend_buffer(*args)
-        if result is None:
-            self.refused += 1
-        else:
-            self.lent += 1
-        return result
+    def graph_inputs(self, inputs, lend, cpu_scalar):
+        values, buffers, loans = self._c.graph_inputs(inputs, lend, cpu_scalar)
+        self.lent += len(loans)
+        self.refused += sum(1 for i in lend if inputs[i].numel() and i not in loans)
+        return values, buffers, loans
 
     def finish_lend(self, *args):
         self._c.finish_lend(*args)  # raises if the write was not made in the lent buffer
