@@ -559,3 +559,28 @@ def test_airy_ai_is_as_accurate_as_the_cpu_over_its_range():
     finite = torch.isfinite(reference)
     assert (got - reference)[finite].abs().max() <= (cpu - reference)[finite].abs().max()
     torch.testing.assert_close(got[finite], reference[finite], rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_isin_against_the_cpu(monkeypatch, chunk):
+    # one lowering for the three overloads (and out=); elements compared in chunks bounded by
+    # _ISIN_CHUNK (7 here: many chunks, the last one short), mixed dtypes promoted as torch does
+    from torch_mlx.ops import elementwise
+    if chunk:
+        monkeypatch.setattr(elementwise, "_ISIN_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-20, 20, (6, 11), generator=g)
+    tests = torch.tensor([[3, -7], [19, 3]])
+    cases = [(a, tests), (a.float(), tests), (a.to(torch.int8), tests), (a.to(torch.uint8), tests.float()),
+             (a[0, 0], tests), (a, tests[0, 0]), (a, torch.tensor([], dtype=torch.long)),
+             (torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))]
+    for x, t in cases:
+        for invert in (False, True):
+            expected = torch.isin(x, t, invert=invert)
+            got = torch.isin(x.to("mlx"), t.to("mlx"), invert=invert)
+            assert got.dtype == torch.bool and torch.equal(got.cpu(), expected), (x, t, invert)
+    assert torch.equal(torch.isin(a.to("mlx"), 3).cpu(), torch.isin(a, 3))
+    assert torch.equal(torch.isin(3, tests.to("mlx")).cpu(), torch.isin(3, tests))
+    out = torch.ones(6, 11, dtype=torch.bool, device="mlx")
+    torch.isin(a.to("mlx"), tests.to("mlx"), out=out)
+    assert torch.equal(out.cpu(), torch.isin(a, tests))

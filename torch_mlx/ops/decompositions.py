@@ -34,9 +34,6 @@ from . import registry
 # Checked against the CPU with OpInfo (see the module docstring); the comment names the OpInfo.
 EXACT = [
     "count_nonzero.dim_IntList",  # count_nonzero
-    "isin.Tensor_Tensor_out",  # isin (the functional overloads call these)
-    "isin.Tensor_Scalar_out",
-    "isin.Scalar_Tensor_out",
     "narrow_copy.out",  # narrow_copy (out=)
     "trace",  # trace
     "channel_shuffle",  # nn.functional.channel_shuffle

@@ -1715,6 +1715,27 @@ def _truth(x):
     return x if x.dtype == mx.bool_ else x != 0
 
 
+# isin: each element compared with every test element, exactly (so the same answer as torch's
+# sorting path for large test sets); the elements in chunks that bound the comparison matrix.
+# One lowering, where torch's decomposition made transformers' generate pay 3-4 eager ops a call
+_ISIN_CHUNK = 1 << 24
+
+
+@lowering("isin.Tensor_Tensor", "isin.Tensor_Scalar", "isin.Scalar_Tensor",
+          promote=PROMOTE.DEFAULT)
+def isin(elements, test_elements, *, assume_unique=False, invert=False):
+    elements, tests = (x if isinstance(x, mx.array) else mx.array(x)
+                       for x in (elements, test_elements))
+    flat, tests = elements.reshape(-1), tests.reshape(-1)
+    step = max(1, _ISIN_CHUNK // max(tests.size, 1))
+    found = [mx.any(flat[i:i + step, None] == tests[None, :], axis=1)
+             for i in range(0, max(flat.size, 1), step)] if tests.size else \
+        [mx.zeros(flat.shape, mx.bool_)]
+    found = (found[0] if len(found) == 1 else mx.concatenate(found))[:flat.size]
+    found = found.reshape(elements.shape)
+    return mx.logical_not(found) if invert else found
+
+
 @torch_kernel("equal")
 def equal(self, other):
     """torch.equal returns a Python bool: same shape and every element equal (NaN is not)."""
