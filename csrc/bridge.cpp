@@ -375,6 +375,31 @@ bool write_in_place(const at::Tensor& dst, const mx::array& values) {
   return true;
 }
 
+bool adopt_storage(const at::Tensor& dst, const at::Tensor& src) {
+  auto covers_its_storage = [](const at::Tensor& t) {
+    return t.is_privateuseone() && t.is_contiguous() && t.storage_offset() == 0 &&
+           !t.is_conj() && !t.is_neg() && t.storage().data() != nullptr &&
+           static_cast<size_t>(t.nbytes()) == t.storage().nbytes();
+  };
+  if (!covers_its_storage(dst) || !covers_its_storage(src) ||
+      dst.scalar_type() != src.scalar_type() || dst.nbytes() != src.nbytes() ||
+      dst.storage().is_alias_of(src.storage())) {
+    return false;
+  }
+  StorageCtx& to = storage_ctx(dst.storage());
+  StorageCtx& from = storage_ctx(src.storage());
+  if (to.owner || from.owner || to.pending_write || from.pending_write || !to.holder ||
+      !from.holder ||
+      to.byte_offset != 0 || from.byte_offset != 0) {
+    return false;
+  }
+  auto* d = dst.storage().unsafeGetStorageImpl();
+  auto* s = src.storage().unsafeGetStorageImpl();
+  c10::DataPtr old = d->set_data_ptr(c10::DataPtr(nullptr, d->device()));
+  d->set_data_ptr_noswap(s->set_data_ptr(std::move(old)));
+  return true;
+}
+
 bool host_write_would_wait(const at::Tensor& dst, const at::Tensor* src) {
   auto running = [](const StorageCtx& ctx) {
     return ctx.pending_write || (ctx.producer && !ctx.producer->is_available());

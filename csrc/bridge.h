@@ -62,6 +62,17 @@ void finish_lend(const at::Tensor& t, const mlx::core::array& result);
 // result's, another array holds it). The caller makes sure values does not read dst's bytes.
 bool write_in_place(const at::Tensor& dst, const mlx::core::array& values);
 
+// A compiled graph's input mutation `dst.copy_(src)`, where src is a fresh result of the graph
+// covering a storage of its own: dst's storage takes src's buffer (the DataPtrs of the two
+// storages are swapped; src, dropped by the caller, frees dst's old one once the kernels still
+// reading it finish). MLX's own idiom for updating state (arrays are values; mlx-lm rebinds its
+// cache), where a write of the old buffer must wait for every kernel still reading it: the graph
+// that just read dst. dst's views follow (they share the storage); its data pointer changes, as
+// on MLX CUDA when bytes move to managed memory (launch.h). False, nothing changed, unless both
+// are contiguous, start at their storage's first byte and cover it, have one dtype, and both
+// storages own their buffers through the allocator (not from_mlx, no lent write in flight).
+bool adopt_storage(const at::Tensor& dst, const at::Tensor& src);
+
 // How many writes write_in_place made since the last reset.
 uint64_t device_write_count(bool reset);
 

@@ -166,6 +166,17 @@ NB_MODULE(_C, m) {
       "cpu_scalar(tensor); anything else that is not a tensor is passed as it is.");
 
   m.def(
+      "adopt_storage",
+      [](nb::handle dst, nb::handle src) {
+        return translate([&] {
+          return adopt_storage(as_tensor(dst, "adopt_storage"), as_tensor(src, "adopt_storage"));
+        });
+      },
+      nb::arg("dst"), nb::arg("src"),
+      "dst.copy_(src) for a fresh src as a rebinding: dst's storage takes src's buffer "
+      "(csrc/bridge.h adopt_storage). False, nothing changed, where it does not apply.");
+
+  m.def(
       "cpu_alias",
       [](nb::handle t, bool writes) {
         return wrap(translate([&] { return cpu_alias(as_tensor(t, "cpu_alias"), writes); }));

@@ -328,8 +328,16 @@ class MlxGraph(torch.nn.Module):
         mx.async_eval([o for o in outs if isinstance(o, mx.array)])
         n = len(outs) - len(self.write_backs) - len(self.in_place)
         written = [i for i, _ in self.write_backs]
-        for i, value in zip(written, outs[n:]):
-            inputs[i].copy_(self._to_torch(value, buffers))
+        if written:
+            # an input mutation takes the value's buffer (MLX's idiom: state is rebound, not
+            # written) where it can: writing the old buffer would wait for the graph just
+            # launched, which reads it. A value that is also returned is copied (two tensors)
+            returned = {_C.buffer_address(o) for o in outs[:n] if isinstance(o, mx.array)}
+            for i, value in zip(written, outs[n:]):
+                fresh = self._to_torch(value, buffers)
+                if not isinstance(value, mx.array) or _C.buffer_address(value) in returned \
+                        or not _C.adopt_storage(inputs[i], fresh):
+                    inputs[i].copy_(fresh)
         for i, value in zip(self.in_place, outs[n + len(written):]):
             if i in loans:
                 _C.finish_lend(inputs[i], value)

@@ -333,6 +333,55 @@ def test_input_mutations_are_written_into_the_inputs(monkeypatch):
     assert spy.refused == 1
 
 
+def test_input_mutations_rebind_the_storage_to_the_value():
+    # an input written by a graph (not in place: counter.add_, fill_, a copy) takes the value's
+    # buffer instead of waiting for the graph to write the old one (csrc/bridge.h
+    # adopt_storage): views of it follow, the values are torch's; a value the graph also
+    # returns, a from_mlx storage and a view into a larger storage are written as copies
+    import mlx.core as mx
+    from torch_mlx import _C
+
+    def step(counter, flags, x):
+        counter.add_(x.shape[0])
+        flags.fill_(True)
+        return x * counter
+
+    g = torch.compile(step, backend="mlx")
+    counter, flags = torch.zeros((), dtype=torch.long).to("mlx"), torch.zeros(3, dtype=torch.bool)
+    flags = flags.to("mlx")
+    view = counter.view(1)
+    addresses = [counter.data_ptr()]
+    _C.device_write_count(True)
+    with torch.no_grad():
+        for n in (1, 2, 3):
+            out = g(counter, flags, torch.ones(n, device="mlx"))
+            addresses.append(counter.data_ptr())
+    assert counter.item() == 6 and view.item() == 6 and flags.cpu().all()
+    torch.testing.assert_close(out.cpu(), torch.full((3,), 6.0))
+    # rebound at each call (MLX's allocator may hand an address out again later)
+    assert all(a != b for a, b in zip(addresses, addresses[1:]))
+    assert view.data_ptr() == counter.data_ptr()
+    assert _C.device_write_count(True) == 0  # no copy into the old buffers
+
+    def returns_it(c):
+        c.add_(1)
+        return c
+    h = torch.compile(returns_it, backend="mlx")
+    with torch.no_grad():
+        r = h(counter)
+    r.add_(10)  # the returned tensor is counter itself (AOTAutograd's alias): both see it
+    assert counter.item() == 17 and r.item() == 17
+
+    held = mx.zeros((4,)) + 1
+    shared = torch_mlx.from_mlx(held)  # its buffer is the user's array's: written, not rebound
+    base = torch.zeros(8).to("mlx")  # a view into a larger storage: written, not rebound
+    k = torch.compile(lambda a, b: (a.mul_(3), b.add_(2)), backend="mlx")
+    with torch.no_grad():
+        k(shared, base[2:6])
+    assert held.tolist() == [3.0] * 4 and shared.cpu().tolist() == [3.0] * 4
+    assert base.cpu().tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
 def test_attention_under_dynamic_shapes():
     # torch asks the device which attention backend to use with fake tensors whose sizes are
     # symbolic (dynamic=True, or dynamo's automatic dynamic shapes once a length changes: a
