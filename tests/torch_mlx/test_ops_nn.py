@@ -8,6 +8,8 @@ give the CPU's losses.
 import copy
 import math
 
+import mlx.core as mx
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -424,3 +426,42 @@ def test_sdpa_keeps_the_math_path_for_gradients_dropout_and_when_asked():
     with sdpa_kernel([SDPBackend.MATH]):
         assert fused not in _sdpa_ops(
             lambda: F.scaled_dot_product_attention(q.to("mlx"), k.to("mlx"), v.to("mlx")))
+
+
+@pytest.mark.skipif(mx.default_device() != mx.gpu, reason="a GPU kernel (MLX CUDA or Metal): "
+                    "runs on the device, tools/device_kit.sh")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_masked_decode_attention_kernel(dtype):
+    # torch_mlx/kernels/decode_attention.py against float64 on the CPU: GQA, 1-3 queries,
+    # caches of lengths not a multiple of 32, masks with holes and a fully masked row (zeros),
+    # head dims 64 and 128; as close to float64 as torch's CPU attention in that dtype
+    from torch_mlx.kernels import decode_attention
+    from torch_mlx.ops.registry import to_mx_dtype
+    torch_dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    for batch, heads, kv_heads, queries, length, dim in [(1, 12, 4, 1, 95, 128), (2, 8, 8, 3, 300, 64),
+                                                         (1, 4, 1, 2, 33, 64)]:
+        q = torch.randn(batch, heads, queries, dim, generator=g)
+        k = torch.randn(batch, kv_heads, length, dim, generator=g)
+        v = torch.randn(batch, kv_heads, length, dim, generator=g)
+        mask = torch.rand(batch, 1, queries, length, generator=g) < 0.7
+        mask[0, 0, -1] = False  # a row that attends to nothing
+        args = [x.to(torch_dtype) for x in (q, k, v)]
+        arrays = [mx.array(x.float().numpy()).astype(to_mx_dtype(torch_dtype)) for x in args]
+        m = mx.array(mask.numpy())
+        assert decode_attention.applies(*arrays, m) == (not mx.metal.is_available())
+        got = decode_attention.masked_decode_attention(*arrays, m, dim ** -0.5)
+        got = torch.from_numpy(np.array(got.astype(mx.float32)))
+
+        def reference(q, k, v, dtype):
+            rep = heads // kv_heads
+            k, v = (x.to(dtype).repeat_interleave(rep, 1) for x in (k, v))
+            scores = (q.to(dtype) * dim ** -0.5) @ k.transpose(-1, -2)
+            scores = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+            return scores @ v
+        exact = reference(*(x.double() for x in args), torch.float64)
+        cpu = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=True).double()
+        cpu[0, :, -1] = 0  # torch's CPU kernel gives NaN for a fully masked row
+        err, cpu_err = (got.double() - exact).abs().max(), (cpu - exact).abs().max()
+        assert got[0, :, -1].eq(0).all()
+        assert err <= max(2 * cpu_err, 1e-5), (batch, heads, length, err, cpu_err)

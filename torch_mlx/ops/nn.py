@@ -21,6 +21,7 @@ import mlx.core as mx
 import torch
 
 from .. import precision
+from ..kernels import decode_attention
 from .elementwise import fma32
 from .random import _alias, _cpu_generator
 from .registry import accumulate_at, lowering, torch_kernel, tracing
@@ -1888,15 +1889,10 @@ def scaled_dot_product_fused_attention(query, key, value, attn_bias=None, dropou
     num_queries, num_keys = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     dtype = query.dtype
-    if dtype in (mx.float16, mx.bfloat16):
-        # in float32, as the CPU's flash kernel accumulates: MLX's fused GPU kernels do, but
-        # its fallback composition (the CPU backend; masks MLX CUDA's kernels refuse) rounds
-        # the scores to half, 15x the CPU's error on OpInfo's samples
-        query, key, value = (x.astype(mx.float32) for x in (query, key, value))
     mask = None
     if attn_bias is not None:
-        mask = attn_bias if attn_bias.dtype in (mx.bool_, query.dtype) \
-            else attn_bias.astype(query.dtype)
+        mask = attn_bias if attn_bias.dtype in (mx.bool_, mx.float32) \
+            else attn_bias.astype(mx.float32)
     if is_causal:
         # torch's causal mask is aligned top-left (query i sees keys 0..i), MLX's "causal"
         # bottom-right: the same only for square scores
@@ -1907,6 +1903,17 @@ def scaled_dot_product_fused_attention(query, key, value, attn_bias=None, dropou
             mask = mask & causal
         else:
             mask = mx.where(causal, mask, mx.array(-mx.inf, dtype=mask.dtype))
+    if decode_attention.applies(query, key, value, mask):
+        # a masked decode MLX has no fused kernel for (MLX CUDA): one kernel of ours, float32
+        # inside, a fully masked row zeros (torch_mlx/kernels/decode_attention.py)
+        out = decode_attention.masked_decode_attention(query, key, value, mask, scale)
+        return (out, _attention_logsumexp(query, key, scale, mask), None, None, num_queries,
+                num_keys, mx.array(0, dtype=mx.int64), mx.array(0, dtype=mx.int64), None)
+    if dtype in (mx.float16, mx.bfloat16):
+        # in float32, as the CPU's flash kernel accumulates: MLX's fused GPU kernels do, but
+        # its fallback composition (the CPU backend; masks MLX CUDA's kernels refuse) rounds
+        # the scores to half, 15x the CPU's error on OpInfo's samples
+        query, key, value = (x.astype(mx.float32) for x in (query, key, value))
     out = mx.fast.scaled_dot_product_attention(query, key, value, scale=scale, mask=mask)
     if isinstance(mask, mx.array):
         # a query row that may attend to no key gives zeros, as torch's math path
