@@ -31,6 +31,9 @@ WARPS = 32  # warps (simdgroups) per block: each takes every 32nd key
 # The kernel body, shared by both backends; {tid} / {row} name the thread's index in its block
 # and the block's index, SHARED qualifies block memory, warp_sum sums over the 32 lanes.
 _BODY = """
+    SHARED float wmax[WARPS];  // block memory first: Metal wants it at the function's top
+    SHARED float wsum[WARPS];
+    SHARED float wout[WARPS * D];
     constexpr int EPT = D / 32;  // head-dimension elements per lane
     const int tid = {tid};
     const int row = {row};
@@ -66,9 +69,6 @@ _BODY = """
             acc[i] = acc[i] * f + e * static_cast<float>(v[kv + (size_t)j * D + i]);
         }}
     }}
-    SHARED float wmax[WARPS];
-    SHARED float wsum[WARPS];
-    SHARED float wout[WARPS * D];
     if (lane == 0) {{
         wmax[warp] = m;
         wsum[warp] = s;
