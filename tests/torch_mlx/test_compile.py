@@ -362,6 +362,14 @@ def test_input_mutations_rebind_the_storage_to_the_value():
     assert all(a != b for a, b in zip(addresses, addresses[1:]))
     assert view.data_ptr() == counter.data_ptr()
     assert _C.device_write_count(True) == 0  # no copy into the old buffers
+    with torch.no_grad():  # the old buffers are freed: memory stays flat over many steps
+        for i in range(400):
+            g(counter, flags, torch.ones(1, device="mlx"))
+            if i == 50:
+                torch.mlx.synchronize()
+                memory = mx.get_active_memory()
+    torch.mlx.synchronize()
+    assert mx.get_active_memory() <= memory and counter.item() == 406
 
     def returns_it(c):
         c.add_(1)
