@@ -177,7 +177,8 @@ def main() -> int:
                              "result (=0), mlx_compiled_async / vllm_metal_async launch (=1); also "
                              "vllm_metal_eager, vllm_metal_async_sched (vLLM's async scheduling "
                              "with TORCH_MLX_ASYNC=1); mlx_compiled_nopatterns: "
-                             "TORCH_MLX_COMPILE_PATTERNS=0")
+                             "TORCH_MLX_COMPILE_PATTERNS=0; mlx_compiled_nokernel: "
+                             "TORCH_MLX_DECODE_KERNEL=0")
     args = parser.parse_args()
 
     import torch
@@ -197,6 +198,10 @@ def main() -> int:
         # the rewrites of written-out RMSNorm, rotary, repeated KV heads
         "mlx_compiled_nopatterns": TRANSFORMERS.format(device="mlx", mode="compiled",
                                                        **dict(fmt, batch=0)),
+        # the masked decode attention as MLX's fallback composition (on MLX CUDA), not the
+        # kernel of torch_mlx/kernels/decode_attention.py
+        "mlx_compiled_nokernel": TRANSFORMERS.format(device="mlx", mode="compiled",
+                                                     **dict(fmt, batch=0)),
         # transformers' eager ops around the compiled step (~500 a step) launched unwaited
         "mlx_compiled_async": TRANSFORMERS.format(device="mlx", mode="compiled",
                                                   **dict(fmt, batch=0)),
@@ -217,6 +222,7 @@ def main() -> int:
            "mlx_compiled_sync": {"TORCH_MLX_ASYNC": "0"},
            "mlx_compiled_async": {"TORCH_MLX_ASYNC": "1"},
            "mlx_compiled_nopatterns": {"TORCH_MLX_COMPILE_PATTERNS": "0"},
+           "mlx_compiled_nokernel": {"TORCH_MLX_DECODE_KERNEL": "0"},
            "vllm_metal_async_sched": {"TORCH_MLX_ASYNC": "1"}}
     result = {"model": model, "tokens": args.tokens, "prompt_tokens": len(PROMPT)}
     end = time.monotonic() + args.deadline if args.deadline else None
@@ -252,6 +258,7 @@ def summarize(result: dict) -> None:
         result["ratios"] = {f"{k}_vs_mlx_lm_batch1": round(result[k]["batch1_tok_s"]
                                                            / peer["batch1_tok_s"], 3)
                             for k in ("mlx_eager", "mlx_compiled", "mlx_compiled_nopatterns",
+                                      "mlx_compiled_nokernel",
                                       "mlx_compiled_async",
                                       "mlx_compiled_sync", "torch_cuda", "torch_cuda_compiled",
                                       "vllm_metal",

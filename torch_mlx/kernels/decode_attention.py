@@ -23,10 +23,13 @@ the input dtype once. A row whose keys are all masked gives zeros, as torch's ma
 from __future__ import annotations
 
 import functools
+import os
 
 import mlx.core as mx
 
 WARPS = 32  # warps (simdgroups) per block: each takes every 32nd key
+# TORCH_MLX_DECODE_KERNEL=0: MLX's fallback composition instead (A/B measurements)
+ENABLED = os.environ.get("TORCH_MLX_DECODE_KERNEL", "1") != "0"
 
 # The kernel body, shared by both backends; {tid} / {row} name the thread's index in its block
 # and the block's index, SHARED qualifies block memory, warp_sum sums over the 32 lanes.
@@ -141,7 +144,8 @@ def _backend() -> str | None:
 def applies(query: mx.array, key: mx.array, value: mx.array, mask) -> bool:
     """Whether this kernel computes the call: a GPU, a few queries (decode), a boolean array
     mask, head dims of 32k up to 256, and no fused kernel of MLX's own for it."""
-    if _backend() is None or not isinstance(mask, mx.array) or mask.dtype != mx.bool_:
+    if not ENABLED or _backend() is None or not isinstance(mask, mx.array) \
+            or mask.dtype != mx.bool_:
         return False
     dim = query.shape[-1]
     if (query.ndim != 4 or query.shape[2] > 4 or dim % 32 or dim > 256 or value.shape[-1] != dim
