@@ -338,6 +338,8 @@ class MlxGraph(torch.nn.Module):
                 if not isinstance(value, mx.array) or _C.buffer_address(value) in returned \
                         or not _C.adopt_storage(inputs[i], fresh):
                     inputs[i].copy_(fresh)
+                else:  # modified in place as far as autograd knows, as copy_ would record
+                    torch.autograd.graph.increment_version(inputs[i])
         for i, value in zip(self.in_place, outs[n + len(written):]):
             if i in loans:
                 _C.finish_lend(inputs[i], value)
