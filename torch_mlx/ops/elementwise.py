@@ -1731,8 +1731,7 @@ def isin(elements, test_elements, *, assume_unique=False, invert=False):
     found = [mx.any(flat[i:i + step, None] == tests[None, :], axis=1)
              for i in range(0, max(flat.size, 1), step)] if tests.size else \
         [mx.zeros(flat.shape, mx.bool_)]
-    found = (found[0] if len(found) == 1 else mx.concatenate(found))[:flat.size]
-    found = found.reshape(elements.shape)
+    found = (found[0] if len(found) == 1 else mx.concatenate(found)).reshape(elements.shape)
     return mx.logical_not(found) if invert else found
 
 

@@ -1907,20 +1907,20 @@ def scaled_dot_product_fused_attention(query, key, value, attn_bias=None, dropou
         # a masked decode MLX has no fused kernel for (MLX CUDA): one kernel of ours, float32
         # inside, a fully masked row zeros (torch_mlx/kernels/decode_attention.py)
         out = decode_attention.masked_decode_attention(query, key, value, mask, scale)
-        return (out, _attention_logsumexp(query, key, scale, mask), None, None, num_queries,
-                num_keys, mx.array(0, dtype=mx.int64), mx.array(0, dtype=mx.int64), None)
-    if dtype in (mx.float16, mx.bfloat16):
+    else:
         # in float32, as the CPU's flash kernel accumulates: MLX's fused GPU kernels do, but
         # its fallback composition (the CPU backend; masks MLX CUDA's kernels refuse) rounds
         # the scores to half, 15x the CPU's error on OpInfo's samples
-        query, key, value = (x.astype(mx.float32) for x in (query, key, value))
-    out = mx.fast.scaled_dot_product_attention(query, key, value, scale=scale, mask=mask)
-    if isinstance(mask, mx.array):
-        # a query row that may attend to no key gives zeros, as torch's math path
-        # (_safe_softmax) and its CPU flash kernel do, where a plain softmax gives NaN
-        allowed = mask if mask.dtype == mx.bool_ else mask > -mx.inf
-        out = mx.where(mx.any(allowed, axis=-1, keepdims=True), out, 0)
-    return (out.astype(dtype), _attention_logsumexp(query, key, scale, mask), None, None, num_queries,
+        q, k, v = (x.astype(mx.float32) if dtype in (mx.float16, mx.bfloat16) else x
+                   for x in (query, key, value))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if isinstance(mask, mx.array):
+            # a query row that may attend to no key gives zeros, as torch's math path
+            # (_safe_softmax) and its CPU flash kernel do, where a plain softmax gives NaN
+            allowed = mask if mask.dtype == mx.bool_ else mask > -mx.inf
+            out = mx.where(mx.any(allowed, axis=-1, keepdims=True), out, 0)
+        out = out.astype(dtype)
+    return (out, _attention_logsumexp(query, key, scale, mask), None, None, num_queries,
             num_keys, mx.array(0, dtype=mx.int64), mx.array(0, dtype=mx.int64), None)
 
 
